@@ -1,0 +1,287 @@
+"""YAML -> typed Recipe, with `--set a.b=c` overrides and strict, path-naming validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from bitblend.config.schema import Recipe
+from bitblend.errors import BitblendError
+
+_HEADS_LOSSES = {"classification": {"cross_entropy"}, "regression": {"mse"}}
+
+
+def builtin_recipes() -> dict[str, Path]:
+    """Names and paths of the recipes shipped in the package."""
+    root = resources.files("bitblend") / "recipes"
+    out: dict[str, Path] = {}
+    for entry in root.iterdir():
+        if entry.name.endswith(".yaml"):
+            out[entry.name[: -len(".yaml")]] = Path(str(entry))
+    return dict(sorted(out.items()))
+
+
+def resolve_recipe_path(name_or_path: str | None) -> Path:
+    """A path to an existing file, or the path of a built-in recipe (`demo` when None)."""
+    name = name_or_path or "demo"
+    path = Path(name)
+    if path.is_file():
+        return path
+    builtins = builtin_recipes()
+    if name in builtins:
+        return builtins[name]
+    if path.suffix in (".yaml", ".yml") or "/" in name:
+        raise BitblendError(f"{name}: recipe file not found")
+    raise BitblendError(
+        f"{name}: not a recipe file nor a built-in recipe (expected one of {', '.join(builtins)})"
+    )
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Parse a YAML mapping; syntax errors name the file and line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise BitblendError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise BitblendError(f"{path}: {where}invalid YAML ({problem})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise BitblendError(f"{path}: expected a mapping of recipe keys at the top level")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=c` / `tasks.0.weight=2` overrides; values are parsed as YAML scalars."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise BitblendError(f"--set {item}: expected KEY=VALUE, e.g. train.steps=20")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        parts = key.split(".")
+        node: Any = data
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            where = ".".join(parts[: i + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise BitblendError(
+                        f"--set {key}: {where}: expected a list index below {len(node)}"
+                    )
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+            else:
+                raise BitblendError(f"--set {key}: {where} is not a section")
+    return data
+
+
+def _describe(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        return " or ".join(_describe(a) for a in args) + " or null"
+    if origin is list:
+        return f"a list of {_describe(get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, str(tp)
+    )
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    """Check `value` against type `tp`, returning the typed value or raising with `path`."""
+    origin = get_origin(tp)
+    bad = BitblendError(f"{path}: expected {_describe(tp)}, got {value!r}")
+    if origin is Literal:
+        if value in get_args(tp) and type(value) is type(get_args(tp)[0]):
+            return value
+        raise bad
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, path)
+            except BitblendError:
+                continue
+        raise bad
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        (item_tp,) = get_args(tp)
+        return [_convert(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad
+        return _build(tp, value, path)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise TypeError(f"unsupported schema type {tp!r} at {path}")
+
+
+def _build(cls: Any, data: dict[str, Any], path: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    prefix = f"{path}." if path else ""
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise BitblendError(
+                f"{prefix}{key}: unknown key{hint}; expected one of {', '.join(fields)}"
+            )
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], f"{prefix}{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise BitblendError(f"{prefix}{name}: required key is missing ({f.metadata['doc']})")
+    return cls(**kwargs)
+
+
+def _check(recipe: Recipe) -> None:
+    """Cross-field rules that types alone cannot express."""
+    if not recipe.tasks:
+        raise BitblendError("tasks: expected at least one task")
+    seen: set[str] = set()
+    for i, task in enumerate(recipe.tasks):
+        if not task.name or not task.name.replace("_", "").replace("-", "").isalnum():
+            raise BitblendError(f"tasks[{i}].name: expected letters, digits, - or _")
+        if task.name in seen:
+            raise BitblendError(f"tasks[{i}].name: duplicate task name {task.name!r}")
+        seen.add(task.name)
+        if task.loss != "auto" and task.loss not in _HEADS_LOSSES[task.head]:
+            allowed = ", ".join(sorted(_HEADS_LOSSES[task.head]))
+            raise BitblendError(
+                f"tasks[{i}].loss: expected auto or {allowed} for a {task.head} head, "
+                f"got {task.loss!r}"
+            )
+        if not 0.0 < task.eval_fraction < 1.0:
+            raise BitblendError(f"tasks[{i}].eval_fraction: expected a number in (0, 1)")
+        if task.weight < 0:
+            raise BitblendError(f"tasks[{i}].weight: expected a number >= 0")
+    positive = {
+        "train.steps": recipe.train.steps,
+        "train.batch_size": recipe.train.batch_size,
+        "train.grad_accum": recipe.train.grad_accum,
+        "train.eval_batch_size": recipe.train.eval_batch_size,
+        "train.log_every": recipe.train.log_every,
+        "train.pad_to_multiple_of": recipe.train.pad_to_multiple_of,
+        "model.max_length": recipe.model.max_length,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise BitblendError(f"{key}: expected an integer >= 1, got {value}")
+    for key, value in {
+        "train.eval_every": recipe.train.eval_every,
+        "train.checkpoint_every": recipe.train.checkpoint_every,
+        "train.keep_checkpoints": recipe.train.keep_checkpoints,
+        "schedule.warmup_steps": recipe.schedule.warmup_steps,
+    }.items():
+        if value < 0:
+            raise BitblendError(f"{key}: expected an integer >= 0, got {value}")
+    if recipe.optimizer.lr <= 0:
+        raise BitblendError(f"optimizer.lr: expected a number > 0, got {recipe.optimizer.lr}")
+    if len(recipe.optimizer.betas) != 2 or not all(0 <= b < 1 for b in recipe.optimizer.betas):
+        raise BitblendError("optimizer.betas: expected two numbers in [0, 1)")
+    if not 0.0 <= recipe.schedule.warmup_ratio < 1.0:
+        raise BitblendError("schedule.warmup_ratio: expected a number in [0, 1)")
+    if recipe.train.max_grad_norm is not None and recipe.train.max_grad_norm <= 0:
+        raise BitblendError("train.max_grad_norm: expected a number > 0 or null")
+
+
+def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    """Validate a plain dict as a Recipe; errors are prefixed with `source`."""
+    try:
+        recipe: Recipe = _build(Recipe, data, "")
+        _check(recipe)
+    except BitblendError as exc:
+        raise BitblendError(f"{source}: {exc}") from None
+    return recipe
+
+
+def load_recipe(name_or_path: str | None, overrides: list[str] | None = None) -> Recipe:
+    """Load a recipe by path or built-in name, apply overrides, validate strictly."""
+    path = resolve_recipe_path(name_or_path)
+    data = read_yaml(path)
+    # A built-in is named by its file name, a user's recipe by the path they gave.
+    source = path.name if builtin_recipes().get(path.stem) == path else str(path)
+    data = apply_overrides(data, overrides or [])
+    recipe = recipe_from_dict(data, source)
+    if not recipe.name:
+        recipe.name = path.stem
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """The fully resolved recipe as plain data (what `recipe.yaml` in a run holds)."""
+    return dataclasses.asdict(recipe)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """YAML text of the fully resolved recipe."""
+    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, allow_unicode=True)
+
+
+def field_docs(cls: Any = Recipe, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, doc) for every field, recursively: the source of docs/recipes.md."""
+    rows: list[tuple[str, str, str]] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        key = f"{prefix}{f.name}"
+        inner = get_args(tp)[0] if get_origin(tp) is list else tp
+        if dataclasses.is_dataclass(inner):
+            rows.extend(field_docs(inner, f"{key}[i]." if get_origin(tp) is list else f"{key}."))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = repr(f.default_factory())
+        else:
+            default = "required"
+        rows.append((key, default, f"{f.metadata.get('doc', '')} ({_describe(tp)})"))
+    return rows

@@ -1,0 +1,72 @@
+"""Optimizers (the seed's GD / Adam / RMSprop / AdamW) and learning-rate schedules."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from bitblend.config.schema import OptimizerConfig, ScheduleConfig
+
+
+def _decay_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
+    # Biases and norm gains (1-d tensors) get no weight decay, as in BERT and HF Trainer.
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def _fused_ok(params: list[nn.Parameter]) -> bool:
+    # Fused Adam/AdamW kernels exist for CPU and CUDA floating tensors (torch >= 2.4) and
+    # are the fastest step there; they need all parameters on one device type.
+    devices = {p.device.type for p in params}
+    return len(devices) == 1 and devices <= {"cpu", "cuda"}
+
+
+def build_optimizer(params: list[nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """The optimizer named by `cfg` over `params`."""
+    groups = _decay_groups(params, cfg.weight_decay)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(
+            groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, foreach=True
+        )
+    if cfg.name == "rmsprop":
+        return torch.optim.RMSprop(
+            groups, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps, momentum=cfg.momentum, foreach=True
+        )
+    betas = (cfg.betas[0], cfg.betas[1])
+    fused = _fused_ok(params)
+    if cfg.name == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=fused)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=fused)
+    raise ValueError(f"unknown optimizer {cfg.name!r}")
+
+
+def lr_factor(step: int, total: int, cfg: ScheduleConfig) -> float:
+    """Multiplier on the peak lr after `step` taken steps, out of `total`."""
+    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total)
+    if warmup and step < warmup:
+        return (step + 1) / (warmup + 1)
+    if cfg.name == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if cfg.name == "linear":
+        decay = 1.0 - progress
+    elif cfg.name == "cosine":
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        raise ValueError(f"unknown schedule {cfg.name!r}")
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * decay
+
+
+def build_schedule(
+    optimizer: torch.optim.Optimizer, total_steps: int, cfg: ScheduleConfig
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR following `lr_factor`; the trainer steps it only on taken steps."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg))

@@ -1,0 +1,310 @@
+"""The training loop: setup -> loop -> step. Arithmetic formats live in the precision
+object; this file calls its hooks and never names a dtype."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from bitblend.config.load import dump_recipe
+from bitblend.config.schema import Recipe
+from bitblend.data.mixture import TaskMixer
+from bitblend.data.modalities import collate
+from bitblend.errors import BitblendError
+from bitblend.models.backbones import count_parameters
+from bitblend.optim.build import build_optimizer, build_schedule
+from bitblend.precision.recipes import build_precision
+from bitblend.report.console import make_progress, metrics_table
+from bitblend.report.sinks import JsonlSink, TensorBoardSink, truncate_jsonl
+from bitblend.tasks.losses import compute_loss
+from bitblend.train import checkpoint as ckpt
+from bitblend.train.evaluate import predict_outputs, score
+from bitblend.train.run_dir import write_json
+from bitblend.train.setup import build_model, build_tasks, load_data, pick_device
+
+log = logging.getLogger(__name__)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this run: CUDA allocator peak on GPU, process peak RSS on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+
+
+class Trainer:
+    """Trains a recipe into a run directory; `fit()` returns the summary."""
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        run_dir: Path,
+        *,
+        resume: bool = False,
+        console: Console | None = None,
+        show_progress: bool = True,
+    ) -> None:
+        self.recipe = recipe
+        self.run_dir = run_dir
+        self.resume = resume
+        self.console = console or Console(stderr=True)
+        self.show_progress = show_progress
+        cfg = recipe.train
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        # Everything that can fail on bad input happens here, before anything is written.
+        self.device = pick_device(cfg.device)
+        self.precision = build_precision(recipe.precision, self.device)
+        datas = load_data(recipe)
+        self.model, self.tokenizer = build_model(recipe, datas)
+        self.tasks = build_tasks(recipe, datas, self.tokenizer)
+        self.pad_id = int(self.tokenizer.pad_token_id or 0)
+        self.precision.convert_module(self.model)
+        params = self.precision.optimizer_parameters(self.model)
+        self.optimizer = build_optimizer(params, recipe.optimizer)
+        self.scheduler = build_schedule(self.optimizer, cfg.steps, recipe.schedule)
+        self.mixer = TaskMixer(recipe.mixing.strategy, [len(t.train) for t in self.tasks], cfg.seed)
+        self.step = 0
+        self.skipped = 0
+        self.tokens = 0
+        self.train_time = 0.0
+        self.task_steps = [0] * len(self.tasks)
+
+    # -- state -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything besides the weights that a bit-exact resume needs."""
+        rng: dict[str, Any] = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "precision": self.precision.state_dict(),
+            "samplers": [t.sampler.state_dict() for t in self.tasks],
+            "rng": rng,
+            "trainer": {
+                "step": self.step,
+                "skipped": self.skipped,
+                "tokens": self.tokens,
+                "train_time": self.train_time,
+                "task_steps": self.task_steps,
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned (weights are loaded separately)."""
+        self.precision.load_state_dict(state["precision"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        for task, s in zip(self.tasks, state["samplers"], strict=True):
+            task.sampler.load_state_dict(s)
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        t = state["trainer"]
+        self.step, self.skipped, self.tokens = int(t["step"]), int(t["skipped"]), int(t["tokens"])
+        self.train_time = float(t["train_time"])
+        self.task_steps = [int(x) for x in t["task_steps"]]
+
+    def save_checkpoint(self) -> Path:
+        """Atomic checkpoint of the current step, pruning old ones."""
+        root = self.run_dir / "checkpoints"
+        path = ckpt.save_checkpoint(root, self.step, self.model, self.state_dict())
+        ckpt.prune_checkpoints(root, self.recipe.train.keep_checkpoints)
+        return path
+
+    def restore_latest(self) -> int:
+        """Load the newest complete checkpoint of the run directory; returns its step."""
+        found = ckpt.list_checkpoints(self.run_dir / "checkpoints")
+        if not found:
+            raise BitblendError(
+                f"--resume {self.run_dir}: no complete checkpoint in {self.run_dir}/checkpoints"
+            )
+        _, path = found[-1]
+        step, state = ckpt.load_checkpoint(path, self.model)
+        self.load_state_dict(state)
+        if self.step != step:
+            raise BitblendError(f"{path}: step {self.step} in state.json, {step} in its name")
+        return step
+
+    # -- one step ----------------------------------------------------------------------
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step on one task (grad_accum micro-batches); returns its record."""
+        cfg = self.recipe.train
+        t0 = time.perf_counter()
+        task_idx = self.mixer.task_at(self.step)
+        task = self.tasks[task_idx]
+        indices = task.sampler.next()
+        loss_total = torch.zeros((), device=self.device)
+        tokens = int(task.train.lengths[indices].sum())
+        for micro in np.split(indices, cfg.grad_accum):
+            batch = self._to_device(collate(task.train, micro, self.pad_id, cfg.pad_to_multiple_of))
+            with self.precision.forward_context():
+                logits = self.model(task.name, batch["input_ids"], batch["attention_mask"])
+            loss = compute_loss(task.loss, logits, batch["labels"])
+            # Mean over the global batch: micro-batches are equal-sized, so /grad_accum.
+            self.precision.backward(loss * (task.cfg.weight / cfg.grad_accum))
+            loss_total += loss.detach()
+        result = self.precision.optimizer_step(self.optimizer, cfg.max_grad_norm)
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        if result.stepped:
+            self.scheduler.step()  # a skipped step does not advance the schedule
+        else:
+            self.skipped += 1
+        self.step += 1
+        self.task_steps[task_idx] += 1
+        self.tokens += tokens
+        elapsed = time.perf_counter() - t0
+        self.train_time += elapsed
+        return {
+            "step": self.step,
+            "split": "train",
+            "task": task.name,
+            "loss": float(loss_total) / cfg.grad_accum,
+            "lr": lr,
+            "grad_norm": result.grad_norm,
+            "loss_scale": result.loss_scale,
+            "skipped": not result.stepped,
+            "tokens": tokens,
+            "tokens_per_s": tokens / elapsed,
+            "epoch": task.sampler.epoch + task.sampler.cursor / task.sampler.batches_per_epoch,
+        }
+
+    # -- eval --------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        """Per-task eval metrics (accuracy + macro-F1, or MSE + MAE) and eval loss."""
+        results: dict[str, dict[str, float]] = {}
+        cfg = self.recipe.train
+        for task in self.tasks:
+            out, loss = predict_outputs(
+                self.model,
+                task.name,
+                task.eval,
+                context=self.precision.forward_context,
+                device=self.device,
+                batch_size=cfg.eval_batch_size,
+                pad_id=self.pad_id,
+                multiple=cfg.pad_to_multiple_of,
+                loss=task.loss,
+                limit=cfg.eval_max_examples,
+            )
+            metrics = score(task.cfg.head, out, task.eval.targets)
+            results[task.name] = {**metrics, "loss": loss, "examples": float(len(out))}
+        return results
+
+    # -- the run -----------------------------------------------------------------------
+    def _prepare_dir(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.resume:
+            step = self.restore_latest()
+            truncate_jsonl(self.run_dir / "metrics.jsonl", step)
+            self.console.print(f"resumed {self.run_dir} at step {step}")
+        else:
+            (self.run_dir / "recipe.yaml").write_text(dump_recipe(self.recipe))
+            labels = {t.name: t.data.label_names for t in self.tasks if t.data.label_names}
+            write_json(self.run_dir / "labels.json", labels)
+
+    def fit(self) -> dict[str, Any]:
+        """Train to `train.steps`, evaluating and checkpointing as the recipe asks."""
+        cfg = self.recipe.train
+        self._prepare_dir()
+        sink = JsonlSink(self.run_dir / "metrics.jsonl")
+        tb = TensorBoardSink(self.run_dir / "tb")
+        desc = self.precision.describe()
+        self.console.print(
+            f"[bold]bitblend[/] {self.recipe.name}: {self.recipe.model.backbone} "
+            f"({count_parameters(self.model) / 1e6:.1f}M params), precision {desc['recipe']} "
+            f"(asked {desc['requested']}), {len(self.tasks)} task(s), {cfg.steps} steps on "
+            f"{self.device}"
+        )
+        wall0 = time.perf_counter()
+        evals: dict[str, dict[str, float]] = {}
+        last_loss = "-"
+        self.model.train()
+        with make_progress(self.console, disable=not self.show_progress) as progress:
+            bar = progress.add_task(
+                "train", total=cfg.steps, completed=self.step, loss="-", tps="-"
+            )
+            while self.step < cfg.steps:
+                record = self.train_step()
+                if record["skipped"]:
+                    log.warning(
+                        "step %d skipped: non-finite gradients (loss scale now %s)",
+                        record["step"],
+                        record["loss_scale"],
+                    )
+                if self.step % cfg.log_every == 0 or record["skipped"]:
+                    sink.write(record)
+                    tb.write(record)
+                last_loss = f"{record['loss']:.4f}"
+                progress.update(
+                    bar,
+                    advance=1,
+                    loss=last_loss,
+                    tps=f"{record['tokens_per_s']:.0f}",
+                )
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                    evals = self._log_eval(sink, tb)
+                if (
+                    cfg.checkpoint_every
+                    and self.step % cfg.checkpoint_every == 0
+                    and self.step < cfg.steps
+                ):
+                    self.save_checkpoint()
+        evals = self._log_eval(sink, tb)
+        self.save_checkpoint()
+        write_json(self.run_dir / "eval.json", {"step": self.step, "tasks": evals})
+        self.model.save(
+            self.run_dir / "model",
+            self.tokenizer,
+            extra={"precision": desc["recipe"], "max_length": self.recipe.model.max_length},
+        )
+        summary = self._summary(evals, time.perf_counter() - wall0)
+        write_json(self.run_dir / "summary.json", summary)
+        sink.close()
+        tb.close()
+        self.console.print(metrics_table(f"{self.recipe.name}: eval at step {self.step}", evals))
+        self.console.print(
+            f"{summary['tokens_per_s']:.0f} tokens/s, peak memory "
+            f"{summary['peak_memory_bytes'] / 2**30:.2f} GiB, {self.skipped} skipped step(s), "
+            f"wall {summary['wall_time_s']:.0f}s -> {self.run_dir}"
+        )
+        return summary
+
+    def _log_eval(self, sink: JsonlSink, tb: TensorBoardSink) -> dict[str, dict[str, float]]:
+        evals = self.evaluate()
+        for name, metrics in evals.items():
+            record = {"step": self.step, "split": "eval", "task": name, **metrics}
+            sink.write(record)
+            tb.write(record)
+        return evals
+
+    def _summary(self, evals: dict[str, dict[str, float]], wall: float) -> dict[str, Any]:
+        return {
+            "recipe": self.recipe.name,
+            "steps": self.step,
+            "skipped_steps": self.skipped,
+            "tokens": self.tokens,
+            "tokens_per_s": self.tokens / self.train_time if self.train_time else 0.0,
+            "train_time_s": self.train_time,
+            "wall_time_s": wall,
+            "peak_memory_bytes": peak_memory_bytes(self.device),
+            "precision": self.precision.describe(),
+            "parameters": count_parameters(self.model),
+            "device": str(self.device),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "task_steps": dict(zip([t.name for t in self.tasks], self.task_steps, strict=True)),
+            "eval": evals,
+        }

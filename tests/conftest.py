@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny recipes that train in seconds on 2 CPU cores."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from bitblend.config.load import apply_overrides, recipe_from_dict
+from bitblend.config.schema import Recipe
+
+
+def tiny_recipe_dict(**sections: Any) -> dict[str, Any]:
+    """A tiny-bert recipe on a 256-example slice of BBC News; `sections` update it."""
+    data: dict[str, Any] = {
+        "name": "tiny-test",
+        "model": {"backbone": "tiny-bert", "max_length": 32},
+        "tasks": [{"name": "bbc", "data": "bbc_news", "max_examples": 256}],
+        "precision": {"recipe": "32-true"},
+        "optimizer": {"name": "adamw", "lr": 1e-3},
+        "schedule": {"name": "linear"},
+        "train": {"steps": 8, "batch_size": 8, "eval_max_examples": 32, "threads": 2},
+    }
+    for key, value in sections.items():
+        data.setdefault(key, {}).update(value)
+    return data
+
+
+def make_recipe(*overrides: str, **sections: Any) -> Recipe:
+    """A validated tiny recipe with `--set`-style overrides applied."""
+    return recipe_from_dict(apply_overrides(tiny_recipe_dict(**sections), list(overrides)))
+
+
+@pytest.fixture
+def tiny_recipe() -> Any:
+    """The `make_recipe` factory."""
+    return make_recipe
