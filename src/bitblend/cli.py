@@ -108,6 +108,11 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     """List built-in recipes, one line each (or every recipe field with --fields)."""
     from bitblend.config.load import builtin_recipes, field_docs, load_recipe
 
+    if args.fields and args.markdown:
+        from bitblend.config.docs import fields_markdown
+
+        sys.stdout.write(fields_markdown())
+        return 0
     if args.fields:
         for key, default, text in field_docs():
             print(f"{key} = {default}  # {text}")
@@ -169,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("recipes", help="list the built-in recipes")
     r.add_argument("--fields", action="store_true", help="list every recipe key with its doc")
+    r.add_argument("--markdown", action="store_true", help="with --fields: as a Markdown table")
     r.set_defaults(func=cmd_recipes)
     return p
 

@@ -106,7 +106,7 @@ def _describe(tp: Any) -> str:
         args = [a for a in get_args(tp) if a is not type(None)]
         return " or ".join(_describe(a) for a in args) + " or null"
     if origin is list:
-        return f"a list of {_describe(get_args(tp)[0])}"
+        return f"a list, each {_describe(get_args(tp)[0])}"
     if dataclasses.is_dataclass(tp):
         return "a mapping"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(

@@ -71,7 +71,7 @@ class PrecisionConfig:
     recipe: PrecisionName = doc(
         "auto", "auto, 32-true, bf16-mixed, 16-mixed, bf16-true (auto never picks fp16 on CPU)"
     )
-    state_bits: Literal[32] = doc(32, "optimizer state width in bits (8/4-bit states: #4)")
+    state_bits: Literal[32] = doc(32, "optimizer state width in bits (32 only, for now)")
     master_weights: bool = doc(True, "bf16-true: keep an fp32 master copy the optimizer updates")
     init_scale: float = doc(65536.0, "16-mixed: initial loss scale")
     growth_interval: int = doc(2000, "16-mixed: steps without overflow before the scale doubles")

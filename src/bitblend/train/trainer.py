@@ -200,7 +200,7 @@ class Trainer:
                 limit=cfg.eval_max_examples,
             )
             metrics = score(task.cfg.head, out, task.eval.targets)
-            results[task.name] = {**metrics, "loss": loss, "examples": float(len(out))}
+            results[task.name] = {**metrics, "loss": loss, "examples": len(out)}
         return results
 
     # -- the run -----------------------------------------------------------------------
