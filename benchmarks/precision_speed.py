@@ -34,7 +34,7 @@ def measure(precision: str, steps: int, warmup: int, batch: int, seq: int) -> di
 
     _quiet_libraries()
     recipe = load_recipe(
-        "demo",
+        "bbc",
         [
             f"precision.recipe={precision}",
             f"train.batch_size={batch}",

@@ -127,7 +127,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (exit 2), like every other bitblend error."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(EXIT_USAGE, f"bitblend: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

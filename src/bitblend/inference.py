@@ -11,14 +11,20 @@ import torch
 
 from bitblend.config.load import read_yaml, recipe_from_dict
 from bitblend.config.schema import Recipe, TaskConfig
-from bitblend.data.modalities import EncodedSplit, encode_split
-from bitblend.data.sources import _labels_to_targets, _read_file, load_task_data, read_inputs
+from bitblend.data.modalities import POOLED_HEADS, EncodedSplit
+from bitblend.data.sources import (
+    load_table,
+    load_task_data,
+    map_targets,
+    read_inputs,
+    table_from_columns,
+)
 from bitblend.errors import BitblendError
 from bitblend.models.trunk import MultiTaskModel, load_model
 from bitblend.precision.recipes import PrecisionRecipe, build_precision
 from bitblend.tasks.losses import resolve_loss
-from bitblend.train.evaluate import predict_outputs, score, softmax
-from bitblend.train.setup import pick_device
+from bitblend.train.evaluate import BatchSpec, evaluate_split, predict_outputs, softmax
+from bitblend.train.setup import encode_task, pick_device
 
 
 @dataclass
@@ -29,6 +35,7 @@ class LoadedRun:
     recipe: Recipe
     model: MultiTaskModel
     tokenizer: Any
+    task_tokenizers: dict[str, Any]
     precision: PrecisionRecipe
     device: torch.device
 
@@ -45,19 +52,22 @@ class LoadedRun:
                 return i, t
         raise BitblendError(f"--task {name}: expected one of {', '.join(t.name for t in tasks)}")
 
-    def outputs(self, task: TaskConfig, split: EncodedSplit) -> tuple[np.ndarray, float]:
-        """Head outputs and mean loss of `task` over `split`."""
-        cfg = self.recipe.train
-        return predict_outputs(
-            self.model,
-            task.name,
-            split,
+    def encode(self, task: TaskConfig, table: Any, targets: Any) -> EncodedSplit:
+        """Encode a table exactly as training did (tokenizer, patches, feature statistics)."""
+        tok = self.task_tokenizers.get(task.name, self.tokenizer)
+        return encode_task(task, self.model.specs[task.name], table, targets, tok, self.recipe)
+
+    def batch_spec(self, task: TaskConfig) -> BatchSpec:
+        """Batching for inference with the run's precision."""
+        tok = self.task_tokenizers.get(task.name, self.tokenizer)
+        return BatchSpec(
             context=self.precision.forward_context,
             device=self.device,
-            batch_size=cfg.eval_batch_size,
-            pad_id=int(self.tokenizer.pad_token_id or 0),
-            multiple=cfg.pad_to_multiple_of,
-            loss=resolve_loss(task.head, task.loss),
+            batch_size=self.recipe.train.eval_batch_size,
+            pad_id=int(getattr(tok, "pad_token_id", 0) or 0),
+            multiple=self.recipe.train.pad_to_multiple_of,
+            mask_token=getattr(tok, "mask_token_id", None),
+            vocab_size=len(tok),
         )
 
 
@@ -69,10 +79,10 @@ def load_run(run_dir: Path) -> LoadedRun:
         raise BitblendError(f"{run_dir}: the run has no final model/ (did it finish?)")
     recipe = recipe_from_dict(read_yaml(run_dir / "recipe.yaml"), str(run_dir / "recipe.yaml"))
     device = pick_device(recipe.train.device)
-    model, tokenizer, _ = load_model(run_dir / "model")
+    model, tokenizer, meta = load_model(run_dir / "model")
     precision = build_precision(recipe.precision, device)
     precision.convert_module(model)
-    return LoadedRun(run_dir, recipe, model, tokenizer, precision, device)
+    return LoadedRun(run_dir, recipe, model, tokenizer, meta["task_tokenizers"], precision, device)
 
 
 def evaluate_run(
@@ -80,49 +90,62 @@ def evaluate_run(
 ) -> dict[str, dict[str, float]]:
     """Metrics per task on the run's own eval split, or on `data` for one task."""
     results: dict[str, dict[str, float]] = {}
-    ml = run.recipe.model.max_length
     if data is None:
         for i, task in enumerate(run.recipe.tasks):
             if task_name is not None and task.name != task_name:
                 continue
             td = load_task_data(task, i, run.recipe.train.seed)
-            split = encode_split(
-                run.tokenizer, td.eval.texts, td.eval.labels, ml, task.head == "regression"
+            split = run.encode(task, td.eval, td.eval_targets)
+            loss = resolve_loss(task.head, task.loss)
+            results[task.name] = evaluate_split(
+                run.model, task.name, split, run.batch_spec(task), loss
             )
-            out, loss = run.outputs(task, split)
-            results[task.name] = {**score(task.head, out, split.targets), "loss": loss}
         return results
     i, task = run.task(task_name)
-    raw = _read_file(data, task.text_column, task.label_column, "--data")
-    label_names = run.model.specs[task.name].label_names
-    targets = _labels_to_targets(raw, task.head, label_names, str(data), f"tasks[{i}]")
-    split = encode_split(run.tokenizer, raw.texts, targets, ml, task.head == "regression")
-    out, loss = run.outputs(task, split)
-    results[task.name] = {**score(task.head, out, split.targets), "loss": loss}
+    ds = load_table(data, "--data")
+    table = table_from_columns({c: ds[c] for c in ds.column_names}, task, str(data), f"tasks[{i}]")
+    names = run.model.specs[task.name].label_names
+    targets = map_targets(table, task.head, names, str(data), f"tasks[{i}]")
+    split = run.encode(task, table, targets)
+    loss = resolve_loss(task.head, task.loss)
+    results[task.name] = evaluate_split(run.model, task.name, split, run.batch_spec(task), loss)
     return results
 
 
 def predict_file(run: LoadedRun, input_path: Path, task_name: str | None) -> list[dict[str, Any]]:
-    """One prediction per input row: label and class probabilities, or a value."""
+    """One prediction per input row: label and class probabilities, labels, or a value."""
     _, task = run.task(task_name)
-    texts = read_inputs(input_path, task.text_column)
-    ml = run.recipe.model.max_length
-    regression = task.head == "regression"
-    split = encode_split(run.tokenizer, texts, [0.0] * len(texts), ml, regression)
-    cfg = run.recipe.train
-    out, _ = predict_outputs(
-        run.model,
-        task.name,
-        split,
-        context=run.precision.forward_context,
-        device=run.device,
-        batch_size=cfg.eval_batch_size,
-        pad_id=int(run.tokenizer.pad_token_id or 0),
-        multiple=cfg.pad_to_multiple_of,
-    )
-    if regression:
-        return [{"task": task.name, "value": float(v)} for v in out[:, 0]]
+    if task.head not in POOLED_HEADS:
+        raise BitblendError(
+            f"--task {task.name}: predict supports classification, binary, multilabel and "
+            f"regression heads, not {task.head}"
+        )
+    table = read_inputs(input_path, task)
+    split = run.encode(task, table, np.zeros(len(table), dtype=np.float32))
+    out, _ = predict_outputs(run.model, task.name, split, run.batch_spec(task))
     names = run.model.specs[task.name].label_names
+    if task.head == "regression":
+        return [{"task": task.name, "value": float(v)} for v in out[:, 0]]
+    if task.head == "binary":
+        p = 1.0 / (1.0 + np.exp(-out[:, 0].astype(np.float64)))
+        return [
+            {
+                "task": task.name,
+                "label": names[int(x > 0.5)],
+                "probs": {names[1]: round(float(x), 6)},
+            }
+            for x in p
+        ]
+    if task.head == "multilabel":
+        p = 1.0 / (1.0 + np.exp(-out.astype(np.float64)))
+        return [
+            {
+                "task": task.name,
+                "labels": [n for n, x in zip(names, row, strict=True) if x > 0.5],
+                "probs": {n: round(float(x), 6) for n, x in zip(names, row, strict=True)},
+            }
+            for row in p
+        ]
     probs = softmax(out)
     return [
         {

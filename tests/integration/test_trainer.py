@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -41,8 +42,10 @@ def test_trainer_equals_plain_pytorch_loop(tmp_path: Path) -> None:
 
     # The seed's loop, written out: same init, same batches, AdamW, linear warmup/decay, clip.
     datas = load_data(recipe)
-    model, tok = build_model(recipe, datas)
-    task = build_tasks(recipe, datas, tok)[0]
+    model, tok, _ = build_model(recipe, datas)
+    task = build_tasks(recipe, datas, model, tok, {}, contextlib.nullcontext, torch.device("cpu"))[
+        0
+    ]
     params = list(model.parameters())
     opt = torch.optim.AdamW(
         [

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from importlib import resources
@@ -15,7 +17,38 @@ import yaml
 from bitblend.config.schema import Recipe
 from bitblend.errors import BitblendError
 
-_HEADS_LOSSES = {"classification": {"cross_entropy"}, "regression": {"mse"}}
+_HEADS_LOSSES = {
+    "classification": {"cross_entropy"},
+    "binary": {"bce"},
+    "multilabel": {"bce"},
+    "regression": {"mse"},
+    "token_classification": {"cross_entropy"},
+    "masked_lm": {"cross_entropy"},
+    "causal_lm": {"cross_entropy"},
+}
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 floats: `1e-4` is a number, not the string PyYAML makes it."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text -> data with the recipe loader."""
+    return yaml.load(text, Loader=_Loader)
 
 
 def builtin_recipes() -> dict[str, Path]:
@@ -51,7 +84,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise BitblendError(f"{path}: cannot read ({exc.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        data = parse_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
@@ -71,7 +104,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if not sep or not key:
             raise BitblendError(f"--set {item}: expected KEY=VALUE, e.g. train.steps=20")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = parse_yaml(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         parts = key.split(".")
@@ -94,7 +127,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 else:
                     node = node.setdefault(part, {})
             else:
-                raise BitblendError(f"--set {key}: {where} is not a section")
+                raise BitblendError(f"--set {key}: {'.'.join(parts[:i])} is a value, not a section")
     return data
 
 
@@ -107,6 +140,8 @@ def _describe(tp: Any) -> str:
         return " or ".join(_describe(a) for a in args) + " or null"
     if origin is list:
         return f"a list, each {_describe(get_args(tp)[0])}"
+    if origin is dict:
+        return f"a mapping of names to {_describe(get_args(tp)[1])}"
     if dataclasses.is_dataclass(tp):
         return "a mapping"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
@@ -139,6 +174,11 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             raise bad
         (item_tp,) = get_args(tp)
         return [_convert(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        _, value_tp = get_args(tp)
+        return {str(k): _convert(v, value_tp, f"{path}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise bad
@@ -203,6 +243,11 @@ def _check(recipe: Recipe) -> None:
             raise BitblendError(f"tasks[{i}].eval_fraction: expected a number in (0, 1)")
         if task.weight < 0:
             raise BitblendError(f"tasks[{i}].weight: expected a number >= 0")
+        for key in ("batch_size", "max_length", "image_size", "patch_size"):
+            value = getattr(task, key)
+            if value is not None and value < 1:
+                raise BitblendError(f"tasks[{i}].{key}: expected an integer >= 1, got {value}")
+    _check_mixing(recipe)
     positive = {
         "train.steps": recipe.train.steps,
         "train.batch_size": recipe.train.batch_size,
@@ -229,8 +274,68 @@ def _check(recipe: Recipe) -> None:
         raise BitblendError("optimizer.betas: expected two numbers in [0, 1)")
     if not 0.0 <= recipe.schedule.warmup_ratio < 1.0:
         raise BitblendError("schedule.warmup_ratio: expected a number in [0, 1)")
+    ranges = [
+        ("model.dropout", recipe.model.dropout, 0.0, 1.0, True),
+        ("model.head_dropout", recipe.model.head_dropout, 0.0, 1.0, True),
+        ("optimizer.weight_decay", recipe.optimizer.weight_decay, 0.0, math.inf, True),
+        ("optimizer.momentum", recipe.optimizer.momentum, 0.0, 1.0, False),
+        ("optimizer.alpha", recipe.optimizer.alpha, 0.0, 1.0, False),
+        ("schedule.min_lr_ratio", recipe.schedule.min_lr_ratio, 0.0, 1.0, True),
+    ]
+    for key, value, low, high, closed in ranges:
+        if value is None:
+            continue
+        ok = low <= value <= high if closed else low <= value < high
+        if not ok:
+            span = f"[{low}, {high}]" if closed else f"[{low}, {high})"
+            raise BitblendError(f"{key}: expected a number in {span}, got {value}")
+    if recipe.optimizer.eps <= 0:
+        raise BitblendError(f"optimizer.eps: expected a number > 0, got {recipe.optimizer.eps}")
+    for key, opt in (
+        ("train.threads", recipe.train.threads),
+        ("train.eval_max_examples", recipe.train.eval_max_examples),
+        *((f"tasks[{i}].max_examples", t.max_examples) for i, t in enumerate(recipe.tasks)),
+    ):
+        if opt is not None and opt < 1:
+            raise BitblendError(f"{key}: expected an integer >= 1 or null, got {opt}")
     if recipe.train.max_grad_norm is not None and recipe.train.max_grad_norm <= 0:
         raise BitblendError("train.max_grad_norm: expected a number > 0 or null")
+
+
+def _check_mixing(recipe: Recipe) -> None:
+    mix = recipe.mixing
+    names = [t.name for t in recipe.tasks]
+    if mix.strategy == "weights":
+        if not mix.weights:
+            raise BitblendError("mixing.weights: required by strategy weights (task -> weight)")
+        for key in mix.weights:
+            if key not in names:
+                raise BitblendError(
+                    f"mixing.weights.{key}: expected a task name ({', '.join(names)})"
+                )
+        missing = [n for n in names if n not in mix.weights]
+        if missing:
+            raise BitblendError(f"mixing.weights: no weight for task(s) {', '.join(missing)}")
+        if any(w < 0 for w in mix.weights.values()) or sum(mix.weights.values()) <= 0:
+            raise BitblendError("mixing.weights: expected weights >= 0 with a positive sum")
+    if mix.temperature <= 0:
+        raise BitblendError(f"mixing.temperature: expected a number > 0, got {mix.temperature}")
+    if mix.size_cap is not None and mix.size_cap < 1:
+        raise BitblendError("mixing.size_cap: expected an integer >= 1 or null")
+    if not 0 <= mix.dynamic_floor * len(names) < 1:
+        raise BitblendError(
+            f"mixing.dynamic_floor: expected floor x {len(names)} tasks to be in [0, 1)"
+        )
+    for key in ("dynamic_every", "dynamic_examples"):
+        if getattr(mix, key) < 1:
+            raise BitblendError(f"mixing.{key}: expected an integer >= 1")
+    if mix.balancing in ("upgrad", "pcgrad") and mix.batches != "mixed":
+        raise BitblendError(
+            f"mixing.balancing: {mix.balancing} combines per-task gradients of one step; "
+            "it needs mixing.batches: mixed"
+        )
+    if mix.grad_cosine_every < 0:
+        raise BitblendError("mixing.grad_cosine_every: expected an integer >= 0")
 
 
 def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:

@@ -11,11 +11,23 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 PrecisionName = Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true"]
-HeadName = Literal["classification", "regression"]
-LossName = Literal["auto", "cross_entropy", "mse"]
+HeadName = Literal[
+    "classification",
+    "binary",
+    "multilabel",
+    "regression",
+    "token_classification",
+    "masked_lm",
+    "causal_lm",
+]
+LossName = Literal["auto", "cross_entropy", "bce", "mse"]
+ModalityName = Literal["auto", "text", "image", "tabular", "multimodal"]
 OptimizerName = Literal["sgd", "adam", "adamw", "rmsprop"]
 ScheduleName = Literal["constant", "linear", "cosine"]
-MixingName = Literal["proportional", "uniform", "round_robin"]
+MixingName = Literal[
+    "proportional", "uniform", "temperature", "weights", "round_robin", "sequential", "dynamic"
+]
+BalancingName = Literal["sum", "static", "uncertainty", "famo", "upgrad", "pcgrad"]
 
 
 def doc(default: Any, text: str) -> Any:
@@ -36,7 +48,7 @@ class ModelConfig:
 
     backbone: str = doc(
         "minilm",
-        "`minilm` (pretrained MiniLM-L6), `tiny-bert`, `tiny-gpt` (random init, for tests) "
+        "`minilm` (pretrained MiniLM-L6), `tiny-bert`, `tiny-gpt`, `small-gpt` (random init) "
         "or a local transformers model directory",
     )
     max_length: int = doc(128, "longest tokenised input; longer texts are truncated")
@@ -52,15 +64,36 @@ class TaskConfig:
     """One task: a data source, a head and a loss on top of the shared trunk."""
 
     name: str = required("unique task name, used in metrics and outputs")
-    data: str = required("built-in source (`bbc_news`) or a CSV / JSONL / Parquet file")
+    data: str = required(
+        "built-in source (see docs/data.md), a CSV / JSONL / Parquet file, an HF "
+        "save_to_disk directory, or an image folder (one sub-folder per class)"
+    )
     eval_data: str | None = doc(None, "separate eval file; if unset, a seeded split of `data`")
     eval_fraction: float = doc(0.1, "share of `data` held out for eval when `eval_data` is unset")
-    modality: Literal["text"] = doc("text", "input type (text for now)")
-    head: HeadName = doc("classification", "classification or regression")
-    loss: LossName = doc("auto", "auto = cross_entropy for classification, mse for regression")
-    weight: float = doc(1.0, "multiplier on this task's loss")
-    text_column: str = doc("text", "column holding the input text")
-    label_column: str = doc("label", "column holding the label (class name/id or a number)")
+    modality: ModalityName = doc(
+        "auto", "auto = every modality the source has; or text, image, tabular, multimodal"
+    )
+    head: HeadName = doc(
+        "classification",
+        "classification, binary, multilabel, regression, token_classification, masked_lm, "
+        "causal_lm",
+    )
+    loss: LossName = doc(
+        "auto", "auto = cross_entropy (classification, token, LM), bce (binary, multilabel), mse"
+    )
+    weight: float = doc(1.0, "multiplier on this task's loss (static loss weights)")
+    text_column: str = doc("text", "column holding the input text (or word lists for tokens)")
+    label_column: str = doc("label", "column holding the label (class, number, list of classes)")
+    image_column: str | None = doc(None, "column holding image file paths (user files)")
+    feature_columns: list[str] | None = doc(None, "numeric columns used as tabular features")
+    image_size: int | None = doc(None, "resize images to this square size (default: as stored)")
+    patch_size: int | None = doc(None, "image patch side in pixels (default: image_size / 4)")
+    tokenizer: Literal["backbone", "wordpiece"] = doc(
+        "backbone", "backbone's tokenizer, or a WordPiece vocabulary trained on this task's text"
+    )
+    wordpiece_vocab: int = doc(8000, "vocabulary size when tokenizer is wordpiece")
+    batch_size: int | None = doc(None, "this task's batch size (homogeneous batches)")
+    max_length: int | None = doc(None, "this task's max tokens (default: model.max_length)")
     max_examples: int | None = doc(None, "use at most this many training examples (seeded)")
 
 
@@ -124,11 +157,35 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class MixingConfig:
-    """How tasks share steps (more strategies arrive with #3)."""
+    """How tasks share the steps and the loss; see docs/mixing.md."""
 
     strategy: MixingName = doc(
-        "proportional", "proportional (to dataset size), uniform, round_robin"
+        "proportional",
+        "proportional (to size), uniform, temperature (n^(1/T)), weights, round_robin, "
+        "sequential, dynamic (reweighted by held-out loss)",
     )
+    temperature: float = doc(2.0, "temperature strategy: rate proportional to n^(1/T)")
+    size_cap: int | None = doc(None, "temperature/proportional: cap each size at this (T5's K)")
+    weights: dict[str, float] | None = doc(None, "weights strategy: task name -> weight")
+    order: Literal["interleaved", "random"] = doc(
+        "interleaved",
+        "interleaved: deterministic, realised shares within one batch of target on every prefix;"
+        " random: seeded draws",
+    )
+    batches: Literal["homogeneous", "mixed"] = doc(
+        "homogeneous", "one task per step, or several tasks in every step's batch"
+    )
+    dynamic_every: int = doc(50, "dynamic: steps between reweightings")
+    dynamic_eta: float = doc(1.0, "dynamic: step size of the multiplicative update")
+    dynamic_floor: float = doc(0.05, "dynamic: minimum share of any task")
+    dynamic_examples: int = doc(64, "dynamic: held-out examples per task to measure loss on")
+    balancing: BalancingName = doc(
+        "sum",
+        "sum / static (weighted sum), uncertainty (Kendall 2018), famo, upgrad, pcgrad "
+        "(torchjd; need batches: mixed)",
+    )
+    balancing_lr: float = doc(0.025, "learning rate of uncertainty / famo weights")
+    grad_cosine_every: int = doc(0, "log cosine similarity of task gradients every N steps")
 
 
 @dataclass(kw_only=True)

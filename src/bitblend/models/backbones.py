@@ -26,7 +26,7 @@ from transformers import (
 
 from bitblend.errors import BitblendError
 
-ALIASES = ("minilm", "tiny-bert", "tiny-gpt")
+ALIASES = ("minilm", "tiny-bert", "tiny-gpt", "small-gpt")
 
 
 def minilm_path() -> Path:
@@ -77,14 +77,16 @@ def _tiny_bert(dropout: float | None) -> tuple[nn.Module, PreTrainedTokenizerBas
     return BertModel(config, add_pooling_layer=False), tokenizer
 
 
-def _tiny_gpt(dropout: float | None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+def _tiny_gpt(
+    dropout: float | None, width: int = 32, layers: int = 2, heads: int = 2
+) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     tokenizer = _byte_level_tokenizer()
     p = 0.1 if dropout is None else dropout
     config = GPT2Config(
         vocab_size=len(tokenizer),
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
+        n_embd=width,
+        n_layer=layers,
+        n_head=heads,
         n_positions=512,
         resid_pdrop=p,
         embd_pdrop=p,
@@ -139,6 +141,8 @@ def load_backbone(name: str, dropout: float | None = None) -> tuple[nn.Module, A
         return _tiny_bert(dropout)
     if name == "tiny-gpt":
         return _tiny_gpt(dropout)
+    if name == "small-gpt":  # 0.8M params: big enough to learn, small enough for a CPU
+        return _tiny_gpt(dropout, width=128, layers=4, heads=4)
     path = Path(name)
     if not path.exists():
         raise BitblendError(

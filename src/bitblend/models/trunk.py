@@ -1,8 +1,14 @@
-"""The shared transformer trunk with one head per task, and its save/load layout.
+"""The shared transformer trunk, per-task modality adapters, and per-task heads.
+
+Text from the backbone's own tokenizer goes in as `input_ids` (the plain HF path). Every
+other input becomes `inputs_embeds`: image patches through a linear projection, tabular
+features as one token each (FT-Transformer style), text of a task with its own vocabulary
+through its own embedding table; the parts are concatenated with a learned modality-type
+embedding and one attention mask, so a missing modality is masked, never zero-filled.
 
 `model/` in a run directory is a transformers `save_pretrained` directory (so
-`AutoModel.from_pretrained(run/model)` loads the trunk) plus `heads.safetensors`,
-`bitblend.json` (tasks, label names, pooling) and the tokenizer files.
+`AutoModel.from_pretrained(run/model)` loads the trunk) plus `heads.safetensors` (heads,
+adapters, modality embedding), `bitblend.json` and the tokenizer files.
 """
 
 from __future__ import annotations
@@ -22,20 +28,48 @@ from bitblend.models.backbones import hidden_size, is_decoder
 
 HEADS_FILE = "heads.safetensors"
 META_FILE = "bitblend.json"
+MODALITY_IDS = {"text": 0, "image": 1, "tabular": 2}
+POOLED = ("classification", "binary", "multilabel", "regression")
+LM = ("masked_lm", "causal_lm")
 
 
 @dataclass
 class HeadSpec:
-    """What a task head predicts."""
+    """What a task feeds the trunk and what its head predicts."""
 
     task: str
-    head: str  # classification | regression
+    head: str  # classification | binary | multilabel | regression | token_classification | ...
     num_outputs: int
     label_names: list[str] = field(default_factory=list)
+    modalities: list[str] = field(default_factory=lambda: ["text"])
+    patch_dim: int = 0  # image: values per patch
+    num_features: int = 0  # tabular: features per example
+    text_vocab: int = 0  # > 0: the task has its own tokenizer and text embedding of this size
+    tabular_mean: list[float] = field(default_factory=list)  # training-set statistics,
+    tabular_std: list[float] = field(default_factory=list)  # reused at predict time
+
+    @property
+    def uses_embeds(self) -> bool:
+        """Whether inputs go through `inputs_embeds` rather than the backbone's ids path."""
+        return self.modalities != ["text"] or self.text_vocab > 0
+
+
+class FeatureTokenizer(nn.Module):
+    """Tabular features -> one token each: x_f * W_f + b_f (FT-Transformer). (B,F)->(B,F,H)."""
+
+    def __init__(self, num_features: int, width: int) -> None:
+        super().__init__()
+        bound = width**-0.5
+        self.weight = nn.Parameter(torch.empty(num_features, width).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(num_features, width).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, features) standardised values -> (batch, features, width)."""
+        return x.unsqueeze(-1).to(self.weight.dtype) * self.weight + self.bias
 
 
 class MultiTaskModel(nn.Module):
-    """Backbone -> pooled vector (batch, hidden) -> per-task head logits (batch, outputs)."""
+    """Backbone + per-task adapters and heads; `forward(task, **batch)` returns logits."""
 
     def __init__(
         self,
@@ -50,49 +84,129 @@ class MultiTaskModel(nn.Module):
         if pooling == "auto":
             pooling = "last" if is_decoder(backbone) else "mean"
         self.pooling = pooling
-        width = hidden_size(backbone)
-        self.heads = nn.ModuleDict(
-            {
-                s.task: nn.Sequential(nn.Dropout(head_dropout), nn.Linear(width, s.num_outputs))
-                for s in specs
-            }
-        )
         self.head_dropout = head_dropout
+        width = hidden_size(backbone)
+        # Only models with non-text inputs need it (text-only models keep the plain HF
+        # parameter set). Zero-initialised: adding it leaves a pretrained trunk unchanged.
+        self.modality_embed: nn.Embedding | None = None
+        if any(s.uses_embeds for s in specs):
+            self.modality_embed = nn.Embedding(len(MODALITY_IDS), width)
+            nn.init.zeros_(self.modality_embed.weight)
+        self.adapters = nn.ModuleDict()
+        self.heads = nn.ModuleDict()
+        for s in specs:
+            parts = nn.ModuleDict()
+            if "image" in s.modalities:
+                parts["image"] = nn.Linear(s.patch_dim, width)
+            if "tabular" in s.modalities:
+                parts["tabular"] = FeatureTokenizer(s.num_features, width)
+            if s.text_vocab:
+                parts["text"] = nn.Embedding(s.text_vocab, width)
+            if len(parts):
+                self.adapters[s.task] = parts
+            if s.head in LM:
+                self.heads[s.task] = nn.Linear(width, s.num_outputs)
+            else:
+                self.heads[s.task] = nn.Sequential(
+                    nn.Dropout(head_dropout), nn.Linear(width, s.num_outputs)
+                )
 
     @property
     def fp32_module_names(self) -> list[str]:
-        """Modules a low-precision recipe keeps in fp32: the task heads."""
-        return [f"heads.{name}" for name in self.heads]
+        """Modules a low-precision recipe keeps in fp32: classification/regression heads.
+
+        Language-model heads (hidden x vocab) are the largest matmul of the model; they
+        run in the compute dtype and their logits are upcast for the loss.
+        """
+        return [f"heads.{n}" for n, s in self.specs.items() if s.head not in LM]
+
+    # -- inputs ------------------------------------------------------------------------
+    def _embed(
+        self, spec: HeadSpec, inputs: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Concatenate every modality's tokens: (batch, seq, width) and mask (batch, seq)."""
+        table = self.backbone.get_input_embeddings()  # type: ignore[operator]
+        dtype = table.weight.dtype
+        # ModuleDict has no .get()
+        adapters: Any = self.adapters[spec.task] if spec.task in self.adapters else {}  # noqa: SIM401  # noqa: SIM401
+        assert self.modality_embed is not None  # built whenever a spec uses embeds
+        parts, masks = [], []
+        if "input_ids" in inputs:
+            ids = inputs["input_ids"]
+            embed = adapters["text"] if "text" in adapters else table  # noqa: SIM401
+            parts.append(embed(ids) + self.modality_embed.weight[0])
+            masks.append(inputs["attention_mask"])
+        if "image" in inputs:
+            proj = adapters["image"]
+            parts.append(
+                proj(inputs["image"].to(proj.weight.dtype)) + self.modality_embed.weight[1]
+            )
+            masks.append(inputs["image_mask"])
+        if "tabular" in inputs:
+            parts.append(adapters["tabular"](inputs["tabular"]) + self.modality_embed.weight[2])
+            masks.append(inputs["tabular_mask"])
+        embeds = torch.cat([p.to(dtype) for p in parts], dim=1)
+        return embeds, torch.cat(masks, dim=1)
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(batch, seq, hidden) + (batch, seq) mask -> (batch, hidden)."""
         if self.pooling == "cls":
             return hidden[:, 0]
         if self.pooling == "last":
-            # Right padding: the last real token sits at index (number of real tokens - 1).
-            last = mask.sum(dim=1).clamp(min=1) - 1
+            # The last position whose mask is 1 (masks of concatenated modalities have holes).
+            last = mask.shape[1] - 1 - mask.flip(1).argmax(dim=1)
             return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         m = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
 
     def forward(
-        self, task: str, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        task: str,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **inputs: torch.Tensor,
     ) -> torch.Tensor:
-        """Logits of `task`'s head for a padded batch: (batch, num_outputs)."""
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
-        pooled = self.pool(out.last_hidden_state, attention_mask)
-        return self.heads[task](pooled)
+        """Logits of `task`'s head: (batch, outputs), or (batch, seq, outputs) per token."""
+        spec = self.specs[task]
+        if input_ids is not None:
+            inputs = {**inputs, "input_ids": input_ids, "attention_mask": attention_mask}  # type: ignore[dict-item]
+        inputs.pop("labels", None)
+        if spec.uses_embeds:
+            embeds, mask = self._embed(spec, inputs)
+            out = self.backbone(inputs_embeds=embeds, attention_mask=mask)
+        else:
+            mask = inputs["attention_mask"]
+            out = self.backbone(input_ids=inputs["input_ids"], attention_mask=mask)
+        hidden = out.last_hidden_state
+        if spec.head in POOLED:
+            return self.heads[task](self.pool(hidden, mask))
+        return self.heads[task](hidden)
 
     # -- persistence -------------------------------------------------------------------
-    def save(self, directory: Path, tokenizer: Any, extra: dict[str, Any] | None = None) -> None:
-        """Write the trunk (save_pretrained), the heads, the tokenizer and bitblend.json."""
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """Every tensor outside the backbone: heads, adapters, modality embedding."""
+        return {
+            k: v.detach().contiguous()
+            for k, v in self.state_dict().items()
+            if not k.startswith("backbone.")
+        }
+
+    def save(
+        self,
+        directory: Path,
+        tokenizer: Any,
+        task_tokenizers: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """Write the trunk (save_pretrained), heads/adapters, tokenizers and bitblend.json."""
         directory.mkdir(parents=True, exist_ok=True)
         self.backbone.save_pretrained(directory)  # type: ignore[operator]
         tokenizer.save_pretrained(directory)
-        heads = {k: v.detach().contiguous() for k, v in self.heads.state_dict().items()}
-        save_file(heads, str(directory / HEADS_FILE))
+        for name, tok in (task_tokenizers or {}).items():
+            tok.save_pretrained(directory / "tokenizers" / name)
+        save_file(self.extra_state(), str(directory / HEADS_FILE))
         meta = {
-            "format": 1,
+            "format": 2,
             "pooling": self.pooling,
             "head_dropout": self.head_dropout,
             "heads": [asdict(s) for s in self.specs.values()],
@@ -102,7 +216,7 @@ class MultiTaskModel(nn.Module):
 
 
 def load_model(directory: Path) -> tuple[MultiTaskModel, Any, dict[str, Any]]:
-    """Reload a saved model directory: (model in fp32, tokenizer, bitblend.json contents)."""
+    """Reload a saved model directory: (model, tokenizer, bitblend.json + task tokenizers)."""
     meta_path = directory / META_FILE
     if not meta_path.is_file():
         raise BitblendError(f"{directory}: not a bitblend model directory (no {META_FILE})")
@@ -115,5 +229,14 @@ def load_model(directory: Path) -> tuple[MultiTaskModel, Any, dict[str, Any]]:
     tokenizer = AutoTokenizer.from_pretrained(directory)
     specs = [HeadSpec(**h) for h in meta["heads"]]
     model = MultiTaskModel(backbone, specs, meta["pooling"], meta.get("head_dropout", 0.1))
-    model.heads.load_state_dict(load_file(str(directory / HEADS_FILE)))
+    missing, unexpected = model.load_state_dict(
+        load_file(str(directory / HEADS_FILE)), strict=False
+    )
+    if unexpected or [k for k in missing if not k.startswith("backbone.")]:
+        raise BitblendError(f"{directory / HEADS_FILE}: does not match {META_FILE}")
+    meta["task_tokenizers"] = {
+        s.task: AutoTokenizer.from_pretrained(directory / "tokenizers" / s.task)
+        for s in specs
+        if (directory / "tokenizers" / s.task).is_dir()
+    }
     return model, tokenizer, meta

@@ -160,6 +160,10 @@ class PrecisionRecipe:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss multiplied by the loss scale (16-mixed), for custom backward passes."""
+        return self.scaler.scale(loss) if self.scaler is not None else loss
+
     def backward(self, loss: torch.Tensor) -> None:
         """Backward, through the loss scaler when there is one."""
         if self.scaler is not None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -31,7 +32,8 @@ META_FILE = "state.json"
 def _flatten(obj: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
     """Replace tensors in a nested structure by {"__tensor__": key}; tuples are tagged."""
     if isinstance(obj, torch.Tensor):
-        tensors[path] = obj.detach().cpu().contiguous()
+        # clone(): safetensors refuses two entries sharing one storage.
+        tensors[path] = obj.detach().cpu().clone().contiguous()
         return {"__tensor__": path}
     if isinstance(obj, dict):
         return {
@@ -79,9 +81,10 @@ def _fsync(path: Path) -> None:
 def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state as distinct contiguous tensors (tied weights stored once)."""
     out: dict[str, torch.Tensor] = {}
-    seen: dict[int, str] = {}
+    seen: dict[object, str] = {}
     for name, t in model.state_dict().items():
-        key = t.untyped_storage().data_ptr() if t.numel() else id(t)
+        # Tied = the very same view (pointer incl. offset, shape, stride), not just one storage.
+        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride())) if t.numel() else id(t)
         if key in seen and t.numel():
             continue  # a tied weight: load_state_dict(strict=False) restores it through its twin
         seen[key] = name
@@ -139,7 +142,7 @@ def load_checkpoint(path: Path, model: nn.Module) -> tuple[int, dict[str, Any]]:
         meta = json.loads((path / META_FILE).read_text())
         tensors = load_file(str(path / STATE_FILE))
         weights = load_file(str(path / MODEL_FILE))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         raise BitblendError(f"{path}: unreadable checkpoint ({exc})") from None
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = {n for n in missing if _is_tied(model, n, weights)}
@@ -153,7 +156,10 @@ def load_checkpoint(path: Path, model: nn.Module) -> tuple[int, dict[str, Any]]:
 
 def _is_tied(model: nn.Module, name: str, saved: dict[str, torch.Tensor]) -> bool:
     state = model.state_dict()
-    ptr = state[name].untyped_storage().data_ptr()
+    t0 = state[name]
+    key = (t0.data_ptr(), tuple(t0.shape), tuple(t0.stride()))
     return any(
-        k in saved and t.untyped_storage().data_ptr() == ptr for k, t in state.items() if k != name
+        k in saved and (t.data_ptr(), tuple(t.shape), tuple(t.stride())) == key
+        for k, t in state.items()
+        if k != name
     )

@@ -1,4 +1,4 @@
-"""Building what a run needs from a recipe: device, data, model, precision, optimizer.
+"""Building what a run needs from a recipe: device, data, model, per-task inputs.
 
 Everything here may raise BitblendError and writes nothing, so a bad recipe or a bad data
 file fails before a run directory exists.
@@ -12,18 +12,19 @@ from typing import Any
 import torch
 
 from bitblend.config.schema import Recipe, TaskConfig
-from bitblend.data.modalities import EncodedSplit, encode_split
+from bitblend.data.modalities import EncodedSplit, TabularStats, encode_split
 from bitblend.data.sampler import BatchSampler
-from bitblend.data.sources import TaskData, load_task_data
+from bitblend.data.sources import LM_HEADS, TaskData, load_task_data
 from bitblend.errors import BitblendError
-from bitblend.models.backbones import load_backbone, seed_everything
+from bitblend.models.backbones import is_decoder, load_backbone, seed_everything
 from bitblend.models.trunk import HeadSpec, MultiTaskModel
 from bitblend.tasks.losses import resolve_loss
+from bitblend.train.evaluate import BatchSpec
 
 
 @dataclass
 class TaskRuntime:
-    """A task with its encoded data and its batch stream."""
+    """A task with its tokenizer, encoded data and batch stream."""
 
     cfg: TaskConfig
     loss: str
@@ -31,6 +32,9 @@ class TaskRuntime:
     train: EncodedSplit
     eval: EncodedSplit
     sampler: BatchSampler
+    tokenizer: Any
+    batch: BatchSpec
+    batch_size: int  # examples per micro-batch for this task (homogeneous batches)
 
     @property
     def name(self) -> str:
@@ -47,43 +51,140 @@ def pick_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def head_spec(task: TaskConfig, data: TaskData) -> HeadSpec:
-    """The head a task needs: one output per class, or one for regression."""
-    if task.head == "classification":
-        return HeadSpec(task.name, task.head, len(data.label_names), data.label_names)
-    return HeadSpec(task.name, task.head, 1, [])
-
-
 def load_data(recipe: Recipe) -> list[TaskData]:
     """Raw, split, label-mapped data of every task (checked row by row)."""
     return [load_task_data(task, i, recipe.train.seed) for i, task in enumerate(recipe.tasks)]
 
 
-def build_tasks(recipe: Recipe, datas: list[TaskData], tokenizer: Any) -> list[TaskRuntime]:
+def _patch(task: TaskConfig, data: TaskData, i: int) -> int:
+    assert data.train.image is not None
+    size = data.train.image.shape[1]
+    patch = task.patch_size or max(1, size // 4)
+    if size % patch or data.train.image.shape[2] % patch:
+        raise BitblendError(
+            f"tasks[{i}].patch_size: {patch} does not divide the {size}x"
+            f"{data.train.image.shape[2]} images; pick a divisor or set tasks[{i}].image_size"
+        )
+    return patch
+
+
+def head_spec(
+    task: TaskConfig, data: TaskData, tokenizer: Any, own_vocab: bool, i: int
+) -> HeadSpec:
+    """The adapters and head a task needs, from its data and tokenizer."""
+    mods = data.train.modalities
+    if (task.head in LM_HEADS or task.head == "token_classification") and mods != ["text"]:
+        raise BitblendError(f"tasks[{i}].head: {task.head} needs text data only")
+    outputs = {
+        "classification": len(data.label_names),
+        "multilabel": len(data.label_names),
+        "token_classification": len(data.label_names),
+        "masked_lm": len(tokenizer) if tokenizer is not None else 0,
+        "causal_lm": len(tokenizer) if tokenizer is not None else 0,
+    }.get(task.head, 1)
+    spec = HeadSpec(task.name, task.head, outputs, data.label_names, mods)
+    if data.train.image is not None:
+        patch = _patch(task, data, i)
+        spec.patch_dim = patch * patch * data.train.image.shape[3]
+    if data.train.tabular is not None:
+        stats = TabularStats.fit(data.train.tabular)
+        spec.num_features = data.train.tabular.shape[1]
+        spec.tabular_mean, spec.tabular_std = stats.mean.tolist(), stats.std.tolist()
+    if own_vocab:
+        spec.text_vocab = len(tokenizer)
+    return spec
+
+
+def build_model(
+    recipe: Recipe, datas: list[TaskData]
+) -> tuple[MultiTaskModel, Any, dict[str, Any]]:
+    """Trunk, adapters and heads (seeded), the backbone tokenizer, and per-task tokenizers."""
+    seed_everything(recipe.train.seed)
+    backbone, tokenizer = load_backbone(recipe.model.backbone, recipe.model.dropout)
+    task_tokenizers: dict[str, Any] = {}
+    specs = []
+    for i, (task, data) in enumerate(zip(recipe.tasks, datas, strict=True)):
+        if task.head == "causal_lm" and not is_decoder(backbone):
+            raise BitblendError(
+                f"tasks[{i}].head: causal_lm needs a decoder backbone (tiny-gpt or a GPT-style "
+                f"model), {recipe.model.backbone} is bidirectional"
+            )
+        if task.head == "masked_lm" and is_decoder(backbone):
+            raise BitblendError(
+                f"tasks[{i}].head: masked_lm needs an encoder backbone, "
+                f"{recipe.model.backbone} is causal"
+            )
+        own = task.tokenizer == "wordpiece"
+        tok = tokenizer
+        if own and data.train.text is not None:
+            from bitblend.data.wordpiece import train_wordpiece
+
+            tok = task_tokenizers[task.name] = train_wordpiece(
+                [str(t) for t in data.train.text], task.wordpiece_vocab
+            )
+        uses_text = data.train.text is not None
+        specs.append(head_spec(task, data, tok if uses_text else None, own and uses_text, i))
+    model = MultiTaskModel(backbone, specs, recipe.model.pooling, recipe.model.head_dropout)
+    return model, tokenizer, task_tokenizers
+
+
+def encode_task(
+    task: TaskConfig, spec: HeadSpec, table: Any, targets: Any, tokenizer: Any, recipe: Recipe
+) -> EncodedSplit:
+    """Encode one split of one task with its tokenizer, patch size and tabular statistics."""
+    import numpy as np
+
+    stats = None
+    if spec.num_features:
+        stats = TabularStats(np.asarray(spec.tabular_mean), np.asarray(spec.tabular_std))
+    patch = None
+    if spec.patch_dim and table.image is not None:
+        patch = round((spec.patch_dim / table.image.shape[3]) ** 0.5)
+    return encode_split(
+        table,
+        task.head,
+        targets,
+        tokenizer=tokenizer,
+        max_length=task.max_length or recipe.model.max_length,
+        patch=patch,
+        stats=stats,
+    )
+
+
+def build_tasks(
+    recipe: Recipe,
+    datas: list[TaskData],
+    model: MultiTaskModel,
+    tokenizer: Any,
+    task_tokenizers: dict[str, Any],
+    context: Any,
+    device: torch.device,
+) -> list[TaskRuntime]:
     """Tokenise every task and give each its own seeded batch stream."""
     out = []
-    global_batch = recipe.train.batch_size * recipe.train.grad_accum
+    cfg = recipe.train
     for i, (task, data) in enumerate(zip(recipe.tasks, datas, strict=True)):
-        regression = task.head == "regression"
-        ml = recipe.model.max_length
-        train = encode_split(tokenizer, data.train.texts, data.train.labels, ml, regression)
-        ev = encode_split(tokenizer, data.eval.texts, data.eval.labels, ml, regression)
+        spec = model.specs[task.name]
+        tok = task_tokenizers.get(task.name, tokenizer)
+        train = encode_task(task, spec, data.train, data.train_targets, tok, recipe)
+        ev = encode_task(task, spec, data.eval, data.eval_targets, tok, recipe)
+        micro = task.batch_size or cfg.batch_size
+        global_batch = micro * cfg.grad_accum
         if len(train) < global_batch:
             raise BitblendError(
                 f"tasks[{i}]: {len(train)} training examples is fewer than one batch of "
-                f"{global_batch} (train.batch_size x train.grad_accum)"
+                f"{global_batch} (batch_size x train.grad_accum)"
             )
-        sampler = BatchSampler(
-            train.lengths, global_batch, recipe.train.seed, i, recipe.train.group_by_length
+        sampler = BatchSampler(train.lengths, global_batch, cfg.seed, i, cfg.group_by_length)
+        batch = BatchSpec(
+            context=context,
+            device=device,
+            batch_size=cfg.eval_batch_size,
+            pad_id=int(getattr(tok, "pad_token_id", 0) or 0),
+            multiple=cfg.pad_to_multiple_of,
+            mask_token=getattr(tok, "mask_token_id", None),
+            vocab_size=len(tok) if tok is not None else 0,
         )
-        out.append(TaskRuntime(task, resolve_loss(task.head, task.loss), data, train, ev, sampler))
+        loss = resolve_loss(task.head, task.loss)
+        out.append(TaskRuntime(task, loss, data, train, ev, sampler, tok, batch, micro))
     return out
-
-
-def build_model(recipe: Recipe, datas: list[TaskData]) -> tuple[MultiTaskModel, Any]:
-    """The trunk and heads, seeded so the same recipe always starts from the same weights."""
-    seed_everything(recipe.train.seed)
-    backbone, tokenizer = load_backbone(recipe.model.backbone, recipe.model.dropout)
-    specs = [head_spec(t, d) for t, d in zip(recipe.tasks, datas, strict=True)]
-    model = MultiTaskModel(backbone, specs, recipe.model.pooling, recipe.model.head_dropout)
-    return model, tokenizer

@@ -9,23 +9,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from rich.console import Console
 
 from bitblend.config.load import dump_recipe
 from bitblend.config.schema import Recipe
-from bitblend.data.mixture import TaskMixer
-from bitblend.data.modalities import collate
+from bitblend.data.mixture import Mixture
 from bitblend.errors import BitblendError
 from bitblend.models.backbones import count_parameters
 from bitblend.optim.build import build_optimizer, build_schedule
 from bitblend.precision.recipes import build_precision
 from bitblend.report.console import make_progress, metrics_table
 from bitblend.report.sinks import JsonlSink, TensorBoardSink, truncate_jsonl
-from bitblend.tasks.losses import compute_loss
+from bitblend.tasks.balancing import Balancer
 from bitblend.train import checkpoint as ckpt
-from bitblend.train.evaluate import predict_outputs, score
+from bitblend.train import step as step_fn
+from bitblend.train.evaluate import evaluate_split
+from bitblend.train.jacobian import make_aggregator
 from bitblend.train.run_dir import write_json
 from bitblend.train.setup import build_model, build_tasks, load_data, pick_device
 
@@ -63,19 +63,40 @@ class Trainer:
         self.device = pick_device(cfg.device)
         self.precision = build_precision(recipe.precision, self.device)
         datas = load_data(recipe)
-        self.model, self.tokenizer = build_model(recipe, datas)
-        self.tasks = build_tasks(recipe, datas, self.tokenizer)
-        self.pad_id = int(self.tokenizer.pad_token_id or 0)
+        self.model, self.tokenizer, self.task_tokenizers = build_model(recipe, datas)
+        self.tasks = build_tasks(
+            recipe,
+            datas,
+            self.model,
+            self.tokenizer,
+            self.task_tokenizers,
+            self.precision.forward_context,
+            self.device,
+        )
         self.precision.convert_module(self.model)
         params = self.precision.optimizer_parameters(self.model)
         self.optimizer = build_optimizer(params, recipe.optimizer)
         self.scheduler = build_schedule(self.optimizer, cfg.steps, recipe.schedule)
-        self.mixer = TaskMixer(recipe.mixing.strategy, [len(t.train) for t in self.tasks], cfg.seed)
+        mix = recipe.mixing
+        self.mixture = Mixture(
+            mix,
+            [t.name for t in self.tasks],
+            [len(t.train) for t in self.tasks],
+            cfg.seed,
+            cfg.steps,
+        )
+        self.balancer = Balancer(
+            mix.balancing, [t.cfg.weight for t in self.tasks], mix.balancing_lr
+        )
+        self.aggregator = None
+        if mix.balancing in ("upgrad", "pcgrad"):
+            self.aggregator = make_aggregator(mix.balancing)
         self.step = 0
         self.skipped = 0
         self.tokens = 0
         self.train_time = 0.0
         self.task_steps = [0] * len(self.tasks)
+        self.task_examples = [0] * len(self.tasks)
 
     # -- state -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -88,6 +109,8 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "precision": self.precision.state_dict(),
             "samplers": [t.sampler.state_dict() for t in self.tasks],
+            "mixture": self.mixture.state_dict(),
+            "balancer": self.balancer.state_dict(),
             "rng": rng,
             "trainer": {
                 "step": self.step,
@@ -95,6 +118,7 @@ class Trainer:
                 "tokens": self.tokens,
                 "train_time": self.train_time,
                 "task_steps": self.task_steps,
+                "task_examples": self.task_examples,
             },
         }
 
@@ -105,6 +129,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         for task, s in zip(self.tasks, state["samplers"], strict=True):
             task.sampler.load_state_dict(s)
+        self.mixture.load_state_dict(state["mixture"])
+        self.balancer.load_state_dict(state["balancer"])
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
@@ -112,6 +138,7 @@ class Trainer:
         self.step, self.skipped, self.tokens = int(t["step"]), int(t["skipped"]), int(t["tokens"])
         self.train_time = float(t["train_time"])
         self.task_steps = [int(x) for x in t["task_steps"]]
+        self.task_examples = [int(x) for x in t["task_examples"]]
 
     def save_checkpoint(self) -> Path:
         """Atomic checkpoint of the current step, pruning old ones."""
@@ -135,73 +162,84 @@ class Trainer:
         return step
 
     # -- one step ----------------------------------------------------------------------
-    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-
     def train_step(self) -> dict[str, Any]:
-        """One optimizer step on one task (grad_accum micro-batches); returns its record."""
+        """One optimizer step (grad_accum micro-batches); returns its metrics record."""
         cfg = self.recipe.train
         t0 = time.perf_counter()
-        task_idx = self.mixer.task_at(self.step)
-        task = self.tasks[task_idx]
-        indices = task.sampler.next()
-        loss_total = torch.zeros((), device=self.device)
-        tokens = int(task.train.lengths[indices].sum())
-        for micro in np.split(indices, cfg.grad_accum):
-            batch = self._to_device(collate(task.train, micro, self.pad_id, cfg.pad_to_multiple_of))
-            with self.precision.forward_context():
-                logits = self.model(task.name, batch["input_ids"], batch["attention_mask"])
-            loss = compute_loss(task.loss, logits, batch["labels"])
-            # Mean over the global batch: micro-batches are equal-sized, so /grad_accum.
-            self.precision.backward(loss * (task.cfg.weight / cfg.grad_accum))
-            loss_total += loss.detach()
+        if self.recipe.mixing.batches == "mixed":
+            res = step_fn.mixed(
+                self.model, self.precision, self.balancer, self.tasks, self.mixture.allocate,
+                self.step, cfg.seed, cfg.batch_size, cfg.grad_accum, self.aggregator,
+            )  # fmt: skip
+        else:
+            task_idx = self.mixture.task_at(self.step)
+            res = step_fn.homogeneous(
+                self.model, self.precision, self.balancer, self.tasks, task_idx,
+                self.step, cfg.seed, cfg.grad_accum,
+            )  # fmt: skip
+        if self.balancer.method == "famo":
+            self.balancer.famo_update(dict(self.balancer.prev), res.losses)
         result = self.precision.optimizer_step(self.optimizer, cfg.max_grad_norm)
-        self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
         if result.stepped:
             self.scheduler.step()  # a skipped step does not advance the schedule
+            self.balancer.step()
         else:
             self.skipped += 1
+        self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.task_steps[task_idx] += 1
-        self.tokens += tokens
+        for i, k in res.examples.items():
+            self.task_steps[i] += 1
+            self.task_examples[i] += k
+        self.tokens += res.tokens
         elapsed = time.perf_counter() - t0
         self.train_time += elapsed
-        return {
+        names = [t.name for t in self.tasks]
+        record: dict[str, Any] = {
             "step": self.step,
             "split": "train",
-            "task": task.name,
-            "loss": float(loss_total) / cfg.grad_accum,
+            "task": "+".join(names[i] for i in sorted(res.losses)),
+            "loss": sum(res.losses[i] * res.examples[i] for i in res.losses)
+            / max(1, sum(res.examples.values())),
             "lr": lr,
             "grad_norm": result.grad_norm,
             "loss_scale": result.loss_scale,
             "skipped": not result.stepped,
-            "tokens": tokens,
-            "tokens_per_s": tokens / elapsed,
-            "epoch": task.sampler.epoch + task.sampler.cursor / task.sampler.batches_per_epoch,
+            "tokens": res.tokens,
+            "tokens_per_s": res.tokens / elapsed,
         }
+        if len(self.tasks) > 1:
+            record["task_loss"] = {names[i]: v for i, v in res.losses.items()}
+            record["mix_target"] = dict(zip(names, self.mixture.targets(), strict=True))
+            record["mix_realised"] = dict(zip(names, self.mixture.realised(), strict=True))
+            record["task_weight"] = dict(zip(names, self.balancer.task_weights(), strict=True))
+        record["epochs"] = {t.name: t.sampler.epochs_completed for t in self.tasks}
+        self._diagnostics(record)
+        return record
+
+    def _diagnostics(self, record: dict[str, Any]) -> None:
+        """Dynamic reweighting and gradient-conflict probes, when due (after the step)."""
+        mix = self.recipe.mixing
+        if mix.strategy == "dynamic" and self.step % mix.dynamic_every == 0:
+            held = {
+                i: evaluate_split(
+                    self.model, t.name, t.eval, t.batch, t.loss, mix.dynamic_examples, self.step
+                )["loss"]
+                for i, t in enumerate(self.tasks)
+            }
+            self.mixture.observe(self.step, held)
+            record["heldout_loss"] = {self.tasks[i].name: v for i, v in held.items()}
+        if mix.grad_cosine_every and len(self.tasks) > 1 and self.step % mix.grad_cosine_every == 0:
+            record["grad_cosine"] = step_fn.gradient_cosines(self.model, self.precision, self.tasks)
 
     # -- eval --------------------------------------------------------------------------
     def evaluate(self) -> dict[str, dict[str, float]]:
-        """Per-task eval metrics (accuracy + macro-F1, or MSE + MAE) and eval loss."""
-        results: dict[str, dict[str, float]] = {}
-        cfg = self.recipe.train
-        for task in self.tasks:
-            out, loss = predict_outputs(
-                self.model,
-                task.name,
-                task.eval,
-                context=self.precision.forward_context,
-                device=self.device,
-                batch_size=cfg.eval_batch_size,
-                pad_id=self.pad_id,
-                multiple=cfg.pad_to_multiple_of,
-                loss=task.loss,
-                limit=cfg.eval_max_examples,
-            )
-            metrics = score(task.cfg.head, out, task.eval.targets)
-            results[task.name] = {**metrics, "loss": loss, "examples": len(out)}
-        return results
+        """Per-task eval metrics and loss on each task's eval split."""
+        limit = self.recipe.train.eval_max_examples
+        return {
+            t.name: evaluate_split(self.model, t.name, t.eval, t.batch, t.loss, limit)
+            for t in self.tasks
+        }
 
     # -- the run -----------------------------------------------------------------------
     def _prepare_dir(self) -> None:
@@ -268,9 +306,11 @@ class Trainer:
         self.model.save(
             self.run_dir / "model",
             self.tokenizer,
+            self.task_tokenizers,
             extra={"precision": desc["recipe"], "max_length": self.recipe.model.max_length},
         )
         summary = self._summary(evals, time.perf_counter() - wall0)
+        summary["mixture"] = self.mixture_summary()
         write_json(self.run_dir / "summary.json", summary)
         sink.close()
         tb.close()
@@ -281,6 +321,20 @@ class Trainer:
             f"wall {summary['wall_time_s']:.0f}s -> {self.run_dir}"
         )
         return summary
+
+    def mixture_summary(self) -> dict[str, Any]:
+        """Target vs realised shares, examples and epochs per task (summary.json)."""
+        names = [t.name for t in self.tasks]
+        return {
+            "strategy": self.recipe.mixing.strategy,
+            "batches": self.recipe.mixing.batches,
+            "balancing": self.recipe.mixing.balancing,
+            "target": dict(zip(names, self.mixture.targets(), strict=True)),
+            "realised": dict(zip(names, self.mixture.realised(), strict=True)),
+            "examples": dict(zip(names, self.task_examples, strict=True)),
+            "epochs": {t.name: t.sampler.epochs_completed for t in self.tasks},
+            "synthetic": [t.name for t in self.tasks if t.data.synthetic],
+        }
 
     def _log_eval(self, sink: JsonlSink, tb: TensorBoardSink) -> dict[str, dict[str, float]]:
         evals = self.evaluate()

@@ -1,0 +1,76 @@
+"""The raw-data contract between sources and encoders: a column table of one split.
+
+Every source (built-in corpora, user files, image folders, the synthetic fraud generator)
+produces `Table`s; `data/modalities.py` turns them into model inputs. A table holds any
+combination of modalities, so one example can carry text, an image and tabular features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+MODALITIES = ("text", "image", "tabular")
+
+
+@dataclass
+class Table:
+    """Columns of one split; `labels[i]` belongs to example i.
+
+    text:    list of strings, or of word lists for token classification
+    image:   (n, H, W, C) float32 in [0, 1] (every image of a source has one size)
+    tabular: (n, F) float32; NaN marks a missing feature
+    labels:  class name/id, number, list of class names (multilabel), list of tags
+             (token classification), or None for language-model tasks
+    """
+
+    labels: list[Any]
+    text: list[Any] | None = None
+    image: np.ndarray | None = None
+    tabular: np.ndarray | None = None
+    rows: np.ndarray | None = None  # (n,) 0-based row of each example in its file, for errors
+
+    def __post_init__(self) -> None:
+        n = len(self.labels)
+        for name in MODALITIES:
+            col = getattr(self, name)
+            if col is not None and len(col) != n:
+                raise ValueError(f"column {name} has {len(col)} rows, labels have {n}")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def modalities(self) -> list[str]:
+        """Names of the modality columns present."""
+        return [m for m in MODALITIES if getattr(self, m) is not None]
+
+    def take(self, idx: Sequence[int] | np.ndarray) -> Table:
+        """The rows `idx`, in that order."""
+        ix = np.asarray(idx, dtype=np.int64)
+        return Table(
+            labels=[self.labels[i] for i in ix],
+            text=None if self.text is None else [self.text[i] for i in ix],
+            image=None if self.image is None else self.image[ix],
+            tabular=None if self.tabular is None else self.tabular[ix],
+            rows=None if self.rows is None else self.rows[ix],
+        )
+
+    def row(self, i: int) -> int:
+        """1-based file row of example i (its position when the source has no rows)."""
+        return int(self.rows[i]) + 1 if self.rows is not None else i + 1
+
+
+@dataclass
+class SourceData:
+    """What a source provides: the data, and an eval split if the source defines one."""
+
+    train: Table
+    eval: Table | None = None
+    feature_names: list[str] = field(default_factory=list)  # tabular column names
+    label_names: list[str] | None = None  # canonical class order, if the source has one
+    synthetic: bool = False  # generated data: marked as such in docs and outputs
+    description: str = ""
