@@ -289,6 +289,8 @@ def _check(recipe: Recipe) -> None:
         if not ok:
             span = f"[{low}, {high}]" if closed else f"[{low}, {high})"
             raise BitblendError(f"{key}: expected a number in {span}, got {value}")
+    if recipe.optimizer.new_lr_scale <= 0:
+        raise BitblendError("optimizer.new_lr_scale: expected a number > 0")
     if recipe.optimizer.eps <= 0:
         raise BitblendError(f"optimizer.eps: expected a number > 0, got {recipe.optimizer.eps}")
     for key, opt in (

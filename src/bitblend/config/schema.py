@@ -116,6 +116,11 @@ class OptimizerConfig:
 
     name: OptimizerName = doc("adamw", "sgd (plain gradient descent), adam, adamw, rmsprop")
     lr: float = doc(5e-5, "peak learning rate")
+    new_lr_scale: float = doc(
+        1.0,
+        "lr multiplier for parameters outside the pretrained trunk (task heads, modality "
+        "adapters), which start from random init and learn slowly at a fine-tuning lr",
+    )
     weight_decay: float = doc(0.01, "decoupled for adamw, L2 for the others; never on bias/norm")
     momentum: float = doc(0.0, "sgd and rmsprop momentum (0 = plain gradient descent)")
     nesterov: bool = doc(False, "sgd: Nesterov momentum")

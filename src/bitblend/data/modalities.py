@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bitblend.data.images import patchify
 from bitblend.data.table import Table
 
 IGNORE = -100  # label of positions that carry no loss (padding, special tokens, sub-words)
@@ -80,13 +81,6 @@ def encode_words(
         ids.append(list(row))
         labels.append(lab)
     return ids, labels
-
-
-def patchify(images: np.ndarray, patch: int) -> np.ndarray:
-    """(n, H, W, C) -> (n, H/p * W/p, p*p*C) non-overlapping patches, row-major."""
-    n, h, w, c = images.shape
-    x = images.reshape(n, h // patch, patch, w // patch, patch, c)
-    return x.transpose(0, 1, 3, 2, 4, 5).reshape(n, (h // patch) * (w // patch), -1)
 
 
 def encode_split(

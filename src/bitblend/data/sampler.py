@@ -1,5 +1,10 @@
 """A resumable, length-grouped batch sampler: batch k of epoch e is a pure function of
-(seed, stream, e, k), so a checkpoint needs only (epoch, cursor) to continue exactly."""
+(seed, stream, e, k), so a checkpoint needs only (epoch, cursor, offset) to continue exactly.
+
+Distributed: every rank derives the same global batch and keeps its contiguous slice, so a
+rank's indices are a pure function of (seed, stream, position, rank, world size), ranks
+never overlap, and the global sequence does not depend on the world size.
+"""
 
 from __future__ import annotations
 
@@ -30,8 +35,11 @@ class BatchSampler:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"batch {batch_size}, rank {rank} of {world_size}: out of range")
         if batch_size % world_size:
             raise ValueError(f"batch {batch_size} is not divisible by {world_size} ranks")
+        lengths = np.asarray(lengths)
         if len(lengths) < batch_size:
             raise ValueError(f"{len(lengths)} examples is fewer than one batch of {batch_size}")
         self.lengths = lengths
@@ -81,25 +89,29 @@ class BatchSampler:
             self.cursor = 0
 
     def _rank_slice(self, batch: np.ndarray) -> np.ndarray:
-        # Every rank derives the same global batch and keeps its own contiguous slice.
+        # Every rank derives the same global batch and keeps its own contiguous slice; a
+        # copy, so a caller that edits it in place cannot corrupt the cached epoch.
         per = len(batch) // self.world_size
-        return batch[self.rank * per : (self.rank + 1) * per]
+        return batch[self.rank * per : (self.rank + 1) * per].copy()
 
     def next(self) -> np.ndarray:
         """This rank's part of the next global batch of example indices."""
         if self.offset:
-            self._advance()  # a batch partly consumed by `take` is finished first
+            self._advance()  # the rest of a batch partly taken by `take` is skipped, not reused
         batch = self.epoch_batches(self.epoch)[self.cursor]
         self._advance()
         return self._rank_slice(batch)
 
     def take(self, k: int) -> np.ndarray:
-        """The next `k` examples of the stream (this rank's share), for mixed batches.
+        """This rank's next `k` examples of the stream (mixed batches); may span epochs.
 
-        Consumes the epoch's batches in order, so no example repeats within an epoch and
-        the position stays two integers (cursor, offset).
+        `k` is per rank: the ranks together consume the next k x world_size examples and
+        each keeps its contiguous k. Consumes the epoch's batches in order, so no example
+        repeats within an epoch and the position stays (epoch, cursor, offset).
         """
-        out: list[np.ndarray] = []
+        if k < 0:
+            raise ValueError(f"take({k}): expected k >= 0")
+        out: list[np.ndarray] = [np.empty(0, dtype=np.int64)]
         need = k * self.world_size
         while need > 0:
             batch = self.epoch_batches(self.epoch)[self.cursor]

@@ -43,6 +43,7 @@ class HeadSpec:
     label_names: list[str] = field(default_factory=list)
     modalities: list[str] = field(default_factory=lambda: ["text"])
     patch_dim: int = 0  # image: values per patch
+    num_patches: int = 0  # image: patches per image
     num_features: int = 0  # tabular: features per example
     text_vocab: int = 0  # > 0: the task has its own tokenizer and text embedding of this size
     tabular_mean: list[float] = field(default_factory=list)  # training-set statistics,
@@ -66,6 +67,22 @@ class FeatureTokenizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, features) standardised values -> (batch, features, width)."""
         return x.unsqueeze(-1).to(self.weight.dtype) * self.weight + self.bias
+
+
+class PatchEmbedding(nn.Module):
+    """Image patches -> tokens: linear projection plus a learned embedding per patch position
+    (ViT). (B, P, patch_dim) -> (B, P, H). The position table tells the trunk where each
+    patch sits in the image, which its text position embeddings alone learn only slowly."""
+
+    def __init__(self, patch_dim: int, num_patches: int, width: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(patch_dim, width)
+        self.position = nn.Parameter(torch.randn(max(1, num_patches), width) * 0.02)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        """(batch, patches, patch_dim) -> (batch, patches, width)."""
+        x = self.proj(patches.to(self.proj.weight.dtype))
+        return x + self.position[: x.shape[1]]
 
 
 class MultiTaskModel(nn.Module):
@@ -97,7 +114,7 @@ class MultiTaskModel(nn.Module):
         for s in specs:
             parts = nn.ModuleDict()
             if "image" in s.modalities:
-                parts["image"] = nn.Linear(s.patch_dim, width)
+                parts["image"] = PatchEmbedding(s.patch_dim, s.num_patches, width)
             if "tabular" in s.modalities:
                 parts["tabular"] = FeatureTokenizer(s.num_features, width)
             if s.text_vocab:
@@ -137,10 +154,7 @@ class MultiTaskModel(nn.Module):
             parts.append(embed(ids) + self.modality_embed.weight[0])
             masks.append(inputs["attention_mask"])
         if "image" in inputs:
-            proj = adapters["image"]
-            parts.append(
-                proj(inputs["image"].to(proj.weight.dtype)) + self.modality_embed.weight[1]
-            )
+            parts.append(adapters["image"](inputs["image"]) + self.modality_embed.weight[1])
             masks.append(inputs["image_mask"])
         if "tabular" in inputs:
             parts.append(adapters["tabular"](inputs["tabular"]) + self.modality_embed.weight[2])

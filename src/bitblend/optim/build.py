@@ -11,13 +11,15 @@ from torch import nn
 from bitblend.config.schema import OptimizerConfig, ScheduleConfig
 
 
-def _decay_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
+def _decay_groups(
+    params: list[nn.Parameter], weight_decay: float, lr: float
+) -> list[dict[str, Any]]:
     # Biases and norm gains (1-d tensors) get no weight decay, as in BERT and HF Trainer.
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}]
+    groups = [{"params": decay, "weight_decay": weight_decay, "lr": lr}] if decay else []
     if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+        groups.append({"params": no_decay, "weight_decay": 0.0, "lr": lr})
     return groups
 
 
@@ -28,9 +30,18 @@ def _fused_ok(params: list[nn.Parameter]) -> bool:
     return len(devices) == 1 and devices <= {"cpu", "cuda"}
 
 
-def build_optimizer(params: list[nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """The optimizer named by `cfg` over `params`."""
-    groups = _decay_groups(params, cfg.weight_decay)
+def build_optimizer(
+    params: list[nn.Parameter], cfg: OptimizerConfig, new: set[int] | None = None
+) -> torch.optim.Optimizer:
+    """The optimizer named by `cfg` over `params`; those whose id is in `new` (heads,
+    adapters) get lr x `cfg.new_lr_scale`."""
+    new = new or set()
+    trunk = [p for p in params if id(p) not in new]
+    fresh = [p for p in params if id(p) in new]
+    if cfg.new_lr_scale == 1.0:
+        trunk, fresh = params, []
+    groups = _decay_groups(trunk, cfg.weight_decay, cfg.lr)
+    groups += _decay_groups(fresh, cfg.weight_decay, cfg.lr * cfg.new_lr_scale)
     if cfg.name == "sgd":
         return torch.optim.SGD(
             groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, foreach=True

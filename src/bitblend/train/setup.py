@@ -86,6 +86,9 @@ def head_spec(
     if data.train.image is not None:
         patch = _patch(task, data, i)
         spec.patch_dim = patch * patch * data.train.image.shape[3]
+        spec.num_patches = (data.train.image.shape[1] // patch) * (
+            data.train.image.shape[2] // patch
+        )
     if data.train.tabular is not None:
         stats = TabularStats.fit(data.train.tabular)
         spec.num_features = data.train.tabular.shape[1]

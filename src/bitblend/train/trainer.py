@@ -75,15 +75,17 @@ class Trainer:
         )
         self.precision.convert_module(self.model)
         params = self.precision.optimizer_parameters(self.model)
-        self.optimizer = build_optimizer(params, recipe.optimizer)
+        # optimizer_parameters keeps the order of the trainable model parameters, so the
+        # ones outside the pretrained trunk (heads, adapters) can be picked out by position.
+        named = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        new = {id(q) for n, q in zip(named, params, strict=True) if not n.startswith("backbone.")}
+        self.optimizer = build_optimizer(params, recipe.optimizer, new)
         self.scheduler = build_schedule(self.optimizer, cfg.steps, recipe.schedule)
         mix = recipe.mixing
+        # Mixed batches call the mixture once per micro-batch: its horizon is in those units.
+        horizon = cfg.steps * (cfg.grad_accum if mix.batches == "mixed" else 1)
         self.mixture = Mixture(
-            mix,
-            [t.name for t in self.tasks],
-            [len(t.train) for t in self.tasks],
-            cfg.seed,
-            cfg.steps,
+            mix, [t.name for t in self.tasks], [len(t.train) for t in self.tasks], cfg.seed, horizon
         )
         self.balancer = Balancer(
             mix.balancing, [t.cfg.weight for t in self.tasks], mix.balancing_lr
@@ -311,6 +313,7 @@ class Trainer:
         )
         summary = self._summary(evals, time.perf_counter() - wall0)
         summary["mixture"] = self.mixture_summary()
+        summary["tokenizers"] = self.tokenizer_report()
         write_json(self.run_dir / "summary.json", summary)
         sink.close()
         tb.close()
@@ -321,6 +324,27 @@ class Trainer:
             f"wall {summary['wall_time_s']:.0f}s -> {self.run_dir}"
         )
         return summary
+
+    def tokenizer_report(self) -> dict[str, dict[str, float]]:
+        """[UNK] rate on each own-vocabulary task's eval text: the backbone's vs its own."""
+        from bitblend.data.wordpiece import unk_rate
+
+        out = {}
+        for t in self.tasks:
+            own = self.task_tokenizers.get(t.name)
+            if own is None or t.data.eval.text is None:
+                continue
+            texts = [str(x) for x in t.data.eval.text[:1000]]
+            out[t.name] = {
+                "backbone_unk_rate": unk_rate(self.tokenizer, texts),
+                "own_unk_rate": unk_rate(own, texts),
+                "own_vocab": len(own),
+            }
+            self.console.print(
+                f"{t.name}: [UNK] rate {out[t.name]['backbone_unk_rate']:.1%} with the backbone's "
+                f"tokenizer, {out[t.name]['own_unk_rate']:.2%} with its own WordPiece"
+            )
+        return out
 
     def mixture_summary(self) -> dict[str, Any]:
         """Target vs realised shares, examples and epochs per task (summary.json)."""

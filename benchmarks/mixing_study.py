@@ -1,0 +1,105 @@
+"""Single-task vs mixture strategies on the demo tasks, and the sampler's share of step time.
+
+Every run trains MiniLM-L6 (auto precision) for the same number of steps; the single-task
+baselines train each demo task alone for that many steps. Reported per strategy: each
+task's main metric (accuracy; AUC-free so every task is comparable), their mean and the
+worst task. Then the mixture + sampler cost per step against the measured step time.
+
+    .venv/bin/python benchmarks/mixing_study.py [--steps 150] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+STRATEGIES = ("proportional", "temperature", "dynamic")
+
+
+def run(overrides: list[str], out: Path) -> dict[str, Any]:
+    """Train the demo recipe with overrides; returns summary.json."""
+    from bitblend.cli import main
+
+    code = main(["train", "demo", "--out", str(out), "--quiet", *(f"--set={o}" for o in overrides)])
+    assert code == 0, overrides
+    return json.loads((out / "summary.json").read_text())
+
+
+def sampler_cost(steps: int = 10_000) -> float:
+    """Seconds per step spent choosing tasks and drawing example indices (5 sources)."""
+    from bitblend.config.schema import MixingConfig
+    from bitblend.data.mixture import Mixture
+    from bitblend.data.sampler import BatchSampler
+
+    sizes = [2002, 4936, 5799, 1617, 512]
+    rng = np.random.default_rng(0)
+    samplers = [BatchSampler(rng.integers(5, 128, n), 32, 0, i) for i, n in enumerate(sizes)]
+    mix = Mixture(MixingConfig(strategy="temperature"), list("abcde"), sizes, 0, steps)
+    t0 = time.perf_counter()
+    for s in range(steps):
+        samplers[mix.task_at(s)].next()
+    homogeneous = (time.perf_counter() - t0) / steps
+    mixed_mix = Mixture(MixingConfig(strategy="temperature"), list("abcde"), sizes, 0, steps)
+    t0 = time.perf_counter()
+    for s in range(steps):
+        for i, k in enumerate(mixed_mix.allocate(s, 32)):
+            if k:
+                samplers[i].take(k)
+    mixed = (time.perf_counter() - t0) / steps
+    return max(homogeneous, mixed)
+
+
+def main() -> None:
+    """Run the study and print the table."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--eval", type=int, default=300, help="eval examples per task")
+    p.add_argument("--json")
+    args = p.parse_args()
+    common = [f"train.steps={args.steps}", f"train.eval_max_examples={args.eval}",
+              "train.eval_every=0", "mixing.dynamic_every=25"]  # fmt: skip
+    results: dict[str, dict[str, float]] = {}
+    step_times: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        from bitblend.config.load import load_recipe
+
+        tasks = [t.name for t in load_recipe("demo").tasks]
+        single: dict[str, float] = {}
+        for i, name in enumerate(tasks):
+            keep = [f"tasks={json.dumps([load_recipe('demo').tasks[i].__dict__])}"]
+            s = run(common + keep, Path(tmp) / f"single-{name}")
+            single[name] = s["eval"][name]["accuracy"]
+            step_times.append(s["train_time_s"] / s["steps"])
+            print(f"single {name}: {single[name]:.4f}", flush=True)
+        results["single-task"] = single
+        for strategy in STRATEGIES:
+            s = run([*common, f"mixing.strategy={strategy}"], Path(tmp) / strategy)
+            results[strategy] = {n: s["eval"][n]["accuracy"] for n in tasks}
+            step_times.append(s["train_time_s"] / s["steps"])
+            print(f"{strategy}: {results[strategy]}", flush=True)
+    cost = sampler_cost()
+    step = statistics.median(step_times)
+    print(f"\naccuracy after {args.steps} steps (single-task: each task alone, same steps)")
+    print(f"{'run':<13}" + "".join(f"{n[:14]:>15}" for n in tasks) + f"{'mean':>8}{'worst':>8}")
+    for run_name, res in results.items():
+        vals = [res[n] for n in tasks]
+        print(f"{run_name:<13}" + "".join(f"{v:15.4f}" for v in vals)
+              + f"{np.mean(vals):8.4f}{min(vals):8.4f}")  # fmt: skip
+    print(
+        f"\nsampler + mixture: {cost * 1e6:.1f} us/step; median step {step:.3f} s; "
+        f"share {cost / step:.5%}"
+    )
+    if args.json:
+        out = {"results": results, "sampler_s": cost, "step_s": step, "steps": args.steps}
+        Path(args.json).write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
