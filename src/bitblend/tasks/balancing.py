@@ -88,7 +88,8 @@ class Balancer:
         """The current effective weight of each task (for logs)."""
         if self.method == "uncertainty":
             return [
-                float(torch.exp(-v)) * w for v, w in zip(self.log_vars, self.weights, strict=True)
+                float(torch.exp(-v)) * w
+                for v, w in zip(self.log_vars.detach(), self.weights, strict=True)
             ]
         if self.method == "famo":
             return F.softmax(self.xi.detach(), dim=0).tolist()

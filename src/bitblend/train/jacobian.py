@@ -22,11 +22,13 @@ def make_aggregator(name: str) -> Any:
     """torchjd's UPGrad or PCGrad aggregator."""
     try:
         from torchjd.aggregation import PCGrad, UPGrad
-    except ImportError:
+
+        return UPGrad() if name == "upgrad" else PCGrad()
+    except ImportError:  # torchjd itself, or UPGrad's quadprog solver
         raise BitblendError(
-            f"mixing.balancing: {name} needs the package torchjd (pip install 'bitblend[mtl]')"
+            f"mixing.balancing: {name} needs torchjd with its solver "
+            "(pip install 'torchjd[quadprog-projector]', or bitblend[mtl])"
         ) from None
-    return UPGrad() if name == "upgrad" else PCGrad()
 
 
 def aggregate_backward(

@@ -168,6 +168,7 @@ class Trainer:
         """One optimizer step (grad_accum micro-batches); returns its metrics record."""
         cfg = self.recipe.train
         t0 = time.perf_counter()
+        famo_before = dict(self.balancer.prev)  # FAMO compares each task's loss across steps
         if self.recipe.mixing.batches == "mixed":
             res = step_fn.mixed(
                 self.model, self.precision, self.balancer, self.tasks, self.mixture.allocate,
@@ -180,7 +181,7 @@ class Trainer:
                 self.step, cfg.seed, cfg.grad_accum,
             )  # fmt: skip
         if self.balancer.method == "famo":
-            self.balancer.famo_update(dict(self.balancer.prev), res.losses)
+            self.balancer.famo_update(famo_before, res.losses)
         result = self.precision.optimizer_step(self.optimizer, cfg.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         if result.stepped:
