@@ -45,9 +45,7 @@ def _fit(data: dict, path: Path, *overrides: str) -> tuple[Trainer, list[dict]]:
 def test_every_balancing_runs_under_low_precision(
     tmp_path: Path, balancing: str, precision: str
 ) -> None:
-    trainer, rows = _fit(
-        _two_tasks(balancing=balancing), tmp_path / "r", f"precision.recipe={precision}"
-    )
+    _, rows = _fit(_two_tasks(balancing=balancing), tmp_path / "r", f"precision.recipe={precision}")
     assert all(r["task"] == "bbc+digits" for r in rows)  # both tasks in every batch
     assert all(torch.isfinite(torch.tensor(list(r["task_loss"].values()))).all() for r in rows)
     assert sum(not r["skipped"] for r in rows) >= 4
