@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from transformers import AutoModel
 
 from bitblend.cli import main
@@ -154,3 +155,21 @@ def test_minilm_reaches_90_percent_on_bbc(tmp_path: Path) -> None:
     assert summary["precision"]["requested"] == "auto"
     trunk = AutoModel.from_pretrained(out / "model")
     assert trunk.config.hidden_size == 384
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["demo", "fraud", "pretrain-mix"])
+def test_multitask_builtin_recipes_run(recipe: str, tmp_path: Path) -> None:
+    """The multi-task built-ins start, train a few steps on every task and report each."""
+    out = tmp_path / recipe
+    overrides = ["train.steps=6", "train.eval_every=0", "train.eval_max_examples=32"]
+    args = ["train", recipe, "--out", str(out), "--quiet"]
+    assert main(args + [a for o in overrides for a in ("--set", o)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    names = [t["name"] for t in yaml.safe_load((out / "recipe.yaml").read_text())["tasks"]]
+    assert set(summary["eval"]) == set(names)
+    if recipe == "fraud":
+        assert summary["mixture"]["synthetic"] == ["fraud"]
+        assert {"auc", "f1"} <= summary["eval"]["fraud"].keys()
+    if recipe == "pretrain-mix":
+        assert all("perplexity" in m for m in summary["eval"].values())
