@@ -1,4 +1,4 @@
-"""The `bitblend` command: train | eval | predict | validate | recipes.
+"""The `bitblend` command: train | eval | predict | validate | estimate | recipes.
 
 Bad input (recipe, data, paths) ends in one line on stderr and exit code 2; `--debug`
 shows the traceback instead.
@@ -104,6 +104,32 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    """Memory, FLOPs and time per step of a recipe under each precision, before running it."""
+    import torch
+    from rich.console import Console
+
+    from bitblend.config.load import load_recipe
+    from bitblend.estimate import estimate_recipe
+    from bitblend.estimate.probe import get_peaks
+    from bitblend.estimate.report import render, to_json
+    from bitblend.train.setup import pick_device
+
+    if args.ranks < 1:
+        raise BitblendError(f"--ranks {args.ranks}: expected an integer >= 1")
+    recipe = load_recipe(args.recipe, args.set)
+    if recipe.train.threads:
+        torch.set_num_threads(recipe.train.threads)  # the probe measures what train will use
+    device = pick_device(recipe.train.device)
+    peaks = get_peaks(device, refresh=args.reprobe)
+    est = estimate_recipe(recipe, precision=args.precision, ranks=args.ranks, peaks=peaks)
+    if args.json:
+        print(json.dumps(to_json(est), indent=2))
+    else:
+        render(est, Console())
+    return 0
+
+
 def cmd_recipes(args: argparse.Namespace) -> int:
     """List built-in recipes, one line each (or every recipe field with --fields)."""
     from bitblend.config.load import builtin_recipes, field_docs, load_recipe
@@ -171,6 +197,20 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("recipe")
     overrides(v)
     v.set_defaults(func=cmd_validate)
+
+    es = sub.add_parser("estimate", help="memory, FLOPs and time per step, per precision")
+    es.add_argument("recipe", nargs="?", help="recipe file or built-in name (default: demo)")
+    overrides(es)
+    es.add_argument(
+        "--precision",
+        default="all",
+        help="all (every recipe + what-if rows), recipe (the recipe's own), or one of "
+        "32-true, bf16-mixed, 16-mixed, bf16-true",
+    )
+    es.add_argument("--ranks", type=int, default=1, help="per-rank memory for N DDP/FSDP2 ranks")
+    es.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    es.add_argument("--reprobe", action="store_true", help="measure this machine's peaks again")
+    es.set_defaults(func=cmd_estimate)
 
     r = sub.add_parser("recipes", help="list the built-in recipes")
     r.add_argument("--fields", action="store_true", help="list every recipe key with its doc")

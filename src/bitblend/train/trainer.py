@@ -99,6 +99,8 @@ class Trainer:
         self.train_time = 0.0
         self.task_steps = [0] * len(self.tasks)
         self.task_examples = [0] * len(self.tasks)
+        # from_pretrained returns eval mode; a Trainer's model trains (dropout on) from here.
+        self.model.train()
 
     # -- state -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -370,7 +372,24 @@ class Trainer:
         return evals
 
     def _summary(self, evals: dict[str, dict[str, float]], wall: float) -> dict[str, Any]:
+        # Achieved FLOP/s and MFU: model FLOPs of the real tokens processed (from the config,
+        # once, here) against this machine's probed peak of the compute dtype (cached under
+        # ~/.cache/bitblend; a first run probes for about a second). Never fails the run.
+        from bitblend.estimate import run_performance
+
+        examples = sum(self.task_examples)
+        lm = sum(k for t, k in zip(self.tasks, self.task_examples, strict=True)
+                 if t.cfg.head in ("masked_lm", "causal_lm"))  # fmt: skip
+        perf: dict[str, Any] = {"flops_per_s": None, "mfu": None, "peak_flops_per_s": None}
+        try:
+            perf = run_performance(
+                self.model, self.tokens, examples, round(self.tokens * lm / max(examples, 1)),
+                self.train_time, self.device, self.precision.describe()["compute_dtype"],
+            )  # fmt: skip
+        except Exception as exc:  # a cost-model gap must not lose a finished run's summary
+            log.warning("achieved FLOP/s not computed: %s", exc)
         return {
+            **perf,
             "recipe": self.recipe.name,
             "steps": self.step,
             "skipped_steps": self.skipped,

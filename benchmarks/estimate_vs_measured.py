@@ -1,0 +1,306 @@
+"""`bitblend estimate` against measurement: peak RSS and step time of real training steps.
+
+Each case (backbone x precision x batch x sequence) runs in its own subprocess through
+bitblend's own Trainer.train_step on BBC News (the `bbc` recipe with --set overrides; every
+article is longer than 128 tokens, so every batch is full length). The child records its
+peak RSS after the timed steps, then probes this machine's peaks (the estimate's inputs)
+right away, so the estimate and the measurement see the same load from other processes.
+
+The runtime baseline is measured the same way by a child that does everything `train` does
+before it builds the model - imports (python, torch, transformers, datasets), the recipe,
+the data and its tokenisation - and nothing after; the estimate's process peak is that
+baseline plus its own tensor peak with the CPU allocator slack. Cases run in alternating
+rounds; medians are reported. Accelerate's `estimate-memory` is compared on MiniLM.
+
+    .venv/bin/python benchmarks/estimate_vs_measured.py [--rounds 2] [--json OUT]
+        [--threads 0 --clock wall]   # all cores, wall time: only on an otherwise idle machine
+
+By default each case runs on one thread and its steps and probe are timed in process CPU
+seconds, which other processes on a shared machine cannot inflate (with several threads
+that contend with other processes for the cores, wall times swing by 10x here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+CASES = [
+    (backbone, precision, batch, seq)
+    for backbone in ("minilm", "tiny-bert")
+    for precision in ("32-true", "bf16-mixed")
+    for batch, seq in ((8, 64), (32, 128))
+] + [("minilm", "32-true", 8, 128), ("minilm", "bf16-mixed", 32, 64)]
+MIN_SECONDS = 2.0
+MAX_STEPS = 60
+
+
+def overrides(
+    backbone: str, precision: str, batch: int, seq: int, steps: int, threads: int = 0
+) -> list[str]:
+    """--set overrides of the `bbc` recipe for one case (threads 0: all cores)."""
+    return [
+        f"train.threads={threads or 'null'}",
+        f"model.backbone={backbone}",
+        f"precision.recipe={precision}",
+        f"train.batch_size={batch}",
+        f"model.max_length={seq}",
+        f"train.steps={steps}",
+    ]
+
+
+def _quiet() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from bitblend.cli import _quiet_libraries
+
+    _quiet_libraries()
+
+
+def child_case(
+    case: list[str], steps: int, warmup: int, threads: int, clock_name: str
+) -> dict[str, Any]:
+    """In a fresh process: time `steps` train steps, then peak RSS, then probe the peaks."""
+    _quiet()
+    from bitblend.config.load import load_recipe
+    from bitblend.estimate.probe import measure
+    from bitblend.train.trainer import Trainer
+
+    # cpu: this process's CPU seconds, which other processes cannot inflate (one thread only)
+    clock = time.process_time if clock_name == "cpu" else time.perf_counter
+    backbone, precision, batch, seq = case[0], case[1], int(case[2]), int(case[3])
+    recipe = load_recipe("bbc", overrides(backbone, precision, batch, seq, warmup + steps, threads))
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(recipe, Path(tmp) / "run", show_progress=False)
+        trainer.model.train()  # as fit() does: dropout on, as in a real run
+        for _ in range(warmup):
+            trainer.train_step()
+        times, tokens = [], []
+        # At least `steps` steps and about MIN_SECONDS of them (tiny models step in
+        # milliseconds: their best of many is what a busy machine lets through).
+        end = time.perf_counter() + MIN_SECONDS
+        while len(times) < steps or (time.perf_counter() < end and len(times) < MAX_STEPS):
+            t0 = clock()
+            rec = trainer.train_step()
+            times.append(clock() - t0)
+            tokens.append(rec["tokens"])
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peaks = measure(trainer.device, clock=clock)
+    return {
+        "step_s": times,
+        "tokens": tokens,
+        "peak_rss": peak_rss,
+        "peaks": peaks.__dict__,
+    }
+
+
+def child_baseline(case: list[str]) -> dict[str, Any]:
+    """In a fresh process: everything train does before the model (data + tokenisation)."""
+    _quiet()
+    import bitblend.train.trainer  # noqa: F401  (the same imports as a training run)
+    from bitblend.config.load import load_recipe
+    from bitblend.estimate import backbone_config
+    from bitblend.train.setup import encode_task, head_spec, load_data
+
+    backbone, precision, batch, seq = case[0], case[1], int(case[2]), int(case[3])
+    recipe = load_recipe("bbc", overrides(backbone, precision, batch, seq, 1))
+    datas = load_data(recipe)
+    _, tokenizer = backbone_config(backbone, None)
+    for i, (task, data) in enumerate(zip(recipe.tasks, datas, strict=True)):
+        spec = head_spec(task, data, tokenizer, False, i)
+        encode_task(task, spec, data.train, data.train_targets, tokenizer, recipe)
+        encode_task(task, spec, data.eval, data.eval_targets, tokenizer, recipe)
+    return {"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def run_child(args: list[str]) -> dict[str, Any]:
+    """Run this file as a child with `args`; its last stdout line is JSON."""
+    cmd = [sys.executable, __file__, *args]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def estimate_case(
+    case: tuple[str, str, int, int], peaks: dict[str, Any], base: int, threads: int
+) -> Any:
+    """The estimate of one case with the child's own probe and baseline."""
+    from bitblend.config.load import load_recipe
+    from bitblend.estimate import estimate_recipe
+    from bitblend.estimate.probe import Peaks
+
+    recipe = load_recipe("bbc", overrides(*case, 10, threads))
+    est = estimate_recipe(recipe, precision="recipe", peaks=Peaks(**peaks))
+    est.runtime_bytes = base
+    return est
+
+
+def accelerate_estimate() -> dict[str, Any]:
+    """What `accelerate estimate-memory` reports for MiniLM ("Training using Adam").
+
+    Its CLI looks the model up on the Hugging Face Hub first, which fails offline, so this
+    builds the same empty model (AutoModel from MiniLM's config.json, on the meta device)
+    and calls accelerate's own functions when accelerate is importable, or applies their
+    method otherwise: model bytes in fp32, training = the largest of model, gradients,
+    Adam states (2x) and step (4x) for float32, 2x for bf16 mixed precision; batch 1,
+    no activations.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    from bitblend.models.backbones import minilm_path
+
+    with torch.device("meta"):
+        model = AutoModel.from_config(AutoConfig.from_pretrained(minilm_path()))
+    try:
+        import accelerate
+        from accelerate.commands.estimate import estimate_training_usage
+        from accelerate.utils import calculate_maximum_sizes
+
+        total, _ = calculate_maximum_sizes(model)
+        fp32 = max(estimate_training_usage(total, "float32").values())
+        bf16 = max(estimate_training_usage(total, "bfloat16").values())
+        source = f"accelerate {accelerate.__version__}'s own functions"
+    except ImportError:
+        total = sum(p.numel() * p.element_size() for p in model.parameters())
+        fp32, bf16 = 4 * total, 2 * total
+        source = "its method (accelerate is not installed)"
+    return {"source": source, "model_bytes": int(total), "fp32": int(fp32), "bf16": int(bf16)}
+
+
+def ours_batch1(precision: str) -> int:
+    """Our tensor peak for MiniLM on BBC News at batch 1, seq 128 (Accelerate's batch)."""
+    from bitblend.config.load import load_recipe
+    from bitblend.estimate import estimate_recipe
+
+    recipe = load_recipe("bbc", overrides("minilm", precision, 1, 128, 10))
+    return int(estimate_recipe(recipe, precision="recipe").rows[0].memory.peak)
+
+
+def main() -> None:
+    """Alternate the cases over rounds; print and optionally save the comparison table."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0: all cores)")
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="cpu",
+        help="cpu: time steps and probe in process CPU seconds (needs --threads 1), which a "
+        "busy machine cannot inflate",
+    )
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument("--baseline", nargs=4, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.clock == "cpu" and args.threads != 1:
+        p.error("--clock cpu needs --threads 1 (CPU seconds of several threads add up)")
+    if args.child:
+        res = child_case(args.child, args.steps, args.warmup, args.threads, args.clock)
+        print(json.dumps(res))
+        return
+    if args.baseline:
+        print(json.dumps(child_baseline(args.baseline)))
+        return
+
+    _quiet()
+    t_start = time.perf_counter()
+    bases: dict[tuple[str, int], list[int]] = {}
+    runs: dict[tuple[str, str, int, int], list[dict[str, Any]]] = {c: [] for c in CASES}
+    for rnd in range(args.rounds):
+        for key in sorted({(c[0], c[3]) for c in CASES}):
+            res = run_child(["--baseline", key[0], "32-true", "8", str(key[1])])
+            bases.setdefault(key, []).append(res["peak_rss"])
+        for case in CASES:
+            flags = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+            flags += ["--threads", str(args.threads), "--clock", args.clock]
+            res = run_child(["--child", *map(str, case), *flags])
+            runs[case].append(res)
+            print(
+                f"round {rnd + 1} {case}: {min(res['step_s']):.3f} s/step, "
+                f"peak RSS {res['peak_rss'] / 2**20:.0f} MiB",
+                flush=True,
+            )
+    rows = []
+    for case, results in runs.items():
+        base = int(statistics.median(bases[(case[0], case[3])]))
+        step = statistics.median(min(r["step_s"]) for r in results)
+        rss = int(statistics.median(r["peak_rss"] for r in results))
+        # The estimate with the probe of the round whose step time is the median's.
+        mid = sorted(results, key=lambda r: min(r["step_s"]))[len(results) // 2]
+        est = estimate_case(case, mid["peaks"], base, args.threads)
+        row = est.rows[0]
+        est_mem = est.total_bytes(row)
+        rows.append(
+            {
+                "backbone": case[0],
+                "precision": case[1],
+                "batch": case[2],
+                "seq": case[3],
+                "tokens_per_step": statistics.median(
+                    statistics.median(r["tokens"]) for r in results
+                ),
+                "baseline_bytes": base,
+                "measured_rss": rss,
+                "estimated_rss": est_mem,
+                "estimated_tensor_peak": row.memory.peak,
+                "memory_error": est_mem / rss - 1,
+                "model_part_error": (est_mem - base) / (rss - base) - 1,
+                "measured_step_s": step,
+                "estimated_step_s": row.time.total,
+                "time_error": row.time.total / step - 1,
+                "time_parts_s": row.time.parts,
+                "probe": mid["peaks"],
+            }
+        )
+    acc = accelerate_estimate()
+    acc["ours_batch1"] = {p: ours_batch1(p) for p in ("32-true", "bf16-mixed")}
+    print_table(rows, acc, args, time.perf_counter() - t_start)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "accelerate": acc}, indent=2))
+
+
+def print_table(rows: list[dict[str, Any]], acc: dict[str, Any], args: Any, secs: float) -> None:
+    """A Markdown table (for docs/estimate.md) and the Accelerate comparison."""
+    mib = 2**20
+    threads = args.threads or "all"
+    print(
+        f"\nmedian of {args.rounds} rounds, best of >= {args.steps} timed steps "
+        f"(>= {MIN_SECONDS:.0f} s) each, "
+        f"threads {threads}, {args.clock} clock ({secs:.0f} s)\n"
+    )
+    print(
+        "| backbone | precision | batch x seq | baseline MiB | measured RSS MiB | "
+        "estimate MiB | memory error | above-baseline error | measured s/step | "
+        "estimate s/step | time error |"
+    )
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['backbone']} | {r['precision']} | {r['batch']} x {r['seq']} | "
+            f"{r['baseline_bytes'] / mib:.0f} | {r['measured_rss'] / mib:.0f} | "
+            f"{r['estimated_rss'] / mib:.0f} | {r['memory_error']:+.1%} | "
+            f"{r['model_part_error']:+.1%} | {r['measured_step_s']:.3f} | "
+            f"{r['estimated_step_s']:.3f} | {r['time_error']:+.1%} |"
+        )
+    ours = acc["ours_batch1"]
+    print(
+        f"\nAccelerate estimate-memory on MiniLM ({acc['source']}; batch 1, no activations): "
+        f"model {acc['model_bytes'] / mib:.0f} MiB, training with Adam "
+        f"{acc['fp32'] / mib:.0f} MiB fp32, {acc['bf16'] / mib:.0f} MiB bf16. bitblend, batch 1 "
+        f"x 128: {ours['32-true'] / mib:.0f} MiB 32-true, {ours['bf16-mixed'] / mib:.0f} MiB "
+        "bf16-mixed (live tensors); for the measured cases see the table."
+    )
+
+
+if __name__ == "__main__":
+    main()

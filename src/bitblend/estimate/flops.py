@@ -1,0 +1,158 @@
+"""FLOPs of a training step (matmuls and attention, forward and backward) and its time on
+a device with measured peaks.
+
+A matmul of (m, k) by (k, n) is 2*m*n*k FLOPs. Backward costs twice the forward (the
+gradient of the input and of the weight). Embedding lookups, norms, activations, dropout
+and the optimizer are counted as memory traffic, random draws and per-op overhead in the
+time model, never as FLOPs, the way MFU is usually reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bitblend.estimate.memory import FP32, ActivationBytes, PrecisionSpec
+from bitblend.estimate.probe import Peaks
+from bitblend.estimate.shapes import ModelShape, TaskShape
+
+# Elementwise ops (casts, dropout, softmax, norms, GELU, residual adds, their backward and
+# SDPA's math-path masking) move about 15 bytes per saved activation byte at the probed
+# bandwidth: fitted on 16 single-thread profiled steps (MiniLM and the tiny models, 3
+# precisions, batch 8-32, seq 64-128; docs/estimate.md), within 20% on each.
+TRAFFIC_PER_SAVED_BYTE = 15.0
+# aten ops per transformer block (forward + backward), counted with the profiler: 32-true
+# 194 computing ops + 488 views and dispatch-only ops, with autocast or bf16 weights 284 +
+# 584 (the casts); outside the blocks (embeddings, head, loss, clipping, optimizer) 183 +
+# 274. A view costs about a fifth of a computing op, which costs the probed dispatch time
+# of a small autograd op: what a tiny model's step is made of.
+OPS_PER_LAYER = {4: 194 + 488 / 5, 2: 284 + 584 / 5}
+OPS_FIXED = 183 + 274 / 5
+
+
+def linear_flops(m: int, n: int, k: int) -> int:
+    """FLOPs of an (m, k) @ (k, n) matmul: one multiply and one add per term."""
+    return 2 * m * n * k
+
+
+def forward_flops(shape: ModelShape, task: TaskShape) -> dict[str, int]:
+    """Forward FLOPs of one micro-batch, by part (matmuls only)."""
+    b, s, t = task.batch, task.seq, task.tokens
+    h, i, L = shape.hidden, shape.intermediate, shape.layers
+    out = {
+        "qkv + output projections": L * 4 * linear_flops(t, h, h),
+        "mlp": L * (linear_flops(t, i, h) + linear_flops(t, h, i)),
+        # q @ k^T and probs @ v over the full (s, s) square: SDPA's math and flash kernels
+        # both compute it whole (a causal mask only zeroes half of it).
+        "attention": L * 2 * b * linear_flops(s, s, h),
+    }
+    rows = t if task.per_token else b
+    out["head"] = linear_flops(rows, task.outputs, h)
+    return out
+
+
+@dataclass
+class StepFlops:
+    """FLOPs of one optimizer step (all micro-batches of the gradient accumulation)."""
+
+    forward: int
+    backward: int
+    recompute: int  # the extra forward that activation checkpointing runs in backward
+    parts: dict[str, int] = field(default_factory=dict)  # forward FLOPs by part
+
+    @property
+    def total(self) -> int:
+        """Forward + backward."""
+        return self.forward + self.backward
+
+    @property
+    def total_checkpointed(self) -> int:
+        """Forward + backward + recomputed forward."""
+        return self.total + self.recompute
+
+
+def step_flops(shape: ModelShape, task: TaskShape, grad_accum: int = 1) -> StepFlops:
+    """Forward + backward FLOPs of one optimizer step of `task`."""
+    parts = forward_flops(shape, task)
+    fwd = sum(parts.values()) * grad_accum
+    # Recomputation reruns the blocks' forward, not the head's.
+    blocks = (fwd - parts["head"] * grad_accum) if shape.layers else 0
+    return StepFlops(forward=fwd, backward=2 * fwd, recompute=blocks, parts=parts)
+
+
+def tokens_flops(shape: ModelShape, tokens: int, examples: int, lm_tokens: int = 0) -> int:
+    """Forward + backward FLOPs of `tokens` real tokens in `examples` examples (no padding):
+    what a finished run actually computed usefully, for achieved FLOP/s and MFU."""
+    if examples <= 0 or tokens <= 0:
+        return 0
+    h, i, L = shape.hidden, shape.intermediate, shape.layers
+    per_token = L * (4 * 2 * h * h + 2 * 2 * h * i)
+    mean = tokens / examples
+    # Attention is quadratic in each example's length; the mean length stands in for all.
+    attention = L * 2 * 2 * mean * mean * h * examples
+    head = 2 * h * shape.vocab * lm_tokens
+    return int(3 * (per_token * tokens + attention + head))
+
+
+@dataclass
+class StepTime:
+    """Estimated seconds of one optimizer step, by cause."""
+
+    parts: dict[str, float]
+
+    @property
+    def total(self) -> float:
+        """All causes together (they run one after another on a CPU)."""
+        return sum(self.parts.values())
+
+
+def step_time(
+    shape: ModelShape,
+    task: TaskShape,
+    spec: PrecisionSpec,
+    acts: ActivationBytes,
+    peaks: Peaks,
+    *,
+    grad_accum: int = 1,
+    states: int = 2,
+    checkpointing: bool = False,
+    device: str = "cpu",
+) -> StepTime:
+    """Seconds per optimizer step: matmuls at the probed peak of their dtype, elementwise
+    traffic at the probed bandwidth, dropout draws at the probed RNG rate, and a per-op
+    overhead that dominates tiny models."""
+    parts = forward_flops(shape, task)
+    attention = parts["attention"]
+    linear = sum(parts.values()) - attention
+    passes = 4 if checkpointing else 3  # forward, backward (2x), recomputed forward
+    recompute = 4 / 3 if checkpointing else 1.0
+    # CPU math SDPA upcasts to fp32, so its bmms run at fp32 speed.
+    attn_dtype = "float32" if acts.attention == "math" and device == "cpu" else spec.compute_dtype
+    matmul = passes * linear / peaks.flops(spec.compute_dtype)
+    attn = passes * attention / peaks.attention(attn_dtype)
+    elementwise = TRAFFIC_PER_SAVED_BYTE * acts.total * recompute / peaks.bandwidth
+    draws = 0.0
+    if shape.hidden_dropout > 0:
+        # two dropouts per block and one after the embeddings, over (T, h)
+        draws += (2 * shape.layers + 1) * task.tokens * shape.hidden
+    if shape.attn_dropout > 0:
+        draws += shape.layers * task.batch * shape.heads * task.seq**2
+    rng = draws * recompute / peaks.rng if peaks.rng else 0.0
+    ops = shape.layers * OPS_PER_LAYER[min(spec.compute_bytes, spec.weight_bytes)] * recompute
+    overhead = (ops + OPS_FIXED) * peaks.op_overhead  # each at the probed cost of a bare op
+    # Fused AdamW reads param, grad and states and writes param and states; clipping reads
+    # the grads once more. A master copy adds the bf16->fp32 grad copy and the copy back.
+    optimized = FP32 if spec.master else spec.weight_bytes
+    per_param: float = 2 * optimized + 2 * spec.grad_bytes + 2 * states * spec.state_bits / 8
+    if spec.master:
+        per_param += spec.grad_bytes + FP32 + FP32 + spec.weight_bytes
+    optimizer = shape.params * per_param / peaks.bandwidth
+    micro = {
+        "matmul": matmul,
+        "attention": attn,
+        "elementwise": elementwise,
+        "dropout rng": rng,
+        "op overhead": overhead,
+    }
+    out = {k: v * grad_accum for k, v in micro.items()}
+    out["optimizer"] = optimizer
+    return StepTime(out)

@@ -1,0 +1,399 @@
+"""Bytes of one training step: parameters, gradients, master copies, optimizer states,
+saved activations and temporary buffers, per precision recipe and per rank.
+
+Arithmetic on sizes only. Activations count what autograd really saves in HF's BERT and
+GPT-2 blocks as bitblend runs them (the tests check it against saved-tensor hooks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from bitblend.estimate.shapes import ModelShape, TaskShape
+
+FP32 = 4
+INT64 = 8
+# Blockwise-quantised optimizer states (bitsandbytes, torchao) keep one fp32 scale per
+# block of 256 values: 4/256 extra bytes per state element.
+QUANT_BLOCK = 256
+# CPU only: glibc malloc keeps freed blocks for reuse rather than returning them to the OS,
+# so peak RSS grows more than the live tensors do: 1.19-1.32x the live-tensor peak over 8
+# MiniLM cases here (docs/estimate.md). CUDA's max_memory_allocated needs no such term.
+CPU_ALLOCATOR_SLACK = 0.25
+
+
+@dataclass(frozen=True)
+class PrecisionSpec:
+    """The byte widths a precision recipe gives each kind of tensor (trunk parameters)."""
+
+    name: str
+    weight_bytes: int  # stored trunk weights (norms and pooled heads stay fp32)
+    grad_bytes: int  # gradients of those weights
+    master: bool  # an fp32 master copy that the optimizer updates
+    state_bits: int  # width of each optimizer state element
+    compute_bytes: int  # matmul inputs and outputs (autocast or weight dtype)
+    autocast: bool  # autocast caches a cast copy of every matmul weight for the step
+    hypothetical: bool = False  # a what-if row, not selectable in a recipe today
+    note: str = ""
+
+    @property
+    def compute_dtype(self) -> str:
+        """Name of the matmul dtype, the key of the probed peak."""
+        if self.compute_bytes == FP32:
+            return "float32"
+        return "float16" if self.name.startswith("16") else "bfloat16"
+
+
+RECIPES = ("32-true", "bf16-mixed", "16-mixed", "bf16-true")
+
+
+def precision_spec(
+    name: str, *, master_weights: bool = True, state_bits: int | None = None
+) -> PrecisionSpec:
+    """The spec of a recipe name; `state_bits` None means the width of the optimized tensor."""
+    if name == "32-true":
+        spec = PrecisionSpec(name, 4, 4, False, 32, 4, False, note="fp32 everything")
+    elif name in ("bf16-mixed", "16-mixed"):
+        # fp32 weights are the master copy; autocast runs matmuls in 16 bits.
+        spec = PrecisionSpec(name, 4, 4, False, 32, 2, True, note="fp32 weights, 16-bit matmuls")
+    elif name == "bf16-true":
+        # Without a master copy the optimizer updates the bf16 weights, so its states are bf16.
+        bits = 32 if master_weights else 16
+        note = "bf16 weights + fp32 master" if master_weights else "pure bf16, bf16 states"
+        spec = PrecisionSpec(name, 2, 2, master_weights, bits, 2, False, note=note)
+    else:
+        raise ValueError(f"unknown precision recipe {name!r}")
+    return spec if state_bits is None else replace(spec, state_bits=state_bits)
+
+
+def what_if_specs() -> list[PrecisionSpec]:
+    """Rows a recipe cannot select yet: low-bit optimizer states, stochastic rounding."""
+    return [
+        replace(
+            precision_spec("bf16-true", master_weights=False),
+            name="bf16-true-nomaster",
+            hypothetical=False,
+            note="precision.master_weights: false",
+        ),
+        replace(
+            precision_spec("32-true", state_bits=8),
+            name="32-true+8bit",
+            hypothetical=True,
+            note="what if: blockwise 8-bit AdamW states",
+        ),
+        replace(
+            precision_spec("bf16-mixed", state_bits=8),
+            name="bf16-mixed+8bit",
+            hypothetical=True,
+            note="what if: blockwise 8-bit AdamW states",
+        ),
+        replace(
+            precision_spec("bf16-true", master_weights=False, state_bits=8),
+            name="bf16-true+SR+8bit",
+            hypothetical=True,
+            note="what if: stochastic rounding instead of a master copy, 8-bit states",
+        ),
+        replace(
+            precision_spec("bf16-true", master_weights=False, state_bits=4),
+            name="bf16-true+SR+4bit",
+            hypothetical=True,
+            note="what if: stochastic rounding, 4-bit states",
+        ),
+    ]
+
+
+def optimizer_states(name: str, momentum: float = 0.0) -> int:
+    """State tensors per parameter: Adam/AdamW 2 (moments), RMSprop 1 (+1), SGD 0 (+1)."""
+    extra = 1 if momentum > 0 else 0
+    return {"adam": 2, "adamw": 2, "rmsprop": 1 + extra, "sgd": extra}[name]
+
+
+def state_bytes_per_element(bits: int) -> float:
+    """Bytes of one optimizer state element, with block scales below 16 bits."""
+    if bits >= 16:
+        return bits / 8
+    return bits / 8 + FP32 / QUANT_BLOCK
+
+
+def bytes_per_param(spec: PrecisionSpec, states: int = 2) -> float:
+    """Weights + grads + master + optimizer states per low-precision trunk parameter.
+
+    The issue's table: fp32 AdamW 16; bf16-mixed 16; pure bf16 with bf16 states 8;
+    8-bit states with fp32 weights ~10; bf16-true + SR + 8-bit ~6.
+    """
+    master = FP32 if spec.master else 0
+    return (
+        spec.weight_bytes
+        + spec.grad_bytes
+        + master
+        + states * state_bytes_per_element(spec.state_bits)
+    )
+
+
+@dataclass
+class StaticBytes:
+    """Bytes that live for the whole run: weights, grads, master copy, optimizer states."""
+
+    weights: int
+    grads: int
+    master: int
+    states: int
+
+    @property
+    def total(self) -> int:
+        """Everything together."""
+        return self.weights + self.grads + self.master + self.states
+
+
+def static_bytes(shape: ModelShape, spec: PrecisionSpec, states: int) -> StaticBytes:
+    """Per-parameter bytes of the whole model, fp32-kept parameters counted at 4 bytes."""
+    low = shape.params - shape.fp32_params if spec.weight_bytes < FP32 else 0
+    high = shape.params - low
+    # The optimizer steps fp32 tensors (fp32-kept params, master copies) or, without a
+    # master, the low-precision weights themselves; state width follows spec.state_bits.
+    state_elems = states * shape.params
+    return StaticBytes(
+        weights=low * spec.weight_bytes + high * FP32,
+        grads=low * spec.grad_bytes + high * FP32,
+        master=low * FP32 if spec.master else 0,
+        states=round(state_elems * state_bytes_per_element(spec.state_bits)),
+    )
+
+
+@dataclass
+class ActivationBytes:
+    """Bytes autograd saves for backward in one micro-batch, by part of the model."""
+
+    per_layer: dict[str, int] = field(default_factory=dict)
+    layers: int = 0
+    embeddings: int = 0
+    head: int = 0
+    layer_input: int = 0  # what checkpointing keeps per layer: its input hidden states
+    attention: str = "math"  # SDPA backend the step runs: math (materialises probs) or flash
+
+    @property
+    def layer(self) -> int:
+        """One transformer block."""
+        return sum(self.per_layer.values())
+
+    @property
+    def total(self) -> int:
+        """Every layer, embeddings and head, without checkpointing."""
+        return self.layers * self.layer + self.embeddings + self.head
+
+    @property
+    def checkpointed(self) -> int:
+        """With per-layer activation checkpointing: layer inputs + one layer recomputed."""
+        return self.layers * self.layer_input + self.layer + self.embeddings + self.head
+
+
+def attention_backend(shape: ModelShape, device: str) -> str:
+    """SDPA's choice: CPU flash attention has no dropout, so training with it runs `math`."""
+    return "math" if device == "cpu" and shape.attn_dropout > 0 else "flash"
+
+
+def activation_bytes(
+    shape: ModelShape, task: TaskShape, spec: PrecisionSpec, device: str = "cpu"
+) -> ActivationBytes:
+    """Saved tensors of one micro-batch of `task` (see the module docstring)."""
+    b, s, h, i, nh = task.batch, task.seq, shape.hidden, shape.intermediate, shape.heads
+    t = b * s
+    c = spec.compute_bytes  # matmul inputs (autocast copies under mixed recipes)
+    w = FP32 if spec.weight_bytes == FP32 else spec.weight_bytes  # residual stream dtype
+    backend = attention_backend(shape, device)
+    # CPU math SDPA upcasts bf16/fp16 to fp32 for accuracy; elsewhere it keeps the dtype.
+    a = FP32 if device == "cpu" else c
+    # Autocast casts activations anew for every matmul (it caches only weights): BERT's
+    # separate q, k, v projections each save their own 16-bit copy of the fp32 input.
+    qkv = 3 if shape.family != "gpt2" and spec.autocast else 1
+    # Math SDPA's output is copied back to (T, h) for the output projection; flash
+    # attention's output already has that layout, so the projection saves a view of it.
+    ctx = 1 if backend == "math" else 0
+    layer: dict[str, int] = {
+        # inputs of the QKV, attention-output and first MLP projections: (T, h) each
+        "matmul inputs": (qkv + ctx + 1) * t * h * c,
+        # GELU input and output (the second projection's input); the tanh formula of
+        # gpt2's gelu_new saves x, tanh(.), 0.5x, 1+tanh(.) and the product.
+        "mlp activation": (5 if shape.act == "gelu_new" else 2) * t * i * c,
+        # LayerNorm inputs are upcast to fp32 in every recipe, plus mean and rstd (T,)
+        "norm inputs": 2 * (t * h * FP32 + 2 * t * FP32),
+    }
+    if shape.hidden_dropout > 0:
+        # CPU dropout multiplies by a mask of the input's size and dtype and saves it.
+        layer["dropout masks"] = 2 * t * h * c
+    if backend == "math":
+        # scaled q, scaled k and v (T, h) plus probs (b, heads, s, s); with dropout also
+        # its mask and the dropped probs.
+        probs = (3 if shape.attn_dropout > 0 else 1) * b * nh * s * s * a
+        layer["attention"] = 3 * t * h * a + probs
+    else:
+        # q, k, v, output (T, h) in the compute dtype and the log-sum-exp (b, heads, s)
+        layer["attention"] = 4 * t * h * c + b * nh * s * FP32
+    # embeddings: token ids (+ token types for BERT) and position ids, a LayerNorm input
+    # (BERT; GPT-2's final ln_f is counted here too) and the embedding dropout mask
+    ids = (2 if shape.family == "bert" else 1) * t * INT64 + s * INT64
+    emb = ids + t * h * FP32 + 2 * t * FP32
+    if shape.hidden_dropout > 0:
+        emb += t * h * w
+    head = _head_bytes(shape, task, spec)
+    return ActivationBytes(
+        per_layer=layer,
+        layers=shape.layers,
+        embeddings=emb,
+        head=head,
+        layer_input=t * h * w,
+        attention=backend,
+    )
+
+
+def _head_bytes(shape: ModelShape, task: TaskShape, spec: PrecisionSpec) -> int:
+    """Pooling, head and loss: small for pooled heads, (T, vocab) for LM heads."""
+    b, t, h = task.batch, task.tokens, shape.hidden
+    if task.per_token:
+        lm = task.head in ("masked_lm", "causal_lm")
+        # LM heads run in the compute dtype; token-classification heads stay fp32. The loss
+        # upcasts the logits and log_softmax saves its (T, outputs) fp32 result.
+        width = spec.compute_bytes if lm else FP32
+        return t * h * width + t * task.outputs * FP32 + t * INT64
+    # pooling mask (b, s, 1), head dropout mask and head input (b, h) in fp32
+    return t * FP32 + 2 * b * h * FP32 + b * task.outputs * FP32
+
+
+def temporary_bytes(
+    shape: ModelShape, task: TaskShape, spec: PrecisionSpec, acts: ActivationBytes
+) -> dict[str, int]:
+    """Transient buffers at the backward peak, beyond saved activations."""
+    b, s, t, h, i = task.batch, task.seq, task.tokens, shape.hidden, shape.intermediate
+    out: dict[str, int] = {}
+    if spec.autocast:
+        # Autocast caches one 16-bit copy of each matmul weight and bias for the step.
+        out["autocast weight copies"] = shape.matmul_params * spec.compute_bytes
+    a = FP32
+    # Backward of one op holds the incoming gradient and the outgoing one: the biggest pair
+    # is the attention probs (math SDPA) or the MLP activation; plus the residual gradient.
+    probs = b * shape.heads * s * s * a if acts.attention == "math" else 0
+    out["backward buffers"] = 2 * max(probs, t * i * spec.compute_bytes) + 2 * t * h * FP32
+    if task.per_token:
+        # logits in their dtype, their fp32 copy and the gradient of log_softmax
+        out["logits"] = t * task.outputs * (spec.compute_bytes + 2 * FP32)
+    return out
+
+
+@dataclass
+class PeakBytes:
+    """The step's memory, split for the report; all values in bytes."""
+
+    static: StaticBytes
+    activations: int
+    activations_checkpointed: int
+    temporary: dict[str, int]
+    step_extra: int  # optimizer-step transients (fp32 master grads, foreach temporaries)
+
+    @property
+    def resident(self) -> int:
+        """Alive through the whole step: weights, master copy, optimizer states."""
+        return self.static.weights + self.static.master + self.static.states
+
+    @property
+    def temporary_total(self) -> int:
+        """All transient buffers together."""
+        return sum(self.temporary.values())
+
+    @property
+    def optimizer_step(self) -> int:
+        """Live bytes at the optimizer step: every gradient alive, activations freed."""
+        return self.resident + self.static.grads + self.step_extra
+
+    @property
+    def peak(self) -> int:
+        """Live tensor bytes at the worst moment of the step."""
+        backward = self.resident + self.activations + self.temporary_total
+        return max(backward, self.optimizer_step)
+
+    @property
+    def peak_checkpointed(self) -> int:
+        """The same with per-layer activation checkpointing."""
+        backward = self.resident + self.activations_checkpointed + self.temporary_total
+        return max(backward, self.optimizer_step)
+
+
+def peak_bytes(
+    shape: ModelShape,
+    task: TaskShape,
+    spec: PrecisionSpec,
+    states: int,
+    device: str = "cpu",
+    fused_optimizer: bool = True,
+) -> PeakBytes:
+    """Peak live bytes of a step (gradients of the previous step are gone: zero_grad sets
+    them to None).
+
+    Backward starts with every activation alive and no gradient yet; each block then frees
+    its activations while its gradients appear, so the start of backward is the worst point
+    unless the gradients outweigh the activations (tiny batches), which the optimizer step
+    covers.
+    """
+    st = static_bytes(shape, spec, states)
+    acts = activation_bytes(shape, task, spec, device)
+    temp = temporary_bytes(shape, task, spec, acts)
+    # A master copy needs fp32 gradients converted from the bf16 ones; non-fused (foreach)
+    # optimizers allocate about one parameter-sized temporary.
+    extra = 0
+    if spec.master:
+        extra += (shape.params - shape.fp32_params) * FP32
+    if not fused_optimizer and states:
+        extra += shape.params * FP32
+    return PeakBytes(st, acts.total, acts.checkpointed, temp, extra)
+
+
+@dataclass
+class RankBytes:
+    """Per-rank memory under data parallelism (the recipe's micro-batch on every rank)."""
+
+    strategy: str
+    ranks: int
+    peak: int
+    peak_checkpointed: int
+    note: str
+
+
+def per_rank(
+    shape: ModelShape, spec: PrecisionSpec, base: PeakBytes, ranks: int
+) -> list[RankBytes]:
+    """DDP and FSDP2 per-rank peaks for `ranks` processes.
+
+    DDP keeps a full replica on every rank plus flat gradient buckets (a second gradient-
+    sized buffer unless gradient_as_bucket_view). FSDP2 shards weights, grads, masters and
+    states N ways, all-gathers one block at a time (two with prefetch) in the weight dtype
+    and reduce-scatters each block's gradients from a full-size buffer.
+    """
+    if ranks < 1:
+        raise ValueError("ranks must be >= 1")
+    st = base.static
+    buckets = st.grads if ranks > 1 else 0
+    ddp = RankBytes(
+        "ddp",
+        ranks,
+        base.peak + buckets,
+        base.peak_checkpointed + buckets,
+        "full replica + gradient buckets",
+    )
+    # The root unit (embeddings, heads, final norm) is gathered like a block.
+    root = max(shape.params - shape.layers * shape.layer_params, 0)
+    gathered = (max(2 * shape.layer_params, root) * spec.weight_bytes) if ranks > 1 else 0
+    reduce_buf = (max(shape.layer_params, root) * spec.grad_bytes) if ranks > 1 else 0
+    shard = base.resident / ranks
+    step = (base.resident + st.grads + base.step_extra) / ranks
+    # Sharded gradients accumulate during backward; at its start none exists.
+    backward = shard + base.activations + base.temporary_total + gathered + reduce_buf
+    backward_ckpt = (
+        shard + base.activations_checkpointed + base.temporary_total + gathered + reduce_buf
+    )
+    fsdp = RankBytes(
+        "fsdp2",
+        ranks,
+        round(max(backward, step)),
+        round(max(backward_ckpt, step)),
+        f"sharded {ranks} ways, <= 2 blocks gathered",
+    )
+    return [ddp, fsdp]

@@ -1,0 +1,231 @@
+"""The estimate as rich tables for people and as JSON for programs."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from bitblend.estimate import Estimate, Row
+from bitblend.estimate.memory import CPU_ALLOCATOR_SLACK, bytes_per_param
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'; binary units, as memory is sold and reported."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def human_flops(n: float) -> str:
+    """FLOPs with an SI prefix: 2.9e11 -> '290 GFLOP'."""
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.3g} FLOP"
+
+
+def short_flops(n: float) -> str:
+    """FLOPs in SI units for narrow tables: 151M, 275G, 1.2T."""
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            v = n / scale
+            return f"{v:.1f}{unit}" if v < 9.95 else f"{v:.0f}{unit}"
+    return f"{n:.0f}"
+
+
+def human_seconds(s: float) -> str:
+    """Seconds for a step: ms below one second."""
+    return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def row_json(est: Estimate, row: Row) -> dict[str, Any]:
+    """One precision row as plain JSON values (bytes, FLOPs, seconds)."""
+    m = row.memory
+    spec = row.spec
+    return {
+        "precision": spec.name,
+        "selected": row.selected,
+        "hypothetical": spec.hypothetical,
+        "note": spec.note,
+        "bytes_per_param": bytes_per_param(spec, est.states),
+        "dtypes": {
+            "weight_bytes": spec.weight_bytes,
+            "grad_bytes": spec.grad_bytes,
+            "master_weights": spec.master,
+            "state_bits": spec.state_bits,
+            "compute": spec.compute_dtype,
+        },
+        "memory": {
+            "weights": m.static.weights,
+            "grads": m.static.grads,
+            "master": m.static.master,
+            "optimizer_states": m.static.states,
+            "activations": m.activations,
+            "activations_checkpointed": m.activations_checkpointed,
+            "temporary": m.temporary,
+            "optimizer_step_extra": m.step_extra,
+            "peak": m.peak,
+            "peak_checkpointed": m.peak_checkpointed,
+            "process_peak": est.total_bytes(row),
+            "process_peak_checkpointed": est.total_bytes(row, checkpointed=True),
+        },
+        "flops_per_step": row.flops.total,
+        "flops_per_step_checkpointed": row.flops.total_checkpointed,
+        "flops_forward_parts": row.flops.parts,
+        "time_per_step_s": row.time.total,
+        "time_parts_s": row.time.parts,
+        "mean_time_per_step_s": row.mean_time,
+        "per_rank": [asdict(r) for r in row.ranks],
+        "warnings": row.warnings,
+    }
+
+
+def to_json(est: Estimate) -> dict[str, Any]:
+    """The whole estimate: model, tasks, probe and one entry per precision."""
+    shape = est.shape
+    worst = est.tasks[est.worst]
+    return {
+        "recipe": est.recipe.name,
+        "backbone": est.recipe.model.backbone,
+        "device": est.device,
+        "model": {
+            "family": shape.family,
+            "parameters": shape.params,
+            "trunk_parameters": shape.trunk_params,
+            "head_parameters": shape.head_params,
+            "fp32_kept_parameters": shape.fp32_params,
+            "hidden": shape.hidden,
+            "layers": shape.layers,
+            "heads": shape.heads,
+            "intermediate": shape.intermediate,
+            "vocab": shape.vocab,
+            "attention": "math" if est.rows and _math(est) else "flash",
+        },
+        "tasks": [
+            {**asdict(t), "tokens": t.tokens, "share": share}
+            for t, share in zip(est.tasks, est.shares, strict=True)
+        ],
+        "worst_task": worst.name,
+        "batch": worst.batch,
+        "seq": worst.seq,
+        "grad_accum": est.recipe.train.grad_accum,
+        "optimizer": {"name": est.recipe.optimizer.name, "states": est.states},
+        "ranks": est.ranks,
+        "runtime_bytes": est.runtime_bytes,
+        "available_bytes": est.available_bytes,
+        "probe": asdict(est.peaks),
+        "rows": [row_json(est, r) for r in est.rows],
+        "notes": est.notes,
+    }
+
+
+def _math(est: Estimate) -> bool:
+    from bitblend.estimate.memory import attention_backend
+
+    return attention_backend(est.shape, est.device) == "math"
+
+
+def _name(row: Row) -> str:
+    return ("*" if row.selected else "") + row.spec.name + ("?" if row.spec.hypothetical else "")
+
+
+def short_bytes(n: float) -> str:
+    """Compact binary units for narrow tables: 3.9M, 86M, 1.2G, 0."""
+    if n == 0:
+        return "0"
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(n) < 999.5 or unit == "T":
+            return f"{n:.1f}{unit}" if unit and abs(n) < 9.95 else f"{n:.0f}{unit}"
+        n /= 1024
+    return f"{n:.0f}T"
+
+
+def render(est: Estimate, console: Console) -> None:
+    """A header, a memory table, a compute table and the warnings under them."""
+    shape, worst = est.shape, est.tasks[est.worst]
+    p = est.peaks
+    attention = "math SDPA (CPU, dropout)" if _math(est) else "flash SDPA"
+    console.print(
+        f"[bold]bitblend estimate[/] {est.recipe.name}: {est.recipe.model.backbone} "
+        f"({shape.family}, {shape.params:,} params: trunk {shape.trunk_params:,}, heads "
+        f"{shape.head_params:,}), {est.recipe.optimizer.name} ({est.states} states/param), "
+        f"{est.device}"
+    )
+    console.print(
+        f"worst step: task {worst.name}, batch {worst.batch} x seq {worst.seq} "
+        f"x {est.recipe.train.grad_accum} micro-batch(es), {attention}"
+    )
+    probe = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in p.matmul_flops.items())
+    how = "cached" if p.cached else f"measured in {p.seconds:.1f}s"
+    console.print(f"probe ({how}): GFLOP/s {probe}; {p.bandwidth / 1e9:.0f} GB/s")
+    mem = Table(
+        title="live tensor bytes per step (* the recipe's own, ? what if)",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    # Only the name column may wrap: numbers stay whole on an 80-column terminal.
+    mem.add_column("precision", overflow="fold")
+    for col in ("B/p", "weights", "grads", "master", "states", "activ", "temp", "peak"):
+        mem.add_column(col, justify="right", no_wrap=True, min_width=len(col))
+    for row in est.rows:
+        m = row.memory
+        mem.add_row(
+            _name(row),
+            f"{bytes_per_param(row.spec, est.states):.1f}",
+            *(
+                short_bytes(x)
+                for x in (
+                    m.static.weights,
+                    m.static.grads,
+                    m.static.master,
+                    m.static.states,
+                    m.activations,
+                    m.temporary_total,
+                    m.peak,
+                )
+            ),
+        )
+    console.print(mem)
+    comp = Table(
+        title=f"checkpointing, process, compute; per rank with {est.ranks} rank(s)",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    comp.add_column("precision", overflow="fold")
+    for col in ("ckpt peak", "process", "FLOP/step", "time/step", "DDP", "FSDP2"):
+        comp.add_column(col, justify="right", no_wrap=True, min_width=len(col))
+    for row in est.rows:
+        ranks = {r.strategy: r for r in row.ranks}
+        comp.add_row(
+            _name(row),
+            short_bytes(row.memory.peak_checkpointed),
+            short_bytes(est.total_bytes(row)),
+            short_flops(row.flops.total),
+            human_seconds(row.time.total),
+            short_bytes(ranks["ddp"].peak),
+            short_bytes(ranks["fsdp2"].peak),
+        )
+    console.print(comp)
+    if len(est.tasks) > 1:
+        console.print(
+            "mean step over tasks (target shares): "
+            + ", ".join(f"{_name(r)} {human_seconds(r.mean_time)}" for r in est.rows[:4])
+        )
+    if est.device == "cpu":
+        console.print(
+            f"process = resident runtime ({short_bytes(est.runtime_bytes)}: python, torch, "
+            f"transformers, data) + peak x {1 + CPU_ALLOCATOR_SLACK:.2f} (blocks malloc keeps)"
+        )
+    for row in est.rows:
+        for w in row.warnings:
+            console.print(f"[yellow]warning[/] {row.spec.name}: {w}")
+    for note in est.notes:
+        console.print(f"[yellow]note[/] {note}")

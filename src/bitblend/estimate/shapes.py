@@ -1,0 +1,264 @@
+"""What the model is, for the cost model: sizes from its config and the recipe, no weights.
+
+The backbone config comes from config.json (MiniLM, local directories) or from the tiny
+aliases built on the meta device; heads come from the recipe's data exactly as `train`
+builds them (trunk.py's MultiTaskModel), so the parameter count is exact and bad data fails
+with train's one-line errors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
+import torch
+
+from bitblend.config.schema import Recipe
+from bitblend.errors import BitblendError
+
+BERT_LIKE = ("bert", "roberta", "xlm-roberta")
+LM_HEADS = ("masked_lm", "causal_lm")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the cost model needs to know about a model: its sizes, not its weights."""
+
+    family: str  # "bert" (post-LN encoder), "gpt2" (pre-LN decoder) or "generic"
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    positions: int  # longest sequence the position embeddings allow
+    act: str  # the MLP activation: "gelu" saves 2 (T, inter) tensors, "gelu_new" 5
+    hidden_dropout: float
+    attn_dropout: float
+    trunk_params: int  # the backbone, exact
+    head_params: int  # task heads, modality adapters, modality-type embedding
+    fp32_params: int  # kept in fp32 by low-precision recipes: norms and pooled heads
+    matmul_params: int  # weights + biases of Linear layers run under autocast (trunk, LM heads)
+    layer_params: int  # one transformer block (the unit FSDP2 shards and gathers)
+
+    @property
+    def params(self) -> int:
+        """Every parameter of the model."""
+        return self.trunk_params + self.head_params
+
+    @property
+    def causal(self) -> bool:
+        """Decoder (GPT-style) models."""
+        return self.family == "gpt2"
+
+
+@dataclass(frozen=True)
+class TaskShape:
+    """One task's step: which head, how many examples of how many tokens."""
+
+    name: str
+    head: str  # bitblend head name: classification, ..., masked_lm, causal_lm
+    outputs: int  # classes, or vocabulary size for LM heads
+    batch: int  # examples per micro-batch
+    seq: int  # tokens per example, padding included (the worst case: max_length)
+
+    @property
+    def tokens(self) -> int:
+        """Token positions per micro-batch."""
+        return self.batch * self.seq
+
+    @property
+    def per_token(self) -> bool:
+        """Heads that predict at every position (the logits are (batch, seq, outputs))."""
+        return self.head in ("token_classification", "masked_lm", "causal_lm")
+
+
+def _get(config: Any, *names: str, default: Any = None) -> Any:
+    """The first of `names` the config sets (configs name the same size differently)."""
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def head_params(specs: list[Any], width: int) -> tuple[int, int, int]:
+    """(all, fp32-kept, autocast-matmul) parameters of heads and adapters (trunk.py's
+    MultiTaskModel: a Linear head per task, patch/feature/text adapters, modality table)."""
+    total = fp32 = matmul = 0
+    for s in specs:
+        head = width * s.num_outputs + s.num_outputs
+        total += head
+        if s.head in LM_HEADS:
+            matmul += head  # LM heads run in the compute dtype
+        else:
+            fp32 += head  # pooled and token-classification heads stay fp32
+        if "image" in s.modalities:
+            proj = s.patch_dim * width + width
+            total += proj + max(1, s.num_patches) * width
+            matmul += proj
+        if "tabular" in s.modalities:
+            total += 2 * s.num_features * width
+        if s.text_vocab:
+            total += s.text_vocab * width
+    if any(s.uses_embeds for s in specs):
+        total += 3 * width  # modality-type embedding: text, image, tabular
+    return total, fp32, matmul
+
+
+def shape_from_config(config: Any, specs: list[Any], dropout: float | None = None) -> ModelShape:
+    """The cost-model view of a transformers config plus bitblend's heads."""
+    family = config.model_type if config.model_type in (*BERT_LIKE, "gpt2") else "generic"
+    family = "bert" if family in BERT_LIKE else family
+    h = int(_get(config, "hidden_size", "n_embd", "d_model"))
+    L = int(_get(config, "num_hidden_layers", "n_layer", "num_layers"))
+    nh = int(_get(config, "num_attention_heads", "n_head"))
+    i = int(_get(config, "intermediate_size", "n_inner", "ffn_dim", default=None) or 4 * h)
+    V = int(config.vocab_size)
+    P = int(_get(config, "max_position_embeddings", "n_positions", default=0))
+    act = str(_get(config, "hidden_act", "activation_function", default="gelu"))
+    p_hidden = float(_get(config, "hidden_dropout_prob", "resid_pdrop", "dropout", default=0.0))
+    p_attn = float(
+        _get(config, "attention_probs_dropout_prob", "attn_pdrop", "attention_dropout", default=0)
+    )
+    if dropout is not None:
+        p_hidden = p_attn = dropout
+    # Linear weights + biases of one block: q, k, v, output (or GPT-2's fused c_attn and
+    # c_proj: the same sizes) and the two MLP projections.
+    linears = 4 * (h * h + h) + (h * i + i) + (i * h + h)
+    norms = 2 * 2 * h
+    layer = linears + norms
+    if family == "bert":
+        types = int(_get(config, "type_vocab_size", default=0))
+        trunk = V * h + P * h + types * h + 2 * h + L * layer
+        trunk_norms = 2 * h + L * norms
+    elif family == "gpt2":
+        trunk = V * h + P * h + L * layer + 2 * h  # wte, wpe, blocks, ln_f
+        trunk_norms = L * norms + 2 * h
+    else:
+        trunk = _count_on_meta(config)
+        trunk_norms = L * norms
+    heads, heads_fp32, heads_matmul = head_params(specs, h)
+    return ModelShape(
+        family=family,
+        vocab=V,
+        hidden=h,
+        layers=L,
+        heads=nh,
+        intermediate=i,
+        positions=P,
+        act="gelu_new" if act == "gelu_new" else "gelu",
+        hidden_dropout=p_hidden,
+        attn_dropout=p_attn,
+        trunk_params=trunk,
+        head_params=heads,
+        fp32_params=trunk_norms + heads_fp32,
+        matmul_params=L * linears + heads_matmul,
+        layer_params=layer,
+    )
+
+
+def _count_on_meta(config: Any) -> int:
+    """Parameters of an architecture without a formula here: built on the meta device."""
+    from transformers import AutoModel
+
+    with torch.device("meta"):
+        model = AutoModel.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+class _SizedVocab:
+    """Stands in for a WordPiece tokenizer not trained yet: only its size is needed."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def backbone_config(name: str, dropout: float | None) -> tuple[Any, Any]:
+    """(transformers config, tokenizer) of a backbone alias or directory, without weights."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from bitblend.models.backbones import ALIASES, load_backbone, minilm_path
+
+    if name in ALIASES and name != "minilm":
+        # The tiny models are defined in code: build them on the meta device (no memory,
+        # no init) and read their config.
+        with torch.device("meta"):
+            model, tokenizer = load_backbone(name, dropout)
+        return model.config, tokenizer
+    path = minilm_path() if name == "minilm" else Path(name)
+    if not (path / "config.json").is_file():
+        if name != "minilm" and not path.exists():
+            raise BitblendError(
+                f"model.backbone: {name}: expected one of {', '.join(ALIASES)} or an existing "
+                "local model directory"
+            )
+        raise BitblendError(
+            f"model.backbone: {path}: expected minilm, tiny-bert, tiny-gpt or a transformers "
+            "model directory with config.json"
+        )
+    try:
+        return AutoConfig.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise BitblendError(f"model.backbone: {path}: cannot load ({exc})") from None
+
+
+def recipe_shapes(recipe: Recipe) -> tuple[ModelShape, list[TaskShape], list[float]]:
+    """Model shape, each task's worst-case micro-batch and the tasks' target shares.
+
+    Loads the recipe's data as `train` does (its labels decide the heads), so bad data
+    fails with train's one-line errors.
+    """
+    from bitblend.data.mixture import base_shares
+    from bitblend.models.backbones import is_decoder
+    from bitblend.train.setup import head_spec, load_data
+
+    datas = load_data(recipe)
+    config, tokenizer = backbone_config(recipe.model.backbone, recipe.model.dropout)
+    decoder = is_decoder(cast(Any, SimpleNamespace(config=config)))
+    cfg = recipe.train
+    specs, tasks = [], []
+    for i, (task, data) in enumerate(zip(recipe.tasks, datas, strict=True)):
+        # The same checks, with the same words, as train/setup.py's build_model/build_tasks.
+        if task.head == "causal_lm" and not decoder:
+            raise BitblendError(
+                f"tasks[{i}].head: causal_lm needs a decoder backbone (tiny-gpt or a GPT-style "
+                f"model), {recipe.model.backbone} is bidirectional"
+            )
+        if task.head == "masked_lm" and decoder:
+            raise BitblendError(
+                f"tasks[{i}].head: masked_lm needs an encoder backbone, "
+                f"{recipe.model.backbone} is causal"
+            )
+        own = task.tokenizer == "wordpiece" and data.train.text is not None
+        tok = _SizedVocab(task.wordpiece_vocab) if own else tokenizer
+        uses_text = data.train.text is not None
+        spec = head_spec(task, data, tok if uses_text else None, own, i)
+        specs.append(spec)
+        micro = task.batch_size or cfg.batch_size
+        if len(data.train) < micro * cfg.grad_accum:
+            raise BitblendError(
+                f"tasks[{i}]: {len(data.train)} training examples is fewer than one batch of "
+                f"{micro * cfg.grad_accum} (batch_size x train.grad_accum)"
+            )
+        seq = 0
+        if uses_text:
+            longest = task.max_length or recipe.model.max_length
+            seq += math.ceil(longest / cfg.pad_to_multiple_of) * cfg.pad_to_multiple_of
+        seq += spec.num_patches + spec.num_features
+        tasks.append(TaskShape(task.name, task.head, spec.num_outputs, micro, max(seq, 1)))
+    shape = shape_from_config(config, specs, recipe.model.dropout)
+    for i, t in enumerate(tasks):
+        if shape.positions and t.seq > shape.positions and shape.family != "generic":
+            raise BitblendError(
+                f"tasks[{i}]: {t.seq} tokens per example (max_length, patches and features) "
+                f"exceed the {shape.positions} position embeddings of {recipe.model.backbone}; "
+                "lower model.max_length (or the task's max_length)"
+            )
+    shares = base_shares(recipe.mixing, [t.name for t in tasks], [len(d.train) for d in datas])
+    return shape, tasks, shares
