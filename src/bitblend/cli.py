@@ -236,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bitblend: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `bitblend ... --json | head` closed our stdout: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
