@@ -68,17 +68,10 @@ def test_weight_decay_skips_1d_params(name: str) -> None:
             assert not torch.equal(b, p)
 
 
-def test_adamw_decay_is_decoupled() -> None:
+@pytest.mark.parametrize("name", ["adamw", "sgd"])  # decoupled decay and L2 alike
+def test_weight_decay_shrinks_a_zero_gradient_weight(name: str) -> None:
     p = nn.Parameter(torch.ones(2, 2))
-    opt = build_optimizer([p], OptimizerConfig(name="adamw", lr=0.1, weight_decay=0.5))
-    p.grad = torch.zeros_like(p)
-    opt.step()
-    torch.testing.assert_close(p.detach(), torch.full((2, 2), 1 - 0.1 * 0.5))
-
-
-def test_sgd_decay_is_l2() -> None:
-    p = nn.Parameter(torch.ones(2, 2))
-    opt = build_optimizer([p], OptimizerConfig(name="sgd", lr=0.1, weight_decay=0.5))
+    opt = build_optimizer([p], OptimizerConfig(name=name, lr=0.1, weight_decay=0.5))
     p.grad = torch.zeros_like(p)
     opt.step()
     torch.testing.assert_close(p.detach(), torch.full((2, 2), 1 - 0.1 * 0.5))

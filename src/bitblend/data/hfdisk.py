@@ -8,13 +8,12 @@ name, a list of `ClassLabel` ids a list of names (multilabel), other values stay
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bitblend.data.table import SourceData, Table
+from bitblend.data.table import SourceData, Table, is_missing, numeric_matrix
 from bitblend.errors import BitblendError
 
 EVAL_SPLITS = ("validation", "test")
@@ -32,10 +31,6 @@ def _class_names(feature: Any) -> tuple[list[str] | None, bool]:
     return None, False
 
 
-def _missing(v: Any) -> bool:
-    return v is None or v == "" or (isinstance(v, float) and math.isnan(v))
-
-
 def _table(
     ds: Any, where: str, text: str, label: str, features: list[str] | None
 ) -> tuple[Table, list[str] | None]:
@@ -51,24 +46,14 @@ def _table(
 
     labels = need(label, "label_column")
     for i, y in enumerate(labels):
-        if _missing(y):
+        if is_missing(y):
             raise BitblendError(f"{where}: row {i + 1}: column {label!r} is empty")
     names, is_list = _class_names(ds.features[label])
     if names is not None:
         labels = [[names[k] for k in y] for y in labels] if is_list else [names[y] for y in labels]
     tab = None
     if features:
-        rows = []
-        for c in features:
-            col = need(c, "feature_columns")
-            try:
-                rows.append([math.nan if v is None else float(v) for v in col])
-            except (TypeError, ValueError):
-                bad = next(i for i, v in enumerate(col) if not _is_number(v))
-                raise BitblendError(
-                    f"{where}: row {bad + 1}: feature {c!r} value {col[bad]!r} is not a number"
-                ) from None
-        tab = np.asarray(rows, dtype=np.float32).T  # (n, F)
+        tab = numeric_matrix([(c, need(c, "feature_columns")) for c in features], where)
     txt = None
     if text in cols:
         txt = list(ds[text])
@@ -79,14 +64,6 @@ def _table(
         need(text, "text_column (or feature_columns)")
     table = Table(labels=labels, text=txt, tabular=tab, rows=np.arange(len(labels)))
     return table, names
-
-
-def _is_number(v: Any) -> bool:
-    try:
-        float(v)
-    except (TypeError, ValueError):
-        return v is None
-    return True
 
 
 def load_hf_disk(

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from bitblend.config.schema import TaskConfig
-from bitblend.data.table import SourceData, Table
+from bitblend.data.table import SourceData, Table, is_missing, numeric_matrix
 from bitblend.errors import BitblendError
 
 FILE_TYPES = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -60,10 +60,6 @@ def load_table(path: Path, where: str) -> Any:
         raise BitblendError(f"{path}: cannot parse as {path.suffix[1:]} ({first})") from None
 
 
-def _is_missing(y: Any) -> bool:
-    return y is None or (isinstance(y, float) and math.isnan(y)) or y == ""
-
-
 def table_from_columns(
     cols: dict[str, list[Any]], task: TaskConfig, path: str, where: str, labelled: bool = True
 ) -> Table:
@@ -81,7 +77,7 @@ def table_from_columns(
     n = len(next(iter(cols.values()), []))
     labels = [None] * n if unlabelled else need(task.label_column, "label_column")
     for i, y in enumerate(labels):
-        if not unlabelled and _is_missing(y):
+        if not unlabelled and is_missing(y):
             raise BitblendError(f"{path}: row {i + 1}: column {task.label_column!r} is empty")
     want = _wanted(task, has_text=task.text_column in cols, has_image=task.image_column is not None,
                    has_tab=task.feature_columns is not None)  # fmt: skip
@@ -109,26 +105,8 @@ def table_from_columns(
         feats = task.feature_columns or [
             c for c in names if c not in (task.label_column, task.text_column, task.image_column)
         ]
-        rows = []
-        for c in feats:
-            col = need(c, "feature_columns")
-            try:
-                rows.append([math.nan if v is None else float(v) for v in col])
-            except (TypeError, ValueError):
-                bad = next(i for i, v in enumerate(col) if not _floatable(v))
-                raise BitblendError(
-                    f"{path}: row {bad + 1}: feature {c!r} value {col[bad]!r} is not a number"
-                ) from None
-        tabular = np.asarray(rows, dtype=np.float32).T
+        tabular = numeric_matrix([(c, need(c, "feature_columns")) for c in feats], path)
     return Table(labels=list(labels), text=text, image=image, tabular=tabular, rows=np.arange(n))
-
-
-def _floatable(v: Any) -> bool:
-    try:
-        float(v)
-    except (TypeError, ValueError):
-        return v is None
-    return True
 
 
 def _wanted(task: TaskConfig, *, has_text: bool, has_image: bool, has_tab: bool) -> set[str]:

@@ -7,11 +7,14 @@ combination of modalities, so one example can carry text, an image and tabular f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from bitblend.errors import BitblendError
 
 MODALITIES = ("text", "image", "tabular")
 
@@ -74,3 +77,33 @@ class SourceData:
     label_names: list[str] | None = None  # canonical class order, if the source has one
     synthetic: bool = False  # generated data: marked as such in docs and outputs
     description: str = ""
+
+
+def is_missing(value: Any) -> bool:
+    """A blank cell: None, an empty string or NaN."""
+    return value is None or value == "" or (isinstance(value, float) and math.isnan(value))
+
+
+def numeric_matrix(columns: list[tuple[str, list[Any]]], where: str) -> np.ndarray:
+    """(n, F) float32 from named numeric columns; None becomes NaN (a missing feature).
+
+    A value that is not a number is a one-line error naming `where`, the row and the column.
+    """
+    rows = []
+    for name, col in columns:
+        try:
+            rows.append([math.nan if v is None else float(v) for v in col])
+        except (TypeError, ValueError):
+            bad = next(i for i, v in enumerate(col) if v is not None and not _number(v))
+            raise BitblendError(
+                f"{where}: row {bad + 1}: feature {name!r} value {col[bad]!r} is not a number"
+            ) from None
+    return np.asarray(rows, dtype=np.float32).T
+
+
+def _number(v: Any) -> bool:
+    try:
+        float(v)
+    except (TypeError, ValueError):
+        return False
+    return True
