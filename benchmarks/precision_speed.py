@@ -18,12 +18,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 RECIPES = ("32-true", "bf16-mixed", "bf16-true")
 
 
-def measure(precision: str, steps: int, warmup: int, batch: int, seq: int) -> dict[str, float]:
-    """Run in a child process: tokens/s of `steps` timed train steps and peak RSS."""
+def measure(sets: list[str], steps: int, warmup: int, batch: int, seq: int) -> dict[str, Any]:
+    """Run in a child process: tokens/s of `steps` timed train steps and peak RSS;
+    `sets` are recipe overrides (e.g. precision.recipe=bf16-mixed)."""
     import resource
 
     import torch
@@ -36,7 +38,7 @@ def measure(precision: str, steps: int, warmup: int, batch: int, seq: int) -> di
     recipe = load_recipe(
         "bbc",
         [
-            f"precision.recipe={precision}",
+            *sets,
             f"train.batch_size={batch}",
             f"model.max_length={seq}",
             f"train.steps={warmup + steps}",
@@ -72,7 +74,12 @@ def main() -> None:
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, args.steps, args.warmup, args.batch, args.seq)))
+        sets = (
+            json.loads(args.child)
+            if args.child.startswith("[")
+            else [f"precision.recipe={args.child}"]
+        )
+        print(json.dumps(measure(sets, args.steps, args.warmup, args.batch, args.seq)))
         return
 
     runs: dict[str, list[dict[str, float]]] = {r: [] for r in RECIPES}

@@ -1,4 +1,4 @@
-"""The `bitblend` command: train | eval | predict | validate | estimate | recipes.
+"""The `bitblend` command: train | eval | predict | ensemble | merge | distill | ...
 
 Bad input (recipe, data, paths) ends in one line on stderr and exit code 2; `--debug`
 shows the traceback instead.
@@ -26,6 +26,9 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # torchao / bitsandbytes log at import about GPU kernels a CPU build lacks.
+    for name in ("torchao", "bitsandbytes", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
@@ -53,6 +56,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         recipe = load_recipe(args.recipe, args.set)
         run_dir = Path(args.out) if args.out else default_run_dir(recipe.name)
         check_new_run_dir(run_dir)
+    if recipe.model.backbone == "tfidf-logreg":  # scikit-learn, not the torch loop
+        from bitblend.ensemble.classic import train_classic
+
+        if args.resume:
+            raise BitblendError(f"--resume {run_dir}: a tfidf-logreg run fits in one pass")
+        train_classic(recipe, run_dir, console)
+        return 0
+    if args.resume and (run_dir / "distill.json").is_file():
+        raise BitblendError(f"--resume {run_dir}: a distilled run; use bitblend distill --resume")
     trainer = Trainer(
         recipe, run_dir, resume=bool(args.resume), console=console, show_progress=not args.quiet
     )
@@ -83,7 +95,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out_path = Path(args.output) if args.output else None
     if out_path is not None and out_path.exists():
         raise BitblendError(f"--output {out_path}: already exists; choose another path")
-    run = load_run(Path(args.run_dir))
+    run = load_run(Path(args.run_dir), args.precision)
     rows = predict_file(run, Path(args.input), args.task)
     text = "".join(json.dumps(r) + "\n" for r in rows)
     if out_path is None:
@@ -91,6 +103,117 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         out_path.write_text(text)
         print(f"{len(rows)} predictions -> {out_path}", file=sys.stderr)
+    return 0
+
+
+def cmd_bench_infer(args: argparse.Namespace) -> int:
+    """Latency p50/p99, throughput and accuracy of a run per serving precision."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from bitblend.fastinfer import INFER_PRECISIONS, bench_infer
+
+    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
+    for p in precisions:
+        if p not in INFER_PRECISIONS:
+            raise BitblendError(f"--precision {p}: expected one of {', '.join(INFER_PRECISIONS)}")
+    try:
+        sizes = [int(b) for b in args.batch_sizes.split(",")]
+    except ValueError:
+        msg = f"--batch-sizes {args.batch_sizes}: expected integers like 1,32"
+        raise BitblendError(msg) from None
+    if args.iters < 1 or any(b < 1 for b in sizes):
+        raise BitblendError("--iters and --batch-sizes: expected integers >= 1")
+    rows = bench_infer(Path(args.run_dir), precisions, sizes, args.iters, args.task)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = Table(title=f"bench-infer {args.run_dir}")
+    for col in ("precision", "batch", "p50 ms", "p99 ms", "examples/s", "accuracy", "agree",
+                "weights MiB"):  # fmt: skip
+        table.add_column(col, justify="left" if col == "precision" else "right")
+    for r in rows:
+        table.add_row(
+            r["resolved"], str(r["batch_size"]), f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}",
+            f"{r['examples_per_s']:.1f}", f"{r['accuracy']:.3f}", f"{r['agreement']:.3f}",
+            f"{r['weight_bytes'] / 2**20:.1f}",
+        )  # fmt: skip
+    Console().print(table)
+    return 0
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    """Combine finished runs that share a task's label space; save the ensemble spec."""
+    import time
+
+    from rich.console import Console
+
+    from bitblend.ensemble.spec import DataSplit, build_ensemble, render_report
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out) if args.out else Path("runs") / f"ensemble-{args.method}-{stamp}"
+    val = Path(args.val_data) if args.val_data else None
+    split = DataSplit(Path(args.data), val, args.val_fraction, args.seed)
+    report = build_ensemble([Path(d) for d in args.run_dirs], args.method, split, args.task, out)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        # Piped output would be cut to 80 columns; the table is the point of the command.
+        render_report(report, Console() if sys.stdout.isatty() else Console(width=160))
+        print(f"ensemble spec -> {out}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Merge the weights of runs fine-tuned from one backbone into a new run directory."""
+    import time
+
+    from rich.console import Console
+
+    from bitblend.ensemble.merge import MergeOptions, run_merge
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out) if args.out else Path("runs") / f"merge-{args.method}-{stamp}"
+    data = Path(args.data) if args.data else None
+    opt = MergeOptions(args.method, data, args.task, args.scale, args.density)
+    run_merge([Path(d) for d in args.run_dirs], opt, out, Console())
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    """Train a student recipe on a teacher's (run or ensemble) softened outputs."""
+    from rich.console import Console
+
+    from bitblend.config.load import apply_overrides, load_recipe, read_yaml, recipe_from_dict
+    from bitblend.ensemble.distill import resume_settings, run_distill
+    from bitblend.train.run_dir import check_new_run_dir, check_resume_dir, default_run_dir
+
+    if args.resume:
+        if args.teacher or args.student or args.out:
+            raise BitblendError("--resume RUN_DIR: give no --teacher, --student or --out")
+        run_dir = Path(args.resume)
+        check_resume_dir(run_dir)
+        info = resume_settings(run_dir)
+        data = apply_overrides(read_yaml(run_dir / "recipe.yaml"), args.set)
+        recipe = recipe_from_dict(data, str(run_dir / "recipe.yaml"))
+        teacher, temperature, alpha = Path(info["teacher"]), info["temperature"], info["alpha"]
+    else:
+        if not args.teacher or not args.student:
+            raise BitblendError("distill: --teacher RUN_OR_ENSEMBLE and --student RECIPE needed")
+        recipe = load_recipe(args.student, args.set)
+        run_dir = Path(args.out) if args.out else default_run_dir(f"{recipe.name}-distilled")
+        check_new_run_dir(run_dir)
+        teacher, temperature, alpha = Path(args.teacher), args.temperature, args.alpha
+    run_distill(
+        teacher,
+        recipe,
+        run_dir,
+        temperature=temperature,
+        alpha=alpha,
+        resume=bool(args.resume),
+        console=Console(),
+        show_progress=not args.quiet,
+    )
     return 0
 
 
@@ -118,6 +241,11 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     if args.ranks < 1:
         raise BitblendError(f"--ranks {args.ranks}: expected an integer >= 1")
     recipe = load_recipe(args.recipe, args.set)
+    if recipe.model.backbone == "tfidf-logreg":
+        raise BitblendError(
+            "model.backbone: tfidf-logreg fits with scikit-learn in seconds; estimate covers "
+            "transformer backbones"
+        )
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)  # the probe measures what train will use
     device = pick_device(recipe.train.device)
@@ -127,6 +255,23 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         print(json.dumps(to_json(est), indent=2))
     else:
         render(est, Console())
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Dry-run a few batches in fp32 and report per-layer numerics and a precision plan."""
+    from rich.console import Console
+
+    from bitblend.config.load import load_recipe
+    from bitblend.precision.doctor import diagnose, render
+
+    if args.batches < 1:
+        raise BitblendError(f"--batches {args.batches}: expected an integer >= 1")
+    report = diagnose(load_recipe(args.recipe, args.set), args.batches)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        render(report, Console())
     return 0
 
 
@@ -146,6 +291,30 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     for name in builtin_recipes():
         recipe = load_recipe(name)
         print(f"{name:<14} {recipe.description}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write report.html (+ plots/*.png) over one or more run directories."""
+    from bitblend.report.html import write_report
+
+    page = write_report([Path(d) for d in args.run_dirs], Path(args.out) if args.out else None)
+    print(f"report -> {page}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run a suite of short runs (precisions x mixing strategies); table + report."""
+    from rich.console import Console
+
+    from bitblend.report.bench import bench_table, run_suite
+
+    # Piped output would be cut to 80 columns; the table is the point of the command.
+    console = Console() if sys.stdout.isatty() else Console(width=160)
+    out = Path(args.out) if args.out else None
+    result = run_suite(args.suite, out, args.steps, args.set, console)
+    console.print(bench_table(result))
+    console.print(f"report -> {result.report or 'not written'}")
     return 0
 
 
@@ -191,7 +360,69 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--input", required=True, help="JSONL/CSV/Parquet file with a text column")
     pr.add_argument("--output", help="JSONL file to write (default: stdout)")
     pr.add_argument("--task", help="task name (needed when the run has several)")
+    pr.add_argument(
+        "--precision",
+        default="run",
+        choices=["run", "fp32", "bf16", "int8"],
+        help="serving precision: run (as trained), fp32, bf16, int8 (dynamic, Linear layers)",
+    )
     pr.set_defaults(func=cmd_predict)
+
+    bi = sub.add_parser("bench-infer", help="inference latency/throughput per precision")
+    bi.add_argument("run_dir")
+    bi.add_argument("--precision", default="fp32,bf16,int8", help="comma-separated precisions")
+    bi.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes")
+    bi.add_argument("--iters", type=int, default=20, help="timed calls per batch size")
+    bi.add_argument("--task", help="task name (default: the first)")
+    bi.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bi.set_defaults(func=cmd_bench_infer)
+
+    en = sub.add_parser("ensemble", help="combine runs sharing a label space into a spec")
+    en.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="runs or ensemble specs")
+    en.add_argument("--method", choices=("mean", "vote", "weighted", "stack"), default="mean")
+    en.add_argument("--data", required=True, help="labelled CSV/JSONL/Parquet file (held out)")
+    en.add_argument("--val-data", help="validation file (default: a seeded part of --data)")
+    en.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.5,
+        help="share of --data used for fitting when --val-data is not given",
+    )
+    en.add_argument("--seed", type=int, default=0, help="seed of the validation/test split")
+    en.add_argument("--task", help="the shared task (needed when members have several)")
+    en.add_argument("--out", help="spec directory (default: runs/ensemble-<method>-<time>)")
+    en.add_argument("--json", action="store_true", help="print the report as JSON")
+    en.set_defaults(func=cmd_ensemble)
+
+    mg = sub.add_parser("merge", help="merge weights of runs fine-tuned from one backbone")
+    mg.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    mg.add_argument(
+        "--method", choices=("uniform", "greedy-soup", "task-arithmetic", "ties"), default="uniform"
+    )
+    mg.add_argument("--data", help="held-out labelled file (greedy-soup, scale search, eval)")
+    mg.add_argument("--task", help="the task scored on --data (needed when runs share several)")
+    mg.add_argument(
+        "--scale",
+        type=float,
+        help="task-arithmetic/ties scale (default: searched on --data, else 1/n for "
+        "task-arithmetic and 1 for ties)",
+    )
+    mg.add_argument(
+        "--density", type=float, default=0.2, help="ties: share of each task vector kept"
+    )
+    mg.add_argument("--out", help="run directory (default: runs/merge-<method>-<time>)")
+    mg.set_defaults(func=cmd_merge)
+
+    di = sub.add_parser("distill", help="train a student on a teacher's softened outputs")
+    di.add_argument("--teacher", metavar="RUN_OR_ENSEMBLE", help="run directory or spec")
+    di.add_argument("--student", metavar="RECIPE", help="student recipe file or built-in name")
+    overrides(di)
+    di.add_argument("--temperature", type=float, default=2.0, help="softening temperature T")
+    di.add_argument("--alpha", type=float, default=0.5, help="weight of the distillation term")
+    di.add_argument("--out", help="run directory (default: runs/<recipe>-distilled-<time>)")
+    di.add_argument("--resume", metavar="RUN_DIR", help="continue a distilled run")
+    di.add_argument("--quiet", action="store_true", help="no progress bar")
+    di.set_defaults(func=cmd_distill)
 
     v = sub.add_parser("validate", help="check a recipe without running it")
     v.add_argument("recipe")
@@ -212,10 +443,29 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--reprobe", action="store_true", help="measure this machine's peaks again")
     es.set_defaults(func=cmd_estimate)
 
+    dr = sub.add_parser("doctor", help="per-layer numerics of a few batches, precision advice")
+    dr.add_argument("recipe", nargs="?", help="recipe file or built-in name (default: demo)")
+    overrides(dr)
+    dr.add_argument("--batches", type=int, default=2, help="batches per task to measure")
+    dr.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    dr.set_defaults(func=cmd_doctor)
+
     r = sub.add_parser("recipes", help="list the built-in recipes")
     r.add_argument("--fields", action="store_true", help="list every recipe key with its doc")
     r.add_argument("--markdown", action="store_true", help="with --fields: as a Markdown table")
     r.set_defaults(func=cmd_recipes)
+
+    rp = sub.add_parser("report", help="report.html with plots over one or more runs")
+    rp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    rp.add_argument("--out", help="directory (default: the run itself, or runs/report-<time>)")
+    rp.set_defaults(func=cmd_report)
+
+    b = sub.add_parser("bench", help="short runs per precision x mixing strategy, compared")
+    b.add_argument("suite", nargs="?", default="tiny", help="tiny (default, seconds) or demo")
+    overrides(b)
+    b.add_argument("--out", help="suite directory (default: runs/bench-<suite>-<time>)")
+    b.add_argument("--steps", type=int, help="steps per run (default: the suite's)")
+    b.set_defaults(func=cmd_bench)
     return p
 
 

@@ -302,6 +302,22 @@ def _check(recipe: Recipe) -> None:
             raise BitblendError(f"{key}: expected an integer >= 1 or null, got {opt}")
     if recipe.train.max_grad_norm is not None and recipe.train.max_grad_norm <= 0:
         raise BitblendError("train.max_grad_norm: expected a number > 0 or null")
+    _check_classic(recipe)
+
+
+def _check_classic(recipe: Recipe) -> None:
+    """The tfidf-logreg backbone's own rules (ensemble/classic.py)."""
+    from bitblend.ensemble.classic import CLASSIC, check_classic_recipe
+
+    m = recipe.model
+    if m.tfidf_ngrams < 1:
+        raise BitblendError(f"model.tfidf_ngrams: expected an integer >= 1, got {m.tfidf_ngrams}")
+    if m.tfidf_max_features is not None and m.tfidf_max_features < 1:
+        raise BitblendError("model.tfidf_max_features: expected an integer >= 1 or null")
+    if m.logreg_c <= 0:
+        raise BitblendError(f"model.logreg_c: expected a number > 0, got {m.logreg_c}")
+    if m.backbone == CLASSIC:
+        check_classic_recipe(recipe)
 
 
 def _check_mixing(recipe: Recipe) -> None:

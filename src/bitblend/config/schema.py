@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-PrecisionName = Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true"]
+PrecisionName = Literal[
+    "auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "fp8", "fp8-emulated"
+]
 HeadName = Literal[
     "classification",
     "binary",
@@ -48,8 +50,9 @@ class ModelConfig:
 
     backbone: str = doc(
         "minilm",
-        "`minilm` (pretrained MiniLM-L6), `tiny-bert`, `tiny-gpt`, `small-gpt` (random init) "
-        "or a local transformers model directory",
+        "`minilm` (pretrained MiniLM-L6), `tiny-bert`, `tiny-gpt`, `small-gpt` (random init), "
+        "a local transformers model directory, or `tfidf-logreg` (TF-IDF + logistic "
+        "regression with scikit-learn; text classification/binary tasks)",
     )
     max_length: int = doc(128, "longest tokenised input; longer texts are truncated")
     pooling: Literal["auto", "cls", "mean", "last"] = doc(
@@ -57,6 +60,13 @@ class ModelConfig:
     )
     dropout: float | None = doc(None, "override the backbone's hidden and attention dropout")
     head_dropout: float = doc(0.1, "dropout before each task head")
+    tfidf_max_features: int | None = doc(
+        50000, "tfidf-logreg: keep the N most frequent n-grams (null = all)"
+    )
+    tfidf_ngrams: int = doc(2, "tfidf-logreg: word n-grams of length 1 to N")
+    logreg_c: float = doc(
+        10.0, "tfidf-logreg: inverse L2 strength of the logistic regression (larger = less)"
+    )
 
 
 @dataclass(kw_only=True)
@@ -102,12 +112,37 @@ class PrecisionConfig:
     """How arithmetic is done; see docs/precision.md."""
 
     recipe: PrecisionName = doc(
-        "auto", "auto, 32-true, bf16-mixed, 16-mixed, bf16-true (auto never picks fp16 on CPU)"
+        "auto",
+        "auto, 32-true, bf16-mixed, 16-mixed, bf16-true, fp8 (torchao, CUDA cc >= 8.9), "
+        "fp8-emulated (e4m3/e5m2 quantise-dequantise on any device); auto never picks fp16 on CPU",
     )
-    state_bits: Literal[32] = doc(32, "optimizer state width in bits (32 only, for now)")
+    state_bits: Literal[32, 16, 8, 4] = doc(
+        32,
+        "optimizer state width: 32, 16 (bf16, stored between steps), 8 (bitsandbytes, any "
+        "optimizer with state), 4 (torchao, adam/adamw)",
+    )
     master_weights: bool = doc(True, "bf16-true: keep an fp32 master copy the optimizer updates")
+    rounding: Literal["nearest", "stochastic", "kahan"] = doc(
+        "nearest",
+        "bf16-true without master weights: how updated weights are rounded to bf16 (stochastic "
+        "rounding, or a bf16 Kahan compensation buffer keeping what rounding drops)",
+    )
+    keep_fp32: list[str] = doc(
+        [],
+        "module names or glob patterns (e.g. `backbone.encoder.layer.0.*`) kept in fp32 and out "
+        "of fp8, on top of the defaults (norms, task heads, first and last layers for fp8)",
+    )
+    fp8_scaling: Literal["tensorwise", "rowwise"] = doc(
+        "tensorwise", "fp8 / fp8-emulated: one scale per tensor, or one per row"
+    )
     init_scale: float = doc(65536.0, "16-mixed: initial loss scale")
     growth_interval: int = doc(2000, "16-mixed: steps without overflow before the scale doubles")
+    min_loss_scale: float = doc(
+        1.0, "16-mixed: a loss scale below this for `stuck_steps` steps in a row stops the run"
+    )
+    stuck_steps: int = doc(
+        20, "16-mixed: steps the scale may stay below `min_loss_scale` (0 = never stop)"
+    )
 
 
 @dataclass(kw_only=True)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
 from bitblend.config.schema import OptimizerConfig, ScheduleConfig
+from bitblend.optim.lowbit import build_lowbit, stateless
 
 
 def _decay_groups(
@@ -31,10 +33,14 @@ def _fused_ok(params: list[nn.Parameter]) -> bool:
 
 
 def build_optimizer(
-    params: list[nn.Parameter], cfg: OptimizerConfig, new: set[int] | None = None
+    params: list[nn.Parameter],
+    cfg: OptimizerConfig,
+    new: set[int] | None = None,
+    state_bits: int = 32,
 ) -> torch.optim.Optimizer:
     """The optimizer named by `cfg` over `params`; those whose id is in `new` (heads,
-    adapters) get lr x `cfg.new_lr_scale`."""
+    adapters) get lr x `cfg.new_lr_scale`. `state_bits` 8 / 4 picks a quantised-state
+    optimizer (16 is handled by the precision recipe, which stores states in bf16)."""
     new = new or set()
     trunk = [p for p in params if id(p) not in new]
     fresh = [p for p in params if id(p) in new]
@@ -42,6 +48,14 @@ def build_optimizer(
         trunk, fresh = params, []
     groups = _decay_groups(trunk, cfg.weight_decay, cfg.lr)
     groups += _decay_groups(fresh, cfg.weight_decay, cfg.lr * cfg.new_lr_scale)
+    if state_bits < 32 and stateless(cfg):
+        warnings.warn(
+            f"precision.state_bits {state_bits}: plain gradient descent (sgd, momentum 0) keeps "
+            "no optimizer state; nothing to narrow",
+            stacklevel=2,
+        )
+    elif state_bits in (8, 4):
+        return build_lowbit(groups, cfg, state_bits)
     if cfg.name == "sgd":
         return torch.optim.SGD(
             groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, foreach=True

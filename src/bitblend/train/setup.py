@@ -6,9 +6,11 @@ file fails before a run directory exists.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from bitblend.config.schema import Recipe, TaskConfig
@@ -35,6 +37,8 @@ class TaskRuntime:
     tokenizer: Any
     batch: BatchSpec
     batch_size: int  # examples per micro-batch for this task (homogeneous batches)
+    # (logits, hard-label loss, example indices) -> loss; set by `bitblend distill` only
+    distill_loss: Callable[[torch.Tensor, torch.Tensor, np.ndarray], torch.Tensor] | None = None
 
     @property
     def name(self) -> str:

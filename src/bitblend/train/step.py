@@ -47,7 +47,10 @@ def task_loss(
     batch = task.batch.collate(task.train, idx, gen)
     with precision.forward_context():
         logits = model(task.name, **batch)
-    return compute_loss(task.loss, logits, batch["labels"], task.cfg.head)
+    loss = compute_loss(task.loss, logits, batch["labels"], task.cfg.head)
+    if task.distill_loss is not None:  # `bitblend distill`: mix in the teacher's soft targets
+        loss = task.distill_loss(logits, loss, idx)
+    return loss
 
 
 def homogeneous(

@@ -18,6 +18,7 @@ from bitblend.data.mixture import Mixture
 from bitblend.errors import BitblendError
 from bitblend.models.backbones import count_parameters
 from bitblend.optim.build import build_optimizer, build_schedule
+from bitblend.optim.lowbit import export_state, import_state
 from bitblend.precision.recipes import build_precision
 from bitblend.report.console import make_progress, metrics_table
 from bitblend.report.sinks import JsonlSink, TensorBoardSink, truncate_jsonl
@@ -61,7 +62,7 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         # Everything that can fail on bad input happens here, before anything is written.
         self.device = pick_device(cfg.device)
-        self.precision = build_precision(recipe.precision, self.device)
+        self.precision = build_precision(recipe.precision, self.device, cfg.seed)
         datas = load_data(recipe)
         self.model, self.tokenizer, self.task_tokenizers = build_model(recipe, datas)
         self.tasks = build_tasks(
@@ -79,7 +80,8 @@ class Trainer:
         # ones outside the pretrained trunk (heads, adapters) can be picked out by position.
         named = [n for n, p in self.model.named_parameters() if p.requires_grad]
         new = {id(q) for n, q in zip(named, params, strict=True) if not n.startswith("backbone.")}
-        self.optimizer = build_optimizer(params, recipe.optimizer, new)
+        self.optimizer = build_optimizer(params, recipe.optimizer, new, recipe.precision.state_bits)
+        self.model_state_bytes = 0  # measured after the first step (gradients exist then)
         self.scheduler = build_schedule(self.optimizer, cfg.steps, recipe.schedule)
         mix = recipe.mixing
         # Mixed batches call the mixture once per micro-batch: its horizon is in those units.
@@ -109,7 +111,7 @@ class Trainer:
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": export_state(self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             "precision": self.precision.state_dict(),
             "samplers": [t.sampler.state_dict() for t in self.tasks],
@@ -129,7 +131,7 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned (weights are loaded separately)."""
         self.precision.load_state_dict(state["precision"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        import_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         for task, s in zip(self.tasks, state["samplers"], strict=True):
             task.sampler.load_state_dict(s)
@@ -185,6 +187,8 @@ class Trainer:
         if self.balancer.method == "famo":
             self.balancer.famo_update(famo_before, res.losses)
         result = self.precision.optimizer_step(self.optimizer, cfg.max_grad_norm)
+        if not self.model_state_bytes and result.stepped:
+            self.model_state_bytes = self.precision.model_state_bytes(self.model, self.optimizer)
         lr = self.scheduler.get_last_lr()[0]
         if result.stepped:
             self.scheduler.step()  # a skipped step does not advance the schedule
@@ -219,6 +223,8 @@ class Trainer:
             record["mix_realised"] = dict(zip(names, self.mixture.realised(), strict=True))
             record["task_weight"] = dict(zip(names, self.balancer.task_weights(), strict=True))
         record["epochs"] = {t.name: t.sampler.epochs_completed for t in self.tasks}
+        if not result.stepped:
+            record["nonfinite_module"] = self.precision.last_nonfinite
         self._diagnostics(record)
         return record
 
@@ -283,8 +289,9 @@ class Trainer:
                 record = self.train_step()
                 if record["skipped"]:
                     log.warning(
-                        "step %d skipped: non-finite gradients (loss scale now %s)",
+                        "step %d skipped: non-finite gradients, first in %s (loss scale now %s)",
                         record["step"],
+                        record.get("nonfinite_module") or "?",
                         record["loss_scale"],
                     )
                 if self.step % cfg.log_every == 0 or record["skipped"]:
@@ -320,6 +327,12 @@ class Trainer:
         write_json(self.run_dir / "summary.json", summary)
         sink.close()
         tb.close()
+        try:  # report.html + plots/; a plotting problem must never fail a finished run
+            from bitblend.report.html import write_report
+
+            write_report([self.run_dir])
+        except Exception as exc:
+            log.warning("report.html not written for %s: %s", self.run_dir, exc)
         self.console.print(metrics_table(f"{self.recipe.name}: eval at step {self.step}", evals))
         self.console.print(
             f"{summary['tokens_per_s']:.0f} tokens/s, peak memory "
@@ -398,6 +411,11 @@ class Trainer:
             "train_time_s": self.train_time,
             "wall_time_s": wall,
             "peak_memory_bytes": peak_memory_bytes(self.device),
+            # weights + gradients + masters + Kahan buffers + optimizer states, at rest
+            "model_state_bytes": self.model_state_bytes,
+            "model_state_bytes_per_param": self.model_state_bytes
+            / max(1, count_parameters(self.model)),
+            "step_transient_bytes": self.precision.transient_bytes,
             "precision": self.precision.describe(),
             "parameters": count_parameters(self.model),
             "device": str(self.device),

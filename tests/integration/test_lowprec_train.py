@@ -1,0 +1,189 @@
+"""Low-precision variants through the real Trainer and CLI: resume, bytes, health, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bitblend.config.load import read_yaml, recipe_from_dict
+from bitblend.train.trainer import Trainer
+from tests.conftest import make_recipe
+from tests.integration.test_trainer import _losses, _train, _weights
+from tests.unit.test_cli_errors import assert_one_line_error, run_cli
+
+PURE = ["precision.recipe=bf16-true", "precision.master_weights=false"]
+VARIANTS = {
+    "bf16-true-sr": [*PURE, "precision.rounding=stochastic"],
+    "bf16-true-kahan": [*PURE, "precision.rounding=kahan"],
+    "bf16-true-sr-8bit": [*PURE, "precision.rounding=stochastic", "precision.state_bits=8"],
+    "bf16-mixed-16bit": ["precision.recipe=bf16-mixed", "precision.state_bits=16"],
+    "fp8-emulated": ["precision.recipe=fp8-emulated", "precision.fp8_scaling=rowwise"],
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_resume_equals_straight_run_bitwise(tmp_path: Path, variant: str) -> None:
+    """Each low-precision variant checkpoints everything it keeps (SR generator, Kahan
+    buffers, 8-bit/bf16 states): a resumed run reproduces the straight one bit for bit."""
+    recipe = make_recipe(
+        *VARIANTS[variant], "train.steps=6", "train.checkpoint_every=3", "train.keep_checkpoints=0"
+    )
+    straight = tmp_path / "straight"
+    _train(recipe, straight)
+    cut = tmp_path / "cut"
+    shutil.copytree(straight, cut)
+    for name in ("model", "checkpoints/step-6"):
+        shutil.rmtree(cut / name)
+    Trainer(recipe_from_dict(read_yaml(cut / "recipe.yaml")), cut, resume=True,
+            show_progress=False).fit()  # fmt: skip
+    a, b = _losses(straight), _losses(cut)
+    assert [a[s] for s in range(4, 7)] == [b[s] for s in range(4, 7)]
+    wa, wb = _weights(straight, 6), _weights(cut, 6)
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+    sa = load_file(str(straight / "checkpoints/step-6/state.safetensors"))
+    sb = load_file(str(cut / "checkpoints/step-6/state.safetensors"))
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        assert torch.equal(sa[name], sb[name]), name
+    assert a[6] < a[1]  # and it learns
+
+
+def test_model_state_bytes_per_param_by_variant(tmp_path: Path) -> None:
+    """summary.json measures weights + grads + masters + states: fp32 AdamW ~16 B/param,
+    pure bf16 + SR + 8-bit states ~6 (tiny-bert's many small tensors keep 32-bit states)."""
+    per_param = {}
+    for name, sets in {"fp32": ["precision.recipe=32-true"], **VARIANTS}.items():
+        if name == "fp8-emulated":
+            continue
+        trainer = _train(make_recipe(*sets, "train.steps=2"), tmp_path / name)
+        summary = json.loads((trainer.run_dir / "summary.json").read_text())
+        per_param[name] = summary["model_state_bytes_per_param"]
+    assert per_param["fp32"] == pytest.approx(16.0, abs=0.01)
+    assert per_param["bf16-true-sr"] == pytest.approx(2 + 2 + 8, abs=0.05)  # w, g, fp32 moments
+    assert per_param["bf16-true-kahan"] == pytest.approx(2 + 2 + 2 + 8, abs=0.05)
+    assert per_param["bf16-mixed-16bit"] == pytest.approx(4 + 4 + 4, abs=0.05)
+    assert per_param["bf16-true-sr-8bit"] < 6.5, per_param
+
+
+def test_skipped_step_names_the_module_where_the_inf_appeared(tmp_path: Path) -> None:
+    recipe = make_recipe("precision.recipe=bf16-mixed", "train.steps=3")
+    trainer = Trainer(recipe, tmp_path / "run", show_progress=False)
+    layer = trainer.model.backbone.encoder.layer[1].intermediate.dense
+    layer.weight.register_hook(lambda g: g * math.inf if trainer.step == 1 else g)
+    summary = trainer.fit()
+    rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    bad = [r for r in rows if r.get("skipped")]
+    assert len(bad) == 1 and summary["skipped_steps"] == 1
+    assert bad[0]["nonfinite_module"] == "backbone.encoder.layer.1.intermediate.dense"
+    assert all({"loss_scale", "grad_norm", "skipped"} <= r.keys() for r in rows
+               if r["split"] == "train")  # fmt: skip
+
+
+def test_stuck_loss_scale_stops_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """16-mixed with a gradient that always overflows ends in one line suggesting bf16."""
+    recipe = make_recipe(
+        "precision.recipe=16-mixed", "precision.init_scale=4", "precision.stuck_steps=3",
+        "train.steps=30",
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match="16-mixed on a CPU"):
+        trainer = Trainer(recipe, tmp_path / "run", show_progress=False)
+    trainer.model.heads["bbc"][1].weight.register_hook(lambda g: g * math.inf)
+    from bitblend.precision.health import LossScaleStuck
+
+    with pytest.raises(LossScaleStuck, match=r"Use precision\.recipe bf16-mixed"):
+        trainer.fit()
+    assert trainer.step < 30
+
+
+@pytest.mark.parametrize(
+    ("sets", "needles"),
+    [
+        (["precision.recipe=fp8"], ["precision.recipe fp8", "fp8-emulated"]),
+        (["precision.state_bits=4", "optimizer.name=rmsprop"], ["precision.state_bits", "adamw"]),
+        (["precision.keep_fp32=[nothing.here]"], ["precision.keep_fp32[0]", "matches no module"]),
+        (["precision.rounding=kahan"], ["precision.rounding kahan", "bf16-true"]),
+        (["precision.state_bits=12"], ["precision.state_bits"]),
+    ],
+)
+def test_unsupported_combinations_are_one_line_errors(
+    sets: list[str], needles: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["train", "tiny", "--out", str(tmp_path / "run"), "--quiet"]
+    for s in sets:
+        argv += ["--set", s]
+    code, _, err = run_cli(argv, capsys)
+    assert_one_line_error(code, err, *needles)
+    assert not (tmp_path / "run").exists()
+
+
+def test_doctor_flags_an_injected_huge_activation() -> None:
+    from bitblend.precision.doctor import diagnose
+
+    bad = "backbone.encoder.layer.1.intermediate.dense"
+
+    def inject(model: torch.nn.Module) -> None:
+        model.get_submodule(bad).register_forward_hook(lambda m, i, out: out * 1e6)
+
+    clean = diagnose(make_recipe(), batches=1, bf16_native=False)
+    assert clean.keep_fp32 == [] and clean.recommended_recipe == "16-mixed"
+    report = diagnose(make_recipe(), batches=1, model_hook=inject, bf16_native=False)
+    assert bad in report.keep_fp32
+    assert report.recommended_recipe == "32-true"  # fp16 would overflow, bf16 not native
+    assert any("exceed fp16's 65504" in f and bad in f for f in report.findings)
+    row = next(s for s in report.to_json()["layers"] if s["name"] == bad)
+    assert row["activation"]["amax"] > 65504 and row["activation"]["e4m3_saturated"] > 0.5
+
+
+def test_doctor_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(["doctor", "tiny", "--batches", "1", "--json"], capsys)
+    assert code == 0
+    data = json.loads(out)
+    assert data["recommended_recipe"] in ("bf16-mixed", "16-mixed", "32-true")
+    names = {row["name"] for row in data["layers"]}
+    assert "backbone.encoder.layer.0.attention.self.query" in names
+    assert all(0 <= row["gradient"]["fp16_underflow"] <= 1 for row in data["layers"])
+
+
+def test_predict_and_bench_infer_per_serving_precision(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An fp8-emulated run serves in run (bf16-mixed), fp32, bf16 and int8; bench-infer
+    reports latency percentiles, throughput and accuracy for each at batch 1 and 4."""
+    run = tmp_path / "run"
+    _train(make_recipe("precision.recipe=fp8-emulated", "train.steps=3"), run)
+    texts = tmp_path / "in.jsonl"
+    texts.write_text('{"text": "shares fell as the bank cut rates"}\n{"text": "the match"}\n')
+    labels = {}
+    for prec in ("run", "fp32", "bf16", "int8"):
+        code, out, err = run_cli(["predict", str(run), "--input", str(texts), "--precision", prec],
+                                 capsys)  # fmt: skip
+        assert code == 0, err
+        rows = [json.loads(x) for x in out.splitlines()]
+        assert len(rows) == 2 and all(abs(sum(r["probs"].values()) - 1) < 1e-4 for r in rows)
+        labels[prec] = [r["label"] for r in rows]
+    code, out, err = run_cli(
+        ["bench-infer", str(run), "--precision", "fp32,bf16,int8", "--batch-sizes", "1,4",
+         "--iters", "3", "--json"], capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    rows = json.loads(out)
+    assert [(r["precision"], r["batch_size"]) for r in rows] == [
+        ("fp32", 1), ("fp32", 4), ("bf16", 1), ("bf16", 4), ("int8", 1), ("int8", 4)
+    ]  # fmt: skip
+    for r in rows:
+        assert 0 < r["p50_ms"] <= r["p99_ms"] and r["examples_per_s"] > 0
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["agreement"] <= 1
+    by = {r["precision"]: r for r in rows}
+    assert by["fp32"]["agreement"] == 1.0
+    assert by["bf16"]["weight_bytes"] < 0.6 * by["fp32"]["weight_bytes"]
+    code, _, err = run_cli(["bench-infer", str(run), "--precision", "fp4"], capsys)
+    assert_one_line_error(code, err, "--precision fp4", "int8")
