@@ -435,8 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument(
         "--precision",
         default="all",
-        help="all (every recipe + what-if rows), recipe (the recipe's own), or one of "
-        "32-true, bf16-mixed, 16-mixed, bf16-true",
+        help="all (every recipe + pure-bf16 / low-bit variant rows), recipe (the recipe's "
+        "own), or one of 32-true, bf16-mixed, 16-mixed, bf16-true, fp8-emulated, fp8",
     )
     es.add_argument("--ranks", type=int, default=1, help="per-rank memory for N DDP/FSDP2 ranks")
     es.add_argument("--json", action="store_true", help="print JSON instead of tables")

@@ -120,15 +120,27 @@ def precision_specs(recipe: Recipe, choice: str, device: torch.device) -> list[P
     """Specs to report: every recipe and the what-if rows (`all`), the recipe's own
     (`recipe`), or one named recipe."""
     own = resolve_precision(recipe, device)
-    master = recipe.precision.master_weights
+    pc = recipe.precision
     if choice == "all":
-        return [precision_spec(n, master_weights=master) for n in RECIPES] + what_if_specs()
-    name = own if choice in ("recipe", "auto") else choice
-    if name not in RECIPES:
+        return [precision_spec(n) for n in RECIPES[:4]] + what_if_specs()
+    if choice in ("recipe", "auto"):
+        # The recipe's own row, with its master / rounding / state-width settings.
+        spec = precision_spec(
+            own, master_weights=pc.master_weights, state_bits=pc.state_bits, rounding=pc.rounding
+        )
+        return [spec]
+    if choice not in RECIPES:
         raise BitblendError(
             f"--precision {choice}: expected all, recipe, auto or one of {', '.join(RECIPES)}"
         )
-    return [precision_spec(name, master_weights=master)]
+    return [precision_spec(choice)]
+
+
+def _same(a: PrecisionSpec, b: PrecisionSpec) -> bool:
+    """Whether row `a` is the configuration `b` (variant rows carry a +suffix name)."""
+    fields = ("weight_bytes", "grad_bytes", "master", "state_bits", "compute_bytes", "comp_bytes")
+    base = a.name.split("+")[0] == b.name.split("+")[0]
+    return base and all(getattr(a, f) == getattr(b, f) for f in fields)
 
 
 def estimate_recipe(
@@ -150,6 +162,10 @@ def estimate_recipe(
     fused = recipe.optimizer.name in ("adam", "adamw")
     peaks = peaks or get_peaks(dev)
     own = resolve_precision(recipe, dev)
+    pc = recipe.precision
+    own_spec = precision_spec(
+        own, master_weights=pc.master_weights, state_bits=pc.state_bits, rounding=pc.rounding
+    )
     accum = recipe.train.grad_accum
     rows: list[Row] = []
     worst = 0
@@ -172,7 +188,7 @@ def estimate_recipe(
         ]
         row = Row(
             spec=spec,
-            selected=spec.name == own and not spec.hypothetical,
+            selected=_same(spec, own_spec),
             memory=per_task[worst],
             flops=step_flops(shape, task, accum),
             time=times[worst],

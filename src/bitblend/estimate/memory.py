@@ -35,6 +35,7 @@ class PrecisionSpec:
     autocast: bool  # autocast caches a cast copy of every matmul weight for the step
     hypothetical: bool = False  # a what-if row, not selectable in a recipe today
     note: str = ""
+    comp_bytes: int = 0  # Kahan compensation buffer per low-precision weight
 
     @property
     def compute_dtype(self) -> str:
@@ -44,62 +45,56 @@ class PrecisionSpec:
         return "float16" if self.name.startswith("16") else "bfloat16"
 
 
-RECIPES = ("32-true", "bf16-mixed", "16-mixed", "bf16-true")
+RECIPES = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "fp8-emulated", "fp8")
 
 
 def precision_spec(
-    name: str, *, master_weights: bool = True, state_bits: int | None = None
+    name: str,
+    *,
+    master_weights: bool = True,
+    state_bits: int | None = None,
+    rounding: str = "nearest",
 ) -> PrecisionSpec:
-    """The spec of a recipe name; `state_bits` None means the width of the optimized tensor."""
+    """The spec of a recipe name and its precision.* settings (`state_bits` None = 32)."""
     if name == "32-true":
         spec = PrecisionSpec(name, 4, 4, False, 32, 4, False, note="fp32 everything")
     elif name in ("bf16-mixed", "16-mixed"):
         # fp32 weights are the master copy; autocast runs matmuls in 16 bits.
         spec = PrecisionSpec(name, 4, 4, False, 32, 2, True, note="fp32 weights, 16-bit matmuls")
+    elif name in ("fp8-emulated", "fp8"):
+        # Memory as bf16-mixed: fp32 weights, bf16 autocast; the fp8 casts are per-step
+        # temporaries (real fp8 GEMMs would halve the saved matmul inputs, not modelled).
+        spec = PrecisionSpec(name, 4, 4, False, 32, 2, True, note="fp32 weights, fp8 Linear")
     elif name == "bf16-true":
-        # Without a master copy the optimizer updates the bf16 weights, so its states are bf16.
-        bits = 32 if master_weights else 16
-        note = "bf16 weights + fp32 master" if master_weights else "pure bf16, bf16 states"
-        spec = PrecisionSpec(name, 2, 2, master_weights, bits, 2, False, note=note)
+        # Without a master copy the optimizer updates a transient fp32 copy of the bf16
+        # weights, so its states keep the width state_bits asks for (32 by default).
+        note = "bf16 weights + fp32 master" if master_weights else f"pure bf16, {rounding}"
+        comp = 2 if rounding == "kahan" and not master_weights else 0
+        spec = PrecisionSpec(name, 2, 2, master_weights, 32, 2, False, note=note, comp_bytes=comp)
     else:
         raise ValueError(f"unknown precision recipe {name!r}")
     return spec if state_bits is None else replace(spec, state_bits=state_bits)
 
 
 def what_if_specs() -> list[PrecisionSpec]:
-    """Rows a recipe cannot select yet: low-bit optimizer states, stochastic rounding."""
-    return [
-        replace(
-            precision_spec("bf16-true", master_weights=False),
-            name="bf16-true-nomaster",
-            hypothetical=False,
-            note="precision.master_weights: false",
-        ),
-        replace(
-            precision_spec("32-true", state_bits=8),
-            name="32-true+8bit",
-            hypothetical=True,
-            note="what if: blockwise 8-bit AdamW states",
-        ),
-        replace(
-            precision_spec("bf16-mixed", state_bits=8),
-            name="bf16-mixed+8bit",
-            hypothetical=True,
-            note="what if: blockwise 8-bit AdamW states",
-        ),
-        replace(
-            precision_spec("bf16-true", master_weights=False, state_bits=8),
-            name="bf16-true+SR+8bit",
-            hypothetical=True,
-            note="what if: stochastic rounding instead of a master copy, 8-bit states",
-        ),
-        replace(
-            precision_spec("bf16-true", master_weights=False, state_bits=4),
-            name="bf16-true+SR+4bit",
-            hypothetical=True,
-            note="what if: stochastic rounding, 4-bit states",
-        ),
-    ]
+    """Variant rows beside the plain recipes: pure bf16 and low-bit optimizer states (each
+    selectable with precision.master_weights / rounding / state_bits)."""
+    pure = {"master_weights": False}
+    rows = [
+        ("bf16-true+SR", precision_spec("bf16-true", **pure, rounding="stochastic"),
+         "master_weights false, rounding stochastic"),
+        ("bf16-true+Kahan", precision_spec("bf16-true", **pure, rounding="kahan"),
+         "master_weights false, rounding kahan"),
+        ("32-true+8bit", precision_spec("32-true", state_bits=8), "state_bits 8"),
+        ("bf16-mixed+8bit", precision_spec("bf16-mixed", state_bits=8), "state_bits 8"),
+        ("bf16-true+SR+16bit", precision_spec("bf16-true", **pure, state_bits=16,
+         rounding="stochastic"), "pure bf16, SR, bf16 states"),
+        ("bf16-true+SR+8bit", precision_spec("bf16-true", **pure, state_bits=8,
+         rounding="stochastic"), "pure bf16, SR, 8-bit states"),
+        ("bf16-true+SR+4bit", precision_spec("bf16-true", **pure, state_bits=4,
+         rounding="stochastic"), "pure bf16, SR, 4-bit states (adam/adamw)"),
+    ]  # fmt: skip
+    return [replace(spec, name=name, note=note) for name, spec, note in rows]
 
 
 def optimizer_states(name: str, momentum: float = 0.0) -> int:
@@ -118,14 +113,15 @@ def state_bytes_per_element(bits: int) -> float:
 def bytes_per_param(spec: PrecisionSpec, states: int = 2) -> float:
     """Weights + grads + master + optimizer states per low-precision trunk parameter.
 
-    The issue's table: fp32 AdamW 16; bf16-mixed 16; pure bf16 with bf16 states 8;
-    8-bit states with fp32 weights ~10; bf16-true + SR + 8-bit ~6.
+    fp32 AdamW 16; bf16-mixed 16; pure bf16 with fp32 states 12 (Kahan 14), with bf16
+    states 8; 8-bit states with fp32 weights ~10; bf16-true + SR + 8-bit ~6.
     """
     master = FP32 if spec.master else 0
     return (
         spec.weight_bytes
         + spec.grad_bytes
         + master
+        + spec.comp_bytes
         + states * state_bytes_per_element(spec.state_bits)
     )
 
@@ -155,7 +151,7 @@ def static_bytes(shape: ModelShape, spec: PrecisionSpec, states: int) -> StaticB
     return StaticBytes(
         weights=low * spec.weight_bytes + high * FP32,
         grads=low * spec.grad_bytes + high * FP32,
-        master=low * FP32 if spec.master else 0,
+        master=low * FP32 if spec.master else low * spec.comp_bytes,
         states=round(state_elems * state_bytes_per_element(spec.state_bits)),
     )
 

@@ -165,7 +165,7 @@ def render(est: Estimate, console: Console) -> None:
     how = "cached" if p.cached else f"measured in {p.seconds:.1f}s"
     console.print(f"probe ({how}): GFLOP/s {probe}; {p.bandwidth / 1e9:.0f} GB/s")
     mem = Table(
-        title="live tensor bytes per step (* the recipe's own, ? what if)",
+        title="live tensor bytes per step (* the recipe's own settings)",
         title_justify="left",
         box=box.SIMPLE_HEAD,
         pad_edge=False,
