@@ -154,7 +154,8 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / f"ensemble-{args.method}-{stamp}"
     val = Path(args.val_data) if args.val_data else None
     split = DataSplit(Path(args.data), val, args.val_fraction, args.seed)
-    report = build_ensemble([Path(d) for d in args.run_dirs], args.method, split, args.task, out)
+    runs = [Path(d) for d in args.run_dirs]
+    report = build_ensemble(runs, args.method, split, args.task, out, args.calibrate_members)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -390,6 +391,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     en.add_argument("--seed", type=int, default=0, help="seed of the validation/test split")
     en.add_argument("--task", help="the shared task (needed when members have several)")
+    en.add_argument(
+        "--calibrate-members",
+        action="store_true",
+        help="temperature-scale each member on the validation part before combining",
+    )
     en.add_argument("--out", help="spec directory (default: runs/ensemble-<method>-<time>)")
     en.add_argument("--json", action="store_true", help="print the report as JSON")
     en.set_defaults(func=cmd_ensemble)

@@ -159,6 +159,25 @@ def test_heterogeneous_stack_spec_eval_predict(
     )
 
 
+def test_calibrated_members_round_trip(
+    runs: dict[str, Path], work: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--calibrate-members stores each member's temperature; the reloaded spec reproduces
+    the reported test metrics."""
+    spec = work / "calibrated"
+    code, _, err = cli(["ensemble", str(runs["tfidf"]), str(runs["bert0"]),
+                        "--calibrate-members", "--data", str(work / "heldout.csv"),
+                        "--out", str(spec)], capsys)  # fmt: skip
+    assert code == 0, err
+    saved = json.loads((spec / "ensemble.json").read_text())
+    report = json.loads((spec / "eval.json").read_text())
+    temps = [m["temperature"] for m in saved["members"]]
+    assert temps == [m["temperature"] for m in report["members"]] and temps[0] != 1.0
+    code, out, _ = cli(["eval", str(spec), "--json"], capsys)
+    ev = json.loads(out)["bbc_news"]
+    assert ev["loss"] == pytest.approx(report["ensemble"]["after"]["nll"], rel=1e-4)
+
+
 def test_stacking_never_reads_test_labels(
     runs: dict[str, Path], work: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -101,16 +101,17 @@ def test_stack_state_round_trip_and_cross_fit() -> None:
     assert cal.nll(oof, y) >= cal.nll(c.predict(probs), y) - 1e-9
 
 
-@pytest.mark.parametrize("method", ["stack", "weighted"])
-def test_fitting_never_reads_test_labels(method: str) -> None:
+@pytest.mark.parametrize(("method", "calibrate"), [("stack", False), ("weighted", False),
+                                                   ("stack", True)])  # fmt: skip
+def test_fitting_never_reads_test_labels(method: str, calibrate: bool) -> None:
     """Corrupt every test label: the fitted combiner, temperatures and predictions are
     identical (only the scores change). Corrupting validation labels does change them."""
     probs, y = synthetic(600)
     val_idx, test_idx = split_indices(600, 0.5, 0)
     val, test = probs[:, val_idx], probs[:, test_idx]
-    c1, r1 = fit_ensemble(method, val, y[val_idx], test, y[test_idx])
+    c1, r1 = fit_ensemble(method, val, y[val_idx], test, y[test_idx], 0, calibrate)
     bad = (y[test_idx] + 1) % 4  # every test label wrong
-    c2, r2 = fit_ensemble(method, val, y[val_idx], test, bad)
+    c2, r2 = fit_ensemble(method, val, y[val_idx], test, bad, 0, calibrate)
     assert c1.state_dict() == c2.state_dict()
     assert np.array_equal(c1.predict(test), c2.predict(test))
     assert r1["ensemble"]["temperature"] == r2["ensemble"]["temperature"]
@@ -118,6 +119,19 @@ def test_fitting_never_reads_test_labels(method: str) -> None:
     assert r1["ensemble"]["before"]["accuracy"] != r2["ensemble"]["before"]["accuracy"]
     c3, _ = fit_ensemble(method, val, (y[val_idx] + 1) % 4, test, y[test_idx])
     assert c3.state_dict() != c1.state_dict()  # the check above is not vacuous
+
+
+def test_calibrating_members_first_credits_an_underconfident_member() -> None:
+    """The best member, made under-confident (logits x 0.15), gets little weight from raw
+    probabilities; temperature-scaled first, it gets most of it and the NLL falls."""
+    probs, y = synthetic(800)
+    probs[0] = cal.scale(cal.log_probs(probs[0]), 1 / 0.15)
+    val_idx, test_idx = split_indices(800, 0.5, 0)
+    val, test = probs[:, val_idx], probs[:, test_idx]
+    raw, r_raw = fit_ensemble("weighted", val, y[val_idx], test, y[test_idx])
+    cal_c, r_cal = fit_ensemble("weighted", val, y[val_idx], test, y[test_idx], 0, True)
+    assert cal_c.weights[0] > 0.6 > raw.weights[0]
+    assert r_cal["ensemble"]["before"]["nll"] < r_raw["ensemble"]["before"]["nll"]
 
 
 def test_split_ignores_labels_and_is_seeded() -> None:

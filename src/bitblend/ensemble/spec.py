@@ -42,10 +42,12 @@ class Member:
     run: Predictor
     task: str  # the member's own task name
     perm: np.ndarray  # (C,) member column of each ensemble class
+    temperature: float = 1.0  # applied before combining (--calibrate-members), else 1
 
     def probs(self, head: str, table: Table) -> np.ndarray:
         """(n, C) probabilities in the ensemble's class order."""
-        return cal.to_probs(head, self.run.outputs(self.task, table))[:, self.perm]
+        p = cal.to_probs(head, self.run.outputs(self.task, table))[:, self.perm]
+        return p if self.temperature == 1.0 else cal.scale(cal.log_probs(p), self.temperature)
 
 
 def _fmt(names: list[str]) -> str:
@@ -261,6 +263,8 @@ def load_ensemble(spec_dir: Path) -> EnsembleRun:
                 f"{where}: {path}: task {task} has a {head} head, the ensemble {spec['head']}"
             )
         members.extend(found)
+    for m, entry in zip(members, spec["members"], strict=True):
+        m.temperature = float(entry.get("temperature", 1.0))
     combiner = Combiner.from_state(spec["combiner"])
     temperature = cal.Temperature()
     temperature.load_state_dict(spec)
@@ -303,16 +307,25 @@ def fit_ensemble(
     test: np.ndarray,
     y_test: np.ndarray,
     seed: int = 0,
+    calibrate_members: bool = False,
 ) -> tuple[Combiner, dict[str, Any]]:
     """Fit a combiner and temperatures on validation data; score members and it on test.
 
     val/test: (M, n, C) member probabilities. The test labels reach nothing but the
-    metrics: the combiner and every temperature see validation labels only.
+    metrics: the combiner and every temperature see validation labels only. With
+    `calibrate_members`, each member's validation temperature is applied before combining
+    (an under-confident member would otherwise lose weight it deserves).
     """
+    members = [_report(val[m], y_val, test[m], y_test) for m in range(val.shape[0])]
+    if calibrate_members:
+        temps = [r["temperature"] for r in members]
+        val = np.stack([cal.scale(cal.log_probs(v), t) for v, t in zip(val, temps, strict=True)])
+        test = np.stack([cal.scale(cal.log_probs(v), t) for v, t in zip(test, temps, strict=True)])
     combiner = Combiner(method, val.shape[0], val.shape[2]).fit(val, y_val)
     oof = cross_fit(combiner, val, y_val, seed=seed)
     report = {
-        "members": [_report(val[m], y_val, test[m], y_test) for m in range(val.shape[0])],
+        "members": members,
+        "calibrate_members": calibrate_members,
         "ensemble": _report(oof, y_val, combiner.predict(test), y_test),
     }
     return combiner, report
@@ -324,6 +337,7 @@ def build_ensemble(
     split: DataSplit,
     task: str | None,
     out: Path,
+    calibrate_members: bool = False,
 ) -> dict[str, Any]:
     """`bitblend ensemble`: fit, score and save a spec directory; returns eval.json's data."""
     from bitblend.train.run_dir import check_new_run_dir, write_json
@@ -339,10 +353,11 @@ def build_ensemble(
     test = member_matrix(members, head, t_test)
     seconds = time.perf_counter() - t0
     combiner, report = fit_ensemble(
-        method, val, np.asarray(y_val), test, np.asarray(y_test), split.seed
+        method, val, np.asarray(y_val), test, np.asarray(y_test), split.seed, calibrate_members
     )
     for m, r in zip(members, report["members"], strict=True):
         r["run"] = str(m.path)
+        m.temperature = r["temperature"] if calibrate_members else 1.0
     report |= {
         "method": method,
         "task": name,
@@ -366,6 +381,7 @@ def build_ensemble(
                 "run": os.path.relpath(m.path.resolve(), out.resolve()),
                 "path": str(m.path.resolve()),
                 "task": m.task,
+                "temperature": m.temperature,
             }
             for m in members
         ],
