@@ -223,11 +223,15 @@ def activation_bytes(
         probs = (3 if shape.attn_dropout > 0 else 1) * b * nh * s * s * a
         layer["attention"] = 3 * t * h * a + probs
     else:
-        # q, k, v, output (T, h) in the compute dtype and the log-sum-exp (b, heads, s)
-        layer["attention"] = 4 * t * h * c + b * nh * s * FP32
-    # embeddings: token ids (+ token types for BERT) and position ids, a LayerNorm input
-    # (BERT; GPT-2's final ln_f is counted here too) and the embedding dropout mask
-    ids = (2 if shape.family == "bert" else 1) * t * INT64 + s * INT64
+        # q, k, v, output (T, h) in the compute dtype and the log-sum-exp (b, heads, s).
+        # GPT-2's q, k and v are views of one fused c_attn output, which stays alive
+        # beside the contiguous copies the fused kernel saves, plus one (T, h) more.
+        qkv_saved = 6 if shape.family == "gpt2" else 4
+        layer["attention"] = qkv_saved * t * h * c + b * nh * s * FP32
+    # embeddings: token ids and (not BERT, whose are slices of a registered buffer)
+    # position ids, a LayerNorm input (BERT; GPT-2's final ln_f is counted here too) and
+    # the embedding dropout mask
+    ids = t * INT64 + (0 if shape.family == "bert" else s * INT64)
     emb = ids + t * h * FP32 + 2 * t * FP32
     if shape.hidden_dropout > 0:
         emb += t * h * w
