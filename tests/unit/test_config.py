@@ -303,6 +303,7 @@ def test_out_of_range_numbers(override: str, expected: str) -> None:
     [
         "model.dropout=1.5",
         "model.dropout=-0.1",
+        "model.attention_dropout=1.5",
         "model.head_dropout=-0.1",
         "model.head_dropout=1.5",
         "optimizer.eps=-1",

@@ -142,8 +142,10 @@ def test_optimizer_states_match_a_real_adamw_step() -> None:
 
 # -- activations: what autograd saves -----------------------------------------------------
 def _saved_bytes(model: nn.Module, prec: Any, head: str, batch: int, seq: int) -> int:
-    """Bytes of the distinct non-parameter storages autograd saves for backward."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    """Bytes of the distinct storages autograd saves for backward, parameters and buffers
+    (BERT's position and token-type ids are slices of buffers) aside."""
+    held = itertools.chain(model.parameters(), model.buffers())
+    params = {p.untyped_storage().data_ptr() for p in held}
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -169,7 +171,8 @@ def test_activation_bytes_equal_saved_tensors(
     backbone: str, precision: str, dropout: float | None
 ) -> None:
     """Within 1% of the saved-tensor hooks' count, math (dropout) and flash SDPA alike."""
-    recipe = make_recipe(f"model.backbone={backbone}", f"model.dropout={dropout or 'null'}")
+    p = "null" if dropout is None else dropout
+    recipe = make_recipe(f"model.backbone={backbone}", f"model.dropout={p}")
     shape, _, _ = recipe_shapes(recipe)
     model, prec = _model(recipe, precision)
     task = TaskShape("bbc", "classification", 5, batch=4, seq=32)
@@ -179,6 +182,24 @@ def test_activation_bytes_equal_saved_tensors(
     autocast = temporary_bytes(shape, task, spec, acts).get("autocast weight copies", 0)
     got = _saved_bytes(model, prec, "classification", 4, 32)
     assert acts.total + autocast == pytest.approx(got, rel=0.01)
+
+
+def test_attention_dropout_alone_is_modelled() -> None:
+    """model.attention_dropout=0 keeps the hidden dropouts but lets SDPA take its fused
+    path: the estimate follows the built model's saved tensors, and they shrink."""
+    task = TaskShape("bbc", "classification", 5, batch=4, seq=32)
+    spec = precision_spec("bf16-mixed")
+    saved = {}
+    for attn in ("null", "0.0"):
+        recipe = make_recipe("model.backbone=tiny-bert", f"model.attention_dropout={attn}")
+        shape, _, _ = recipe_shapes(recipe)
+        assert shape.hidden_dropout == 0.1 and shape.attn_dropout == (0.1 if attn == "null" else 0)
+        model, prec = _model(recipe, "bf16-mixed")
+        acts = activation_bytes(shape, task, spec)
+        autocast = temporary_bytes(shape, task, spec, acts).get("autocast weight copies", 0)
+        saved[attn] = _saved_bytes(model, prec, "classification", 4, 32)
+        assert acts.total + autocast == pytest.approx(saved[attn], rel=0.01)
+    assert saved["0.0"] < saved["null"]
 
 
 def test_lm_head_activations_equal_saved_tensors() -> None:

@@ -143,3 +143,13 @@ def test_non_finite_gradient_skips_step_in_every_recipe() -> None:
         assert not result.stepped, name
         for a, b in zip(before, model.parameters(), strict=True):
             assert torch.equal(a, b), name
+
+
+def test_attention_dropout_overrides_only_the_attention_keys() -> None:
+    """On the real MiniLM config: hidden dropout stays 0.1 unless `dropout` says otherwise."""
+    cfg = load_backbone("minilm", None, 0.0)[0].config
+    assert (cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob) == (0.1, 0.0)
+    cfg = load_backbone("minilm", 0.2, 0.05)[0].config
+    assert (cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob) == (0.2, 0.05)
+    cfg = load_backbone("tiny-gpt", 0.0, 0.3)[0].config
+    assert (cfg.resid_pdrop, cfg.embd_pdrop, cfg.attn_pdrop) == (0.0, 0.0, 0.3)

@@ -276,6 +276,7 @@ def _check(recipe: Recipe) -> None:
         raise BitblendError("schedule.warmup_ratio: expected a number in [0, 1)")
     ranges = [
         ("model.dropout", recipe.model.dropout, 0.0, 1.0, True),
+        ("model.attention_dropout", recipe.model.attention_dropout, 0.0, 1.0, True),
         ("model.head_dropout", recipe.model.head_dropout, 0.0, 1.0, True),
         ("optimizer.weight_decay", recipe.optimizer.weight_decay, 0.0, math.inf, True),
         ("optimizer.momentum", recipe.optimizer.momentum, 0.0, 1.0, False),

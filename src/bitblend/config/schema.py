@@ -59,6 +59,11 @@ class ModelConfig:
         "auto", "how a sequence becomes one vector: auto = mean for encoders, last for decoders"
     )
     dropout: float | None = doc(None, "override the backbone's hidden and attention dropout")
+    attention_dropout: float | None = doc(
+        None,
+        "override only the attention-probability dropout (after `dropout`); 0 lets CPU SDPA "
+        "keep its fused kernel: MiniLM steps ~1.2x faster on this CPU",
+    )
     head_dropout: float = doc(0.1, "dropout before each task head")
     tfidf_max_features: int | None = doc(
         50000, "tfidf-logreg: keep the N most frequent n-grams (null = all)"

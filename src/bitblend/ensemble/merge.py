@@ -202,7 +202,9 @@ def base_state(items: list[Ingredient]) -> State:
                 f"{first.recipe.train.seed}; {name} is random-init, so the runs have no common base"
             )
     seed_everything(first.recipe.train.seed)  # as build_model does before load_backbone
-    backbone, _ = load_backbone(name, first.recipe.model.dropout)
+    backbone, _ = load_backbone(
+        name, first.recipe.model.dropout, first.recipe.model.attention_dropout
+    )
     base = {
         f"backbone.{k}": v.float()
         for k, v in backbone.state_dict().items()

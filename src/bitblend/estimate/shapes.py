@@ -108,7 +108,12 @@ def head_params(specs: list[Any], width: int) -> tuple[int, int, int]:
     return total, fp32, matmul
 
 
-def shape_from_config(config: Any, specs: list[Any], dropout: float | None = None) -> ModelShape:
+def shape_from_config(
+    config: Any,
+    specs: list[Any],
+    dropout: float | None = None,
+    attention_dropout: float | None = None,
+) -> ModelShape:
     """The cost-model view of a transformers config plus bitblend's heads."""
     family = config.model_type if config.model_type in (*BERT_LIKE, "gpt2") else "generic"
     family = "bert" if family in BERT_LIKE else family
@@ -125,6 +130,8 @@ def shape_from_config(config: Any, specs: list[Any], dropout: float | None = Non
     )
     if dropout is not None:
         p_hidden = p_attn = dropout
+    if attention_dropout is not None:
+        p_attn = attention_dropout
     # Linear weights + biases of one block: q, k, v, output (or GPT-2's fused c_attn and
     # c_proj: the same sizes) and the two MLP projections.
     linears = 4 * (h * h + h) + (h * i + i) + (i * h + h)
@@ -179,7 +186,9 @@ class _SizedVocab:
         return self.size
 
 
-def backbone_config(name: str, dropout: float | None) -> tuple[Any, Any]:
+def backbone_config(
+    name: str, dropout: float | None, attention_dropout: float | None = None
+) -> tuple[Any, Any]:
     """(transformers config, tokenizer) of a backbone alias or directory, without weights."""
     from transformers import AutoConfig, AutoTokenizer
 
@@ -189,7 +198,7 @@ def backbone_config(name: str, dropout: float | None) -> tuple[Any, Any]:
         # The tiny models are defined in code: build them on the meta device (no memory,
         # no init) and read their config.
         with torch.device("meta"):
-            model, tokenizer = load_backbone(name, dropout)
+            model, tokenizer = load_backbone(name, dropout, attention_dropout)
         return model.config, tokenizer
     path = minilm_path() if name == "minilm" else Path(name)
     if not (path / "config.json").is_file():
@@ -219,7 +228,8 @@ def recipe_shapes(recipe: Recipe) -> tuple[ModelShape, list[TaskShape], list[flo
     from bitblend.train.setup import head_spec, load_data
 
     datas = load_data(recipe)
-    config, tokenizer = backbone_config(recipe.model.backbone, recipe.model.dropout)
+    m = recipe.model
+    config, tokenizer = backbone_config(m.backbone, m.dropout, m.attention_dropout)
     decoder = is_decoder(cast(Any, SimpleNamespace(config=config)))
     cfg = recipe.train
     specs, tasks = [], []
@@ -252,7 +262,7 @@ def recipe_shapes(recipe: Recipe) -> tuple[ModelShape, list[TaskShape], list[flo
             seq += math.ceil(longest / cfg.pad_to_multiple_of) * cfg.pad_to_multiple_of
         seq += spec.num_patches + spec.num_features
         tasks.append(TaskShape(task.name, task.head, spec.num_outputs, micro, max(seq, 1)))
-    shape = shape_from_config(config, specs, recipe.model.dropout)
+    shape = shape_from_config(config, specs, m.dropout, m.attention_dropout)
     for i, t in enumerate(tasks):
         if shape.positions and t.seq > shape.positions and shape.family != "generic":
             raise BitblendError(

@@ -60,9 +60,12 @@ def _byte_level_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def _tiny_bert(dropout: float | None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+def _tiny_bert(
+    dropout: float | None, attention_dropout: float | None = None
+) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     p = 0.1 if dropout is None else dropout
+    pa = p if attention_dropout is None else attention_dropout
     config = BertConfig(
         vocab_size=tokenizer.vocab_size,
         hidden_size=32,
@@ -71,17 +74,22 @@ def _tiny_bert(dropout: float | None) -> tuple[nn.Module, PreTrainedTokenizerBas
         intermediate_size=64,
         max_position_embeddings=512,
         hidden_dropout_prob=p,
-        attention_probs_dropout_prob=p,
+        attention_probs_dropout_prob=pa,
         attn_implementation="sdpa",  # type: ignore[call-arg]
     )
     return BertModel(config, add_pooling_layer=False), tokenizer
 
 
 def _tiny_gpt(
-    dropout: float | None, width: int = 32, layers: int = 2, heads: int = 2
+    dropout: float | None,
+    attention_dropout: float | None = None,
+    width: int = 32,
+    layers: int = 2,
+    heads: int = 2,
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     tokenizer = _byte_level_tokenizer()
     p = 0.1 if dropout is None else dropout
+    pa = p if attention_dropout is None else attention_dropout
     config = GPT2Config(
         vocab_size=len(tokenizer),
         n_embd=width,
@@ -90,7 +98,7 @@ def _tiny_gpt(
         n_positions=512,
         resid_pdrop=p,
         embd_pdrop=p,
-        attn_pdrop=p,
+        attn_pdrop=pa,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -99,7 +107,15 @@ def _tiny_gpt(
     return GPT2Model(config), tokenizer
 
 
-def _from_dir(path: Path, dropout: float | None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+# Config keys of the attention-probability dropout across model families; the rest of
+# DROPOUT_KEYS are hidden/residual/embedding dropouts.
+ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attn_pdrop", "attention_dropout")
+DROPOUT_KEYS = ("hidden_dropout_prob", "resid_pdrop", "embd_pdrop", "dropout")
+
+
+def _from_dir(
+    path: Path, dropout: float | None, attention_dropout: float | None = None
+) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     if not (path / "config.json").is_file():
         raise BitblendError(
             f"model.backbone: {path}: expected minilm, tiny-bert, tiny-gpt or a transformers "
@@ -107,18 +123,11 @@ def _from_dir(path: Path, dropout: float | None) -> tuple[nn.Module, PreTrainedT
         )
     config = AutoConfig.from_pretrained(path)
     kwargs: dict[str, Any] = {"attn_implementation": "sdpa"}
-    if dropout is not None:
-        for key in (
-            "hidden_dropout_prob",
-            "attention_probs_dropout_prob",
-            "resid_pdrop",
-            "embd_pdrop",
-            "attn_pdrop",
-            "dropout",
-            "attention_dropout",
-        ):
-            if hasattr(config, key):
-                kwargs[key] = dropout
+    attention = dropout if attention_dropout is None else attention_dropout
+    for keys, value in ((DROPOUT_KEYS, dropout), (ATTENTION_DROPOUT_KEYS, attention)):
+        for key in keys:
+            if value is not None and hasattr(config, key):
+                kwargs[key] = value
     if config.model_type in ("bert", "roberta", "xlm-roberta", "electra"):
         # The pooler is unused (we pool ourselves) and absent from sentence-transformers
         # checkpoints; building it would only add random weights.
@@ -133,23 +142,29 @@ def _from_dir(path: Path, dropout: float | None) -> tuple[nn.Module, PreTrainedT
     return model, tokenizer
 
 
-def load_backbone(name: str, dropout: float | None = None) -> tuple[nn.Module, Any]:
-    """(transformers base model, tokenizer) for an alias or a local directory."""
+def load_backbone(
+    name: str, dropout: float | None = None, attention_dropout: float | None = None
+) -> tuple[nn.Module, Any]:
+    """(transformers base model, tokenizer) for an alias or a local directory.
+
+    `dropout` overrides every dropout of the backbone, `attention_dropout` then the
+    attention-probability dropout alone (None = keep what the config says).
+    """
     if name == "minilm":
-        return _from_dir(minilm_path(), dropout)
+        return _from_dir(minilm_path(), dropout, attention_dropout)
     if name == "tiny-bert":
-        return _tiny_bert(dropout)
+        return _tiny_bert(dropout, attention_dropout)
     if name == "tiny-gpt":
-        return _tiny_gpt(dropout)
+        return _tiny_gpt(dropout, attention_dropout)
     if name == "small-gpt":  # 0.8M params: big enough to learn, small enough for a CPU
-        return _tiny_gpt(dropout, width=128, layers=4, heads=4)
+        return _tiny_gpt(dropout, attention_dropout, width=128, layers=4, heads=4)
     path = Path(name)
     if not path.exists():
         raise BitblendError(
             f"model.backbone: {name}: expected one of {', '.join(ALIASES)} or an existing "
             "local model directory"
         )
-    return _from_dir(path, dropout)
+    return _from_dir(path, dropout, attention_dropout)
 
 
 def is_decoder(model: nn.Module) -> bool:

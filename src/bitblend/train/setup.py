@@ -107,7 +107,9 @@ def build_model(
 ) -> tuple[MultiTaskModel, Any, dict[str, Any]]:
     """Trunk, adapters and heads (seeded), the backbone tokenizer, and per-task tokenizers."""
     seed_everything(recipe.train.seed)
-    backbone, tokenizer = load_backbone(recipe.model.backbone, recipe.model.dropout)
+    backbone, tokenizer = load_backbone(
+        recipe.model.backbone, recipe.model.dropout, recipe.model.attention_dropout
+    )
     task_tokenizers: dict[str, Any] = {}
     specs = []
     for i, (task, data) in enumerate(zip(recipe.tasks, datas, strict=True)):
