@@ -198,6 +198,11 @@ class TrainConfig:
     pad_to_multiple_of: int = doc(8, "pad batch length to a multiple of this")
     device: Literal["auto", "cpu", "cuda"] = doc("auto", "auto = cuda when present, else cpu")
     threads: int | None = doc(None, "torch CPU threads (default: all cores)")
+    cpu_heap: bool = doc(
+        True,
+        "CPU on Linux: keep freed activation memory mapped between steps (glibc mallopt) "
+        "instead of re-faulting it every step; MALLOC_* variables in the environment win",
+    )
 
 
 @dataclass(kw_only=True)

@@ -25,6 +25,7 @@ from bitblend.report.sinks import JsonlSink, TensorBoardSink, truncate_jsonl
 from bitblend.tasks.balancing import Balancer
 from bitblend.train import checkpoint as ckpt
 from bitblend.train import step as step_fn
+from bitblend.train.cpu_heap import tune_cpu_heap
 from bitblend.train.evaluate import evaluate_split
 from bitblend.train.jacobian import make_aggregator
 from bitblend.train.run_dir import write_json
@@ -62,6 +63,7 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         # Everything that can fail on bad input happens here, before anything is written.
         self.device = pick_device(cfg.device)
+        self.cpu_heap = tune_cpu_heap() if cfg.cpu_heap and self.device.type == "cpu" else None
         self.precision = build_precision(recipe.precision, self.device, cfg.seed)
         datas = load_data(recipe)
         self.model, self.tokenizer, self.task_tokenizers = build_model(recipe, datas)
@@ -420,6 +422,7 @@ class Trainer:
             "parameters": count_parameters(self.model),
             "device": str(self.device),
             "threads": torch.get_num_threads(),
+            "cpu_heap": self.cpu_heap,
             "torch": torch.__version__,
             "task_steps": dict(zip([t.name for t in self.tasks], self.task_steps, strict=True)),
             "eval": evals,

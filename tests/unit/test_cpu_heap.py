@@ -1,0 +1,65 @@
+"""train.cpu_heap: freed step memory stays mapped, so steps stop re-faulting pages.
+
+Each case runs in a fresh process: mallopt settings are process-wide and stick.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+
+CHILD = textwrap.dedent(
+    """
+    import json, resource, sys, tempfile
+    from pathlib import Path
+    from bitblend.config.load import load_recipe
+    from bitblend.train.trainer import Trainer
+
+    recipe = load_recipe("bbc", ["model.backbone=tiny-bert", "train.steps=10",
+                                 "train.threads=1", f"train.cpu_heap={sys.argv[1]}"])
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(recipe, Path(tmp) / "run", show_progress=False)
+        for _ in range(3):  # warm up: the heap grows to its working size
+            trainer.train_step()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(4):
+            trainer.train_step()
+        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4
+    print(json.dumps({"faults_per_step": faults, "applied": trainer.cpu_heap}))
+    """
+)
+
+
+def _run(heap: str, **env: str) -> dict[str, object]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, heap],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**clean, **env},
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def test_tuned_heap_stops_refaulting_pages_every_step() -> None:
+    """tiny-bert measured ~9,600 minor faults per step untuned, ~250 tuned."""
+    plain, tuned = _run("false"), _run("true")
+    assert plain["applied"] is None
+    assert tuned["applied"] == {
+        "mmap_threshold": 32 * 2**20,
+        "trim_threshold": 2**30,
+        "top_pad": 64 * 2**20,
+    }
+    assert float(tuned["faults_per_step"]) < 0.2 * float(plain["faults_per_step"])  # type: ignore[arg-type]
+
+
+def test_user_malloc_variables_win() -> None:
+    assert _run("true", MALLOC_ARENA_MAX="2")["applied"] is None
