@@ -187,22 +187,29 @@ def run_bitblend(args: argparse.Namespace, precision: str) -> dict[str, Any]:
     }
 
 
+def _hf_setup(args: argparse.Namespace) -> tuple[Any, Any, list[Any], list[int], int, Any]:
+    """What HF Trainer and the plain loop share: bitblend's batches, and the HF model built
+    after seeding as bitblend seeds (recipe, task, batches, tokens per step, pad id, model)."""
+    import torch
+
+    recipe = _recipe(args, "32-true")
+    bb_model, task, batches = _data(recipe)
+    step_tokens = [int(task.train.lengths[b].sum()) for b in batches]
+    torch.manual_seed(recipe.train.seed)
+    model = _hf_model(args.model, bb_model, len(task.data.label_names), args.attention_dropout)
+    return recipe, task, batches, step_tokens, task.batch.pad_id, model
+
+
 def run_hf(
     args: argparse.Namespace, callbacks: list[Any] | None = None, evaluate: bool = True
 ) -> dict[str, Any]:
     """transformers.Trainer with bf16=True on the CPU, fed bitblend's batches in order."""
     import numpy as np
-    import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from bitblend.data.modalities import collate
 
-    recipe = _recipe(args, "32-true")
-    bb_model, task, batches = _data(recipe)
-    step_tokens = [int(task.train.lengths[b].sum()) for b in batches]
-    pad_id = task.batch.pad_id
-    torch.manual_seed(recipe.train.seed)
-    model = _hf_model(args.model, bb_model, len(task.data.label_names), args.attention_dropout)
+    recipe, task, batches, step_tokens, pad_id, model = _hf_setup(args)
 
     class Clock(TrainerCallback):
         def __init__(self) -> None:
@@ -268,12 +275,7 @@ def run_plain(args: argparse.Namespace) -> dict[str, Any]:
     from bitblend.data.modalities import collate
     from bitblend.optim.build import lr_factor
 
-    recipe = _recipe(args, "32-true")
-    bb_model, task, batches = _data(recipe)
-    step_tokens = [int(task.train.lengths[b].sum()) for b in batches]
-    pad_id = task.batch.pad_id
-    torch.manual_seed(recipe.train.seed)
-    model = _hf_model(args.model, bb_model, len(task.data.label_names), args.attention_dropout)
+    recipe, task, batches, step_tokens, pad_id, model = _hf_setup(args)
     # The seed: torch.optim.AdamW(model.parameters(), lr=...), default weight decay 0.01.
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.optimizer.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(
