@@ -543,20 +543,16 @@ def summarise(model: str, runs: dict[str, list[dict[str, Any]]], peaks: list[dic
     def ratio(a: str, b: str, key: str = "tokens_per_s") -> float:
         return _median([x[key] / y[key] for x, y in zip(runs[a], runs[b], strict=True)])
 
-    ratios = {
-        "bitblend_bf16_vs_hf_bf16": ratio("bitblend-bf16", "hf-bf16"),
-        "bitblend_bf16_vs_bitblend_32": ratio("bitblend-bf16", "bitblend-32"),
-        "bitblend_bf16_vs_plain_fp32": ratio("bitblend-bf16", "plain-fp32"),
-        "hf_bf16_vs_plain_fp32": ratio("hf-bf16", "plain-fp32"),
-    }
+    pairs = [("bitblend-bf16", "hf-bf16"), ("bitblend-bf16", "bitblend-32"),
+             ("bitblend-bf16", "plain-fp32"), ("hf-bf16", "plain-fp32")]  # fmt: skip
+
+    def name(a: str, b: str) -> str:
+        return f"{a}_vs_{b}".replace("-", "_")
+
+    ratios = {name(a, b): ratio(a, b) for a, b in pairs}
     # The same ratios from each run's median step time (robust to a slowed-down step).
     med = "tokens_per_s_median_step"
-    ratios_median_step = {
-        "bitblend_bf16_vs_hf_bf16": ratio("bitblend-bf16", "hf-bf16", med),
-        "bitblend_bf16_vs_bitblend_32": ratio("bitblend-bf16", "bitblend-32", med),
-        "bitblend_bf16_vs_plain_fp32": ratio("bitblend-bf16", "plain-fp32", med),
-        "hf_bf16_vs_plain_fp32": ratio("hf-bf16", "plain-fp32", med),
-    }
+    ratios_median_step = {name(a, b): ratio(a, b, med) for a, b in pairs}
     shas = {r["batches_sha1"] for results in runs.values() for r in results}
     if len(shas) != 1:
         raise SystemExit(f"{model}: the systems trained on different batches ({shas})")
