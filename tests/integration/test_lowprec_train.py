@@ -52,7 +52,11 @@ def test_resume_equals_straight_run_bitwise(tmp_path: Path, variant: str) -> Non
     assert sa.keys() == sb.keys()
     for name in sa:
         assert torch.equal(sa[name], sb[name]), name
-    assert a[6] < a[1]  # and it learns
+    # ...and steps 4-6 really trained (a run whose weights never move resumes trivially);
+    # single-step losses of 6 tiny-bert steps are too noisy to show learning.
+    w3 = _weights(straight, 3)
+    moved = [n for n in wa if wa[n].is_floating_point() and not torch.equal(w3[n], wa[n])]
+    assert len(moved) > 0.9 * len(wa), (len(moved), len(wa))
 
 
 def test_model_state_bytes_per_param_by_variant(tmp_path: Path) -> None:

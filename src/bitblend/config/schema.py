@@ -61,10 +61,17 @@ class ModelConfig:
     dropout: float | None = doc(None, "override the backbone's hidden and attention dropout")
     attention_dropout: float | None = doc(
         None,
-        "override only the attention-probability dropout (after `dropout`); 0 lets CPU SDPA "
-        "keep its fused kernel: less activation memory, MiniLM steps ~1.05x faster here",
+        "override only the attention-probability dropout (after `dropout`); 0 saves the "
+        "attention mask's memory and draws (under model.kernels=torch it lets CPU SDPA keep "
+        "its fused kernel: MiniLM steps ~1.05x faster here)",
     )
     head_dropout: float = doc(0.1, "dropout before each task head")
+    kernels: Literal["auto", "torch"] = doc(
+        "auto",
+        "auto = bitblend's CPU attention and dropout-mask kernels on CPU (docs/performance.md; "
+        "MiniLM bf16 steps ~1.5x faster here), PyTorch's SDPA and dropout elsewhere; torch = "
+        "PyTorch's everywhere, as HF Trainer runs",
+    )
     tfidf_max_features: int | None = doc(
         50000, "tfidf-logreg: keep the N most frequent n-grams (null = all)"
     )

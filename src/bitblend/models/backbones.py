@@ -25,6 +25,9 @@ from transformers import (
 )
 
 from bitblend.errors import BitblendError
+from bitblend.models import attention
+
+attention.register()
 
 ALIASES = ("minilm", "tiny-bert", "tiny-gpt", "small-gpt")
 
@@ -61,7 +64,7 @@ def _byte_level_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def _tiny_bert(
-    dropout: float | None, attention_dropout: float | None = None
+    dropout: float | None, attention_dropout: float | None = None, attn: str = "sdpa"
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     p = 0.1 if dropout is None else dropout
@@ -75,7 +78,7 @@ def _tiny_bert(
         max_position_embeddings=512,
         hidden_dropout_prob=p,
         attention_probs_dropout_prob=pa,
-        attn_implementation="sdpa",  # type: ignore[call-arg]
+        attn_implementation=attn,  # type: ignore[call-arg]
     )
     return BertModel(config, add_pooling_layer=False), tokenizer
 
@@ -86,6 +89,7 @@ def _tiny_gpt(
     width: int = 32,
     layers: int = 2,
     heads: int = 2,
+    attn: str = "sdpa",
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     tokenizer = _byte_level_tokenizer()
     p = 0.1 if dropout is None else dropout
@@ -102,7 +106,7 @@ def _tiny_gpt(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        attn_implementation="sdpa",  # type: ignore[call-arg]
+        attn_implementation=attn,  # type: ignore[call-arg]
     )
     return GPT2Model(config), tokenizer
 
@@ -114,7 +118,7 @@ DROPOUT_KEYS = ("hidden_dropout_prob", "resid_pdrop", "embd_pdrop", "dropout")
 
 
 def _from_dir(
-    path: Path, dropout: float | None, attention_dropout: float | None = None
+    path: Path, dropout: float | None, attention_dropout: float | None = None, attn: str = "sdpa"
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     if not (path / "config.json").is_file():
         raise BitblendError(
@@ -122,7 +126,7 @@ def _from_dir(
             "model directory with config.json"
         )
     config = AutoConfig.from_pretrained(path)
-    kwargs: dict[str, Any] = {"attn_implementation": "sdpa"}
+    kwargs: dict[str, Any] = {"attn_implementation": attn}
     attention = dropout if attention_dropout is None else attention_dropout
     for keys, value in ((DROPOUT_KEYS, dropout), (ATTENTION_DROPOUT_KEYS, attention)):
         for key in keys:
@@ -143,28 +147,34 @@ def _from_dir(
 
 
 def load_backbone(
-    name: str, dropout: float | None = None, attention_dropout: float | None = None
+    name: str,
+    dropout: float | None = None,
+    attention_dropout: float | None = None,
+    kernels: str = "auto",
 ) -> tuple[nn.Module, Any]:
     """(transformers base model, tokenizer) for an alias or a local directory.
 
     `dropout` overrides every dropout of the backbone, `attention_dropout` then the
-    attention-probability dropout alone (None = keep what the config says).
+    attention-probability dropout alone (None = keep what the config says). `kernels`
+    "auto" builds the model with bitblend's attention (models/attention.py: its own CPU
+    kernel, SDPA elsewhere), "torch" with PyTorch's SDPA as transformers does.
     """
+    attn = attention.NAME if kernels == "auto" else "sdpa"
     if name == "minilm":
-        return _from_dir(minilm_path(), dropout, attention_dropout)
+        return _from_dir(minilm_path(), dropout, attention_dropout, attn)
     if name == "tiny-bert":
-        return _tiny_bert(dropout, attention_dropout)
+        return _tiny_bert(dropout, attention_dropout, attn)
     if name == "tiny-gpt":
-        return _tiny_gpt(dropout, attention_dropout)
+        return _tiny_gpt(dropout, attention_dropout, attn=attn)
     if name == "small-gpt":  # 0.8M params: big enough to learn, small enough for a CPU
-        return _tiny_gpt(dropout, attention_dropout, width=128, layers=4, heads=4)
+        return _tiny_gpt(dropout, attention_dropout, width=128, layers=4, heads=4, attn=attn)
     path = Path(name)
     if not path.exists():
         raise BitblendError(
             f"model.backbone: {name}: expected one of {', '.join(ALIASES)} or an existing "
             "local model directory"
         )
-    return _from_dir(path, dropout, attention_dropout)
+    return _from_dir(path, dropout, attention_dropout, attn)
 
 
 def is_decoder(model: nn.Module) -> bool:

@@ -18,6 +18,7 @@ from bitblend.data.modalities import EncodedSplit, TabularStats, encode_split
 from bitblend.data.sampler import BatchSampler
 from bitblend.data.sources import LM_HEADS, TaskData, load_task_data
 from bitblend.errors import BitblendError
+from bitblend.models.attention import use_fast_dropout
 from bitblend.models.backbones import is_decoder, load_backbone, seed_everything
 from bitblend.models.trunk import HeadSpec, MultiTaskModel
 from bitblend.tasks.losses import resolve_loss
@@ -108,7 +109,10 @@ def build_model(
     """Trunk, adapters and heads (seeded), the backbone tokenizer, and per-task tokenizers."""
     seed_everything(recipe.train.seed)
     backbone, tokenizer = load_backbone(
-        recipe.model.backbone, recipe.model.dropout, recipe.model.attention_dropout
+        recipe.model.backbone,
+        recipe.model.dropout,
+        recipe.model.attention_dropout,
+        recipe.model.kernels,
     )
     task_tokenizers: dict[str, Any] = {}
     specs = []
@@ -134,6 +138,8 @@ def build_model(
         uses_text = data.train.text is not None
         specs.append(head_spec(task, data, tok if uses_text else None, own and uses_text, i))
     model = MultiTaskModel(backbone, specs, recipe.model.pooling, recipe.model.head_dropout)
+    if recipe.model.kernels == "auto":
+        use_fast_dropout(model)  # CPU masks from models/attention.py; F.dropout elsewhere
     return model, tokenizer, task_tokenizers
 
 

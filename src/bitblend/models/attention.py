@@ -1,0 +1,157 @@
+"""bitblend's CPU attention kernel and cheap dropout masks, registered with transformers.
+
+Why: on CPU, PyTorch's SDPA has no fused kernel that supports dropout, so training with
+attention dropout runs its math path, which upcasts bf16 to fp32 for both batched matmuls
+and the softmax, and draws the dropout mask with `bernoulli_` — a serial Mersenne-Twister
+call per element (the single largest op in a MiniLM bf16 step's profile). Without dropout,
+its fused CPU kernel is slower than plain bmm + softmax at BERT's sequence lengths.
+
+This kernel computes what HF's eager attention computes under autocast — scores and
+probabilities in the compute dtype (softmax accumulates in fp32 internally), matmuls with
+fp32 accumulation — and draws dropout masks from 16-bit slices of full-range 64-bit random
+integers (one generator call per 4 elements, then a vectorised compare). The drop rate is
+rounded to a multiple of 1/65536 and the kept values are scaled by the rounded rate, so the
+expectation is exact. Masks are saved as bool (1 byte) where SDPA's math path saves a
+dropout noise tensor of the input dtype.
+
+Off CPU (CUDA SDPA has fused dropout), for decoding with a cache, or for features it does
+not implement (grouped KV heads, position bias, softcap, attention weights output) it hands
+the call to transformers' SDPA function unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+NAME = "bitblend"  # the attn_implementation name models are built with
+_RANDOM_LEVELS = 1 << 16
+
+
+def keep_mask(
+    shape: torch.Size | tuple[int, ...], p: float, device: torch.device
+) -> tuple[torch.Tensor, float]:
+    """(bool mask with True = keep, the drop rate actually used) for dropout rate `p`.
+
+    The rate is rounded to a multiple of 1/65536 (0.1 -> 0.100006); callers scale by
+    1 / (1 - rate) with the returned rate so kept activations stay unbiased.
+    """
+    n = 1
+    for d in shape:
+        n *= int(d)
+    threshold = round(p * _RANDOM_LEVELS)
+    # random_(min int64, None) draws the full 64-bit range (the default leaves the top bit
+    # 0, which would bias every fourth 16-bit slice).
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
+    mask = bits.view(torch.int16)[:n].view(shape) >= threshold - _RANDOM_LEVELS // 2
+    return mask, threshold / _RANDOM_LEVELS
+
+
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """Inverted dropout with a cheap mask on CPU; `F.dropout` elsewhere."""
+    if not training or p <= 0.0:
+        return x
+    if x.device.type != "cpu" or p >= 1.0:
+        return nn.functional.dropout(x, p, True)
+    mask, rate = keep_mask(x.shape, p, x.device)
+    # where() saves only the bool mask for backward; the scalar multiply saves nothing.
+    return torch.where(mask, x * (1.0 / (1.0 - rate)), 0.0)
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout whose CPU training path draws its mask with `keep_mask` (drop-in: same
+    `p`, same state_dict, same behaviour in eval)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.inplace:
+            return super().forward(input)
+        return dropout(input, self.p, self.training)
+
+
+def use_fast_dropout(model: nn.Module) -> int:
+    """Swap every plain nn.Dropout in `model` for `Dropout` in place; returns how many."""
+    swapped = 0
+    for module in model.modules():
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Dropout:
+                fast = Dropout(child.p, child.inplace)
+                fast.train(child.training)
+                setattr(module, name, fast)
+                swapped += 1
+    return swapped
+
+
+def _eligible(
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, kw: dict[str, Any]
+) -> bool:
+    return (
+        query.device.type == "cpu"
+        and query.shape[2] == key.shape[2]  # no decoding with a cache
+        and query.shape[1] == key.shape[1]  # no grouped KV heads
+        and getattr(module, "num_key_value_groups", 1) == 1
+        and kw.get("position_bias") is None
+        and kw.get("softcap") is None
+        and not kw.get("output_attentions", False)
+    )
+
+
+def attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention-interface function: (batch, heads, seq, head_dim) inputs,
+    (batch, seq, heads, head_dim) output, as `sdpa_attention_forward`."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if not _eligible(module, query, key, kwargs):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
+        )
+    s = query.shape[2]
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    # Scaling q (s x d) is cheaper than scaling the (s x s) scores.
+    scores = torch.matmul(query * scale, key.transpose(-1, -2))
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
+    if attention_mask is None and causal and s > 1:
+        attention_mask = torch.ones(s, s, dtype=torch.bool, device=query.device).tril()
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            # An additive (batch, 1, s, s) bias, built small and added in place: the add's
+            # backward is the identity, where masked_fill would copy the (s x s) scores and
+            # their gradient. The dtype's lowest finite value rather than -inf: a query row
+            # with every key masked (a padding query under a causal mask) then averages
+            # instead of giving NaN, as HF's eager attention does; such rows are never
+            # pooled, so their value is moot.
+            bias = torch.zeros(attention_mask.shape, dtype=scores.dtype, device=scores.device)
+            bias.masked_fill_(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            bias = attention_mask.to(scores.dtype)
+        # In place is safe: matmul saves its inputs, not its output.
+        scores = scores.add_(bias)
+    probs = torch.softmax(scores, dim=-1)
+    if dropout > 0.0:
+        mask, rate = keep_mask(probs.shape, dropout, probs.device)
+        probs = torch.where(mask, probs, 0.0)
+        # 1/(1-rate) applied to v (s x d) rather than to the (s x s) probabilities.
+        value = value * (1.0 / (1.0 - rate))
+    out = torch.matmul(probs, value)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Make `attn_implementation="bitblend"` known to transformers (idempotent)."""
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.modeling_utils import AttentionInterface
+
+    AttentionInterface.register(NAME, attention_forward)
+    # Same masks as SDPA: boolean (True = attend), or None when there is nothing to mask.
+    AttentionMaskInterface.register(NAME, sdpa_mask)

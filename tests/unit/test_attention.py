@@ -1,0 +1,148 @@
+"""bitblend's CPU attention kernel and dropout masks (models/attention.py): the same
+function as PyTorch's SDPA, unbiased masks at the asked rate, exact dropout semantics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from bitblend.models import attention
+from bitblend.models.backbones import load_backbone
+from bitblend.train.setup import build_model, load_data
+from tests.conftest import make_recipe
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_keep_mask_drops_at_the_asked_rate_in_every_slice(p: float) -> None:
+    """Each 64-bit draw feeds four elements; every one of the four 16-bit slices must be
+    unbiased (the default random_() range leaves the top bit 0, which would skew one)."""
+    torch.manual_seed(0)
+    n = 1 << 20
+    mask, rate = attention.keep_mask((n,), p, torch.device("cpu"))
+    assert mask.dtype == torch.bool and mask.shape == (n,)
+    assert rate == round(p * 65536) / 65536 and abs(rate - p) < 1e-5
+    tol = 5 * math.sqrt(p * (1 - p) / (n / 4))  # 5 sigma per slice
+    for k in range(4):
+        dropped = 1.0 - mask[k::4].float().mean().item()
+        assert abs(dropped - p) < tol, (k, dropped)
+
+
+def test_keep_mask_follows_the_seed() -> None:
+    cpu = torch.device("cpu")
+    torch.manual_seed(3)
+    a, _ = attention.keep_mask((7, 5, 3), 0.3, cpu)
+    torch.manual_seed(3)
+    b, _ = attention.keep_mask((7, 5, 3), 0.3, cpu)
+    assert torch.equal(a, b) and a.shape == (7, 5, 3)
+
+
+def test_dropout_is_inverted_dropout_with_its_mask() -> None:
+    x = torch.randn(64, 33, requires_grad=True)
+    torch.manual_seed(1)
+    out = attention.dropout(x, 0.25)
+    torch.manual_seed(1)
+    mask, rate = attention.keep_mask(x.shape, 0.25, x.device)
+    expected = torch.where(mask, x / (1 - rate), 0.0)
+    torch.testing.assert_close(out, expected)
+    out.backward(torch.ones_like(out))
+    assert x.grad is not None
+    torch.testing.assert_close(x.grad, mask.float() / (1 - rate))
+    # eval, p=0: identity
+    assert attention.dropout(x, 0.25, training=False) is x
+    assert attention.dropout(x, 0.0) is x
+
+
+def test_dropout_keeps_the_expectation() -> None:
+    torch.manual_seed(0)
+    out = attention.dropout(torch.ones(1 << 20, dtype=torch.bfloat16), 0.1)
+    assert out.dtype == torch.bfloat16
+    assert out.float().mean().item() == pytest.approx(1.0, abs=3e-3)
+
+
+def test_use_fast_dropout_swaps_every_plain_dropout() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.2), nn.Sequential(nn.Dropout(0.3)))
+    model.eval()
+    assert attention.use_fast_dropout(model) == 2
+    kinds = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert all(type(m) is attention.Dropout for m in kinds)
+    assert [m.p for m in kinds] == [0.2, 0.3] and not any(m.training for m in kinds)
+
+
+@pytest.mark.parametrize("kernels", ["auto", "torch"])
+def test_built_model_uses_the_asked_kernels(kernels: str) -> None:
+    recipe = make_recipe("model.backbone=tiny-bert", f"model.kernels={kernels}")
+    model, _, _ = build_model(recipe, load_data(recipe))
+    drops = [type(m) for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert drops and all(
+        t is (attention.Dropout if kernels == "auto" else nn.Dropout) for t in drops
+    )
+    impl = model.backbone.config._attn_implementation
+    assert impl == (attention.NAME if kernels == "auto" else "sdpa")
+
+
+def _pair(name: str) -> tuple[nn.Module, nn.Module, object]:
+    torch.manual_seed(0)
+    ours, tok = load_backbone(name, kernels="auto")
+    theirs, _ = load_backbone(name, kernels="torch")
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs, tok
+
+
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-gpt"])
+def test_same_outputs_and_gradients_as_sdpa(name: str) -> None:
+    """fp32, no dropout, padded batch: bitblend's kernel computes SDPA's function."""
+    ours, theirs, tok = _pair(name)
+    enc = tok(  # type: ignore[operator]
+        ["a longer sentence that needs no padding at all", "short"],
+        padding=True,
+        return_tensors="pt",
+    )
+    keep = enc["attention_mask"].bool()
+    outs, grads = [], []
+    for model in (ours, theirs):
+        model.train()
+        model.config.attention_probs_dropout_prob = 0.0
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
+        out = model(**enc).last_hidden_state
+        out[keep].square().sum().backward()
+        outs.append(out[keep])
+        grads.append(
+            torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        )
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-4)
+    # fp32 sums in another order: compare the gradient vectors as a whole
+    assert (grads[0] - grads[1]).norm() <= 1e-5 * grads[1].norm()
+
+
+def test_attention_dropout_is_exact() -> None:
+    """With dropout: softmax(q k^T s) masked by keep_mask, scaled, times v."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 8, 4) for _ in range(3))
+    module = nn.Module()
+    torch.manual_seed(5)
+    out, _ = attention.attention_forward(module, q, k, v, None, dropout=0.4, scaling=0.5)
+    torch.manual_seed(5)
+    mask, rate = attention.keep_mask((2, 3, 8, 8), 0.4, q.device)
+    probs = torch.softmax(q @ k.transpose(-1, -2) * 0.5, -1)
+    expected = (torch.where(mask, probs, 0.0) / (1 - rate)) @ v
+    torch.testing.assert_close(out, expected.transpose(1, 2))
+
+
+def test_causal_and_boolean_masks() -> None:
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 6, 4) for _ in range(3))
+    causal = nn.Module()
+    causal.is_causal = True  # type: ignore[assignment]
+    out, _ = attention.attention_forward(causal, q, k, v, None)
+    ref = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, ref.transpose(1, 2))
+    keys = torch.ones(2, 1, 6, 6, dtype=torch.bool)
+    keys[1, :, :, 4:] = False  # the second example's last two tokens are padding
+    out, _ = attention.attention_forward(nn.Module(), q, k, v, keys)
+    ref = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keys)
+    torch.testing.assert_close(out, ref.transpose(1, 2))
