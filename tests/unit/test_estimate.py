@@ -167,13 +167,18 @@ def _saved_bytes(model: nn.Module, prec: Any, head: str, batch: int, seq: int) -
 @pytest.mark.parametrize("backbone", ["tiny-bert", "tiny-gpt"])
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "bf16-true"])
 @pytest.mark.parametrize("dropout", [None, 0.0])
+@pytest.mark.parametrize("kernels", ["auto", "torch"])
 def test_activation_bytes_equal_saved_tensors(
-    backbone: str, precision: str, dropout: float | None
+    backbone: str, precision: str, dropout: float | None, kernels: str
 ) -> None:
-    """Within 1% of the saved-tensor hooks' count, math (dropout) and flash SDPA alike."""
+    """Within 1% of the saved-tensor hooks' count: bitblend's CPU attention and dropout
+    (kernels=auto), SDPA's math (dropout) and flash paths (kernels=torch) alike."""
     p = "null" if dropout is None else dropout
-    recipe = make_recipe(f"model.backbone={backbone}", f"model.dropout={p}")
+    recipe = make_recipe(
+        f"model.backbone={backbone}", f"model.dropout={p}", f"model.kernels={kernels}"
+    )
     shape, _, _ = recipe_shapes(recipe)
+    assert shape.kernels == kernels
     model, prec = _model(recipe, precision)
     task = TaskShape("bbc", "classification", 5, batch=4, seq=32)
     spec = precision_spec(precision)
@@ -184,14 +189,20 @@ def test_activation_bytes_equal_saved_tensors(
     assert acts.total + autocast == pytest.approx(got, rel=0.01)
 
 
-def test_attention_dropout_alone_is_modelled() -> None:
-    """model.attention_dropout=0 keeps the hidden dropouts but lets SDPA take its fused
-    path: the estimate follows the built model's saved tensors, and they shrink."""
+@pytest.mark.parametrize("kernels", ["auto", "torch"])
+def test_attention_dropout_alone_is_modelled(kernels: str) -> None:
+    """model.attention_dropout=0 keeps the hidden dropouts but drops the attention mask
+    (and, under kernels=torch, lets SDPA take its fused path): the estimate follows the
+    built model's saved tensors, and they shrink."""
     task = TaskShape("bbc", "classification", 5, batch=4, seq=32)
     spec = precision_spec("bf16-mixed")
     saved = {}
     for attn in ("null", "0.0"):
-        recipe = make_recipe("model.backbone=tiny-bert", f"model.attention_dropout={attn}")
+        recipe = make_recipe(
+            "model.backbone=tiny-bert",
+            f"model.attention_dropout={attn}",
+            f"model.kernels={kernels}",
+        )
         shape, _, _ = recipe_shapes(recipe)
         assert shape.hidden_dropout == 0.1 and shape.attn_dropout == (0.1 if attn == "null" else 0)
         model, prec = _model(recipe, "bf16-mixed")
@@ -244,7 +255,7 @@ def test_estimate_grows_monotonically_in_batch_and_seq(backbone: str, precision:
         return (mem.peak, mem.peak_checkpointed, acts.total, step_flops(shape, task).total, t)
 
     for seq in (8, 32, 128):
-        _grows([costs(b, seq) for b in (1, 2, 4, 8, 16, 64, 256)])
+        _grows([costs(b, seq) for b in (1, 2, 4, 8, 16, 64, 256, 1024)])
     for batch in (1, 8, 32):
         _grows([costs(batch, s) for s in (8, 16, 32, 64, 128, 256, 512)])
 

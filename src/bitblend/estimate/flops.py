@@ -136,7 +136,8 @@ def step_time(
         draws += (2 * shape.layers + 1) * task.tokens * shape.hidden
     if shape.attn_dropout > 0:
         draws += shape.layers * task.batch * shape.heads * task.seq**2
-    rng = draws * recompute / peaks.rng if peaks.rng else 0.0
+    rate = peaks.fast_rng if acts.attention == "bitblend" and peaks.fast_rng else peaks.rng
+    rng = draws * recompute / rate if rate else 0.0
     ops = shape.layers * OPS_PER_LAYER[min(spec.compute_bytes, spec.weight_bytes)] * recompute
     overhead = (ops + OPS_FIXED) * peaks.op_overhead  # each at the probed cost of a bare op
     # Fused AdamW reads param, grad and states and writes param and states; clipping reads

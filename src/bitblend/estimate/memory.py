@@ -165,7 +165,9 @@ class ActivationBytes:
     embeddings: int = 0
     head: int = 0
     layer_input: int = 0  # what checkpointing keeps per layer: its input hidden states
-    attention: str = "math"  # SDPA backend the step runs: math (materialises probs) or flash
+    # The attention the step runs: "bitblend" (models/attention.py, probs in the compute
+    # dtype), SDPA's "math" (probs in fp32 on CPU) or "flash" (no probs kept)
+    attention: str = "math"
 
     @property
     def layer(self) -> int:
@@ -184,8 +186,16 @@ class ActivationBytes:
 
 
 def attention_backend(shape: ModelShape, device: str) -> str:
-    """SDPA's choice: CPU flash attention has no dropout, so training with it runs `math`."""
+    """bitblend's own kernel on CPU (model.kernels=auto); else SDPA's choice: CPU flash
+    attention has no dropout, so training with it runs `math`."""
+    if device == "cpu" and shape.kernels == "auto":
+        return "bitblend"
     return "math" if device == "cpu" and shape.attn_dropout > 0 else "flash"
+
+
+def fast_dropout(shape: ModelShape, device: str) -> bool:
+    """Dropout masks saved as bool (models/attention.py) rather than in the input dtype."""
+    return device == "cpu" and shape.kernels == "auto"
 
 
 def activation_bytes(
@@ -198,13 +208,17 @@ def activation_bytes(
     w = FP32 if spec.weight_bytes == FP32 else spec.weight_bytes  # residual stream dtype
     backend = attention_backend(shape, device)
     # CPU math SDPA upcasts bf16/fp16 to fp32 for accuracy; elsewhere it keeps the dtype.
-    a = FP32 if device == "cpu" else c
+    a = FP32 if device == "cpu" and backend == "math" else c
+    # bitblend's dropout saves a bool mask; PyTorch's CPU dropout multiplies by a noise
+    # tensor of the input's size and dtype and saves that.
+    m = 1 if fast_dropout(shape, device) else c
     # Autocast casts activations anew for every matmul (it caches only weights): BERT's
     # separate q, k, v projections each save their own 16-bit copy of the fp32 input.
     qkv = 3 if shape.family != "gpt2" and spec.autocast else 1
-    # Math SDPA's output is copied back to (T, h) for the output projection; flash
-    # attention's output already has that layout, so the projection saves a view of it.
-    ctx = 1 if backend == "math" else 0
+    # Math SDPA's (and bitblend's) output is copied back to (T, h) for the output
+    # projection; flash attention's output already has that layout, so the projection
+    # saves a view of it.
+    ctx = 0 if backend == "flash" else 1
     layer: dict[str, int] = {
         # inputs of the QKV, attention-output and first MLP projections: (T, h) each
         "matmul inputs": (qkv + ctx + 1) * t * h * c,
@@ -215,9 +229,14 @@ def activation_bytes(
         "norm inputs": 2 * (t * h * FP32 + 2 * t * FP32),
     }
     if shape.hidden_dropout > 0:
-        # CPU dropout multiplies by a mask of the input's size and dtype and saves it.
-        layer["dropout masks"] = 2 * t * h * c
-    if backend == "math":
+        layer["dropout masks"] = 2 * t * h * m
+    if backend == "bitblend":
+        # scaled q, k and (scaled) v (T, h), the softmax output (b, heads, s, s); with
+        # dropout also its bool mask and the dropped probs the second matmul saves.
+        probs = b * nh * s * s * a
+        dropped = b * nh * s * s * (1 + a) if shape.attn_dropout > 0 else 0
+        layer["attention"] = 3 * t * h * a + probs + dropped
+    elif backend == "math":
         # scaled q, scaled k and v (T, h) plus probs (b, heads, s, s); with dropout also
         # its mask and the dropped probs.
         probs = (3 if shape.attn_dropout > 0 else 1) * b * nh * s * s * a
@@ -234,8 +253,8 @@ def activation_bytes(
     ids = t * INT64 + (0 if shape.family == "bert" else s * INT64)
     emb = ids + t * h * FP32 + 2 * t * FP32
     if shape.hidden_dropout > 0:
-        emb += t * h * w
-    head = _head_bytes(shape, task, spec)
+        emb += t * h * (1 if fast_dropout(shape, device) else w)
+    head = _head_bytes(shape, task, spec, fast_dropout(shape, device))
     return ActivationBytes(
         per_layer=layer,
         layers=shape.layers,
@@ -246,7 +265,7 @@ def activation_bytes(
     )
 
 
-def _head_bytes(shape: ModelShape, task: TaskShape, spec: PrecisionSpec) -> int:
+def _head_bytes(shape: ModelShape, task: TaskShape, spec: PrecisionSpec, fast: bool) -> int:
     """Pooling, head and loss: small for pooled heads, (T, vocab) for LM heads."""
     b, t, h = task.batch, task.tokens, shape.hidden
     if task.per_token:
@@ -255,8 +274,10 @@ def _head_bytes(shape: ModelShape, task: TaskShape, spec: PrecisionSpec) -> int:
         # upcasts the logits and log_softmax saves its (T, outputs) fp32 result.
         width = spec.compute_bytes if lm else FP32
         return t * h * width + t * task.outputs * FP32 + t * INT64
-    # pooling mask (b, s, 1), head dropout mask and head input (b, h) in fp32
-    return t * FP32 + 2 * b * h * FP32 + b * task.outputs * FP32
+    # pooling mask (b, s, 1), head dropout mask (bool with bitblend's dropout) and head
+    # input (b, h) in fp32
+    mask = 1 if fast else FP32
+    return t * FP32 + b * h * (mask + FP32) + b * task.outputs * FP32
 
 
 def temporary_bytes(
@@ -271,7 +292,9 @@ def temporary_bytes(
     a = FP32
     # Backward of one op holds the incoming gradient and the outgoing one: the biggest pair
     # is the attention probs (math SDPA) or the MLP activation; plus the residual gradient.
-    probs = b * shape.heads * s * s * a if acts.attention == "math" else 0
+    if acts.attention == "bitblend":
+        a = spec.compute_bytes
+    probs = b * shape.heads * s * s * a if acts.attention != "flash" else 0
     out["backward buffers"] = 2 * max(probs, t * i * spec.compute_bytes) + 2 * t * h * FP32
     if task.per_token:
         # logits in their dtype, their fp32 copy and the gradient of log_softmax

@@ -21,7 +21,7 @@ import torch
 
 CACHE_ENV = "BITBLEND_CACHE_DIR"
 CACHE_FILE = "probe.json"
-PROBE_VERSION = 2  # part of the cache key: a changed probe never reads an old entry
+PROBE_VERSION = 3  # part of the cache key: a changed probe never reads an old entry
 
 
 @dataclass
@@ -34,7 +34,8 @@ class Peaks:
     matmul_flops: dict[str, float] = field(default_factory=dict)
     attention_flops: dict[str, float] = field(default_factory=dict)
     bandwidth: float = 0.0  # bytes/s of an out-of-cache elementwise add
-    rng: float = 0.0  # bernoulli draws/s (dropout masks)
+    rng: float = 0.0  # bernoulli draws/s (PyTorch's dropout masks)
+    fast_rng: float = 0.0  # mask elements/s of bitblend's CPU dropout (models/attention.py)
     op_overhead: float = 0.0  # seconds per small autograd op (dispatch + bookkeeping)
     seconds: float = 0.0  # how long the probe took
     cached: bool = False  # read from the cache rather than measured now
@@ -179,6 +180,11 @@ def measure(
     # Dropout draws one random number per element; on CPU that costs more than the bytes.
     draw = functools.partial(z.bernoulli_, 0.9, generator=gen)
     peaks.rng = _best_rate(draw, float(n), device, share / 2, clock)
+    if device.type == "cpu":
+        from bitblend.models.attention import keep_mask
+
+        fast = functools.partial(keep_mask, (n,), 0.1, device)
+        peaks.fast_rng = _best_rate(fast, float(n), device, share / 4, clock)
     # Small autograd ops cost their dispatch: what dominates a tiny model's step.
     w = torch.ones(8, device=device, requires_grad=True)
 

@@ -42,6 +42,7 @@ class ModelShape:
     fp32_params: int  # kept in fp32 by low-precision recipes: norms and pooled heads
     matmul_params: int  # weights + biases of Linear layers run under autocast (trunk, LM heads)
     layer_params: int  # one transformer block (the unit FSDP2 shards and gathers)
+    kernels: str = "auto"  # model.kernels: bitblend's CPU attention/dropout, or torch's
 
     @property
     def params(self) -> int:
@@ -113,6 +114,7 @@ def shape_from_config(
     specs: list[Any],
     dropout: float | None = None,
     attention_dropout: float | None = None,
+    kernels: str = "auto",
 ) -> ModelShape:
     """The cost-model view of a transformers config plus bitblend's heads."""
     family = config.model_type if config.model_type in (*BERT_LIKE, "gpt2") else "generic"
@@ -164,6 +166,7 @@ def shape_from_config(
         fp32_params=trunk_norms + heads_fp32,
         matmul_params=L * linears + heads_matmul,
         layer_params=layer,
+        kernels=kernels,
     )
 
 
@@ -262,7 +265,7 @@ def recipe_shapes(recipe: Recipe) -> tuple[ModelShape, list[TaskShape], list[flo
             seq += math.ceil(longest / cfg.pad_to_multiple_of) * cfg.pad_to_multiple_of
         seq += spec.num_patches + spec.num_features
         tasks.append(TaskShape(task.name, task.head, spec.num_outputs, micro, max(seq, 1)))
-    shape = shape_from_config(config, specs, m.dropout, m.attention_dropout)
+    shape = shape_from_config(config, specs, m.dropout, m.attention_dropout, m.kernels)
     for i, t in enumerate(tasks):
         if shape.positions and t.seq > shape.positions and shape.family != "generic":
             raise BitblendError(
