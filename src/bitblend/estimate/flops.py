@@ -20,6 +20,10 @@ from bitblend.estimate.shapes import ModelShape, TaskShape
 # bandwidth: fitted on 16 single-thread profiled steps (MiniLM and the tiny models, 3
 # precisions, batch 8-32, seq 64-128; docs/estimate.md), within 20% on each.
 TRAFFIC_PER_SAVED_BYTE = 15.0
+# bitblend's CPU attention and dropout (model.kernels=auto) save less - bool masks, 16-bit
+# probabilities - for about the same elementwise passes: 29 bytes per saved byte, fitted on
+# benchmarks/estimate_vs_measured.py's 10 cases (in sample; docs/estimate.md).
+TRAFFIC_PER_SAVED_BYTE_FAST = 29.0
 # aten ops per transformer block (forward + backward), counted with the profiler: 32-true
 # 194 computing ops + 488 views and dispatch-only ops, with autocast or bf16 weights 284 +
 # 584 (the casts); outside the blocks (embeddings, head, loss, clipping, optimizer) 183 +
@@ -27,6 +31,10 @@ TRAFFIC_PER_SAVED_BYTE = 15.0
 # of a small autograd op: what a tiny model's step is made of.
 OPS_PER_LAYER = {4: 194 + 488 / 5, 2: 284 + 584 / 5}
 OPS_FIXED = 183 + 274 / 5
+# bitblend's CPU attention and dropout add computing ops and views per block (profiled on
+# tiny-bert, top-level aten ops: masks, the additive bias, scalings): 32-true 19 + 15,
+# bf16 19 + 11.
+OPS_FAST_EXTRA = {4: 19 + 15 / 5, 2: 19 + 11 / 5}
 
 
 def linear_flops(m: int, n: int, k: int) -> int:
@@ -129,16 +137,20 @@ def step_time(
     attn_dtype = "float32" if acts.attention == "math" and device == "cpu" else spec.compute_dtype
     matmul = passes * linear / peaks.flops(spec.compute_dtype)
     attn = passes * attention / peaks.attention(attn_dtype)
-    elementwise = TRAFFIC_PER_SAVED_BYTE * acts.total * recompute / peaks.bandwidth
+    fast = acts.attention == "bitblend"
+    traffic = TRAFFIC_PER_SAVED_BYTE_FAST if fast else TRAFFIC_PER_SAVED_BYTE
+    elementwise = traffic * acts.total * recompute / peaks.bandwidth
     draws = 0.0
     if shape.hidden_dropout > 0:
         # two dropouts per block and one after the embeddings, over (T, h)
         draws += (2 * shape.layers + 1) * task.tokens * shape.hidden
     if shape.attn_dropout > 0:
         draws += shape.layers * task.batch * shape.heads * task.seq**2
-    rate = peaks.fast_rng if acts.attention == "bitblend" and peaks.fast_rng else peaks.rng
+    rate = peaks.fast_rng if fast and peaks.fast_rng else peaks.rng
     rng = draws * recompute / rate if rate else 0.0
-    ops = shape.layers * OPS_PER_LAYER[min(spec.compute_bytes, spec.weight_bytes)] * recompute
+    width = min(spec.compute_bytes, spec.weight_bytes)
+    per_layer = OPS_PER_LAYER[width] + (OPS_FAST_EXTRA[width] if fast else 0.0)
+    ops = shape.layers * per_layer * recompute
     overhead = (ops + OPS_FIXED) * peaks.op_overhead  # each at the probed cost of a bare op
     # Fused AdamW reads param, grad and states and writes param and states; clipping reads
     # the grads once more. A master copy adds the bf16->fp32 grad copy and the copy back.
