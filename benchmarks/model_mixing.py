@@ -196,10 +196,11 @@ def main() -> None:
     member_test = {n: reports["mean"]["members"][k] for k, n in enumerate(names)}
     print(f"ensembles fitted ({time.perf_counter() - wall0:.0f}s)", flush=True)
 
-    # Soups of the three MiniLM fine-tunes (the only runs sharing one backbone).
+    # Merges of the three MiniLM fine-tunes (the only runs sharing one backbone): soups, and
+    # task vectors against the pretrained MiniLM with their scale searched on val.
     soups: dict[str, dict[str, float]] = {}
     minilm = [str(runs[n]) for n in MINILMS]
-    for method in ("uniform", "greedy-soup"):
+    for method in ("uniform", "greedy-soup", "task-arithmetic", "ties"):
         out = work / f"soup-{method}"
         if not out.exists():
             cli("merge", *minilm, "--method", method, "--data", str(data["val"]), "--out", str(out))
@@ -315,7 +316,7 @@ def report(f: dict[str, Any], names: list[str]) -> None:
             f"{b['ece']:.4f} | {b['brier']:.4f} | {a['nll']:.4f} | {a['ece']:.4f} |"
         )
     print(f"\nbest member by val accuracy: {f['best_member']}")
-    print("\n| soup of 3 MiniLMs | test acc | NLL | ECE |\n|---|---|---|---|")
+    print("\n| merge of 3 MiniLMs | test acc | NLL | ECE |\n|---|---|---|---|")
     best = f["members_test"][f["best_minilm"]]["before"]
     print(
         f"| best MiniLM ({f['best_minilm']}) | {best['accuracy']:.4f} | {best['nll']:.4f} | "
