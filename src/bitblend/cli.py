@@ -380,7 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     en = sub.add_parser("ensemble", help="combine runs sharing a label space into a spec")
     en.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="runs or ensemble specs")
-    en.add_argument("--method", choices=("mean", "vote", "weighted", "stack"), default="mean")
+    en.add_argument(
+        "--method", choices=("mean", "vote", "weighted", "product", "stack"), default="mean"
+    )
     en.add_argument("--data", required=True, help="labelled CSV/JSONL/Parquet file (held out)")
     en.add_argument("--val-data", help="validation file (default: a seeded part of --data)")
     en.add_argument(

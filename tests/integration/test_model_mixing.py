@@ -159,6 +159,25 @@ def test_heterogeneous_stack_spec_eval_predict(
     )
 
 
+def test_product_spec_round_trip(
+    runs: dict[str, Path], work: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--method product saves its pooling weights; the reloaded spec reproduces the
+    reported test NLL."""
+    spec = work / "product"
+    code, _, err = cli(["ensemble", str(runs["tfidf"]), str(runs["bert0"]), "--method",
+                        "product", "--data", str(work / "heldout.csv"), "--out", str(spec)],
+                       capsys)  # fmt: skip
+    assert code == 0, err
+    saved = json.loads((spec / "ensemble.json").read_text())
+    assert saved["combiner"]["method"] == "product"
+    assert all(w >= 0 for w in saved["combiner"]["weights"])
+    report = json.loads((spec / "eval.json").read_text())
+    code, out, _ = cli(["eval", str(spec), "--json"], capsys)
+    ev = json.loads(out)["bbc_news"]
+    assert ev["loss"] == pytest.approx(report["ensemble"]["after"]["nll"], rel=1e-4)
+
+
 def test_calibrated_members_round_trip(
     runs: dict[str, Path], work: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -89,6 +89,36 @@ def test_weighted_puts_weight_on_the_informative_member() -> None:
     assert cal.nll(c.predict(probs), y) <= cal.nll(probs.mean(0), y)
 
 
+def test_product_of_one_member_is_temperature_scaling() -> None:
+    """Log-linear pooling of one member: its weight is 1/T, the same fit as Temperature."""
+    probs, y = synthetic()
+    logp = 2.0 * cal.log_probs(probs[1])  # over-confident
+    member = cal.scale(logp, 1.0)[None]
+    assert member.min() > 1e-6  # above the log floor, where pooling is exactly this
+    c = Combiner("product", 1, 4).fit(member, y)
+    temp = cal.Temperature().fit(logp, y)
+    assert c.weights[0] == pytest.approx(1.0 / temp.value, rel=1e-3)
+    assert np.allclose(c.predict(member), cal.scale(logp, temp.value), atol=1e-4)
+
+
+def test_product_beats_its_best_member_when_members_add_information() -> None:
+    """Two members, each seeing half of the evidence: the pooled NLL is below the better
+    member's even after that member is temperature-scaled; weights survive a round trip."""
+    rng = np.random.default_rng(0)
+    n, k = 2000, 4
+    y = rng.integers(0, k, n)
+    signal = np.eye(k)[y] * 1.5
+    a = signal + rng.normal(size=(n, k))
+    b = signal + rng.normal(size=(n, k))
+    probs = np.stack([cal.scale(a, 1.0), cal.scale(b, 1.0)])
+    c = Combiner("product", 2, k).fit(probs, y)
+    assert (c.weights > 0.5).all()
+    best = min(cal.nll(cal.Temperature().fit(np.log(p), y).apply(np.log(p)), y) for p in probs)
+    assert cal.nll(c.predict(probs), y) < 0.95 * best
+    again = Combiner.from_state(c.state_dict())
+    assert np.array_equal(again.predict(probs), c.predict(probs))
+
+
 def test_stack_state_round_trip_and_cross_fit() -> None:
     """A stacked combiner saved as JSON-ready state predicts identically when reloaded."""
     probs, y = synthetic()
@@ -101,8 +131,10 @@ def test_stack_state_round_trip_and_cross_fit() -> None:
     assert cal.nll(oof, y) >= cal.nll(c.predict(probs), y) - 1e-9
 
 
-@pytest.mark.parametrize(("method", "calibrate"), [("stack", False), ("weighted", False),
-                                                   ("stack", True)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("method", "calibrate"),
+    [("stack", False), ("weighted", False), ("product", False), ("stack", True)],
+)
 def test_fitting_never_reads_test_labels(method: str, calibrate: bool) -> None:
     """Corrupt every test label: the fitted combiner, temperatures and predictions are
     identical (only the scores change). Corrupting validation labels does change them."""

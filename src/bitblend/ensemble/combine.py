@@ -1,4 +1,4 @@
-"""Combining members' class probabilities: mean, vote, weighted, stack.
+"""Combining members' class probabilities: mean, vote, weighted, product, stack.
 
 Input everywhere: `probs` (M members, n examples, C classes), each member's rows summing to 1
 and its columns already in the ensemble's label order. `fit` sees validation labels only;
@@ -16,7 +16,7 @@ import numpy as np
 from bitblend.ensemble.calibration import EPS
 from bitblend.errors import BitblendError
 
-METHODS = ("mean", "vote", "weighted", "stack")
+METHODS = ("mean", "vote", "weighted", "product", "stack")
 STACK_FLOOR = 1e-6  # stack features are log p clipped here: one member's -27 must not dominate
 
 
@@ -44,7 +44,7 @@ class Combiner:
     @property
     def trainable(self) -> bool:
         """Whether `fit` learns anything from labels."""
-        return self.method in ("weighted", "stack")
+        return self.method in ("weighted", "product", "stack")
 
     # -- fit ---------------------------------------------------------------------------
     def fit(self, probs: np.ndarray, y: np.ndarray) -> Combiner:
@@ -52,6 +52,8 @@ class Combiner:
         self._check(probs)
         if self.method == "weighted":
             self.weights = _fit_weights(probs, y)
+        elif self.method == "product":
+            self.weights = _fit_product(probs, y)
         elif self.method == "stack":
             self._fit_stack(probs, y)
         return self
@@ -76,6 +78,8 @@ class Combiner:
         self._check(probs)
         if self.method in ("mean", "weighted"):
             return np.einsum("m,mnc->nc", self.weights, probs)
+        if self.method == "product":
+            return _softmax(np.einsum("m,mnc->nc", self.weights, _log_floor(probs)))
         if self.method == "vote":
             # Votes plus the mean probability, over M + 1: the majority always wins (a vote
             # is worth more than any probability gap), ties go to the more confident
@@ -140,10 +144,37 @@ class Combiner:
         return c
 
 
+def _log_floor(probs: np.ndarray) -> np.ndarray:
+    """log p clipped at STACK_FLOOR: one member's certainty must not veto a class alone."""
+    return np.log(np.clip(probs, STACK_FLOOR, None))
+
+
 def stack_features(probs: np.ndarray) -> np.ndarray:
     """(M, n, C) probabilities -> (n, M*C) clipped log-probabilities, member-major."""
-    logp = np.log(np.clip(probs, STACK_FLOOR, None))
-    return np.concatenate(list(logp), axis=1)
+    return np.concatenate(list(_log_floor(probs)), axis=1)
+
+
+def _fit_product(probs: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Non-negative w minimising the NLL of softmax(sum_m w_m log p_m): log-linear pooling
+    (a product of experts). The weights' sum plays the temperature, so one member alone
+    reduces to temperature scaling; members that add information lower the NLL further."""
+    from scipy.optimize import minimize
+
+    logp = _log_floor(probs)  # (M, n, C)
+    rows = np.arange(probs.shape[1])
+    gold = logp[:, rows, y]  # (M, n)
+
+    def loss(a: np.ndarray) -> tuple[float, np.ndarray]:
+        w = np.exp(a)  # w > 0 through its log: unconstrained for L-BFGS
+        z = np.einsum("m,mnc->nc", w, logp)
+        z = z - z.max(axis=1, keepdims=True)
+        logq = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        expected = np.einsum("nc,mnc->mn", np.exp(logq), logp)  # E_q[log p_m]
+        g_w = -(gold - expected).mean(axis=1)
+        return float(-logq[rows, y].mean()), g_w * w
+
+    res = minimize(loss, np.zeros(probs.shape[0]), jac=True, method="L-BFGS-B")
+    return np.exp(res.x)
 
 
 def _fit_weights(probs: np.ndarray, y: np.ndarray) -> np.ndarray:
