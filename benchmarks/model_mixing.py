@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-METHODS = ("mean", "vote", "weighted", "stack")
+METHODS = ("mean", "vote", "weighted", "product", "stack")
 MINILMS = {
     "minilm-s0-bf16": ["precision.recipe=bf16-mixed", "train.seed=0"],
     "minilm-s0-fp32": ["precision.recipe=32-true", "train.seed=0"],
@@ -272,6 +272,7 @@ def main() -> None:
         "members_test": member_test,
         "ensembles_test": {m: r["ensemble"] for m, r in reports.items()},
         "weighted_weights": dict(zip(names, fits["weighted"][0].weights.tolist(), strict=True)),
+        "product_weights": dict(zip(names, fits["product"][0].weights.tolist(), strict=True)),
         "weighted_cal_weights": dict(
             zip(names, fits["weighted+cal"][0].weights.tolist(), strict=True)
         ),
