@@ -4,6 +4,7 @@ function as PyTorch's SDPA, unbiased masks at the asked rate, exact dropout sema
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,3 +147,40 @@ def test_causal_and_boolean_masks() -> None:
     out, _ = attention.attention_forward(nn.Module(), q, k, v, keys)
     ref = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keys)
     torch.testing.assert_close(out, ref.transpose(1, 2))
+
+
+FAMILIES = {
+    "distilbert": {"dim": 32, "n_layers": 1, "n_heads": 2, "hidden_dim": 64},
+    "roberta": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                "intermediate_size": 64},
+    "electra": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                "intermediate_size": 64, "embedding_size": 32},
+    # grouped KV heads: bitblend's function hands these to SDPA
+    "llama": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "num_key_value_heads": 1, "intermediate_size": 64},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_local_directories_of_other_families_match_sdpa(family: str, tmp_path: Path) -> None:
+    """A transformers directory of another family loads with bitblend's attention and
+    computes what SDPA computes (fp32, eval, a padded batch)."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    from bitblend.models.backbones import minilm_path
+
+    config = AutoConfig.for_model(family, vocab_size=100, **FAMILIES[family])
+    torch.manual_seed(0)
+    AutoModel.from_config(config).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(tmp_path)
+    ours, _ = load_backbone(str(tmp_path), kernels="auto")
+    theirs, _ = load_backbone(str(tmp_path), kernels="torch")
+    assert ours.config._attn_implementation == attention.NAME
+    ids = torch.randint(0, 100, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        a = ours.eval()(input_ids=ids, attention_mask=mask).last_hidden_state
+        b = theirs.eval()(input_ids=ids, attention_mask=mask).last_hidden_state
+    keep = mask.bool()
+    torch.testing.assert_close(a[keep], b[keep], atol=1e-5, rtol=1e-4)

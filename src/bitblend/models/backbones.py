@@ -132,7 +132,7 @@ def _from_dir(
         for key in keys:
             if value is not None and hasattr(config, key):
                 kwargs[key] = value
-    if config.model_type in ("bert", "roberta", "xlm-roberta", "electra"):
+    if config.model_type in ("bert", "roberta", "xlm-roberta"):
         # The pooler is unused (we pool ourselves) and absent from sentence-transformers
         # checkpoints; building it would only add random weights.
         kwargs["add_pooling_layer"] = False
