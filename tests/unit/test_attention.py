@@ -184,3 +184,17 @@ def test_local_directories_of_other_families_match_sdpa(family: str, tmp_path: P
         b = theirs.eval()(input_ids=ids, attention_mask=mask).last_hidden_state
     keep = mask.bool()
     torch.testing.assert_close(a[keep], b[keep], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("dropout", "attention_dropout", "expected"),
+    [(None, None, (0.2, 0.3)), (0.0, None, (0.0, 0.0)), (None, 0.0, (0.2, 0.0)),
+     (0.5, 0.1, (0.5, 0.1))],
+)  # fmt: skip
+def test_resolve_dropouts(
+    dropout: float | None, attention_dropout: float | None, expected: tuple[float, float]
+) -> None:
+    """model.dropout sets both, then model.attention_dropout the attention one; 0.0 is a
+    value, not 'unset'."""
+    assert attention.resolve_dropouts(0.2, 0.3, dropout, attention_dropout) == expected
+    assert attention.resolve_dropouts(None, None, None, None) == (None, None)

@@ -18,6 +18,7 @@ import torch
 
 from bitblend.config.schema import Recipe
 from bitblend.errors import BitblendError
+from bitblend.models.attention import resolve_dropouts
 
 BERT_LIKE = ("bert", "roberta", "xlm-roberta")
 LM_HEADS = ("masked_lm", "causal_lm")
@@ -130,10 +131,7 @@ def shape_from_config(
     p_attn = float(
         _get(config, "attention_probs_dropout_prob", "attn_pdrop", "attention_dropout", default=0)
     )
-    if dropout is not None:
-        p_hidden = p_attn = dropout
-    if attention_dropout is not None:
-        p_attn = attention_dropout
+    p_hidden, p_attn = resolve_dropouts(p_hidden, p_attn, dropout, attention_dropout)
     # Linear weights + biases of one block: q, k, v, output (or GPT-2's fused c_attn and
     # c_proj: the same sizes) and the two MLP projections.
     linears = 4 * (h * h + h) + (h * i + i) + (i * h + h)

@@ -21,13 +21,29 @@ the call to transformers' SDPA function unchanged.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 NAME = "bitblend"  # the attn_implementation name models are built with
 _RANDOM_LEVELS = 1 << 16
+
+
+_P = TypeVar("_P", float, None)
+
+
+def resolve_dropouts(
+    hidden: _P, attention: _P, dropout: float | None, attention_dropout: float | None
+) -> tuple[_P | float, _P | float]:
+    """A model's (hidden, attention-probability) dropout after the recipe's overrides:
+    `model.dropout` sets both, then `model.attention_dropout` the attention one; None
+    keeps the value. The one rule the backbone builders and the cost model share."""
+    new_hidden = hidden if dropout is None else dropout
+    new_attention = attention if dropout is None else dropout
+    if attention_dropout is not None:
+        new_attention = attention_dropout
+    return new_hidden, new_attention
 
 
 def keep_mask(

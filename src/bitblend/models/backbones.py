@@ -67,8 +67,7 @@ def _tiny_bert(
     dropout: float | None, attention_dropout: float | None = None, attn: str = "sdpa"
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    p = 0.1 if dropout is None else dropout
-    pa = p if attention_dropout is None else attention_dropout
+    p, pa = attention.resolve_dropouts(0.1, 0.1, dropout, attention_dropout)
     config = BertConfig(
         vocab_size=tokenizer.vocab_size,
         hidden_size=32,
@@ -92,8 +91,7 @@ def _tiny_gpt(
     attn: str = "sdpa",
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     tokenizer = _byte_level_tokenizer()
-    p = 0.1 if dropout is None else dropout
-    pa = p if attention_dropout is None else attention_dropout
+    p, pa = attention.resolve_dropouts(0.1, 0.1, dropout, attention_dropout)
     config = GPT2Config(
         vocab_size=len(tokenizer),
         n_embd=width,
@@ -127,8 +125,8 @@ def _from_dir(
         )
     config = AutoConfig.from_pretrained(path)
     kwargs: dict[str, Any] = {"attn_implementation": attn}
-    attention = dropout if attention_dropout is None else attention_dropout
-    for keys, value in ((DROPOUT_KEYS, dropout), (ATTENTION_DROPOUT_KEYS, attention)):
+    hidden, attn_p = attention.resolve_dropouts(None, None, dropout, attention_dropout)
+    for keys, value in ((DROPOUT_KEYS, hidden), (ATTENTION_DROPOUT_KEYS, attn_p)):
         for key in keys:
             if value is not None and hasattr(config, key):
                 kwargs[key] = value
