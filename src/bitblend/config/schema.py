@@ -68,8 +68,8 @@ class ModelConfig:
     head_dropout: float = doc(0.1, "dropout before each task head")
     kernels: Literal["auto", "torch"] = doc(
         "auto",
-        "auto = bitblend's CPU attention and dropout-mask kernels on CPU (docs/performance.md; "
-        "MiniLM bf16 steps ~1.5x faster here), PyTorch's SDPA and dropout elsewhere; torch = "
+        "auto = bitblend's CPU attention and dropout-mask kernels on CPU (docs/benchmarks.md; "
+        "MiniLM bf16 steps 1.61x faster here), PyTorch's SDPA and dropout elsewhere; torch = "
         "PyTorch's everywhere, as HF Trainer runs",
     )
     tfidf_max_features: int | None = doc(
