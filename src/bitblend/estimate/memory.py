@@ -211,7 +211,8 @@ def activation_bytes(
     a = FP32 if device == "cpu" and backend == "math" else c
     # bitblend's dropout saves a bool mask; PyTorch's CPU dropout multiplies by a noise
     # tensor of the input's size and dtype and saves that.
-    m = 1 if fast_dropout(shape, device) else c
+    fast = fast_dropout(shape, device)
+    m = 1 if fast else c
     # Autocast casts activations anew for every matmul (it caches only weights): BERT's
     # separate q, k, v projections each save their own 16-bit copy of the fp32 input.
     qkv = 3 if shape.family != "gpt2" and spec.autocast else 1
@@ -253,8 +254,8 @@ def activation_bytes(
     ids = t * INT64 + (0 if shape.family == "bert" else s * INT64)
     emb = ids + t * h * FP32 + 2 * t * FP32
     if shape.hidden_dropout > 0:
-        emb += t * h * (1 if fast_dropout(shape, device) else w)
-    head = _head_bytes(shape, task, spec, fast_dropout(shape, device))
+        emb += t * h * (1 if fast else w)
+    head = _head_bytes(shape, task, spec, fast)
     return ActivationBytes(
         per_layer=layer,
         layers=shape.layers,
@@ -289,11 +290,10 @@ def temporary_bytes(
     if spec.autocast:
         # Autocast caches one 16-bit copy of each matmul weight and bias for the step.
         out["autocast weight copies"] = shape.matmul_params * spec.compute_bytes
-    a = FP32
     # Backward of one op holds the incoming gradient and the outgoing one: the biggest pair
-    # is the attention probs (math SDPA) or the MLP activation; plus the residual gradient.
-    if acts.attention == "bitblend":
-        a = spec.compute_bytes
+    # is the attention probs (fp32 in math SDPA, the compute dtype in bitblend's kernel) or
+    # the MLP activation; plus the residual gradient.
+    a = spec.compute_bytes if acts.attention == "bitblend" else FP32
     probs = b * shape.heads * s * s * a if acts.attention != "flash" else 0
     out["backward buffers"] = 2 * max(probs, t * i * spec.compute_bytes) + 2 * t * h * FP32
     if task.per_token:
