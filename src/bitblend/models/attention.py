@@ -72,8 +72,11 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     if x.device.type != "cpu" or p >= 1.0:
         return nn.functional.dropout(x, p, True)
     mask, rate = keep_mask(x.shape, p, x.device)
-    # where() saves only the bool mask for backward; the scalar multiply saves nothing.
-    return torch.where(mask, x * (1.0 / (1.0 - rate)), 0.0)
+    # Multiplying by the mask viewed as uint8 (free) rather than where(): PyTorch's CPU
+    # where kernel is not vectorised: a MiniLM bf16 training step ran 10% faster with the
+    # mul (in-process A/B). The mul saves only the 1-byte mask for backward, the scalar
+    # multiply nothing. (A non-finite input now gives NaN where dropped, as F.dropout does.)
+    return x * mask.view(torch.uint8) * (1.0 / (1.0 - rate))
 
 
 class Dropout(nn.Dropout):
@@ -156,7 +159,7 @@ def attention_forward(
     probs = torch.softmax(scores, dim=-1)
     if dropout > 0.0:
         mask, rate = keep_mask(probs.shape, dropout, probs.device)
-        probs = torch.where(mask, probs, 0.0)
+        probs = probs * mask.view(torch.uint8)  # not where(): see dropout()
         # 1/(1-rate) applied to v (s x d) rather than to the (s x s) probabilities.
         value = value * (1.0 / (1.0 - rate))
     out = torch.matmul(probs, value)
