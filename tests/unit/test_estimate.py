@@ -32,7 +32,7 @@ from bitblend.estimate.probe import Peaks, cache_key, get_peaks, save_peaks
 from bitblend.estimate.shapes import TaskShape
 from bitblend.precision.recipes import build_precision
 from bitblend.tasks.losses import compute_loss
-from bitblend.train.setup import build_model, load_data
+from bitblend.train.setup import build_model, convert_model, load_data
 from tests.conftest import make_recipe
 
 CPU = torch.device("cpu")
@@ -58,7 +58,7 @@ def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def _model(recipe: Any, precision: str) -> tuple[Any, Any]:
     model, _, _ = build_model(recipe, load_data(recipe))
     prec = build_precision(replace(recipe.precision, recipe=precision), CPU)
-    prec.convert_module(model)
+    convert_model(model, recipe, prec)  # as the Trainer does (fused q/k/v under kernels=auto)
     model.train()
     return model, prec
 

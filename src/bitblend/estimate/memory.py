@@ -198,6 +198,12 @@ def fast_dropout(shape: ModelShape, device: str) -> bool:
     return device == "cpu" and shape.kernels == "auto"
 
 
+def fused_qkv(shape: ModelShape) -> bool:
+    """One q/k/v matmul per block (models/fused_qkv.py, model.kernels=auto, any device);
+    GPT-2's c_attn is fused already."""
+    return shape.kernels == "auto" and shape.family != "gpt2"
+
+
 def activation_bytes(
     shape: ModelShape, task: TaskShape, spec: PrecisionSpec, device: str = "cpu"
 ) -> ActivationBytes:
@@ -214,8 +220,10 @@ def activation_bytes(
     fast = fast_dropout(shape, device)
     m = 1 if fast else c
     # Autocast casts activations anew for every matmul (it caches only weights): BERT's
-    # separate q, k, v projections each save their own 16-bit copy of the fp32 input.
-    qkv = 3 if shape.family != "gpt2" and spec.autocast else 1
+    # separate q, k, v projections each save their own 16-bit copy of the fp32 input,
+    # unless bitblend fused them into one matmul.
+    fused = fused_qkv(shape)
+    qkv = 3 if shape.family != "gpt2" and spec.autocast and not fused else 1
     # Math SDPA's (and bitblend's) output is copied back to (T, h) for the output
     # projection; flash attention's output already has that layout, so the projection
     # saves a view of it.
@@ -229,6 +237,10 @@ def activation_bytes(
         # LayerNorm inputs are upcast to fp32 in every recipe, plus mean and rstd (T,)
         "norm inputs": 2 * (t * h * FP32 + 2 * t * FP32),
     }
+    if fused and not spec.autocast:
+        # the fused matmul saves its concatenated (3h, h) weight, a tensor of its own
+        # (under autocast that is the weight's 16-bit copy, counted with those)
+        layer["fused qkv weight"] = 3 * h * h * spec.weight_bytes
     if shape.hidden_dropout > 0:
         layer["dropout masks"] = 2 * t * h * m
     if backend == "bitblend":

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from bitblend.config.schema import Recipe, TaskConfig
 from bitblend.data.modalities import EncodedSplit, TabularStats, encode_split
@@ -20,7 +21,9 @@ from bitblend.data.sources import LM_HEADS, TaskData, load_task_data
 from bitblend.errors import BitblendError
 from bitblend.models.attention import use_fast_dropout
 from bitblend.models.backbones import is_decoder, load_backbone, seed_everything
+from bitblend.models.fused_qkv import fuse_qkv
 from bitblend.models.trunk import HeadSpec, MultiTaskModel
+from bitblend.precision.recipes import PrecisionRecipe
 from bitblend.tasks.losses import resolve_loss
 from bitblend.train.evaluate import BatchSpec
 
@@ -141,6 +144,16 @@ def build_model(
     if recipe.model.kernels == "auto":
         use_fast_dropout(model)  # CPU masks from models/attention.py; F.dropout elsewhere
     return model, tokenizer, task_tokenizers
+
+
+def convert_model(model: nn.Module, recipe: Recipe, precision: PrecisionRecipe) -> None:
+    """The precision recipe's conversion, then the kernel rewrites that must follow it:
+    with model.kernels=auto, one matmul for each attention block's q/k/v projections.
+    Layers fp8 swapped or keep_fp32 wrapped stay as they are (fuse_qkv takes only plain
+    Linear triples of one dtype)."""
+    precision.convert_module(model)
+    if recipe.model.kernels == "auto":
+        fuse_qkv(model)
 
 
 def encode_task(

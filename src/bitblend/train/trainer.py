@@ -29,7 +29,7 @@ from bitblend.train.cpu_heap import tune_cpu_heap
 from bitblend.train.evaluate import evaluate_split
 from bitblend.train.jacobian import make_aggregator
 from bitblend.train.run_dir import write_json
-from bitblend.train.setup import build_model, build_tasks, load_data, pick_device
+from bitblend.train.setup import build_model, build_tasks, convert_model, load_data, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class Trainer:
             self.precision.forward_context,
             self.device,
         )
-        self.precision.convert_module(self.model)
+        convert_model(self.model, recipe, self.precision)
         params = self.precision.optimizer_parameters(self.model)
         # optimizer_parameters keeps the order of the trainable model parameters, so the
         # ones outside the pretrained trunk (heads, adapters) can be picked out by position.
