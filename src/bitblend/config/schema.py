@@ -69,8 +69,9 @@ class ModelConfig:
     kernels: Literal["auto", "torch"] = doc(
         "auto",
         "auto = bitblend's CPU attention and dropout-mask kernels on CPU (docs/benchmarks.md; "
-        "MiniLM bf16 steps 1.61x faster here), PyTorch's SDPA and dropout elsewhere; torch = "
-        "PyTorch's everywhere, as HF Trainer runs",
+        "MiniLM bf16 steps 1.61x faster here), PyTorch's SDPA and dropout elsewhere, and one "
+        "matmul for each attention block's q/k/v projections (any device); torch = PyTorch's "
+        "everywhere, separate q/k/v layers, as HF Trainer runs",
     )
     tfidf_max_features: int | None = doc(
         50000, "tfidf-logreg: keep the N most frequent n-grams (null = all)"
