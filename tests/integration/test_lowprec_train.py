@@ -129,10 +129,17 @@ def test_unsupported_combinations_are_one_line_errors(
     assert not (tmp_path / "run").exists()
 
 
-def test_doctor_flags_an_injected_huge_activation() -> None:
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "backbone.encoder.layer.1.intermediate.dense",
+        # fused q/k/v (model.kernels=auto) are Linear subclasses: still fp8 candidates
+        "backbone.encoder.layer.1.attention.self.query",
+        "backbone.encoder.layer.1.attention.self.value",
+    ],
+)
+def test_doctor_flags_an_injected_huge_activation(bad: str) -> None:
     from bitblend.precision.doctor import diagnose
-
-    bad = "backbone.encoder.layer.1.intermediate.dense"
 
     def inject(model: torch.nn.Module) -> None:
         model.get_submodule(bad).register_forward_hook(lambda m, i, out: out * 1e6)

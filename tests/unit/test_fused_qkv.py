@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import prune
 
 from bitblend.models.backbones import load_backbone
 from bitblend.models.fused_qkv import FusedQueryLinear, FusedSliceLinear, fuse_qkv, unfuse_qkv
@@ -79,32 +80,89 @@ def test_other_families_fused_equal_separate(family: str, tmp_path: Path) -> Non
     _compare(model, 100, 1)
 
 
-def test_key_called_with_another_input_computes_itself() -> None:
-    """Cross-attention calls key/value with the encoder's states: no stale slice."""
-    torch.manual_seed(0)
+def _block(bias: bool = True) -> nn.Module:
     block = nn.Module()
-    block.query, block.key, block.value = (nn.Linear(8, 8) for _ in range(3))
+    block.query, block.key, block.value = (nn.Linear(8, 8, bias=bias) for _ in range(3))
+    return block
+
+
+def test_key_called_with_another_input_unfuses_the_block() -> None:
+    """Cross-attention calls key/value with the encoder's states: no stale slice, and
+    from then on each layer computes itself (no wasted k/v, nothing held)."""
+    torch.manual_seed(0)
+    block = _block()
     ref = copy.deepcopy(block)
     assert fuse_qkv(block) == 1
+    slot = block.key.__dict__["_bitblend_slot"]
     x, other = torch.randn(3, 8), torch.randn(3, 8)
     torch.testing.assert_close(block.query(x), ref.query(x))
+    assert slot.input is x  # the query layer left k and v for x
     torch.testing.assert_close(block.key(other), ref.key(other))  # not the slice of x
-    torch.testing.assert_close(block.value(x), ref.value(x))  # the slice, still right
-    torch.testing.assert_close(block.key(x), ref.key(x))  # called alone: computes
-    # called out of order (value before query): each computes its own
-    fresh = torch.randn(3, 8)
-    torch.testing.assert_close(block.value(fresh), ref.value(fresh))
+    assert slot.disabled and slot.input is None and not slot.outputs
+    torch.testing.assert_close(block.query(x), ref.query(x))
+    assert slot.input is None  # unfused: the query computes only itself
+    torch.testing.assert_close(block.value(x), ref.value(x))
+
+
+def test_value_before_query_on_a_persistent_input() -> None:
+    """Another call order with the same input tensor every time: never a previous
+    call's slice."""
+    torch.manual_seed(0)
+    block = _block()
+    ref = copy.deepcopy(block)
+    fuse_qkv(block)
+    x = torch.randn(3, 8)
+    for _ in range(2):
+        v = block.value(x)
+        q = block.query(x)
+        k = block.key(x)
+        with torch.no_grad():
+            block.key.weight.add_(1.0)  # a new step's weights
+            ref.key.weight.add_(1.0)
+        torch.testing.assert_close(v, ref.value(x))
+        torch.testing.assert_close(q, ref.query(x))
+        torch.testing.assert_close(k + x @ torch.ones(8, 8), ref.key(x))
+
+
+def test_cross_attention_model_equals_unfused() -> None:
+    """A BERT decoder with cross-attention: fused self-attention, the cross-attention
+    blocks unfuse themselves on their first call; outputs equal, model still copies."""
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=32, is_decoder=True,
+                        add_cross_attention=True)  # fmt: skip
+    torch.manual_seed(0)
+    model = BertModel(config).eval()
+    ref = copy.deepcopy(model)
+    assert fuse_qkv(model) == 2
+    ids = torch.randint(0, 50, (2, 5))
+    enc = torch.randn(2, 7, 16)
+    for _ in range(2):
+        got = model(input_ids=ids, encoder_hidden_states=enc).last_hidden_state
+        want = ref(input_ids=ids, encoder_hidden_states=enc).last_hidden_state
+        torch.testing.assert_close(got, want)
+    cross = model.encoder.layer[0].crossattention.self.key.__dict__["_bitblend_slot"]
+    own = model.encoder.layer[0].attention.self.key.__dict__["_bitblend_slot"]
+    assert cross.disabled and not own.disabled
+    copy.deepcopy(model)  # no autograd-tracked tensors left behind in a slot
 
 
 def test_only_plain_same_dtype_triples_are_fused() -> None:
-    block = nn.Module()
-    block.query, block.key, block.value = (nn.Linear(8, 8) for _ in range(3))
-    block.key.forward = block.key.forward  # a wrapped forward (keep_fp32) stays alone
-    assert fuse_qkv(block) == 0
-    mixed = nn.Module()
-    mixed.q_proj, mixed.k_proj, mixed.v_proj = nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(8, 4)
-    mixed.v_proj.to(torch.bfloat16)
+    wrapped = _block()
+    wrapped.key.forward = wrapped.key.forward  # a wrapped forward (keep_fp32) stays alone
+    assert fuse_qkv(wrapped) == 0
+    pruned = _block()
+    prune.l1_unstructured(pruned.key, "weight", 0.5)  # the weight comes from a pre-hook
+    assert fuse_qkv(pruned) == 0
+    mixed = _block()
+    mixed.value.bias = None
     assert fuse_qkv(mixed) == 0
+    assert fuse_qkv(_block(bias=False)) == 1
+    gqa = nn.Module()
+    gqa.q_proj, gqa.k_proj, gqa.v_proj = nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(8, 4)
+    gqa.v_proj.to(torch.bfloat16)
+    assert fuse_qkv(gqa) == 0
 
 
 def test_deepcopy_and_unfuse() -> None:

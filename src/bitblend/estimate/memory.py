@@ -198,10 +198,10 @@ def fast_dropout(shape: ModelShape, device: str) -> bool:
     return device == "cpu" and shape.kernels == "auto"
 
 
-def fused_qkv(shape: ModelShape) -> bool:
+def fused_qkv(shape: ModelShape, spec: PrecisionSpec) -> bool:
     """One q/k/v matmul per block (models/fused_qkv.py, model.kernels=auto, any device);
-    GPT-2's c_attn is fused already."""
-    return shape.kernels == "auto" and shape.family != "gpt2"
+    GPT-2's c_attn is fused already, and fp8 recipes' converted layers stay separate."""
+    return shape.kernels == "auto" and shape.family != "gpt2" and not spec.name.startswith("fp8")
 
 
 def activation_bytes(
@@ -222,7 +222,7 @@ def activation_bytes(
     # Autocast casts activations anew for every matmul (it caches only weights): BERT's
     # separate q, k, v projections each save their own 16-bit copy of the fp32 input,
     # unless bitblend fused them into one matmul.
-    fused = fused_qkv(shape)
+    fused = fused_qkv(shape, spec)
     qkv = 3 if shape.family != "gpt2" and spec.autocast and not fused else 1
     # Math SDPA's (and bitblend's) output is copied back to (T, h) for the output
     # projection; flash attention's output already has that layout, so the projection

@@ -28,11 +28,15 @@ class _Slot:
     """The projections the query layer computed, waiting for the key and value layers.
     Not a Module, so it registers no parameters and stays out of the state_dict."""
 
-    __slots__ = ("input", "outputs")
+    __slots__ = ("disabled", "input", "outputs")
 
     def __init__(self) -> None:
         self.input: torch.Tensor | None = None
         self.outputs: dict[int, torch.Tensor] = {}
+        # Set for good the first time the block calls key or value on anything but the
+        # query's input (cross-attention, another call order): each layer then computes
+        # itself, so no wasted k/v and no slice held between calls.
+        self.disabled = False
 
     def clear(self) -> None:
         self.input = None
@@ -46,13 +50,10 @@ class FusedQueryLinear(nn.Linear):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         key, value, slot = self.__dict__["_bitblend_group"]
-        weight = torch.cat((self.weight, key.weight, value.weight))
-        bias = None
-        if self.bias is not None and key.bias is not None and value.bias is not None:
-            bias = torch.cat((self.bias, key.bias, value.bias))
-        elif self.bias is not None or key.bias is not None or value.bias is not None:
-            slot.clear()  # mixed bias / no bias: nothing to gain, keep it simple
+        if slot.disabled:
             return super().forward(input)
+        weight = torch.cat((self.weight, key.weight, value.weight))
+        bias = None if self.bias is None else torch.cat((self.bias, key.bias, value.bias))
         q, k, v = nn.functional.linear(input, weight, bias).split(
             (self.out_features, key.out_features, value.out_features), dim=-1
         )
@@ -63,38 +64,56 @@ class FusedQueryLinear(nn.Linear):
 
 class FusedSliceLinear(nn.Linear):
     """A key or value projection: hands out the slice the query layer computed for this
-    exact input, or computes itself."""
+    exact input, or computes itself (and turns the fusion off for its block)."""
 
     _bitblend_slot: _Slot
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         slot = self.__dict__["_bitblend_slot"]
-        if slot.input is input:
-            out = slot.outputs.pop(id(self), None)
+        out = slot.outputs.pop(id(self), None) if slot.input is input else None
+        if out is not None:
             if not slot.outputs:
                 slot.clear()  # both handed out: hold no activations between calls
-            if out is not None:
-                return out
+            return out
+        if not slot.disabled:
+            slot.disabled = True
+            slot.clear()
         return super().forward(input)
 
 
+def _plain(layer: nn.Module) -> bool:
+    """A Linear whose forward is nn.Linear's on its own registered parameters: no wrapped
+    forward (precision.keep_fp32), no pre-hooks that recompute the weight (pruning,
+    hook-based weight_norm / spectral_norm, per-layer sharding)."""
+    return (
+        type(layer) is nn.Linear
+        and "forward" not in layer.__dict__
+        and "weight" in layer._parameters
+        and not layer._forward_pre_hooks
+    )
+
+
 def fuse_qkv(model: nn.Module) -> int:
-    """Give every self-attention block of `model` with plain Linear query/key/value
-    layers of one input width the fused projection, in place; returns how many blocks."""
+    """Give every attention block of `model` whose query/key/value are plain Linear layers
+    of one input width, one dtype and the same bias presence the fused projection, in
+    place; returns how many blocks. Not thread-safe: one model, one forward at a time
+    (as training runs); a block whose key/value ever see another input unfuses itself."""
     fused = 0
     for module in model.modules():
         for names in _TRIPLES:
             found = [getattr(module, n, None) for n in names]
-            layers = [layer for layer in found if type(layer) is nn.Linear]
+            layers = [layer for layer in found if isinstance(layer, nn.Module) and _plain(layer)]
             if len(layers) != 3:
                 continue
             q, k, v = layers
+            assert isinstance(q, nn.Linear) and isinstance(k, nn.Linear)
+            assert isinstance(v, nn.Linear)
             if not q.in_features == k.in_features == v.in_features:
                 continue
             if len({p.dtype for layer in layers for p in layer.parameters()}) != 1:
                 continue
-            if any("forward" in layer.__dict__ for layer in layers):
-                continue  # a wrapped forward (precision.keep_fp32's run_in_fp32) stays as is
+            if len({layer.bias is None for layer in layers}) != 1:
+                continue  # some with a bias, some without: not worth a special case
             slot = _Slot()
             q.__class__ = FusedQueryLinear
             q.__dict__["_bitblend_group"] = (k, v, slot)

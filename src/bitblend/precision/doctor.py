@@ -110,7 +110,9 @@ def _attach(model: nn.Module, stats: dict[str, LayerStats]) -> list[Any]:
     for name, module in model.named_modules():
         if not name or any(True for _ in module.children()) or isinstance(module, nn.Dropout):
             continue  # containers repeat their children; dropout only rescales its input
-        entry = stats.setdefault(name, LayerStats(name, type(module).__name__))
+        # A Linear subclass (fused q/k/v, models/fused_qkv.py) is still a Linear to fp8.
+        kind = "Linear" if isinstance(module, nn.Linear) else type(module).__name__
+        entry = stats.setdefault(name, LayerStats(name, kind))
 
         def fwd(_m: nn.Module, _i: Any, out: Any, entry: LayerStats = entry) -> None:
             t = out[0] if isinstance(out, tuple) else out
