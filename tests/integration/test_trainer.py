@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from bitblend.config.load import read_yaml, recipe_from_dict
 from bitblend.data.modalities import collate
-from bitblend.train.setup import build_model, build_tasks, load_data
+from bitblend.precision.recipes import build_precision
+from bitblend.train.setup import build_model, build_tasks, convert_model, load_data
 from bitblend.train.trainer import Trainer
 from tests.conftest import make_recipe
 
@@ -43,6 +44,9 @@ def test_trainer_equals_plain_pytorch_loop(tmp_path: Path) -> None:
     # The seed's loop, written out: same init, same batches, AdamW, linear warmup/decay, clip.
     datas = load_data(recipe)
     model, tok, _ = build_model(recipe, datas)
+    # The model the Trainer trains: with model.kernels=auto, one fused q/k/v matmul per
+    # block (its sums round differently from three separate matmuls).
+    convert_model(model, recipe, build_precision(recipe.precision, torch.device("cpu")))
     task = build_tasks(recipe, datas, model, tok, {}, contextlib.nullcontext, torch.device("cpu"))[
         0
     ]
