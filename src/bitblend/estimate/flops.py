@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from bitblend.estimate.memory import FP32, ActivationBytes, PrecisionSpec
+from bitblend.estimate.memory import FP32, ActivationBytes, PrecisionSpec, fused_qkv
 from bitblend.estimate.probe import Peaks
 from bitblend.estimate.shapes import ModelShape, TaskShape
 
@@ -21,9 +21,10 @@ from bitblend.estimate.shapes import ModelShape, TaskShape
 # precisions, batch 8-32, seq 64-128; docs/estimate.md), within 20% on each.
 TRAFFIC_PER_SAVED_BYTE = 15.0
 # bitblend's CPU attention and dropout (model.kernels=auto) save less - bool masks, 16-bit
-# probabilities - for about the same elementwise passes: 29 bytes per saved byte, fitted on
-# benchmarks/estimate_vs_measured.py's 10 cases (in sample; docs/estimate.md).
-TRAFFIC_PER_SAVED_BYTE_FAST = 29.0
+# probabilities - for about the same elementwise passes: 26 bytes per saved byte, fitted on
+# benchmarks/estimate_vs_measured.py's 10 cases (in sample; docs/estimate.md; 29 before the
+# masks were applied by a vectorised multiply instead of `where`).
+TRAFFIC_PER_SAVED_BYTE_FAST = 26.0
 # aten ops per transformer block (forward + backward), counted with the profiler: 32-true
 # 194 computing ops + 488 views and dispatch-only ops, with autocast or bf16 weights 284 +
 # 584 (the casts); outside the blocks (embeddings, head, loss, clipping, optimizer) 183 +
@@ -35,6 +36,10 @@ OPS_FIXED = 183 + 274 / 5
 # tiny-bert, top-level aten ops: masks, the additive bias, scalings): 32-true 19 + 15,
 # bf16 19 + 11.
 OPS_FAST_EXTRA = {4: 19 + 15 / 5, 2: 19 + 11 / 5}
+# One q/k/v matmul per block (models/fused_qkv.py) removes top-level ops per block
+# (counted the same way on tiny-bert, forward + backward): 32-true 7 + 7 views, under
+# autocast 7 + 13 (two of the three input casts go too).
+OPS_FUSED_QKV = {4: -(7 + 7 / 5), 2: -(7 + 13 / 5)}
 
 
 def linear_flops(m: int, n: int, k: int) -> int:
@@ -150,6 +155,8 @@ def step_time(
     rng = draws * recompute / rate if rate else 0.0
     width = min(spec.compute_bytes, spec.weight_bytes)
     per_layer = OPS_PER_LAYER[width] + (OPS_FAST_EXTRA[width] if fast else 0.0)
+    if fused_qkv(shape, spec):
+        per_layer += OPS_FUSED_QKV[width]
     ops = shape.layers * per_layer * recompute
     overhead = (ops + OPS_FIXED) * peaks.op_overhead  # each at the probed cost of a bare op
     # Fused AdamW reads param, grad and states and writes param and states; clipping reads
