@@ -17,6 +17,8 @@ normally otherwise: cross-attention, caches, any other call order).
 
 from __future__ import annotations
 
+from typing import TypeGuard
+
 import torch
 from torch import nn
 
@@ -81,12 +83,13 @@ class FusedSliceLinear(nn.Linear):
         return super().forward(input)
 
 
-def _plain(layer: nn.Module) -> bool:
+def _plain(layer: object) -> TypeGuard[nn.Linear]:
     """A Linear whose forward is nn.Linear's on its own registered parameters: no wrapped
     forward (precision.keep_fp32), no pre-hooks that recompute the weight (pruning,
     hook-based weight_norm / spectral_norm, per-layer sharding)."""
     return (
-        type(layer) is nn.Linear
+        isinstance(layer, nn.Linear)
+        and type(layer) is nn.Linear  # exactly: subclasses (fp8 layers, already fused) differ
         and "forward" not in layer.__dict__
         and "weight" in layer._parameters
         and not layer._forward_pre_hooks
@@ -101,13 +104,10 @@ def fuse_qkv(model: nn.Module) -> int:
     fused = 0
     for module in model.modules():
         for names in _TRIPLES:
-            found = [getattr(module, n, None) for n in names]
-            layers = [layer for layer in found if isinstance(layer, nn.Module) and _plain(layer)]
+            layers = [layer for n in names if _plain(layer := getattr(module, n, None))]
             if len(layers) != 3:
                 continue
             q, k, v = layers
-            assert isinstance(q, nn.Linear) and isinstance(k, nn.Linear)
-            assert isinstance(v, nn.Linear)
             if not q.in_features == k.in_features == v.in_features:
                 continue
             if len({p.dtype for layer in layers for p in layer.parameters()}) != 1:
