@@ -85,7 +85,7 @@ def minilm_layers(work: Path, layers: int) -> Path:
 
 def test_metrics(run: Any, table: Any, y: np.ndarray) -> tuple[dict[str, float], float]:
     """Calibration metrics of a run on the test table and the seconds its prediction took."""
-    from bitblend.ensemble import calibration as cal
+    from bitblend.tasks import calibration as cal
 
     task = run.tasks[0].name
     run.outputs(task, table.take(np.arange(16)))  # warm-up: first-call allocations

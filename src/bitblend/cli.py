@@ -18,6 +18,9 @@ from typing import NoReturn
 from bitblend.errors import BitblendError
 
 EXIT_USAGE = 2
+# Each command imports what it uses inside its function: torch, transformers and
+# scikit-learn take seconds to import, and `bitblend --help`, `recipes` or a one-line
+# argument error must not pay for every command's dependencies.
 
 
 def _quiet_libraries() -> None:

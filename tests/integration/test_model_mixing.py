@@ -238,7 +238,7 @@ def test_ensemble_of_one_equals_the_member(
     assert report["ensemble"] == {k: v for k, v in report["members"][0].items() if k != "run"}
     ens, member = load_run(spec), load_run(runs["bert0"])
     table, _ = ens.eval_split("bbc_news")
-    from bitblend.ensemble import calibration as cal
+    from bitblend.tasks import calibration as cal
 
     want = cal.scale(cal.log_probs(cal.to_probs("classification",
                                                 member.outputs("bbc_news", table))),

@@ -84,6 +84,7 @@ def train_classic(recipe: Recipe, run_dir: Path, console: Any = None) -> dict[st
     """`bitblend train` for model.backbone tfidf-logreg: fit, evaluate, write the run dir."""
     check_classic_recipe(recipe)
     if recipe.train.threads:
+        # scikit-learn's own dependency; imported only when a thread cap is asked for.
         from threadpoolctl import threadpool_limits
 
         threadpool_limits(recipe.train.threads)

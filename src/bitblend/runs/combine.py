@@ -15,6 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import KFold, StratifiedKFold
 
 from bitblend.errors import BitblendError
 from bitblend.numeric import sigmoid, softmax
@@ -57,8 +59,6 @@ class Combiner:
         return self
 
     def _fit_stack(self, probs: np.ndarray, y: np.ndarray) -> None:
-        from sklearn.linear_model import LogisticRegression
-
         if len(np.unique(y)) < 2:
             raise BitblendError("stack: the validation split holds one class; give more data")
         lr = LogisticRegression(C=self.meta_c, max_iter=2000)
@@ -156,7 +156,7 @@ def _fit_product(probs: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Non-negative w minimising the NLL of softmax(sum_m w_m log p_m): log-linear pooling
     (a product of experts). The weights' sum plays the temperature, so one member alone
     reduces to temperature scaling; members that add information lower the NLL further."""
-    from scipy.optimize import minimize
+    from scipy.optimize import minimize  # ~1 s to import; only fitting weights needs it
 
     logp = _log_floor(probs)  # (M, n, C)
     rows = np.arange(probs.shape[1])
@@ -177,7 +177,7 @@ def _fit_product(probs: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def _fit_weights(probs: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Simplex weights w minimising the NLL of sum_m w_m p_m (softmax-parametrised)."""
-    from scipy.optimize import minimize
+    from scipy.optimize import minimize  # ~1 s to import; only fitting weights needs it
 
     gold = probs[:, np.arange(probs.shape[1]), y]  # (M, n): each member's p[gold]
 
@@ -201,8 +201,6 @@ def cross_fit(
     """
     if not combiner.trainable:
         return combiner.predict(probs)
-    from sklearn.model_selection import KFold, StratifiedKFold
-
     n = probs.shape[1]
     counts = np.bincount(y, minlength=combiner.classes)
     smallest = int(counts[counts > 0].min())

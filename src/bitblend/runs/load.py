@@ -57,9 +57,13 @@ def load_run(run_dir: Path, serving: str = "run") -> Run:
     return load_transformer(run_dir, recipe, serving)
 
 
-def load_transformer_run(run_dir: Path, serving: str = "run", needed_by: str = "") -> TransformerRun:
+def load_transformer_run(
+    run_dir: Path, serving: str = "run", needed_by: str = ""
+) -> TransformerRun:
     """A transformer run, or a one-line error naming what `needed_by` cannot use."""
     kind = run_kind(run_dir)
     if kind != "transformer":
-        raise BitblendError(f"{run_dir}: {needed_by} needs transformer runs; this is {KIND_NAMES[kind]}")
+        raise BitblendError(
+            f"{run_dir}: {needed_by} needs transformer runs; this is {KIND_NAMES[kind]}"
+        )
     return load_transformer(run_dir, run_recipe(run_dir), serving)

@@ -96,6 +96,7 @@ class Temperature:
 
     def fit(self, logp: np.ndarray, y: np.ndarray) -> Temperature:
         """Choose T in [0.05, 20] minimising the NLL of softmax(log p / T) on (logp, y)."""
+        # scipy.optimize takes about a second to import; only fitting a temperature needs it.
         from scipy.optimize import minimize_scalar
 
         # NLL is smooth and, in log T, close to convex: a bounded scalar search suffices.
