@@ -38,6 +38,9 @@ lint: dev
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/mypy
+	# Layers and import cycles ([tool.importlinter] in pyproject.toml); src on the path so
+	# the checked-out sources are analysed, not an installed copy.
+	PYTHONPATH=src $(VENV)/bin/lint-imports
 
 format: dev
 	$(VENV)/bin/ruff format src tests benchmarks

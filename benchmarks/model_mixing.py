@@ -85,7 +85,7 @@ def minilm_layers(work: Path, layers: int) -> Path:
 
 def test_metrics(run: Any, table: Any, y: np.ndarray) -> tuple[dict[str, float], float]:
     """Calibration metrics of a run on the test table and the seconds its prediction took."""
-    from bitblend.ensemble import calibration as cal
+    from bitblend.tasks import calibration as cal
 
     task = run.tasks[0].name
     run.outputs(task, table.take(np.arange(16)))  # warm-up: first-call allocations
@@ -174,11 +174,13 @@ def common_sets(data: dict[str, Path], args: argparse.Namespace) -> list[str]:
 def fit_ensembles(runs: dict[str, Path], data: dict[str, Path]) -> dict[str, Any]:
     """Every ensemble method, on raw and on temperature-scaled members, fitted on val and
     measured on test; the best member by val accuracy."""
-    from bitblend.ensemble.spec import fit_ensemble, member_matrix, resolve_members
-    from bitblend.inference import read_labelled
+    from bitblend.ensemble.spec import fit_ensemble
+    from bitblend.runs.base import read_labelled
+    from bitblend.runs.load import load_run
+    from bitblend.runs.spec import member_matrix, resolve_members
 
     names = list(runs)
-    members, head, labels = resolve_members([runs[n] for n in names], None)
+    members, head, labels = resolve_members([runs[n] for n in names], None, load_run)
     task = members[0].run.task(None)[1]
     t_val, y_val = read_labelled(data["val"], 0, task, head, labels)
     t_test, y_test = read_labelled(data["test"], 0, task, head, labels)
@@ -231,7 +233,7 @@ def main() -> None:
     common = common_sets(data, args)
     runs = train_members(work, data, args)
 
-    from bitblend.inference import load_run
+    from bitblend.runs.load import load_run
 
     fitted = fit_ensembles(runs, data)
     names, fits, reports = fitted["names"], fitted["fits"], fitted["reports"]

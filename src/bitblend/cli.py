@@ -18,6 +18,9 @@ from typing import NoReturn
 from bitblend.errors import BitblendError
 
 EXIT_USAGE = 2
+# Each command imports what it uses inside its function: torch, transformers and
+# scikit-learn take seconds to import, and `bitblend --help`, `recipes` or a one-line
+# argument error must not pay for every command's dependencies.
 
 
 def _quiet_libraries() -> None:
@@ -39,6 +42,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train a recipe (the built-in `demo` when none is given)."""
     from rich.console import Console
 
+    from bitblend.config.classic import CLASSIC, is_classic
     from bitblend.config.load import apply_overrides, load_recipe, read_yaml, recipe_from_dict
     from bitblend.train.run_dir import check_new_run_dir, check_resume_dir, default_run_dir
     from bitblend.train.trainer import Trainer
@@ -56,11 +60,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         recipe = load_recipe(args.recipe, args.set)
         run_dir = Path(args.out) if args.out else default_run_dir(recipe.name)
         check_new_run_dir(run_dir)
-    if recipe.model.backbone == "tfidf-logreg":  # scikit-learn, not the torch loop
+    if is_classic(recipe):  # scikit-learn, not the torch loop
         from bitblend.ensemble.classic import train_classic
 
         if args.resume:
-            raise BitblendError(f"--resume {run_dir}: a tfidf-logreg run fits in one pass")
+            raise BitblendError(f"--resume {run_dir}: a {CLASSIC} run fits in one pass")
         train_classic(recipe, run_dir, console)
         return 0
     if args.resume and (run_dir / "distill.json").is_file():
@@ -76,8 +80,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a finished run on its eval split or on --data."""
     from rich.console import Console
 
-    from bitblend.inference import evaluate_run, load_run
     from bitblend.report.console import metrics_table
+    from bitblend.runs.evaluate import evaluate_run
+    from bitblend.runs.load import load_run
 
     run = load_run(Path(args.run_dir))
     results = evaluate_run(run, Path(args.data) if args.data else None, args.task)
@@ -90,7 +95,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Predict labels or values for a JSONL/CSV/Parquet file of texts."""
-    from bitblend.inference import load_run, predict_file
+    from bitblend.runs.evaluate import predict_file
+    from bitblend.runs.load import load_run
 
     out_path = Path(args.output) if args.output else None
     if out_path is not None and out_path.exists():
@@ -111,12 +117,12 @@ def cmd_bench_infer(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from bitblend.fastinfer import INFER_PRECISIONS, bench_infer
+    from bitblend.bench.infer import bench_infer
+    from bitblend.runs.serving import check_serving
 
     precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
     for p in precisions:
-        if p not in INFER_PRECISIONS:
-            raise BitblendError(f"--precision {p}: expected one of {', '.join(INFER_PRECISIONS)}")
+        check_serving(p)
     try:
         sizes = [int(b) for b in args.batch_sizes.split(",")]
     except ValueError:
@@ -148,7 +154,8 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from bitblend.ensemble.spec import DataSplit, build_ensemble, render_report
+    from bitblend.ensemble.spec import build_ensemble, render_report
+    from bitblend.runs.spec import DataSplit
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else Path("runs") / f"ensemble-{args.method}-{stamp}"
@@ -233,18 +240,19 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     import torch
     from rich.console import Console
 
+    from bitblend.config.classic import CLASSIC, is_classic
     from bitblend.config.load import load_recipe
+    from bitblend.device import pick_device
     from bitblend.estimate import estimate_recipe
     from bitblend.estimate.probe import get_peaks
     from bitblend.estimate.report import render, to_json
-    from bitblend.train.setup import pick_device
 
     if args.ranks < 1:
         raise BitblendError(f"--ranks {args.ranks}: expected an integer >= 1")
     recipe = load_recipe(args.recipe, args.set)
-    if recipe.model.backbone == "tfidf-logreg":
+    if is_classic(recipe):
         raise BitblendError(
-            "model.backbone: tfidf-logreg fits with scikit-learn in seconds; estimate covers "
+            f"model.backbone: {CLASSIC} fits with scikit-learn in seconds; estimate covers "
             "transformer backbones"
         )
     if recipe.train.threads:
@@ -264,7 +272,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from bitblend.config.load import load_recipe
-    from bitblend.precision.doctor import diagnose, render
+    from bitblend.precision.doctor import render
+    from bitblend.train.probe import diagnose
 
     if args.batches < 1:
         raise BitblendError(f"--batches {args.batches}: expected an integer >= 1")
@@ -308,7 +317,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Run a suite of short runs (precisions x mixing strategies); table + report."""
     from rich.console import Console
 
-    from bitblend.report.bench import bench_table, run_suite
+    from bitblend.bench.suite import bench_table, run_suite
 
     # Piped output would be cut to 80 columns; the table is the point of the command.
     console = Console() if sys.stdout.isatty() else Console(width=160)

@@ -13,8 +13,8 @@ import yaml
 from transformers import AutoModel
 
 from bitblend.cli import main
-from bitblend.inference import load_run
 from bitblend.models.trunk import load_model
+from bitblend.runs.load import load_run
 from bitblend.train.setup import load_data
 
 TRAIN_KEYS = {"step", "task", "loss", "lr", "tokens_per_s", "loss_scale", "skipped", "grad_norm"}

@@ -139,7 +139,7 @@ def test_unsupported_combinations_are_one_line_errors(
     ],
 )
 def test_doctor_flags_an_injected_huge_activation(bad: str) -> None:
-    from bitblend.precision.doctor import diagnose
+    from bitblend.train.probe import diagnose
 
     def inject(model: torch.nn.Module) -> None:
         model.get_submodule(bad).register_forward_hook(lambda m, i, out: out * 1e6)

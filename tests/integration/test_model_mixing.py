@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 import bitblend.precision.recipes  # noqa: F401  (library import-time logs before any capture)
 from bitblend.cli import main
 from bitblend.data.builtin import load_builtin
-from bitblend.ensemble.spec import split_indices
-from bitblend.inference import load_run
+from bitblend.runs.load import load_run
+from bitblend.runs.spec import split_indices
 
 TINY = ["--quiet", "--set", "model.max_length=32", "--set", "train.eval_max_examples=32",
         "--set", "tasks.0.max_examples=null"]  # fmt: skip
@@ -238,7 +238,7 @@ def test_ensemble_of_one_equals_the_member(
     assert report["ensemble"] == {k: v for k, v in report["members"][0].items() if k != "run"}
     ens, member = load_run(spec), load_run(runs["bert0"])
     table, _ = ens.eval_split("bbc_news")
-    from bitblend.ensemble import calibration as cal
+    from bitblend.tasks import calibration as cal
 
     want = cal.scale(cal.log_probs(cal.to_probs("classification",
                                                 member.outputs("bbc_news", table))),

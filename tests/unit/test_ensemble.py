@@ -10,12 +10,13 @@ import pytest
 import torch
 from sklearn.metrics import f1_score, log_loss
 
-from bitblend.ensemble import calibration as cal
-from bitblend.ensemble.combine import Combiner, cross_fit
 from bitblend.ensemble.distill import KDLoss
 from bitblend.ensemble.merge import merge_states, task_arithmetic, ties, uniform
-from bitblend.ensemble.spec import fit_ensemble, split_indices
+from bitblend.ensemble.spec import fit_ensemble
 from bitblend.errors import BitblendError
+from bitblend.runs.combine import Combiner, cross_fit
+from bitblend.runs.spec import split_indices
+from bitblend.tasks import calibration as cal
 
 
 def synthetic(n: int = 400, classes: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -238,7 +239,8 @@ def test_kd_loss_is_zero_at_the_teacher_and_mixes_hard_loss() -> None:
 # -- the classic model --------------------------------------------------------------------
 def test_classic_model_round_trips_without_pickle(tmp_path: Path, tiny_recipe: object) -> None:
     """save/read through JSON + safetensors predicts exactly what the fitted model did."""
-    from bitblend.ensemble.classic import fit_task, read_classic, save_classic
+    from bitblend.ensemble.classic import fit_task
+    from bitblend.runs.tfidf import read_classic, save_classic
 
     recipe = tiny_recipe("model.backbone=tfidf-logreg")  # type: ignore[operator]
     texts = ["stocks fell", "the match ended", "shares rose sharply", "a late goal won it"] * 5

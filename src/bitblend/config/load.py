@@ -14,6 +14,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from bitblend.config.classic import check_classic_recipe, is_classic
 from bitblend.config.schema import Recipe
 from bitblend.errors import BitblendError
 
@@ -307,9 +308,7 @@ def _check(recipe: Recipe) -> None:
 
 
 def _check_classic(recipe: Recipe) -> None:
-    """The tfidf-logreg backbone's own rules (ensemble/classic.py)."""
-    from bitblend.ensemble.classic import CLASSIC, check_classic_recipe
-
+    """The tfidf-logreg backbone's own rules (config/classic.py)."""
     m = recipe.model
     if m.tfidf_ngrams < 1:
         raise BitblendError(f"model.tfidf_ngrams: expected an integer >= 1, got {m.tfidf_ngrams}")
@@ -317,7 +316,7 @@ def _check_classic(recipe: Recipe) -> None:
         raise BitblendError("model.tfidf_max_features: expected an integer >= 1 or null")
     if m.logreg_c <= 0:
         raise BitblendError(f"model.logreg_c: expected a number > 0, got {m.logreg_c}")
-    if m.backbone == CLASSIC:
+    if is_classic(recipe):
         check_classic_recipe(recipe)
 
 

@@ -35,6 +35,7 @@ from PIL import Image, ImageDraw
 
 from bitblend.data.table import SourceData, Table
 from bitblend.errors import BitblendError
+from bitblend.numeric import sigmoid
 
 # Merchants and notes run from safest to riskiest; the text risk factor picks the rank.
 MERCHANTS = ["pharmacy", "grocery store", "bakery", "bookstore", "coffee shop", "gas station",
@@ -51,7 +52,7 @@ THRESHOLD = 1.2  # P(N(0, 3.25) > 1.2) ~ 0.25
 
 
 def _sigmoid(x: float) -> float:
-    return float(1.0 / (1.0 + np.exp(-x)))
+    return float(sigmoid(x))
 
 
 def _rank(rng: np.random.Generator, x: float, k: int, spread: float) -> int:

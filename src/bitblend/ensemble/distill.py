@@ -23,9 +23,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bitblend.config.classic import CLASSIC, is_classic
 from bitblend.config.schema import Recipe
-from bitblend.ensemble import calibration as cal
 from bitblend.errors import BitblendError
+from bitblend.runs.load import load_run
+from bitblend.tasks import calibration as cal
+from bitblend.train.evaluate import predict_outputs
+from bitblend.train.run_dir import write_json
+from bitblend.train.trainer import Trainer
 
 HEADS = ("classification", "binary")
 INFO_FILE = "distill.json"
@@ -126,8 +131,6 @@ def attach_teacher(
 
 def agreement(trainer: Any, c: Covered) -> float:
     """Share of the eval split where the student's prediction equals the teacher's."""
-    from bitblend.train.evaluate import predict_outputs
-
     task = next(t for t in trainer.tasks if t.name == c.task)
     out, _ = predict_outputs(trainer.model, task.name, task.eval, task.batch)
     pred = (out[:, 0] > 0).astype(np.int64) if task.cfg.head == "binary" else out.argmax(axis=1)
@@ -154,16 +157,11 @@ def run_distill(
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Distil `teacher_dir` into a student trained from `recipe`; returns the summary."""
-    from bitblend.ensemble.classic import CLASSIC
-    from bitblend.inference import load_run
-    from bitblend.train.run_dir import write_json
-    from bitblend.train.trainer import Trainer
-
     if temperature <= 0:
         raise BitblendError(f"--temperature {temperature}: expected a number > 0")
     if not 0.0 <= alpha <= 1.0:
         raise BitblendError(f"--alpha {alpha}: expected a number in [0, 1]")
-    if recipe.model.backbone == CLASSIC:
+    if is_classic(recipe):
         raise BitblendError(
             f"--student: model.backbone {CLASSIC} cannot learn from soft "
             "targets; choose a transformer backbone"

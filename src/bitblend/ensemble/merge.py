@@ -27,12 +27,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from bitblend.config.load import dump_recipe
 from bitblend.config.schema import Recipe, TaskConfig
+from bitblend.data.sources import load_task_data
 from bitblend.data.table import Table
-from bitblend.ensemble import calibration as cal
 from bitblend.errors import BitblendError
-from bitblend.inference import LoadedRun, load_run, read_labelled
+from bitblend.models.backbones import count_parameters, load_backbone, seed_everything
 from bitblend.models.trunk import HeadSpec, MultiTaskModel, load_model
+from bitblend.report.console import metrics_table
+from bitblend.report.sinks import JsonlSink
+from bitblend.runs.base import read_labelled
+from bitblend.runs.evaluate import evaluate_run
+from bitblend.runs.load import KIND_NAMES, run_kind, run_recipe
+from bitblend.runs.transformer import TransformerRun, serve_model
+from bitblend.tasks import calibration as cal
+from bitblend.train.run_dir import check_new_run_dir, write_json
 
 METHODS = ("uniform", "greedy-soup", "task-arithmetic", "ties")
 RANDOM_INIT = ("tiny-bert", "tiny-gpt", "small-gpt")  # the base depends on train.seed
@@ -121,13 +130,13 @@ class Ingredient:
 
 def load_ingredient(path: Path) -> Ingredient:
     """A transformer run's recipe and fp32 weights (one-line error for other kinds)."""
-    run = load_run(path)  # checks the directory and the recipe
-    if not isinstance(run, LoadedRun):
-        kind = "an ensemble spec" if (path / "ensemble.json").is_file() else "a tfidf-logreg run"
-        raise BitblendError(f"{path}: merge needs transformer runs; this is {kind}")
+    kind = run_kind(path)  # checks the directory and the recipe
+    if kind != "transformer":
+        raise BitblendError(f"{path}: merge needs transformer runs; this is {KIND_NAMES[kind]}")
+    recipe = run_recipe(path)
     model, tok, meta = load_model(path / "model")  # unconverted: what was saved
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
-    return Ingredient(path, run.recipe, model, tok, meta, state)
+    return Ingredient(path, recipe, model, tok, meta, state)
 
 
 def _arch(path: Path) -> dict[str, Any]:
@@ -186,8 +195,6 @@ def check_compatible(items: list[Ingredient]) -> None:
 
 def base_state(items: list[Ingredient]) -> State:
     """The backbone before fine-tuning (pretrained, or the alias rebuilt from its seed)."""
-    from bitblend.models.backbones import load_backbone, seed_everything
-
     first = items[0]
     name = first.recipe.model.backbone
     for it in items[1:]:
@@ -248,18 +255,12 @@ class Merger:
         self.tokenizer = first.tokenizer
         self.out = out
 
-    def materialise(self, state: State) -> LoadedRun:
-        """A runnable model holding `state`, in the recipe's precision."""
-        from bitblend.precision.recipes import build_precision
-        from bitblend.train.setup import pick_device
-
+    def materialise(self, state: State) -> TransformerRun:
+        """A runnable model holding `state`, in the recipe's (serving) precision."""
         model = copy.deepcopy(self.template)
         model.load_state_dict(state, strict=True)
-        device = pick_device(self.recipe.train.device)
-        precision = build_precision(self.recipe.precision, device)
-        precision.convert_module(model)
-        model.eval()
-        return LoadedRun(
+        precision, device = serve_model(model, self.recipe)
+        return TransformerRun(
             self.out, self.recipe, model, self.tokenizer, self.task_tokenizers, precision, device
         )
 
@@ -301,8 +302,6 @@ def heldout(
                 f"{it.path}: its eval split of {task} differs from "
                 f"{first.path}'s (seed or data); give --data HELDOUT"
             )
-    from bitblend.data.sources import load_task_data
-
     td = load_task_data(cfg, i, first.recipe.train.seed)
     return task, td.eval, td.eval_targets
 
@@ -378,12 +377,6 @@ def run_merge(
     run_dirs: list[Path], opt: MergeOptions, out: Path, console: Any = None
 ) -> dict[str, Any]:
     """`bitblend merge`: check, merge, evaluate and write a run directory; returns summary."""
-    from bitblend.config.load import dump_recipe
-    from bitblend.inference import evaluate_run
-    from bitblend.models.backbones import count_parameters
-    from bitblend.report.sinks import JsonlSink
-    from bitblend.train.run_dir import check_new_run_dir, write_json
-
     if opt.method not in METHODS:
         raise BitblendError(f"--method {opt.method}: expected one of {', '.join(METHODS)}")
     if not 0.0 < opt.density <= 1.0:
@@ -436,8 +429,6 @@ def run_merge(
     }
     write_json(out / "summary.json", summary)
     if console is not None:
-        from bitblend.report.console import metrics_table
-
         kept = info.get("kept")
         note = f", kept {len(kept)}/{len(items)}" if kept is not None else ""
         console.print(metrics_table(f"merge {opt.method}{note}: eval ({data_note})", results))

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from bitblend.config.schema import Recipe
+from bitblend.device import pick_device
 from bitblend.errors import BitblendError
 from bitblend.estimate.flops import StepFlops, StepTime, step_flops, step_time, tokens_flops
 from bitblend.estimate.memory import (
@@ -152,8 +153,6 @@ def estimate_recipe(
     peaks: Peaks | None = None,
 ) -> Estimate:
     """Estimate memory, FLOPs and time per step of `recipe` under each precision."""
-    from bitblend.train.setup import pick_device
-
     if ranks < 1:
         raise BitblendError(f"--ranks {ranks}: expected an integer >= 1")
     dev = device or pick_device(recipe.train.device)

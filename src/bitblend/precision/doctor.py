@@ -6,17 +6,19 @@ that output: amax, the share of values fp16 cannot hold (|x| > 65504 overflows; 
 |x| < 2^-24, fp16's smallest subnormal, flushes to zero) and the share above e4m3's 448
 (what an unscaled fp8 cast would saturate). Measured in fp32, so the numbers describe the
 model and data, not an already-lossy format.
+
+This module measures and judges; the dry run itself (building the model and data as a run
+would, running the batches) is train/probe.py's, so precision/ never imports train/.
 """
 
 from __future__ import annotations
 
 import math
-import tempfile
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from rich.table import Table
 from torch import nn
 
 from bitblend.config.schema import Recipe
@@ -105,7 +107,9 @@ class DoctorReport:
         }
 
 
-def _attach(model: nn.Module, stats: dict[str, LayerStats]) -> list[Any]:
+def attach_stats(model: nn.Module, stats: dict[str, LayerStats]) -> list[Any]:
+    """Hooks that fold every leaf module's outputs and output gradients into `stats`;
+    returns the handles (remove them when done)."""
     handles = []
     for name, module in model.named_modules():
         if not name or any(True for _ in module.children()) or isinstance(module, nn.Dropout):
@@ -126,47 +130,10 @@ def _attach(model: nn.Module, stats: dict[str, LayerStats]) -> list[Any]:
     return handles
 
 
-def diagnose(
-    recipe: Recipe, batches: int = 2, *, model_hook: Any = None, bf16_native: bool | None = None
-) -> DoctorReport:
-    """Run `batches` fp32 training batches per task (no optimizer step) and judge numerics.
-
-    `model_hook(model)` may modify the built model first (tests inject a faulty layer).
-    """
-    from bitblend.precision.recipes import cpu_bf16_native
-    from bitblend.train import step as step_fn
-    from bitblend.train.trainer import Trainer
-
-    probe = replace(recipe, precision=replace(recipe.precision, recipe="32-true", state_bits=32,
-                                              keep_fp32=[]))  # fmt: skip
-    with tempfile.TemporaryDirectory() as tmp:  # nothing is written: fit() is never called
-        trainer = Trainer(probe, Path(tmp) / "doctor", show_progress=False)
-    model = trainer.model
-    if model_hook is not None:
-        model_hook(model)
-    stats: dict[str, LayerStats] = {}
-    handles = _attach(model, stats)
-    try:
-        model.train()
-        for b in range(batches):
-            for i in range(len(trainer.tasks)):
-                step_fn.homogeneous(
-                    model, trainer.precision, trainer.balancer, trainer.tasks, i, b,
-                    recipe.train.seed, 1,
-                )  # fmt: skip
-                model.zero_grad(set_to_none=True)
-    finally:
-        for h in handles:
-            h.remove()
-    layers = [s for s in stats.values() if s.act.count]
-    if bf16_native is None:
-        bf16_native = trainer.device.type == "cuda" or cpu_bf16_native()
-    return _judge(recipe, batches, layers, bf16_native)
-
-
-def _judge(
+def judge(
     recipe: Recipe, batches: int, layers: list[LayerStats], bf16_native: bool
 ) -> DoctorReport:
+    """Findings, a recommended recipe and keep_fp32 list from measured layer numerics."""
     findings: list[str] = []
     over = [s.name for s in layers if s.act.over_fp16 or s.grad.over_fp16]
     grad_n = sum(s.grad.count for s in layers)
@@ -209,7 +176,6 @@ def _judge(
 
 def render(report: DoctorReport, console: Any, limit: int = 25) -> None:
     """A rich table of the riskiest layers plus findings and recommendations."""
-    from rich.table import Table
 
     def risk(s: LayerStats) -> tuple[float, float]:
         return (s.act.over_fp16 + s.grad.over_fp16 + s.act.over_e4m3, s.act.amax)

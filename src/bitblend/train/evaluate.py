@@ -147,10 +147,3 @@ def evaluate_split(
         return {**score(head, out, split.targets), "loss": mean, "examples": len(out)}
     res = _token_eval(model, task, split, spec, loss, limit, seed)
     return {**res, "examples": min(len(split), limit or len(split))}
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64 (for reported probabilities)."""
-    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)

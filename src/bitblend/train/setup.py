@@ -18,6 +18,10 @@ from bitblend.config.schema import Recipe, TaskConfig
 from bitblend.data.modalities import EncodedSplit, TabularStats, encode_split
 from bitblend.data.sampler import BatchSampler
 from bitblend.data.sources import LM_HEADS, TaskData, load_task_data
+
+# pick_device lives in bitblend/device.py (every layer may use it); re-exported here for
+# the trainer's existing import.
+from bitblend.device import pick_device as pick_device
 from bitblend.errors import BitblendError
 from bitblend.models.attention import use_fast_dropout
 from bitblend.models.backbones import is_decoder, load_backbone, seed_everything
@@ -48,15 +52,6 @@ class TaskRuntime:
     def name(self) -> str:
         """Task name."""
         return self.cfg.name
-
-
-def pick_device(choice: str) -> torch.device:
-    """`auto` -> cuda when available, else cpu; `cuda` without a GPU is an error."""
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise BitblendError("train.device: cuda requested but no CUDA device is available")
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice)
 
 
 def load_data(recipe: Recipe) -> list[TaskData]:

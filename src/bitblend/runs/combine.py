@@ -5,6 +5,9 @@ and its columns already in the ensemble's label order. `fit` sees validation lab
 `predict` never sees labels. `cross_fit` gives out-of-fold predictions on the validation
 split, so that what is fitted after the combiner (the temperature) is fitted on predictions
 the combiner made without having seen those labels.
+
+Under runs/ because a saved ensemble spec (runs/spec.py) predicts through `Combiner`;
+`bitblend ensemble` (ensemble/spec.py) fits it from above.
 """
 
 from __future__ import annotations
@@ -12,18 +15,15 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import KFold, StratifiedKFold
 
-from bitblend.ensemble.calibration import EPS
 from bitblend.errors import BitblendError
+from bitblend.numeric import sigmoid, softmax
+from bitblend.tasks.calibration import EPS
 
 METHODS = ("mean", "vote", "weighted", "product", "stack")
 STACK_FLOOR = 1e-6  # stack features are log p clipped here: one member's -27 must not dominate
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 class Combiner:
@@ -59,8 +59,6 @@ class Combiner:
         return self
 
     def _fit_stack(self, probs: np.ndarray, y: np.ndarray) -> None:
-        from sklearn.linear_model import LogisticRegression
-
         if len(np.unique(y)) < 2:
             raise BitblendError("stack: the validation split holds one class; give more data")
         lr = LogisticRegression(C=self.meta_c, max_iter=2000)
@@ -79,7 +77,7 @@ class Combiner:
         if self.method in ("mean", "weighted"):
             return np.einsum("m,mnc->nc", self.weights, probs)
         if self.method == "product":
-            return _softmax(np.einsum("m,mnc->nc", self.weights, _log_floor(probs)))
+            return softmax(np.einsum("m,mnc->nc", self.weights, _log_floor(probs)))
         if self.method == "vote":
             # Votes plus the mean probability, over M + 1: the majority always wins (a vote
             # is worth more than any probability gap), ties go to the more confident
@@ -92,10 +90,10 @@ class Combiner:
             raise BitblendError("stack: the meta-learner is not fitted")
         z = stack_features(probs) @ self.coef.T + self.intercept
         if len(self.seen) == 2:  # scikit-learn's binary form: one logit for seen[1]
-            p1 = 1.0 / (1.0 + np.exp(-z[:, 0]))
+            p1 = sigmoid(z[:, 0])
             sub = np.stack([1.0 - p1, p1], axis=1)
         else:
-            sub = _softmax(z)
+            sub = softmax(z)
         out = np.full((probs.shape[1], self.classes), EPS)
         out[:, self.seen] = sub
         return out / out.sum(axis=1, keepdims=True)
@@ -158,7 +156,7 @@ def _fit_product(probs: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Non-negative w minimising the NLL of softmax(sum_m w_m log p_m): log-linear pooling
     (a product of experts). The weights' sum plays the temperature, so one member alone
     reduces to temperature scaling; members that add information lower the NLL further."""
-    from scipy.optimize import minimize
+    from scipy.optimize import minimize  # ~1 s to import; only fitting weights needs it
 
     logp = _log_floor(probs)  # (M, n, C)
     rows = np.arange(probs.shape[1])
@@ -179,18 +177,18 @@ def _fit_product(probs: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def _fit_weights(probs: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Simplex weights w minimising the NLL of sum_m w_m p_m (softmax-parametrised)."""
-    from scipy.optimize import minimize
+    from scipy.optimize import minimize  # ~1 s to import; only fitting weights needs it
 
     gold = probs[:, np.arange(probs.shape[1]), y]  # (M, n): each member's p[gold]
 
     def loss(a: np.ndarray) -> tuple[float, np.ndarray]:
-        w = _softmax(a)
+        w = softmax(a)
         q = np.clip(w @ gold, EPS, None)  # (n,)
         g_w = -(gold / q).mean(axis=1)  # dNLL/dw
         return float(-np.log(q).mean()), w * (g_w - w @ g_w)  # chain rule through softmax
 
     res = minimize(loss, np.zeros(probs.shape[0]), jac=True, method="L-BFGS-B")
-    return _softmax(res.x)
+    return softmax(res.x)
 
 
 def cross_fit(
@@ -203,8 +201,6 @@ def cross_fit(
     """
     if not combiner.trainable:
         return combiner.predict(probs)
-    from sklearn.model_selection import KFold, StratifiedKFold
-
     n = probs.shape[1]
     counts = np.bincount(y, minlength=combiner.classes)
     smallest = int(counts[counts > 0].min())

@@ -4,7 +4,11 @@ Everything works on class-probability matrices p (n, C) in float64; a binary hea
 single logit z becomes the two columns [1 - sigmoid(z), sigmoid(z)], so one code path
 serves both heads. Metrics: accuracy, macro-F1, NLL (mean -log p[gold]), ECE (top-label,
 15 equal-width confidence bins, Guo et al. 2017) and Brier (mean squared distance between
-p and the one-hot gold vector, summed over classes).
+p and the one-hot gold vector, summed over classes). Macro-F1 is tasks/metrics.py's one
+definition (classes present in gold or predictions).
+
+It lives under tasks/ (not ensemble/) because the ensemble-spec backend in runs/ needs it to
+answer predictions, and ensemble/, merge and distill sit above runs/.
 """
 
 from __future__ import annotations
@@ -13,19 +17,19 @@ from typing import Any
 
 import numpy as np
 
+from bitblend.numeric import sigmoid, softmax
+from bitblend.tasks.metrics import macro_f1
+
 EPS = 1e-12
 ECE_BINS = 15
 
 
 def to_probs(head: str, outputs: np.ndarray) -> np.ndarray:
     """Raw outputs (n, C) logits or (n, 1) binary logit -> probabilities (n, C)."""
-    z = outputs.astype(np.float64)
     if head == "binary":
-        p1 = 1.0 / (1.0 + np.exp(-z[:, 0]))
+        p1 = sigmoid(outputs[:, 0])
         return np.stack([1.0 - p1, p1], axis=1)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    return softmax(outputs, axis=1)
 
 
 def to_outputs(head: str, probs: np.ndarray) -> np.ndarray:
@@ -43,10 +47,7 @@ def log_probs(probs: np.ndarray) -> np.ndarray:
 
 def scale(logp: np.ndarray, temperature: float) -> np.ndarray:
     """softmax(log p / T): probabilities at temperature T (T > 1 softens)."""
-    z = logp / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    return softmax(logp / temperature, axis=1)
 
 
 def nll(p: np.ndarray, y: np.ndarray) -> float:
@@ -77,13 +78,10 @@ def brier(p: np.ndarray, y: np.ndarray) -> float:
 
 def metrics(p: np.ndarray, y: np.ndarray) -> dict[str, float]:
     """accuracy, macro_f1, nll, ece, brier of probabilities p (n, C) against class ids y."""
-    from sklearn.metrics import f1_score
-
     pred = p.argmax(axis=1)
-    labels = list(range(p.shape[1]))
     return {
         "accuracy": float((pred == y).mean()),
-        "macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
+        "macro_f1": macro_f1(pred, y),
         "nll": nll(p, y),
         "ece": ece(p, y),
         "brier": brier(p, y),
@@ -98,6 +96,7 @@ class Temperature:
 
     def fit(self, logp: np.ndarray, y: np.ndarray) -> Temperature:
         """Choose T in [0.05, 20] minimising the NLL of softmax(log p / T) on (logp, y)."""
+        # scipy.optimize takes about a second to import; only fitting a temperature needs it.
         from scipy.optimize import minimize_scalar
 
         # NLL is smooth and, in log T, close to convex: a bounded scalar search suffices.

@@ -1,56 +1,22 @@
-"""Low-precision inference: which precision a finished run is served in, and how fast.
+"""`bitblend bench-infer`: latency p50/p99, throughput and accuracy of a finished
+transformer run under each serving precision (runs/serving.py).
 
-`bitblend predict --precision` and `bitblend bench-infer` use these. Serving precisions:
-- run: the training recipe's forward (fp8 recipes serve in bf16-mixed: no fp8 GEMMs here)
-- fp32: everything in fp32
-- bf16: weights and matmuls in bf16 (norms and heads fp32), half the weight memory
-- int8: dynamic quantisation of the trunk's Linear layers (int8 weights per channel,
-  activations quantised per token at run time) with torchao; heads stay fp32
+On CUDA every timed forward is bracketed by `torch.cuda.synchronize` (bitblend/device.py),
+since kernels run asynchronously and the clock would otherwise time only the launches.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from bitblend.config.schema import PrecisionConfig, PrecisionName
-from bitblend.errors import BitblendError
-
-INFER_PRECISIONS = ("run", "fp32", "bf16", "int8")
-
-
-def inference_config(trained: PrecisionConfig, name: str) -> PrecisionConfig:
-    """The precision recipe a run is served with (training-only settings reset)."""
-    if name not in INFER_PRECISIONS:
-        raise BitblendError(f"--precision {name}: expected one of {', '.join(INFER_PRECISIONS)}")
-    base = replace(trained, state_bits=32, rounding="nearest", master_weights=True)
-    if name == "run":
-        if trained.recipe in ("fp8", "fp8-emulated"):
-            return replace(base, recipe="bf16-mixed")
-        return base
-    serve: dict[str, PrecisionName] = {"fp32": "32-true", "bf16": "bf16-true", "int8": "32-true"}
-    return replace(base, recipe=serve[name])
-
-
-def quantize_int8(model: nn.Module) -> int:
-    """Dynamic int8 quantisation of the trunk's Linear layers in place; returns how many."""
-    from bitblend.optim.lowbit import quiet_import
-
-    q = quiet_import("torchao.quantization", "lowbit", "--precision int8")
-    names = {
-        n for n, m in model.named_modules() if type(m) is nn.Linear and n.startswith("backbone.")
-    }
-    q.quantize_(
-        model,
-        q.Int8DynamicActivationInt8WeightConfig(),
-        filter_fn=lambda m, fqn: fqn in names,
-    )
-    return len(names)
+from bitblend.device import synchronize
+from bitblend.runs.load import load_transformer_run
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -58,7 +24,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def bench_infer(
-    run_dir: Any,
+    run_dir: Path,
     precisions: list[str],
     batch_sizes: list[int],
     iters: int,
@@ -66,16 +32,10 @@ def bench_infer(
     eval_limit: int = 512,
 ) -> list[dict[str, Any]]:
     """Latency p50/p99, throughput and eval accuracy of a run per serving precision."""
-    from bitblend.inference import LoadedRun, load_run
-
     rows: list[dict[str, Any]] = []
     reference: np.ndarray | None = None
     for prec in precisions:
-        run = load_run(run_dir, prec)
-        if not isinstance(run, LoadedRun):
-            raise BitblendError(
-                f"{run_dir}: bench-infer times transformer runs, not {type(run).__name__}"
-            )
+        run = load_transformer_run(Path(run_dir), prec, "bench-infer")
         _, task = run.task(task_name)
         table, targets = run.eval_split(task.name)
         table = table.take(np.arange(min(len(table), eval_limit)))
@@ -96,8 +56,12 @@ def bench_infer(
             lat: list[float] = []
             with torch.inference_mode(), spec.context():
                 for i in range(iters + 2):
+                    # CUDA queues kernels and returns at once: synchronise before starting
+                    # and before reading the clock, so each latency covers its own forward.
+                    synchronize(run.device)
                     t0 = time.perf_counter()
                     model(task.name, **batch)
+                    synchronize(run.device)
                     if i >= 2:  # two warm-up calls (allocator, oneDNN kernel selection)
                         lat.append(time.perf_counter() - t0)
             resolved = run.precision.describe()["recipe"] + ("+int8" if prec == "int8" else "")

@@ -19,13 +19,13 @@ from rich.table import Table
 
 from bitblend.config.load import apply_overrides, read_yaml, recipe_from_dict, resolve_recipe_path
 from bitblend.config.schema import Recipe
+from bitblend.device import pick_device
 from bitblend.errors import BitblendError
 from bitblend.estimate.memory import bytes_per_param as per_param
 from bitblend.estimate.memory import optimizer_states, precision_spec
 from bitblend.report.html import render_report
 from bitblend.report.rundata import load_run
 from bitblend.train.run_dir import check_new_run_dir, write_json
-from bitblend.train.setup import pick_device
 from bitblend.train.trainer import Trainer
 
 # The metric shown per task in the table, first one present wins.
