@@ -5,13 +5,14 @@ from __future__ import annotations
 import itertools
 import math
 import typing
+from dataclasses import replace
 
 import pytest
 import torch
 from torch import nn
 
 from bitblend.config.schema import OptimizerConfig, OptimizerName, ScheduleConfig
-from bitblend.optim.build import build_optimizer, build_schedule, lr_factor
+from bitblend.optim.build import build_optimizer, build_schedule, lr_factor, param_roles
 
 OPTIMIZERS = list(typing.get_args(OptimizerName))
 EXPECTED_CLASS = {
@@ -66,6 +67,46 @@ def test_weight_decay_skips_1d_params(name: str) -> None:
             assert torch.equal(b, p)
         else:
             assert not torch.equal(b, p)
+
+
+class _Trunked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8))
+        self.head = nn.Linear(8, 2)
+
+
+def test_roles_come_from_the_model_not_from_the_tensors_the_optimizer_holds() -> None:
+    """Stand-ins that are empty between steps (bf16-true without master weights) are grouped
+    as the model's weights they stand for: decay by the weight's shape, lr by its name."""
+    model = _Trunked()
+    roles = param_roles(model)
+    assert [(r.name, r.decay, r.new) for r in roles] == [
+        ("backbone.0.weight", True, False),
+        ("backbone.0.bias", False, False),
+        ("backbone.1.weight", False, False),
+        ("backbone.1.bias", False, False),
+        ("head.weight", True, True),
+        ("head.bias", False, True),
+    ]
+    stand_ins = [nn.Parameter(torch.empty(0)) for _ in roles]
+    cfg = OptimizerConfig(name="adamw", lr=0.1, weight_decay=0.5, new_lr_scale=10.0)
+    opt = build_optimizer(stand_ins, cfg, roles)
+    named = {id(q): r.name for q, r in zip(stand_ins, roles, strict=True)}
+    groups = [
+        (g["weight_decay"], g["lr"], [named[id(p)] for p in g["params"]]) for g in opt.param_groups
+    ]
+    assert groups == [
+        (0.5, 0.1, ["backbone.0.weight"]),
+        (0.0, 0.1, ["backbone.0.bias", "backbone.1.weight", "backbone.1.bias"]),
+        (0.5, 1.0, ["head.weight"]),
+        (0.0, 1.0, ["head.bias"]),
+    ]
+    # new_lr_scale 1: one lr, so only the decay split remains.
+    opt = build_optimizer(stand_ins, replace(cfg, new_lr_scale=1.0), roles)
+    assert [len(g["params"]) for g in opt.param_groups] == [2, 4]
+    with pytest.raises(ValueError, match="5 optimizer parameters but 6 roles"):
+        build_optimizer(stand_ins[:5], cfg, roles)
 
 
 @pytest.mark.parametrize("name", ["adamw", "sgd"])  # decoupled decay and L2 alike
