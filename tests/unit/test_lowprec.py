@@ -282,7 +282,7 @@ def test_nonfinite_gradient_is_attributed_to_the_first_module_in_backward_order(
         nn.functional.cross_entropy(model(x), y).backward()
     result = prec.optimizer_step(opt, 1.0)
     assert not result.stepped
-    assert prec.last_nonfinite == "0"
+    assert result.nonfinite_module == "0"
 
 
 def test_stuck_loss_scale_stops_the_run_with_a_bf16_hint() -> None:

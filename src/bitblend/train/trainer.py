@@ -226,7 +226,7 @@ class Trainer:
             record["task_weight"] = dict(zip(names, self.balancer.task_weights(), strict=True))
         record["epochs"] = {t.name: t.sampler.epochs_completed for t in self.tasks}
         if not result.stepped:
-            record["nonfinite_module"] = self.precision.last_nonfinite
+            record["nonfinite_module"] = result.nonfinite_module
         self._diagnostics(record)
         return record
 
