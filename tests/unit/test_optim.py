@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 from bitblend.config.schema import OptimizerConfig, OptimizerName, ScheduleConfig
+from bitblend.errors import BitblendError
 from bitblend.optim.build import build_optimizer, build_schedule, lr_factor, param_roles
+from bitblend.optim.lowbit import export_state, import_state
 
 OPTIMIZERS = list(typing.get_args(OptimizerName))
 EXPECTED_CLASS = {
@@ -194,3 +196,21 @@ def test_build_schedule_drives_the_optimizer_lr() -> None:
         opt.step()
         sched.step()
     assert lrs == pytest.approx([0.5 * 0.5, 0.5, 0.5 * 8 / 9, 0.5 * 7 / 9])
+
+
+def test_resume_with_other_parameter_groups_is_a_one_line_error() -> None:
+    """A checkpoint from before the decay fix (every stand-in in the no-decay group) does
+    not load into today's groups: one line saying why, not torch's ValueError."""
+    model = _Trunked()
+    roles = param_roles(model)
+    stand_ins = [nn.Parameter(torch.empty(0)) for _ in roles]
+    cfg = OptimizerConfig(name="adamw", weight_decay=0.01)
+    with pytest.raises(ValueError, match="pass param_roles"):
+        build_optimizer(stand_ins, cfg)  # empty stand-ins have no shape to group by
+    # What the stand-ins' own (1-d, empty) shape used to give: everything without decay.
+    old = build_optimizer(stand_ins, cfg, [replace(r, decay=False) for r in roles])
+    assert [len(g["params"]) for g in old.param_groups] == [6]
+    new = build_optimizer(stand_ins, cfg, roles)
+    with pytest.raises(BitblendError, match=r"parameter groups of sizes \[6\], this run builds"):
+        import_state(new, export_state(old))
+    import_state(new, export_state(build_optimizer(stand_ins, cfg, roles)))  # same groups load

@@ -72,6 +72,9 @@ def build_optimizer(
     `state_bits` 8 / 4 picks a quantised-state optimizer (16 is handled by the precision
     recipe, which stores states in bf16)."""
     if roles is None:
+        if any(p.numel() == 0 for p in params):
+            # Empty fp32 stand-ins (bf16-true, master_weights false) have no shape to go by.
+            raise ValueError("empty optimizer parameters: pass param_roles(model) as roles")
         roles = [ParamRole(str(i), p.ndim >= 2, False) for i, p in enumerate(params)]
     if len(roles) != len(params):
         raise ValueError(f"{len(params)} optimizer parameters but {len(roles)} roles")
