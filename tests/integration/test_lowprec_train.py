@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -198,3 +199,54 @@ def test_predict_and_bench_infer_per_serving_precision(
     assert by["bf16"]["weight_bytes"] < 0.6 * by["fp32"]["weight_bytes"]
     code, _, err = run_cli(["bench-infer", str(run), "--precision", "fp4"], capsys)
     assert_one_line_error(code, err, "--precision fp4", "int8")
+
+
+# -- weight decay ---------------------------------------------------------------------------
+DECAY_SETTINGS = {
+    "32-true": ["precision.recipe=32-true"],
+    "bf16-mixed": ["precision.recipe=bf16-mixed"],
+    "16-mixed": ["precision.recipe=16-mixed"],
+    "fp8-emulated": ["precision.recipe=fp8-emulated"],
+    "bf16-true-master": ["precision.recipe=bf16-true", "precision.master_weights=true"],
+    "bf16-true-nearest": PURE,
+    "bf16-true-sr": VARIANTS["bf16-true-sr"],
+    "bf16-true-kahan": VARIANTS["bf16-true-kahan"],
+}
+
+
+def _decayed(setting: list[str]) -> tuple[set[str], list[tuple[float, float, int]]]:
+    """Names of the model parameters that weight decay moves in one Trainer step with zero
+    gradients (nothing else can move them), and the optimizer's (decay, lr, size) groups."""
+    recipe = make_recipe(*setting, "optimizer.lr=1.0", "optimizer.weight_decay=0.5")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 16-mixed on CPU warns that it is slow
+        trainer = Trainer(recipe, Path("unused"), show_progress=False)
+    params = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in params.items()}
+    # A zero loss that touches every weight: zero gradients, through the loss scale (16-mixed).
+    trainer.precision.backward(sum((p.float() * 0).sum() for p in params.values()))
+    assert trainer.precision.optimizer_step(trainer.optimizer, None).stepped
+    moved = {n for n, p in params.items() if not torch.equal(before[n], p.detach())}
+    groups = [
+        (g["weight_decay"], g["lr"], len(g["params"])) for g in trainer.optimizer.param_groups
+    ]
+    return moved, groups
+
+
+@pytest.mark.slow  # nine tiny-bert Trainers (~12 s)
+def test_weight_decay_hits_the_same_weights_under_every_precision() -> None:
+    """Decay groups are decided from the model's own parameters (name and shape): the fp32
+    stand-ins of bf16-true (empty between steps without master weights) get the same
+    groups as fp32 weights. Matrices decay; biases and norm gains never do."""
+    recipe = make_recipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = Trainer(recipe, Path("unused"), show_progress=False).model
+    matrices = {n for n, p in ref.named_parameters() if p.requires_grad and p.ndim >= 2}
+    assert matrices and len(matrices) < sum(1 for _ in ref.parameters())
+    first_groups = None
+    for name, setting in DECAY_SETTINGS.items():
+        moved, groups = _decayed(setting)
+        assert moved == matrices, (name, sorted(moved ^ matrices)[:5])
+        first_groups = first_groups or groups
+        assert groups == first_groups, name

@@ -85,9 +85,10 @@ def test_weight_bytes_match_the_converted_model(precision: str) -> None:
     static = static_bytes(shape, precision_spec(precision), states=2)
     assert static.weights == sum(p.numel() * p.element_size() for p in model.parameters())
     masters = prec.optimizer_parameters(model)
-    master_bytes = sum(m.numel() * 4 for m in masters) if prec.master_weights else 0
+    kept = prec.describe()["master_weights"]
+    master_bytes = sum(m.numel() * 4 for m in masters) if kept else 0
     own = sum(p.numel() * 4 for p in model.parameters() if p.dtype == torch.float32)
-    assert static.master == (master_bytes - own if prec.master_weights else 0)
+    assert static.master == (master_bytes - own if kept else 0)
 
 
 # -- bytes per parameter: the hand-computed table --------------------------------

@@ -11,7 +11,7 @@ from torch import nn
 
 from bitblend.config.schema import OptimizerConfig, PrecisionConfig
 from bitblend.errors import BitblendError
-from bitblend.optim.build import build_optimizer
+from bitblend.optim.build import build_optimizer, param_roles
 from bitblend.optim.lowbit import export_state, import_state, state_bytes
 from bitblend.precision.fp8 import E4M3, E5M2, Fp8EmulatedLinear, quantize_dequantize
 from bitblend.precision.health import LossScaleStuck, StepHealth
@@ -132,8 +132,11 @@ def test_sub_ulp_updates_move_only_with_sr_or_kahan(rounding: str, moves: bool) 
     prec = build_precision(cfg, CPU, seed=3)
     model = prec.convert_module(_One())
     assert model.w.dtype == torch.bfloat16
+    roles = param_roles(model)  # from the model: the stand-ins are empty between steps
     opt = build_optimizer(
-        prec.optimizer_parameters(model), OptimizerConfig(name="sgd", lr=1.0, weight_decay=0.0)
+        prec.optimizer_parameters(model),
+        OptimizerConfig(name="sgd", lr=1.0, weight_decay=0.0),
+        roles,
     )
     for _ in range(100):
         model.w.grad = torch.full_like(model.w, 1e-3)
@@ -282,7 +285,7 @@ def test_nonfinite_gradient_is_attributed_to_the_first_module_in_backward_order(
         nn.functional.cross_entropy(model(x), y).backward()
     result = prec.optimizer_step(opt, 1.0)
     assert not result.stepped
-    assert prec.last_nonfinite == "0"
+    assert result.nonfinite_module == "0"
 
 
 def test_stuck_loss_scale_stops_the_run_with_a_bf16_hint() -> None:

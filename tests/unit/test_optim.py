@@ -5,13 +5,16 @@ from __future__ import annotations
 import itertools
 import math
 import typing
+from dataclasses import replace
 
 import pytest
 import torch
 from torch import nn
 
 from bitblend.config.schema import OptimizerConfig, OptimizerName, ScheduleConfig
-from bitblend.optim.build import build_optimizer, build_schedule, lr_factor
+from bitblend.errors import BitblendError
+from bitblend.optim.build import build_optimizer, build_schedule, lr_factor, param_roles
+from bitblend.optim.lowbit import export_state, import_state
 
 OPTIMIZERS = list(typing.get_args(OptimizerName))
 EXPECTED_CLASS = {
@@ -66,6 +69,46 @@ def test_weight_decay_skips_1d_params(name: str) -> None:
             assert torch.equal(b, p)
         else:
             assert not torch.equal(b, p)
+
+
+class _Trunked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8))
+        self.head = nn.Linear(8, 2)
+
+
+def test_roles_come_from_the_model_not_from_the_tensors_the_optimizer_holds() -> None:
+    """Stand-ins that are empty between steps (bf16-true without master weights) are grouped
+    as the model's weights they stand for: decay by the weight's shape, lr by its name."""
+    model = _Trunked()
+    roles = param_roles(model)
+    assert [(r.name, r.decay, r.new) for r in roles] == [
+        ("backbone.0.weight", True, False),
+        ("backbone.0.bias", False, False),
+        ("backbone.1.weight", False, False),
+        ("backbone.1.bias", False, False),
+        ("head.weight", True, True),
+        ("head.bias", False, True),
+    ]
+    stand_ins = [nn.Parameter(torch.empty(0)) for _ in roles]
+    cfg = OptimizerConfig(name="adamw", lr=0.1, weight_decay=0.5, new_lr_scale=10.0)
+    opt = build_optimizer(stand_ins, cfg, roles)
+    named = {id(q): r.name for q, r in zip(stand_ins, roles, strict=True)}
+    groups = [
+        (g["weight_decay"], g["lr"], [named[id(p)] for p in g["params"]]) for g in opt.param_groups
+    ]
+    assert groups == [
+        (0.5, 0.1, ["backbone.0.weight"]),
+        (0.0, 0.1, ["backbone.0.bias", "backbone.1.weight", "backbone.1.bias"]),
+        (0.5, 1.0, ["head.weight"]),
+        (0.0, 1.0, ["head.bias"]),
+    ]
+    # new_lr_scale 1: one lr, so only the decay split remains.
+    opt = build_optimizer(stand_ins, replace(cfg, new_lr_scale=1.0), roles)
+    assert [len(g["params"]) for g in opt.param_groups] == [2, 4]
+    with pytest.raises(ValueError, match="5 optimizer parameters but 6 roles"):
+        build_optimizer(stand_ins[:5], cfg, roles)
 
 
 @pytest.mark.parametrize("name", ["adamw", "sgd"])  # decoupled decay and L2 alike
@@ -153,3 +196,21 @@ def test_build_schedule_drives_the_optimizer_lr() -> None:
         opt.step()
         sched.step()
     assert lrs == pytest.approx([0.5 * 0.5, 0.5, 0.5 * 8 / 9, 0.5 * 7 / 9])
+
+
+def test_resume_with_other_parameter_groups_is_a_one_line_error() -> None:
+    """A checkpoint from before the decay fix (every stand-in in the no-decay group) does
+    not load into today's groups: one line saying why, not torch's ValueError."""
+    model = _Trunked()
+    roles = param_roles(model)
+    stand_ins = [nn.Parameter(torch.empty(0)) for _ in roles]
+    cfg = OptimizerConfig(name="adamw", weight_decay=0.01)
+    with pytest.raises(ValueError, match="pass param_roles"):
+        build_optimizer(stand_ins, cfg)  # empty stand-ins have no shape to group by
+    # What the stand-ins' own (1-d, empty) shape used to give: everything without decay.
+    old = build_optimizer(stand_ins, cfg, [replace(r, decay=False) for r in roles])
+    assert [len(g["params"]) for g in old.param_groups] == [6]
+    new = build_optimizer(stand_ins, cfg, roles)
+    with pytest.raises(BitblendError, match=r"parameter groups of sizes \[6\], this run builds"):
+        import_state(new, export_state(old))
+    import_state(new, export_state(build_optimizer(stand_ins, cfg, roles)))  # same groups load

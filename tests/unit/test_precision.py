@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -9,6 +11,9 @@ from torch import nn
 from bitblend.config.schema import PrecisionConfig
 from bitblend.models.backbones import load_backbone
 from bitblend.models.trunk import HeadSpec, MultiTaskModel
+from bitblend.precision.full import FullPrecision
+from bitblend.precision.half import HalfPrecision
+from bitblend.precision.mixed import MixedPrecision
 from bitblend.precision.recipes import build_precision, cpu_bf16_native, resolve_auto
 
 CPU = torch.device("cpu")
@@ -153,3 +158,36 @@ def test_attention_dropout_overrides_only_the_attention_keys() -> None:
     assert (cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob) == (0.2, 0.05)
     cfg = load_backbone("tiny-gpt", 0.0, 0.3)[0].config
     assert (cfg.resid_pdrop, cfg.embd_pdrop, cfg.attn_pdrop) == (0.0, 0.0, 0.3)
+
+
+PURE = {"recipe": "bf16-true", "master_weights": False}
+
+
+@pytest.mark.parametrize(
+    ("settings", "family", "keys"),
+    [
+        ({"recipe": "32-true"}, FullPrecision, set()),
+        ({"recipe": "bf16-mixed"}, MixedPrecision, set()),
+        ({"recipe": "16-mixed"}, MixedPrecision, {"scaler"}),
+        ({"recipe": "fp8-emulated"}, MixedPrecision, set()),
+        ({"recipe": "bf16-true"}, HalfPrecision, {"masters"}),
+        (PURE, HalfPrecision, set()),
+        ({**PURE, "rounding": "stochastic"}, HalfPrecision, {"rounding_rng"}),
+        ({**PURE, "rounding": "kahan"}, HalfPrecision, {"kahan"}),
+    ],
+)
+def test_each_recipe_is_its_family_class_and_keeps_the_checkpoint_keys(
+    settings: dict, family: type, keys: set[str]
+) -> None:
+    """build_precision picks one class per mode family; checkpoints keep the state keys that
+    runs written before the split into classes hold, so those runs resume."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 16-mixed on CPU
+        p = build_precision(PrecisionConfig(**settings), CPU)
+    assert type(p) is family
+    model = _model()
+    p.convert_module(model)
+    p.optimizer_parameters(model)
+    state = p.state_dict()
+    assert set(state) == {"name", "health"} | keys
+    assert state["name"] == settings["recipe"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -13,15 +14,42 @@ from bitblend.config.schema import OptimizerConfig, ScheduleConfig
 from bitblend.optim.lowbit import build_lowbit, stateless
 
 
-def _decay_groups(
-    params: list[nn.Parameter], weight_decay: float, lr: float
+@dataclass(frozen=True)
+class ParamRole:
+    """How the optimizer treats one trainable model parameter."""
+
+    name: str  # the model's parameter name
+    decay: bool  # weight decay applies: matrices, not biases or norm gains (BERT, HF Trainer)
+    new: bool  # outside the pretrained trunk (heads, adapters): lr x optimizer.new_lr_scale
+
+
+def param_roles(model: nn.Module) -> list[ParamRole]:
+    """One role per trainable parameter, in `named_parameters` order, decided from the
+    model's own tensors (name and shape). Call it before the precision makes optimizer
+    copies: bf16-true's fp32 stand-ins are empty between steps, so their shape says nothing."""
+    return [
+        ParamRole(name, p.ndim >= 2, not name.startswith("backbone."))
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    ]
+
+
+def _groups(
+    params: list[nn.Parameter], roles: list[ParamRole], cfg: OptimizerConfig
 ) -> list[dict[str, Any]]:
-    # Biases and norm gains (1-d tensors) get no weight decay, as in BERT and HF Trainer.
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay, "lr": lr}] if decay else []
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0, "lr": lr})
+    """Parameter groups by (new, decay): trunk decay, trunk no-decay, new decay, new no-decay."""
+    groups = []
+    for new in (False, True):
+        lr = cfg.lr * cfg.new_lr_scale if new else cfg.lr
+        for decay in (True, False):
+            chosen = [
+                p
+                for p, r in zip(params, roles, strict=True)
+                if r.decay == decay and (r.new and cfg.new_lr_scale != 1.0) == new
+            ]
+            if chosen:
+                wd = cfg.weight_decay if decay else 0.0
+                groups.append({"params": chosen, "weight_decay": wd, "lr": lr})
     return groups
 
 
@@ -35,19 +63,22 @@ def _fused_ok(params: list[nn.Parameter]) -> bool:
 def build_optimizer(
     params: list[nn.Parameter],
     cfg: OptimizerConfig,
-    new: set[int] | None = None,
+    roles: list[ParamRole] | None = None,
     state_bits: int = 32,
 ) -> torch.optim.Optimizer:
-    """The optimizer named by `cfg` over `params`; those whose id is in `new` (heads,
-    adapters) get lr x `cfg.new_lr_scale`. `state_bits` 8 / 4 picks a quantised-state
-    optimizer (16 is handled by the precision recipe, which stores states in bf16)."""
-    new = new or set()
-    trunk = [p for p in params if id(p) not in new]
-    fresh = [p for p in params if id(p) in new]
-    if cfg.new_lr_scale == 1.0:
-        trunk, fresh = params, []
-    groups = _decay_groups(trunk, cfg.weight_decay, cfg.lr)
-    groups += _decay_groups(fresh, cfg.weight_decay, cfg.lr * cfg.new_lr_scale)
+    """The optimizer named by `cfg` over `params`. `roles[i]` (from `param_roles(model)`)
+    says how to treat `params[i]`: decay or not, trunk lr or lr x `cfg.new_lr_scale`;
+    without roles the params are the model's own tensors, grouped by their own shapes.
+    `state_bits` 8 / 4 picks a quantised-state optimizer (16 is handled by the precision
+    recipe, which stores states in bf16)."""
+    if roles is None:
+        if any(p.numel() == 0 for p in params):
+            # Empty fp32 stand-ins (bf16-true, master_weights false) have no shape to go by.
+            raise ValueError("empty optimizer parameters: pass param_roles(model) as roles")
+        roles = [ParamRole(str(i), p.ndim >= 2, False) for i, p in enumerate(params)]
+    if len(roles) != len(params):
+        raise ValueError(f"{len(params)} optimizer parameters but {len(roles)} roles")
+    groups = _groups(params, roles, cfg)
     if state_bits < 32 and stateless(cfg):
         warnings.warn(
             f"precision.state_bits {state_bits}: plain gradient descent (sgd, momentum 0) keeps "

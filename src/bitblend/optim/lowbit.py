@@ -113,6 +113,17 @@ def export_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
 
 def import_state(optimizer: torch.optim.Optimizer, sd: dict[str, Any]) -> None:
     """Load what `export_state` wrote, rebuilding torchao states after the plain load."""
+    saved = [len(g["params"]) for g in sd["param_groups"]]
+    built = [len(g["params"]) for g in optimizer.param_groups]
+    if saved != built:
+        # torch would raise a bare ValueError. Known cause: bf16-true runs with
+        # master_weights false written before their decay groups were fixed (all no-decay).
+        raise BitblendError(
+            f"checkpoint optimizer: parameter groups of sizes {saved}, this run builds {built} "
+            "(weight-decay / head-lr groups changed since the checkpoint was written, e.g. a "
+            "bf16-true run with master_weights false from before its weight decay was fixed); "
+            "start the run again"
+        )
     rebuilt: dict[Any, dict[str, Any]] = {}
     plain_state: dict[Any, dict[str, Any]] = {}
     for pid, per_param in sd["state"].items():

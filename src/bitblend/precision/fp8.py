@@ -27,6 +27,8 @@ E5M2_MAX = float(torch.finfo(E5M2).max)  # 57344
 _EPS = 1e-12
 
 Scaling = Literal["tensorwise", "rowwise"]
+# How an fp8 recipe swaps the trunk's Linear layers: (model, scaling, keep rule) -> names.
+Fp8Swap = Callable[[nn.Module, Scaling, Callable[[str], bool]], list[str]]
 
 
 def quantize_dequantize(x: torch.Tensor, fp8: torch.dtype, scaling: Scaling) -> torch.Tensor:

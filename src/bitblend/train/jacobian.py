@@ -14,7 +14,7 @@ import torch
 
 from bitblend.errors import BitblendError
 from bitblend.models.trunk import MultiTaskModel
-from bitblend.precision.recipes import PrecisionRecipe
+from bitblend.precision.base import Precision
 from bitblend.tasks.balancing import Balancer
 
 
@@ -33,7 +33,7 @@ def make_aggregator(name: str) -> Any:
 
 def aggregate_backward(
     model: MultiTaskModel,
-    precision: PrecisionRecipe,
+    precision: Precision,
     losses: dict[int, torch.Tensor],
     balancer: Balancer,
     shares: dict[int, float],

@@ -27,7 +27,7 @@ from bitblend.models.attention import use_fast_dropout
 from bitblend.models.backbones import is_decoder, load_backbone, seed_everything
 from bitblend.models.fused_qkv import fuse_qkv
 from bitblend.models.trunk import HeadSpec, MultiTaskModel
-from bitblend.precision.recipes import PrecisionRecipe
+from bitblend.precision.base import Precision
 from bitblend.tasks.losses import resolve_loss
 from bitblend.train.evaluate import BatchSpec
 
@@ -141,7 +141,7 @@ def build_model(
     return model, tokenizer, task_tokenizers
 
 
-def convert_model(model: nn.Module, recipe: Recipe, precision: PrecisionRecipe) -> None:
+def convert_model(model: nn.Module, recipe: Recipe, precision: Precision) -> None:
     """The precision recipe's conversion, then the kernel rewrites that must follow it:
     with model.kernels=auto, one matmul for each attention block's q/k/v projections.
     Layers fp8 swapped or keep_fp32 wrapped stay as they are (fuse_qkv takes only plain

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from bitblend.models.trunk import MultiTaskModel
-from bitblend.precision.recipes import PrecisionRecipe
+from bitblend.precision.base import Precision
 from bitblend.tasks.balancing import Balancer
 from bitblend.tasks.losses import compute_loss
 from bitblend.train.setup import TaskRuntime
@@ -38,7 +38,7 @@ def _generator(seed: int, step: int, task: int, micro: int) -> torch.Generator:
 
 def task_loss(
     model: MultiTaskModel,
-    precision: PrecisionRecipe,
+    precision: Precision,
     task: TaskRuntime,
     idx: np.ndarray,
     gen: torch.Generator,
@@ -55,7 +55,7 @@ def task_loss(
 
 def homogeneous(
     model: MultiTaskModel,
-    precision: PrecisionRecipe,
+    precision: Precision,
     balancer: Balancer,
     tasks: list[TaskRuntime],
     task_idx: int,
@@ -80,7 +80,7 @@ def homogeneous(
 
 def mixed(
     model: MultiTaskModel,
-    precision: PrecisionRecipe,
+    precision: Precision,
     balancer: Balancer,
     tasks: list[TaskRuntime],
     allocate: Any,
@@ -122,7 +122,7 @@ def trunk_parameters(model: MultiTaskModel) -> list[nn.Parameter]:
 
 
 def gradient_cosines(
-    model: MultiTaskModel, precision: PrecisionRecipe, tasks: list[TaskRuntime]
+    model: MultiTaskModel, precision: Precision, tasks: list[TaskRuntime]
 ) -> dict[str, float]:
     """Cosine similarity of every pair of tasks' trunk gradients on a fixed eval batch.
 

@@ -17,7 +17,7 @@ from bitblend.config.schema import Recipe
 from bitblend.data.mixture import Mixture
 from bitblend.errors import BitblendError
 from bitblend.models.backbones import count_parameters
-from bitblend.optim.build import build_optimizer, build_schedule
+from bitblend.optim.build import build_optimizer, build_schedule, param_roles
 from bitblend.optim.lowbit import export_state, import_state
 from bitblend.precision.recipes import build_precision
 from bitblend.report.console import make_progress, metrics_table
@@ -77,12 +77,12 @@ class Trainer:
             self.device,
         )
         convert_model(self.model, recipe, self.precision)
+        # Roles (decay, new) come from the model's own weights, before the precision makes
+        # fp32 stand-ins; optimizer_parameters keeps the order of the trainable parameters.
+        roles = param_roles(self.model)
         params = self.precision.optimizer_parameters(self.model)
-        # optimizer_parameters keeps the order of the trainable model parameters, so the
-        # ones outside the pretrained trunk (heads, adapters) can be picked out by position.
-        named = [n for n, p in self.model.named_parameters() if p.requires_grad]
-        new = {id(q) for n, q in zip(named, params, strict=True) if not n.startswith("backbone.")}
-        self.optimizer = build_optimizer(params, recipe.optimizer, new, recipe.precision.state_bits)
+        state_bits = recipe.precision.state_bits
+        self.optimizer = build_optimizer(params, recipe.optimizer, roles, state_bits)
         self.model_state_bytes = 0  # measured after the first step (gradients exist then)
         self.scheduler = build_schedule(self.optimizer, cfg.steps, recipe.schedule)
         mix = recipe.mixing
@@ -226,7 +226,7 @@ class Trainer:
             record["task_weight"] = dict(zip(names, self.balancer.task_weights(), strict=True))
         record["epochs"] = {t.name: t.sampler.epochs_completed for t in self.tasks}
         if not result.stepped:
-            record["nonfinite_module"] = self.precision.last_nonfinite
+            record["nonfinite_module"] = result.nonfinite_module
         self._diagnostics(record)
         return record
 
