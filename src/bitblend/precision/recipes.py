@@ -28,9 +28,6 @@ from bitblend.precision.mixed import MixedPrecision
 
 log = logging.getLogger(__name__)
 
-# The protocol under the name inference.py imports; the runs/ move imports base.Precision.
-PrecisionRecipe = Precision
-
 FP16_CPU_WARNING = (
     "16-mixed on a CPU: fp16 matmuls have no fast CPU kernels (measured ~400x slower than fp32 "
     "on this class of machine, 0.3-0.4 GFLOP/s). Use bf16-mixed (or auto) on CPU; keep 16-mixed "

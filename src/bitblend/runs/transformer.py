@@ -16,7 +16,8 @@ from bitblend.data.sources import load_task_data
 from bitblend.data.table import Table
 from bitblend.device import pick_device
 from bitblend.models.trunk import MultiTaskModel, load_model
-from bitblend.precision.recipes import PrecisionRecipe, build_precision
+from bitblend.precision.base import Precision
+from bitblend.precision.recipes import build_precision
 from bitblend.runs.base import find_task
 from bitblend.runs.serving import check_serving, inference_config, quantize_int8
 from bitblend.train.evaluate import BatchSpec, predict_outputs
@@ -32,7 +33,7 @@ class TransformerRun:
     model: MultiTaskModel
     tokenizer: Any
     task_tokenizers: dict[str, Any]
-    precision: PrecisionRecipe
+    precision: Precision
     device: torch.device
     serving: str = "run"  # the serving precision's name (runs/serving.py)
 
@@ -87,7 +88,7 @@ class TransformerRun:
 
 def serve_model(
     model: MultiTaskModel, recipe: Recipe, serving: str = "run"
-) -> tuple[PrecisionRecipe, torch.device]:
+) -> tuple[Precision, torch.device]:
     """Convert a loaded (or merged) model in place to a serving precision of `recipe`'s run.
 
     The weights come back to fp32 first: model/ holds them in the training dtype (bf16 for

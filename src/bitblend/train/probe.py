@@ -16,8 +16,9 @@ import torch
 from bitblend.config.schema import Recipe
 from bitblend.device import pick_device
 from bitblend.models.trunk import MultiTaskModel
+from bitblend.precision.base import Precision
 from bitblend.precision.doctor import DoctorReport, LayerStats, attach_stats, judge
-from bitblend.precision.recipes import PrecisionRecipe, build_precision, cpu_bf16_native
+from bitblend.precision.recipes import build_precision, cpu_bf16_native
 from bitblend.tasks.balancing import Balancer
 from bitblend.train import step as step_fn
 from bitblend.train.setup import TaskRuntime, build_model, build_tasks, convert_model, load_data
@@ -30,7 +31,7 @@ class Probe:
     recipe: Recipe
     model: MultiTaskModel
     tasks: list[TaskRuntime]
-    precision: PrecisionRecipe
+    precision: Precision
     balancer: Balancer
     device: torch.device
 
