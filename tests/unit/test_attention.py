@@ -125,6 +125,7 @@ def test_attention_dropout_is_exact() -> None:
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 8, 4) for _ in range(3))
     module = nn.Module()
+    module.is_causal = False  # type: ignore[assignment]  # (without it: causal, as transformers)
     torch.manual_seed(5)
     out, _ = attention.attention_forward(module, q, k, v, None, dropout=0.4, scaling=0.5)
     torch.manual_seed(5)
@@ -198,3 +199,109 @@ def test_resolve_dropouts(
     value, not 'unset'."""
     assert attention.resolve_dropouts(0.2, 0.3, dropout, attention_dropout) == expected
     assert attention.resolve_dropouts(None, None, None, None) == (None, None)
+
+
+# -- edge cases (issue 14, item 5): transformers' SDPA function is the reference --------
+
+
+def _sdpa(module: nn.Module, *args: object, **kw: object) -> torch.Tensor:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, *args, **kw)[0]  # type: ignore[arg-type]
+
+
+def _qkv(dtype: torch.dtype = torch.float32, s: int = 6) -> tuple[torch.Tensor, ...]:
+    torch.manual_seed(0)
+    return tuple((torch.randn(2, 2, s, 4) * 3).to(dtype) for _ in range(3))
+
+
+def test_module_without_is_causal_is_causal_as_in_transformers() -> None:
+    """No `is_causal` attribute, no mask: transformers' SDPA path attends causally."""
+    q, k, v = _qkv()
+    bare = nn.Module()
+    out, _ = attention.attention_forward(bare, q, k, v, None)
+    torch.testing.assert_close(out, _sdpa(bare, q, k, v, None))
+    ref = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, ref.transpose(1, 2))
+    # an explicit is_causal argument wins over the module's attribute, both ways
+    enc = nn.Module()
+    enc.is_causal = False  # type: ignore[assignment]
+    for module, flag in ((enc, True), (bare, False)):
+        out, _ = attention.attention_forward(module, q, k, v, None, is_causal=flag)
+        torch.testing.assert_close(out, _sdpa(module, q, k, v, None, is_causal=flag))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fill", ["fp32-lowest", "-inf", "-1e9"])
+def test_float_mask_rows_fully_masked_match_sdpa(dtype: torch.dtype, fill: str) -> None:
+    """A float mask in fp32 (as users and older models build it) with one query row fully
+    masked, applied to low-precision q/k/v: no NaN, and SDPA's output on every row (zeros
+    where a row is all -inf; the other rows within the compute dtype's rounding)."""
+    value = {"fp32-lowest": torch.finfo(torch.float32).min, "-inf": -math.inf, "-1e9": -1e9}
+    q, k, v = _qkv(dtype)
+    mask = torch.zeros(2, 1, 6, 6)
+    mask[0, :, 2, :] = value[fill]  # query 2 of example 0 sees nothing
+    mask[1, :, :, 4:] = value[fill]  # example 1: the last two keys are padding
+    module = nn.Module()
+    module.is_causal = False  # type: ignore[assignment]
+    out, _ = attention.attention_forward(module, q, k, v, mask)
+    assert torch.isfinite(out).all()
+    ref = _sdpa(module, q, k, v, mask)  # SDPA takes the fp32 mask with low-precision q/k/v
+    assert ref.dtype == dtype
+    torch.testing.assert_close(out.float(), ref.float(), atol=0.02, rtol=0.02)
+    if fill == "-inf":
+        assert torch.equal(out[0, 2], torch.zeros_like(out[0, 2]))
+    # gradients stay finite too (a NaN row would poison every parameter's gradient)
+    qq = q.clone().requires_grad_()
+    attention.attention_forward(module, qq, k, v, mask)[0].float().sum().backward()
+    assert qq.grad is not None and torch.isfinite(qq.grad).all()
+
+
+def test_fp16_boolean_mask_with_a_dead_row_stays_finite() -> None:
+    """fp16 scores of -20 plus fp16's lowest value overflow to -inf; with every key of a row
+    masked that row (and every gradient) would be NaN."""
+    q, k, v = _qkv(torch.float16)
+    k = k.abs()
+    q[0, :, 3] = -10.0  # every score of that query below -16
+    keys = torch.ones(2, 1, 6, 6, dtype=torch.bool)
+    keys[0, :, 3, :] = False
+    keys[1, :, :, 5:] = False
+    module = nn.Module()
+    module.is_causal = False  # type: ignore[assignment]
+    qq = q.clone().requires_grad_()
+    out, _ = attention.attention_forward(module, qq, k, v, keys)
+    assert torch.isfinite(out).all()
+    out.float().sum().backward()
+    assert qq.grad is not None and torch.isfinite(qq.grad).all()
+    live = torch.ones(2, 6, dtype=torch.bool)
+    live[0, 3] = False
+    ref = _sdpa(module, q.float(), k.float(), v.float(), keys)
+    torch.testing.assert_close(out.float()[live], ref[live], atol=0.02, rtol=0.02)
+
+
+@pytest.mark.parametrize("p", [1e-6, 2.0**-17, 1 - 2.0**-17, 1 - 1e-6, 1.0])
+def test_dropout_rates_off_the_grid_are_exact_torch(p: float) -> None:
+    """Rates the 1/65536 grid would round to 0 or 1 (no dropout, or a ZeroDivisionError)
+    run torch's own dropout / SDPA, draw for draw."""
+    assert not attention.on_grid(p)
+    with pytest.raises(ValueError, match="rounds to"):
+        attention.keep_mask((4, 4), p, torch.device("cpu"))
+    x = torch.randn(64, 64)
+    torch.manual_seed(7)
+    ours = attention.dropout(x, p)
+    torch.manual_seed(7)
+    assert torch.equal(ours, nn.functional.dropout(x, p, True))
+    q, k, v = _qkv()
+    module = nn.Module()
+    module.is_causal = False  # type: ignore[assignment]
+    torch.manual_seed(7)
+    out, _ = attention.attention_forward(module, q, k, v, None, dropout=p)
+    torch.manual_seed(7)
+    assert torch.equal(out, _sdpa(module, q, k, v, None, dropout=p))
+
+
+@pytest.mark.parametrize("p", [2.0**-16, 0.5, 1 - 2.0**-16])
+def test_dropout_rates_on_the_grid_use_the_cheap_mask(p: float) -> None:
+    assert attention.on_grid(p)
+    _, rate = attention.keep_mask((8,), p, torch.device("cpu"))
+    assert 0 < rate < 1 and abs(rate - p) <= 2.0**-17

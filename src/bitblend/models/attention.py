@@ -14,9 +14,20 @@ rounded to a multiple of 1/65536 and the kept values are scaled by the rounded r
 expectation is exact. Masks are saved as bool (1 byte) where SDPA's math path saves a
 dropout noise tensor of the input dtype.
 
-Off CPU (CUDA SDPA has fused dropout), for decoding with a cache, or for features it does
-not implement (grouped KV heads, position bias, softcap, attention weights output) it hands
-the call to transformers' SDPA function unchanged.
+Off CPU (CUDA SDPA has fused dropout), for decoding with a cache, for features it does
+not implement (grouped KV heads, position bias, softcap, attention weights output), or for
+a dropout rate the 1/65536 grid cannot carry (below 2^-17 it would round to no dropout,
+above 1 - 2^-17 to dropping everything) it hands the call to transformers' SDPA function
+unchanged.
+
+Semantics follow that SDPA function: a module without `is_causal` is causal (transformers'
+default); a boolean mask keeps True; a float mask is added to the scores in fp32 (so a large
+negative fp32 value cannot overflow to -inf in bf16/fp16), and a query whose float-mask row
+is all -inf gets a zero output, as SDPA gives. One known difference: a query whose
+boolean-mask row is all False (nothing to attend to; bitblend's right-padded batches never
+make one) gets the mean of the values, as HF's eager attention gives, where SDPA gives
+zeros; detecting such rows would cost a reduction over the mask in every layer of the
+common path.
 """
 
 from __future__ import annotations
@@ -46,6 +57,12 @@ def resolve_dropouts(
     return new_hidden, new_attention
 
 
+def on_grid(p: float) -> bool:
+    """True when `keep_mask` can draw rate `p`: it rounds to a multiple of 1/65536 strictly
+    between 0 and 1 (so neither silently no dropout nor a division by zero)."""
+    return 0 < round(p * _RANDOM_LEVELS) < _RANDOM_LEVELS
+
+
 def keep_mask(
     shape: torch.Size | tuple[int, ...], p: float, device: torch.device
 ) -> tuple[torch.Tensor, float]:
@@ -54,6 +71,11 @@ def keep_mask(
     The rate is rounded to a multiple of 1/65536 (0.1 -> 0.100006); callers scale by
     1 / (1 - rate) with the returned rate so kept activations stay unbiased.
     """
+    if not on_grid(p):
+        raise ValueError(
+            f"keep_mask: dropout rate {p} rounds to {round(p * _RANDOM_LEVELS)}/65536; "
+            "rates outside [2^-17, 1 - 2^-17) need F.dropout"
+        )
     n = 1
     for d in shape:
         n *= int(d)
@@ -69,8 +91,8 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """Inverted dropout with a cheap mask on CPU; `F.dropout` elsewhere."""
     if not training or p <= 0.0:
         return x
-    if x.device.type != "cpu" or p >= 1.0:
-        return nn.functional.dropout(x, p, True)
+    if x.device.type != "cpu" or not on_grid(p):
+        return nn.functional.dropout(x, p, True)  # exact at any rate (and checks p <= 1)
     mask, rate = keep_mask(x.shape, p, x.device)
     # Multiplying by the mask viewed as uint8 (free) rather than where(): PyTorch's CPU
     # where kernel is not vectorised: a MiniLM bf16 training step ran 10% faster with the
@@ -103,10 +125,11 @@ def use_fast_dropout(model: nn.Module) -> int:
 
 
 def _eligible(
-    module: nn.Module, query: torch.Tensor, key: torch.Tensor, kw: dict[str, Any]
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, dropout: float, kw: dict[str, Any]
 ) -> bool:
     return (
         query.device.type == "cpu"
+        and (dropout == 0.0 or on_grid(dropout))
         and query.shape[2] == key.shape[2]  # no decoding with a cache
         and query.shape[1] == key.shape[1]  # no grouped KV heads
         and getattr(module, "num_key_value_groups", 1) == 1
@@ -131,7 +154,7 @@ def attention_forward(
     (batch, seq, heads, head_dim) output, as `sdpa_attention_forward`."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if not _eligible(module, query, key, kwargs):
+    if not _eligible(module, query, key, dropout, kwargs):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
         )
@@ -139,30 +162,47 @@ def attention_forward(
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     # Scaling q (s x d) is cheaper than scaling the (s x s) scores.
     scores = torch.matmul(query * scale, key.transpose(-1, -2))
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
+    # transformers' SDPA function: a module that does not say is causal (decoders' default).
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if attention_mask is None and causal and s > 1:
         attention_mask = torch.ones(s, s, dtype=torch.bool, device=query.device).tril()
+    # Boolean masks: half the dtype's range rather than -inf or its lowest value: a masked
+    # score then stays finite even after adding a negative score in fp16 (lowest - 20
+    # overflows there), and a row with every key masked averages instead of giving NaN.
+    # exp() of a masked key is 0 either way, so the other rows are exactly what -inf gives.
+    big = torch.finfo(scores.dtype).max / 2
+    dead = None  # (..., s, 1) True where a float-mask row is all -inf: SDPA gives 0 there
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
             # An additive (batch, 1, s, s) bias, built small and added in place: the add's
             # backward is the identity, where masked_fill would copy the (s x s) scores and
-            # their gradient. The dtype's lowest finite value rather than -inf: a query row
-            # with every key masked (a padding query under a causal mask) then averages
-            # instead of giving NaN, as HF's eager attention does; such rows are never
-            # pooled, so their value is moot.
+            # their gradient.
             bias = torch.zeros(attention_mask.shape, dtype=scores.dtype, device=scores.device)
-            bias.masked_fill_(~attention_mask, torch.finfo(scores.dtype).min)
+            bias.masked_fill_(~attention_mask, -big)
         else:
-            bias = attention_mask.to(scores.dtype)
+            # A float (additive) mask is added in fp32, as SDPA's CPU kernels do: cast to
+            # bf16/fp16 a large negative fp32 value would become -inf (a fully masked row:
+            # NaN) and the scores would be rounded to the mask's spacing. -inf itself is
+            # clamped to fp32's lowest (finite sums, no NaN in backward) and its all -inf
+            # rows zeroed below. Not the common path: transformers' masks are boolean.
+            bias = attention_mask.float().clamp(min=torch.finfo(torch.float32).min)
+            dead = torch.isneginf(attention_mask).all(dim=-1, keepdim=True)
+            if not bool(dead.any()):
+                dead = None
+            scores = scores.float()
         # In place is safe: matmul saves its inputs, not its output.
         scores = scores.add_(bias)
     probs = torch.softmax(scores, dim=-1)
+    if probs.dtype != value.dtype:  # fp32 after a float mask
+        probs = probs.to(value.dtype)
     if dropout > 0.0:
         mask, rate = keep_mask(probs.shape, dropout, probs.device)
         probs = probs * mask.view(torch.uint8)  # not where(): see dropout()
         # 1/(1-rate) applied to v (s x d) rather than to the (s x s) probabilities.
         value = value * (1.0 / (1.0 - rate))
     out = torch.matmul(probs, value)
+    if dead is not None:
+        out = out.masked_fill(dead, 0.0)
     return out.transpose(1, 2).contiguous(), None
 
 

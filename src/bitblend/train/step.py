@@ -3,6 +3,14 @@
 Homogeneous: the step trains one task on `grad_accum` equal micro-batches. Mixed: every
 micro-batch holds examples of several tasks (counts from the mixture); each task's part
 runs through its own adapters and head, and the balancer combines the task losses.
+
+Every micro-batch of the step is collated before the first forward, so each task's loss
+items over the whole step (labelled tokens for token-level heads, examples otherwise) are
+known up front, as transformers' Trainer counts `num_items_in_batch`. Each micro-batch then
+contributes its part of the task's step-mean loss (token sum / the step's tokens; pooled
+heads: batch mean x its share of the step's examples), so 4 micro-batches of 2 give the
+gradient of one batch of 8 for every head, however ragged the sequences. The inputs of a
+whole step are held at once (token ids and small tensors; activations stay per micro-batch).
 """
 
 from __future__ import annotations
@@ -17,7 +25,8 @@ from torch import nn
 from bitblend.models.trunk import MultiTaskModel
 from bitblend.precision.base import Precision
 from bitblend.tasks.balancing import Balancer
-from bitblend.tasks.losses import compute_loss
+from bitblend.tasks.losses import TOKEN_HEADS, compute_loss, loss_items
+from bitblend.train.jacobian import aggregate_backward
 from bitblend.train.setup import TaskRuntime
 
 
@@ -30,27 +39,48 @@ class StepLosses:
     tokens: int = 0
 
 
+@dataclass
+class Micro:
+    """One task's examples in one micro-batch, collated, with their loss items."""
+
+    task: int
+    idx: np.ndarray
+    batch: dict[str, torch.Tensor]
+    items: int  # labelled tokens (token-level heads) or examples
+
+
 def _generator(seed: int, step: int, task: int, micro: int) -> torch.Generator:
     # MLM masking draws from its own generator, a function of (seed, step, task, micro):
     # resume reproduces the masks and dropout's global RNG is left alone.
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 131 + task) * 17 + micro)
 
 
-def task_loss(
-    model: MultiTaskModel,
-    precision: Precision,
-    task: TaskRuntime,
-    idx: np.ndarray,
-    gen: torch.Generator,
-) -> torch.Tensor:
-    """Mean loss of `task` on the examples `idx` (forward in the precision's context)."""
+def prepare(task: TaskRuntime, i: int, idx: np.ndarray, gen: torch.Generator) -> Micro:
+    """Collate task `i`'s examples `idx` and count their loss items."""
     batch = task.batch.collate(task.train, idx, gen)
+    return Micro(i, idx, batch, loss_items(task.cfg.head, batch["labels"]))
+
+
+def loss_part(
+    model: MultiTaskModel, precision: Precision, task: TaskRuntime, micro: Micro, total: int
+) -> torch.Tensor:
+    """This micro-batch's part of the task's mean loss over a step with `total` loss items
+    (forward in the precision's context); the parts of a step add up to that mean."""
     with precision.forward_context():
-        logits = model(task.name, **batch)
-    loss = compute_loss(task.loss, logits, batch["labels"], task.cfg.head)
+        logits = model(task.name, **micro.batch)
+    labels = micro.batch["labels"]
+    if task.cfg.head in TOKEN_HEADS:
+        return compute_loss(task.loss, logits, labels, task.cfg.head, num_items=total)
+    loss = compute_loss(task.loss, logits, labels, task.cfg.head)
     if task.distill_loss is not None:  # `bitblend distill`: mix in the teacher's soft targets
-        loss = task.distill_loss(logits, loss, idx)
-    return loss
+        loss = task.distill_loss(logits, loss, micro.idx)
+    # Pooled losses are per-example means: weigh by the micro-batch's share of the step
+    # (exactly 1.0 for a step of one micro-batch, so that case is the plain mean).
+    return loss * (micro.items / total)
+
+
+def _fraction(items: int, total: int) -> float:
+    return items / total if total else 0.0
 
 
 def homogeneous(
@@ -64,16 +94,22 @@ def homogeneous(
     grad_accum: int,
 ) -> StepLosses:
     """One task, `grad_accum` equal micro-batches; gradients accumulate in the model."""
+    balancer.zero_grad()
     task = tasks[task_idx]
     indices = task.sampler.next()
     out = StepLosses(tokens=int(task.train.lengths[indices].sum()))
-    total = 0.0
-    for m, micro in enumerate(np.split(indices, grad_accum)):
-        loss = task_loss(model, precision, task, micro, _generator(seed, step, task_idx, m))
-        combined = balancer.combine({task_idx: loss}, {task_idx: 1.0})
-        precision.backward(combined / grad_accum)
-        total += float(loss.detach())
-    out.losses[task_idx] = total / grad_accum
+    micros = [
+        prepare(task, task_idx, idx, _generator(seed, step, task_idx, m))
+        for m, idx in enumerate(np.split(indices, grad_accum))
+    ]
+    total = sum(m.items for m in micros)
+    parts = []
+    for micro in micros:
+        part = loss_part(model, precision, task, micro, total)
+        fraction = {task_idx: _fraction(micro.items, total)}
+        precision.backward(balancer.combine({task_idx: part}, {task_idx: 1.0}, fraction))
+        parts.append(part.detach())
+    out.losses[task_idx] = float(sum(parts))  # the step's mean (per token: token-level heads)
     out.examples[task_idx] = len(indices)
     return out
 
@@ -91,28 +127,36 @@ def mixed(
     aggregator: Any = None,
 ) -> StepLosses:
     """Several tasks per micro-batch, as many examples of each as `allocate` says."""
+    balancer.zero_grad()
     out = StepLosses()
-    sums: dict[int, float] = {}
+    plan: list[list[Micro]] = []
+    items: dict[int, int] = {}
     for m in range(grad_accum):
         counts = allocate(step * grad_accum + m, batch_size)
-        losses: dict[int, torch.Tensor] = {}
-        shares: dict[int, float] = {}
+        row = []
         for i, k in enumerate(counts):
             if k <= 0:
                 continue
             idx = tasks[i].sampler.take(int(k))
-            losses[i] = task_loss(model, precision, tasks[i], idx, _generator(seed, step, i, m))
-            shares[i] = k / batch_size
+            row.append(prepare(tasks[i], i, idx, _generator(seed, step, i, m)))
             out.tokens += int(tasks[i].train.lengths[idx].sum())
             out.examples[i] = out.examples.get(i, 0) + int(k)
-            sums[i] = sums.get(i, 0.0) + float(losses[i].detach())
+            items[i] = items.get(i, 0) + row[-1].items
+        plan.append(row)
+    # Each task's share of the step's examples: the `sum` path's weighting of its mean loss.
+    n = sum(out.examples.values())
+    shares = {i: k / n for i, k in out.examples.items()}
+    sums: dict[int, list[torch.Tensor]] = {}
+    for row in plan:
+        losses = {p.task: loss_part(model, precision, tasks[p.task], p, items[p.task]) for p in row}
+        fractions = {p.task: _fraction(p.items, items[p.task]) for p in row}
+        for i, part in losses.items():
+            sums.setdefault(i, []).append(part.detach())
         if aggregator is not None and len(losses) > 1:
-            from bitblend.train.jacobian import aggregate_backward
-
-            aggregate_backward(model, precision, losses, balancer, shares, aggregator, grad_accum)
+            aggregate_backward(model, precision, losses, balancer, shares, aggregator)
         else:
-            precision.backward(balancer.combine(losses, shares) / grad_accum)
-    out.losses = {i: s / grad_accum for i, s in sums.items()}
+            precision.backward(balancer.combine(losses, shares, fractions))
+    out.losses = {i: float(sum(parts)) for i, parts in sums.items()}
     return out
 
 
