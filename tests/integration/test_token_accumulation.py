@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from bitblend.config.load import apply_overrides, recipe_from_dict
-from bitblend.data.modalities import IGNORE
+from bitblend.config.schema import IGNORE
 from bitblend.train import step as step_fn
 from bitblend.train.trainer import Trainer
 

@@ -22,6 +22,10 @@ HeadName = Literal[
     "masked_lm",
     "causal_lm",
 ]
+# Heads whose labels are per token: data/ builds them, tasks/ normalises their losses by the
+# labelled tokens; both sit above config/, so the shared convention lives here.
+TOKEN_HEADS = ("token_classification", "masked_lm", "causal_lm")
+IGNORE = -100  # label of positions that carry no loss (padding, special tokens, sub-words)
 LossName = Literal["auto", "cross_entropy", "bce", "mse"]
 ModalityName = Literal["auto", "text", "image", "tabular", "multimodal"]
 OptimizerName = Literal["sgd", "adam", "adamw", "rmsprop"]

@@ -13,12 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from bitblend.config.schema import IGNORE
 from bitblend.data.images import patchify
 from bitblend.data.table import Table
 
-IGNORE = -100  # label of positions that carry no loss (padding, special tokens, sub-words)
 POOLED_HEADS = ("classification", "binary", "multilabel", "regression")
-TOKEN_HEADS = ("token_classification", "masked_lm", "causal_lm")
 
 
 @dataclass

@@ -17,9 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bitblend.data.modalities import TOKEN_HEADS
-
-IGNORE = -100
+from bitblend.config.schema import IGNORE, TOKEN_HEADS
 
 DEFAULT_LOSS = {
     "classification": "cross_entropy",
