@@ -354,6 +354,7 @@ def _check(recipe: Recipe) -> None:
         "train.checkpoint_every": recipe.train.checkpoint_every,
         "train.keep_checkpoints": recipe.train.keep_checkpoints,
         "schedule.warmup_steps": recipe.schedule.warmup_steps,
+        "precision.stuck_steps": recipe.precision.stuck_steps,
     }.items():
         if value < 0:
             raise BitblendError(f"{key}: expected an integer >= 0, got {value}")
