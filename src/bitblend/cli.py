@@ -107,6 +107,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from bitblend.report.console import metrics_table
 
     run = load_run(Path(args.run_dir))
+    if args.task is not None:
+        run.task(args.task)  # an unknown --task is an error, not silently no rows
     results = evaluate_run(run, Path(args.data) if args.data else None, args.task)
     if args.json:
         print(_json(results))

@@ -111,8 +111,8 @@ def parse_yaml(text: str) -> Any:
     """YAML text -> data with the recipe loader (YamlTooBig for bombs and deep nesting)."""
     try:
         return yaml.load(text, Loader=_Loader)
-    except RecursionError:  # PyYAML composes recursively: `[[[[...` thousands deep
-        raise YamlTooBig("nested too deeply (thousands of levels)") from None
+    except RecursionError:  # PyYAML composes recursively: `[[[[...` about 500 deep
+        raise YamlTooBig("nested too deeply for the YAML parser") from None
 
 
 def builtin_recipes() -> dict[str, Path]:
@@ -159,8 +159,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
         data = parse_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else getattr(exc, "line", None)
-        where = f"line {line}: " if line is not None else ""
+        at = mark.line + 1 if mark is not None else getattr(exc, "line", None)
+        where = f"line {at}: " if at is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise BitblendError(f"{path}: {where}invalid YAML ({problem})") from None
     if data is None:

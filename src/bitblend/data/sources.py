@@ -146,8 +146,9 @@ def table_from_columns(
                 else (isinstance(t, list) and len(t) > 0)
             )
             if not ok:
-                if is_missing(t):
-                    raise BitblendError(_missing_cell(path, i, task.text_column, None))
+                msg = _missing_cell(path, i, task.text_column, None) if is_missing(t) else ""
+                if msg.endswith("missing value"):  # `NA` in the file, not an empty cell
+                    raise BitblendError(msg)
                 raise BitblendError(
                     f"{path}: row {i + 1}: column {task.text_column!r} is empty or not "
                     + ("a list of words" if task.head == "token_classification" else "text")
