@@ -18,6 +18,8 @@ from typing import NoReturn
 from bitblend.errors import BitblendError
 
 EXIT_USAGE = 2
+MAX_MESSAGE = 1000  # characters of an error line
+
 # Each command imports what it uses inside its function: torch, transformers and
 # scikit-learn take seconds to import, and `bitblend --help`, `recipes` or a one-line
 # argument error must not pay for every command's dependencies.
@@ -36,6 +38,32 @@ def _quiet_libraries() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+
+
+def _json(data: object, indent: int | None = 2) -> str:
+    """JSON for users to read: UTF-8 text (Chinese labels as characters, not \\u escapes),
+    escaped only where stdout cannot encode it."""
+    encoding = (getattr(sys.stdout, "encoding", None) or "utf-8").lower().replace("-", "")
+    return json.dumps(data, indent=indent, ensure_ascii=not encoding.startswith("utf"))
+
+
+def _check_finite(rows: list[dict[str, object]], source: Path) -> None:
+    """Predictions never carry NaN/inf into JSON (which standard JSON cannot even hold)."""
+    import math
+
+    def bad(v: object) -> bool:
+        if isinstance(v, float):
+            return not math.isfinite(v)
+        if isinstance(v, dict):
+            return any(bad(x) for x in v.values())
+        return isinstance(v, list) and any(bad(x) for x in v)
+
+    for i, row in enumerate(rows, 1):
+        if bad(row):
+            raise BitblendError(
+                f"--input {source}: row {i}: the model's output is not finite (NaN or inf); the "
+                "run's weights or this row's inputs hold inf/NaN, nothing was written"
+            )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -85,9 +113,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from bitblend.runs.load import load_run
 
     run = load_run(Path(args.run_dir))
+    if args.task is not None:
+        run.task(args.task)  # an unknown --task is an error, not silently no rows
     results = evaluate_run(run, Path(args.data) if args.data else None, args.task)
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(_json(results))
     else:
         Console().print(metrics_table(f"eval {args.run_dir}", results))
     return 0
@@ -103,11 +133,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise BitblendError(f"--output {out_path}: already exists; choose another path")
     run = load_run(Path(args.run_dir), args.precision)
     rows = predict_file(run, Path(args.input), args.task)
-    text = "".join(json.dumps(r) + "\n" for r in rows)
+    _check_finite(rows, Path(args.input))
     if out_path is None:
-        sys.stdout.write(text)
+        sys.stdout.write("".join(_json(r, None) + "\n" for r in rows))
     else:
-        out_path.write_text(text)
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        out_path.write_text(text, encoding="utf-8")
         print(f"{len(rows)} predictions -> {out_path}", file=sys.stderr)
     return 0
 
@@ -132,7 +163,7 @@ def cmd_bench_infer(args: argparse.Namespace) -> int:
         raise BitblendError("--iters and --batch-sizes: expected integers >= 1")
     rows = bench_infer(Path(args.run_dir), precisions, sizes, args.iters, args.task)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(_json(rows))
         return 0
     table = Table(title=f"bench-infer {args.run_dir}")
     for col in ("precision", "batch", "p50 ms", "p99 ms", "examples/s", "accuracy", "agree",
@@ -164,7 +195,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     runs = [Path(d) for d in args.run_dirs]
     report = build_ensemble(runs, args.method, split, args.task, out, args.calibrate_members)
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(_json(report))
     else:
         # Piped output would be cut to 80 columns; the table is the point of the command.
         render_report(report, Console() if sys.stdout.isatty() else Console(width=160))
@@ -261,7 +292,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     peaks = get_peaks(device, refresh=args.reprobe)
     est = estimate_recipe(recipe, precision=args.precision, ranks=args.ranks, peaks=peaks)
     if args.json:
-        print(json.dumps(to_json(est), indent=2))
+        print(_json(to_json(est)))
     else:
         render(est, Console())
     return 0
@@ -279,7 +310,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         raise BitblendError(f"--batches {args.batches}: expected an integer >= 1")
     report = diagnose(load_recipe(args.recipe, args.set), args.batches)
     if args.json:
-        print(json.dumps(report.to_json(), indent=2))
+        print(_json(report.to_json()))
     else:
         render(report, Console())
     return 0
@@ -498,6 +529,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         msg = " ".join(str(exc).split())  # always exactly one line
+        if len(msg) > MAX_MESSAGE:  # a last guard: messages quote values briefly already
+            msg = msg[: MAX_MESSAGE - 3] + "..."
         print(f"bitblend: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -240,7 +240,7 @@ def test_missing_file_and_unsupported_extension(tmp_path: Path) -> None:
 def test_malformed_jsonl_is_one_error(tmp_path: Path) -> None:
     path = tmp_path / "h.jsonl"
     path.write_text('{"text": "a", "label": 1}\n{"text": "b",\n')
-    with pytest.raises(BitblendError, match=r"h\.jsonl: cannot parse as jsonl") as info:
+    with pytest.raises(BitblendError, match=r"h\.jsonl: line 2: invalid JSON") as info:
         load_task_data(task(path), 0, seed=0)
     assert "\n" not in str(info.value).strip()
 

@@ -16,7 +16,7 @@ import yaml
 
 from bitblend.config.classic import check_classic_recipe, is_classic
 from bitblend.config.schema import Recipe
-from bitblend.errors import BitblendError
+from bitblend.errors import BitblendError, quote
 
 _HEADS_LOSSES = {
     "classification": {"cross_entropy"},
@@ -29,8 +29,69 @@ _HEADS_LOSSES = {
 }
 
 
+# A recipe is a few hundred values; aliases may share subtrees, but a document whose fully
+# expanded tree passes this many nodes is an alias bomb ("billion laughs"): nine levels of
+# nine aliases is 9**9 values that every later walk (validation, error messages, dumping
+# recipe.yaml) would expand. Counting is memoised per node, so the check itself is cheap.
+MAX_YAML_NODES = 100_000
+
+
+class YamlTooBig(yaml.YAMLError):
+    """A document that expands past MAX_YAML_NODES, refers to itself, or nests too deeply."""
+
+    def __init__(self, problem: str, line: int | None = None) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.line = line  # 1-based, when known
+
+
+def expanded_size(root: yaml.Node, limit: int = MAX_YAML_NODES) -> int:
+    """Nodes in the tree `root` stands for once every alias is expanded (a DAG walk).
+
+    Raises YamlTooBig past `limit` or on an alias that refers to a node containing it.
+    """
+    size: dict[int, int] = {}
+    on_path: set[int] = set()
+    # Iterative post-order walk: a deeply nested document must not hit Python's recursion limit.
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        if done:
+            on_path.discard(key)
+            size[key] = 1 + sum(size[id(c)] for c in children)
+            if size[key] > limit:
+                raise YamlTooBig(
+                    f"expands to more than {limit:,} values (aliases nested inside aliases); "
+                    "write the values out",
+                    node.start_mark.line + 1,
+                )
+            continue
+        if key in size:
+            continue
+        if key in on_path:
+            raise YamlTooBig(
+                "an alias refers to a value that contains it", node.start_mark.line + 1
+            )
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in reversed(children) if id(c) not in size)
+    return size[id(root)]
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 floats: `1e-4` is a number, not the string PyYAML makes it."""
+    """SafeLoader with YAML 1.2 floats (`1e-4` is a number, not the string PyYAML makes it)
+    that refuses alias bombs and self-referencing aliases before building any value."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        """Check the expanded size of the composed document, then build it."""
+        expanded_size(node)
+        return super().construct_document(node)
 
 
 _Loader.add_implicit_resolver(
@@ -48,8 +109,11 @@ _Loader.add_implicit_resolver(
 
 
 def parse_yaml(text: str) -> Any:
-    """YAML text -> data with the recipe loader."""
-    return yaml.load(text, Loader=_Loader)
+    """YAML text -> data with the recipe loader (YamlTooBig for bombs and deep nesting)."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except RecursionError:  # PyYAML composes recursively: `[[[[...` about 500 deep
+        raise YamlTooBig("nested too deeply for the YAML parser") from None
 
 
 def builtin_recipes() -> dict[str, Path]:
@@ -81,14 +145,23 @@ def resolve_recipe_path(name_or_path: str | None) -> Path:
 def read_yaml(path: Path) -> dict[str, Any]:
     """Parse a YAML mapping; syntax errors name the file and line."""
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as exc:
         raise BitblendError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise BitblendError(
+            f"{path}: line {line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the "
+            "recipe as UTF-8"
+        ) from None
     try:
         data = parse_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark is not None else ""
+        at = mark.line + 1 if mark is not None else getattr(exc, "line", None)
+        where = f"line {at}: " if at is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise BitblendError(f"{path}: {where}invalid YAML ({problem})") from None
     if data is None:
@@ -106,6 +179,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise BitblendError(f"--set {item}: expected KEY=VALUE, e.g. train.steps=20")
         try:
             value = parse_yaml(raw) if raw != "" else ""
+        except YamlTooBig as exc:
+            raise BitblendError(f"--set {key}: value {exc.problem}") from None
         except yaml.YAMLError:
             value = raw
         parts = key.split(".")
@@ -153,7 +228,8 @@ def _describe(tp: Any) -> str:
 def _convert(value: Any, tp: Any, path: str) -> Any:
     """Check `value` against type `tp`, returning the typed value or raising with `path`."""
     origin = get_origin(tp)
-    bad = BitblendError(f"{path}: expected {_describe(tp)}, got {value!r}")
+    # Built only when raised: quoting is cut short, but most values convert fine.
+    bad = _Bad(path, tp, value)
     if origin is Literal:
         if value in get_args(tp) and type(value) is type(get_args(tp)[0]):
             return value
@@ -162,14 +238,17 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
+        specific: BitblendError | None = None
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _convert(value, arg, path)
-            except BitblendError:
+            except _Bad:
                 continue
-        raise bad
+            except BitblendError as exc:  # the right type with a wrong value: say so
+                specific = specific or exc
+        raise specific or bad
     if origin is list:
         if not isinstance(value, list):
             raise bad
@@ -194,6 +273,8 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         raise bad
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):  # `.nan` / `.inf` are YAML floats, never settings
+                raise BitblendError(f"{path}: expected a finite number, got {value}")
             return float(value)
         raise bad
     if tp is str:
@@ -201,6 +282,13 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             return value
         raise bad
     raise TypeError(f"unsupported schema type {tp!r} at {path}")
+
+
+class _Bad(BitblendError):
+    """`path: expected <type>, got <value>` with the value quoted briefly."""
+
+    def __init__(self, path: str, tp: Any, value: Any) -> None:
+        super().__init__(f"{path}: expected {_describe(tp)}, got {quote(value)}")
 
 
 def _build(cls: Any, data: dict[str, Any], path: str) -> Any:
@@ -211,8 +299,9 @@ def _build(cls: Any, data: dict[str, Any], path: str) -> Any:
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
+            name = key if isinstance(key, str) and len(key) <= 60 else quote(key)
             raise BitblendError(
-                f"{prefix}{key}: unknown key{hint}; expected one of {', '.join(fields)}"
+                f"{prefix}{name}: unknown key{hint}; expected one of {', '.join(fields)}"
             )
     kwargs: dict[str, Any] = {}
     for name, f in fields.items():
@@ -266,6 +355,7 @@ def _check(recipe: Recipe) -> None:
         "train.checkpoint_every": recipe.train.checkpoint_every,
         "train.keep_checkpoints": recipe.train.keep_checkpoints,
         "schedule.warmup_steps": recipe.schedule.warmup_steps,
+        "precision.stuck_steps": recipe.precision.stuck_steps,
     }.items():
         if value < 0:
             raise BitblendError(f"{key}: expected an integer >= 0, got {value}")

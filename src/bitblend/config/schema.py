@@ -158,7 +158,10 @@ class PrecisionConfig:
         1.0, "16-mixed: a loss scale below this for `stuck_steps` steps in a row stops the run"
     )
     stuck_steps: int = doc(
-        20, "16-mixed: steps the scale may stay below `min_loss_scale` (0 = never stop)"
+        20,
+        "every recipe: steps in a row that may be skipped for non-finite gradients before the "
+        "run stops, naming the module that went non-finite first; 16-mixed: also steps the "
+        "scale may stay below `min_loss_scale` (0 = never stop)",
     )
 
 

@@ -7,6 +7,9 @@ Sources are built-ins (`data/builtin.py`), CSV / JSONL / Parquet files (read thr
 
 from __future__ import annotations
 
+import csv
+import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +19,9 @@ import numpy as np
 
 from bitblend.config.schema import TaskConfig
 from bitblend.data.table import SourceData, Table, is_missing, numeric_matrix
-from bitblend.errors import BitblendError
+from bitblend.errors import BitblendError, cut, quote
+
+log = logging.getLogger(__name__)
 
 FILE_TYPES = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 LM_HEADS = ("masked_lm", "causal_lm")
@@ -57,7 +62,56 @@ def load_table(path: Path, where: str) -> Any:
         while exc.__cause__ is not None or exc.__context__ is not None:
             exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise BitblendError(f"{path}: cannot parse as {path.suffix[1:]} ({first})") from None
+        # The parsers' own words ("Instruction "train" corresponds to no data!", "Trailing
+        # data at position 27") name neither the cause nor the line: look at the file.
+        raise BitblendError(
+            explain_parse_failure(path, kind)
+            or f"{path}: cannot parse as {path.suffix[1:]} ({cut(first)})"
+        ) from None
+
+
+def explain_parse_failure(path: Path, kind: str) -> str | None:
+    """What is wrong with a file the parser rejected, naming the line; None if not found.
+
+    Runs only after a failure, so reading the file again costs nothing on good data.
+    """
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        return f"{path}: cannot read ({exc.strerror})"
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        return (
+            f"{path}: line {line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save it as UTF-8"
+        )
+    if not text.strip():
+        want = "a header line and data rows" if kind == "csv" else "one JSON object per line"
+        return f"{path}: the file is empty; expected {want}"
+    if kind == "csv":
+        rows = [r for r in csv.reader(text.splitlines()) if any(c.strip() for c in r)]
+        if len(rows) <= 1:
+            return f"{path}: no data rows, only a header line"
+        return None
+    if kind != "json":
+        return None
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as exc:
+            return f"{path}: line {exc.lineno}: invalid JSON ({exc.msg}, column {exc.colno})"
+        return f"{path}: no rows (an empty list)" if doc == [] else None
+    lines = [(i, ln) for i, ln in enumerate(text.splitlines(), 1) if ln.strip()]
+    for i, ln in lines:
+        try:
+            json.loads(ln)
+        except json.JSONDecodeError as exc:
+            return (
+                f"{path}: line {i}: invalid JSON ({exc.msg}, column {exc.colno}); expected one "
+                "JSON object per line"
+            )
+    return None
 
 
 def table_from_columns(
@@ -78,7 +132,8 @@ def table_from_columns(
     labels = [None] * n if unlabelled else need(task.label_column, "label_column")
     for i, y in enumerate(labels):
         if not unlabelled and is_missing(y):
-            raise BitblendError(f"{path}: row {i + 1}: column {task.label_column!r} is empty")
+            number = where if task.head == "regression" else None
+            raise BitblendError(_missing_cell(path, i, task.label_column, number))
     want = _wanted(task, has_text=task.text_column in cols, has_image=task.image_column is not None,
                    has_tab=task.feature_columns is not None)  # fmt: skip
     text = image = tabular = None
@@ -91,6 +146,9 @@ def table_from_columns(
                 else (isinstance(t, list) and len(t) > 0)
             )
             if not ok:
+                msg = _missing_cell(path, i, task.text_column, None) if is_missing(t) else ""
+                if msg.endswith("missing value"):  # `NA` in the file, not an empty cell
+                    raise BitblendError(msg)
                 raise BitblendError(
                     f"{path}: row {i + 1}: column {task.text_column!r} is empty or not "
                     + ("a list of words" if task.head == "token_classification" else "text")
@@ -107,6 +165,39 @@ def table_from_columns(
         ]
         tabular = numeric_matrix([(c, need(c, "feature_columns")) for c in feats], path)
     return Table(labels=list(labels), text=text, image=image, tabular=tabular, rows=np.arange(n))
+
+
+def _missing_cell(path: str, i: int, column: str, number: str | None) -> str:
+    """The message for a cell the reader returned as missing (row i, 0-based); `number`
+    names the task (`tasks[0]`) when the cell must hold a regression target.
+
+    The CSV reader (pandas) turns `NA`, `n/a`, `null`, `None`, `nan`... into missing values,
+    so a cell the user sees filled can arrive empty: quote what the file really holds.
+    """
+    where = f"{path}: row {i + 1}: column {column!r}"
+    raw = _raw_csv_cell(Path(path), i, column) if path.lower().endswith(".csv") else None
+    if not raw:
+        return f"{where} is empty"
+    if number:
+        return (
+            f"{path}: row {i + 1}: label {quote(raw)} is not a number ({number}.head is regression)"
+        )
+    return f"{where} is {quote(raw)}, which the CSV reader takes for a missing value"
+
+
+def _raw_csv_cell(path: Path, i: int, column: str) -> str | None:
+    """The text of data row i (0-based) in `column` of a CSV file, as written."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            header = next(reader)
+            k = header.index(column)
+            for j, row in enumerate(r for r in reader if r):
+                if j == i:
+                    return row[k].strip() if k < len(row) else None
+    except (OSError, UnicodeDecodeError, ValueError, StopIteration, csv.Error):
+        return None
+    return None
 
 
 def _wanted(task: TaskConfig, *, has_text: bool, has_image: bool, has_tab: bool) -> set[str]:
@@ -162,8 +253,43 @@ def _user_source(task: TaskConfig, path: Path, where: str) -> SourceData:
         return load_image_folder(path, task.image_size)
     ds = load_table(path, where)
     cols = {c: ds[c] for c in ds.column_names}
+    label = task.label_column
+    if label in cols and type(ds.features[label]).__name__ == "Json":
+        cols[label] = _raw_json_labels(path, label, cols[label])
     return SourceData(train=table_from_columns(cols, task, str(path), where.rsplit(".", 1)[0]),
                       feature_names=list(task.feature_columns or []))  # fmt: skip
+
+
+def _raw_json_labels(path: Path, column: str, decoded: list[Any]) -> list[Any]:
+    """The label column of a JSON file whose values mix types, as the file writes them.
+
+    `datasets` stores such a column as JSON text and decodes every string again, so "1"
+    arrives as 1 and "[1]" as a list. Read the values as written instead. A label is its
+    text (as in CSV, where 1 and "1" cannot differ): 1 and "1" are one class, with a warning.
+    """
+    text = path.read_text(encoding="utf-8-sig")
+    try:
+        if text.lstrip().startswith("["):
+            records = json.loads(text)
+        else:
+            records = [json.loads(ln) for ln in text.splitlines() if ln.strip()]
+    except json.JSONDecodeError:
+        return decoded
+    if len(records) != len(decoded) or not all(isinstance(r, dict) for r in records):
+        return decoded
+    raw = [r.get(column) for r in records]
+    numbers = {str(v) for v in raw if isinstance(v, int | float) and not isinstance(v, bool)}
+    same = sorted(numbers & {v for v in raw if isinstance(v, str)})
+    if same:
+        log.warning(
+            "%s: column %r holds both the number %s and the text %s; a label is its text, so "
+            "they are one class",
+            path,
+            column,
+            cut(same[0], 40),
+            quote(same[0]),
+        )
+    return raw
 
 
 def label_names_for(
@@ -213,11 +339,11 @@ def map_targets(table: Table, head: str, names: list[str], path: str, where: str
                 out[i] = float(y)
             except (TypeError, ValueError):
                 raise BitblendError(
-                    f"{path}: row {table.row(i)}: label {y!r} is not a number ({where}.head is "
-                    "regression)"
+                    f"{path}: row {table.row(i)}: label {quote(y)} is not a number ({where}.head "
+                    "is regression)"
                 ) from None
             if not math.isfinite(out[i]):
-                raise BitblendError(f"{path}: row {table.row(i)}: label {y!r} is not finite")
+                raise BitblendError(f"{path}: row {table.row(i)}: label {quote(y)} is not finite")
         return out
     index = {name: k for k, name in enumerate(names)}
 
@@ -225,8 +351,8 @@ def map_targets(table: Table, head: str, names: list[str], path: str, where: str
         key = str(y)
         if key not in index:
             raise BitblendError(
-                f"{path}: row {table.row(i)}: label {key!r} does not occur in the training data "
-                f"(labels: {', '.join(names[:20])})"
+                f"{path}: row {table.row(i)}: label {quote(key)} does not occur in the training "
+                f"data (labels: {', '.join(cut(n, 40) for n in names[:20])})"
             )
         return index[key]
 

@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from bitblend.errors import BitblendError
+from bitblend.errors import BitblendError, quote
 
 MODALITIES = ("text", "image", "tabular")
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass
@@ -92,12 +93,28 @@ def numeric_matrix(columns: list[tuple[str, list[Any]]], where: str) -> np.ndarr
     rows = []
     for name, col in columns:
         try:
-            rows.append([math.nan if v is None else float(v) for v in col])
+            values = [math.nan if v is None else float(v) for v in col]
         except (TypeError, ValueError):
             bad = next(i for i, v in enumerate(col) if v is not None and not _number(v))
             raise BitblendError(
-                f"{where}: row {bad + 1}: feature {name!r} value {col[bad]!r} is not a number"
+                f"{where}: row {bad + 1}: feature {name!r} value {quote(col[bad])} is not a number"
             ) from None
+        # NaN marks a missing feature; an infinity is no value the model can standardise
+        # (it turns the column's mean and std into inf/NaN and every step non-finite).
+        inf = next((i for i, v in enumerate(values) if math.isinf(v)), None)
+        if inf is not None:
+            raise BitblendError(
+                f"{where}: row {inf + 1}: feature {name!r} value {quote(col[inf])} is not finite; "
+                "leave the cell blank to mark it missing"
+            )
+        # float32 overflows past 3.4e38: such a value would become inf in the matrix.
+        big = next((i for i, v in enumerate(values) if abs(v) > _F32_MAX), None)
+        if big is not None:
+            raise BitblendError(
+                f"{where}: row {big + 1}: feature {name!r} value {quote(col[big])} is beyond "
+                "float32's range (3.4e38)"
+            )
+        rows.append(values)
     return np.asarray(rows, dtype=np.float32).T
 
 

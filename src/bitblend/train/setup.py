@@ -135,10 +135,42 @@ def build_model(
             )
         uses_text = data.train.text is not None
         specs.append(head_spec(task, data, tok if uses_text else None, own and uses_text, i))
+    check_positions(recipe, backbone, specs)
     model = MultiTaskModel(backbone, specs, recipe.model.pooling, recipe.model.head_dropout)
     if recipe.model.kernels == "auto":
         use_fast_dropout(model)  # CPU masks from models/attention.py; F.dropout elsewhere
     return model, tokenizer, task_tokenizers
+
+
+def check_positions(recipe: Recipe, backbone: nn.Module, specs: list[HeadSpec]) -> None:
+    """Each task's longest input (text tokens + image patches + features, padded to
+    train.pad_to_multiple_of) must fit the backbone's position table, or the first batch
+    fails deep inside the model after the run directory exists."""
+    cfg = getattr(backbone, "config", None)
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if not isinstance(limit, int):
+        return
+    multiple = recipe.train.pad_to_multiple_of  # collate pads the text part to this
+    for i, (task, spec) in enumerate(zip(recipe.tasks, specs, strict=True)):
+        extra = spec.num_patches + spec.num_features  # appended after the text tokens
+        text = (task.max_length or recipe.model.max_length) if "text" in spec.modalities else 0
+        key = f"tasks[{i}].max_length" if task.max_length else "model.max_length"
+        if -(-text // multiple) * multiple + extra <= limit:
+            continue
+        allowed = (limit - extra) // multiple * multiple
+        if text == 0 or allowed < 1:
+            raise BitblendError(
+                f"tasks[{i}]: {extra} image/tabular positions exceed the {limit} positions of "
+                f"{recipe.model.backbone}; use fewer features or larger tasks[{i}].patch_size"
+            )
+        also = f" with {extra} image/tabular positions" if extra else ""
+        pad = (
+            f" once padded to train.pad_to_multiple_of {multiple}" if text + extra <= limit else ""
+        )
+        raise BitblendError(
+            f"{key}: {text} text positions{also}{pad} exceed the {limit} positions of "
+            f"{recipe.model.backbone}; expected at most {allowed}"
+        )
 
 
 def convert_model(model: nn.Module, recipe: Recipe, precision: Precision) -> None:

@@ -19,6 +19,7 @@ from bitblend.errors import BitblendError
 from bitblend.models.backbones import count_parameters
 from bitblend.optim.build import build_optimizer, build_schedule, param_roles
 from bitblend.optim.lowbit import export_state, import_state
+from bitblend.precision.health import NonFiniteSteps
 from bitblend.precision.recipes import build_precision
 from bitblend.report.console import make_progress, metrics_table
 from bitblend.report.sinks import JsonlSink, TensorBoardSink, truncate_jsonl
@@ -65,6 +66,10 @@ class Trainer:
         self.device = pick_device(cfg.device)
         self.cpu_heap = tune_cpu_heap() if cfg.cpu_heap and self.device.type == "cpu" else None
         self.precision = build_precision(recipe.precision, self.device, cfg.seed)
+        # Steps skipped in a row for non-finite gradients: a run that cannot recover stops.
+        self.nonfinite = NonFiniteSteps(
+            self.precision.describe()["recipe"], recipe.precision.stuck_steps
+        )
         datas = load_data(recipe)
         self.model, self.tokenizer, self.task_tokenizers = build_model(recipe, datas)
         self.tasks = build_tasks(
@@ -119,6 +124,7 @@ class Trainer:
             "samplers": [t.sampler.state_dict() for t in self.tasks],
             "mixture": self.mixture.state_dict(),
             "balancer": self.balancer.state_dict(),
+            "nonfinite": self.nonfinite.state_dict(),
             "rng": rng,
             "trainer": {
                 "step": self.step,
@@ -139,6 +145,7 @@ class Trainer:
             task.sampler.load_state_dict(s)
         self.mixture.load_state_dict(state["mixture"])
         self.balancer.load_state_dict(state["balancer"])
+        self.nonfinite.load_state_dict(state.get("nonfinite", {}))
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
@@ -199,6 +206,7 @@ class Trainer:
             self.skipped += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        self.nonfinite.observe(self.step, result.stepped, result.nonfinite_module)
         for i, k in res.examples.items():
             self.task_steps[i] += 1
             self.task_examples[i] += k
@@ -299,6 +307,7 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or record["skipped"]:
                     sink.write(record)
                     tb.write(record)
+                self.nonfinite.check()  # after the step's row is logged: it names the step
                 last_loss = f"{record['loss']:.4f}"
                 progress.update(
                     bar,
