@@ -20,6 +20,9 @@ from bitblend.data.builtin import load_builtin
 from bitblend.ensemble.spec import split_indices
 from bitblend.inference import load_run
 
+# The runs these tests combine are trained by `bitblend train` (module fixtures).
+pytestmark = pytest.mark.slow
+
 TINY = ["--quiet", "--set", "model.max_length=32", "--set", "train.eval_max_examples=32",
         "--set", "tasks.0.max_examples=null"]  # fmt: skip
 

@@ -25,7 +25,11 @@ from transformers import (
 )
 
 from bitblend.data.builtin import load_builtin
-from bitblend.models.backbones import _byte_level_tokenizer, minilm_path
+from bitblend.models.backbones import (
+    _byte_level_tokenizer,
+    load_backbone_with_head,
+    minilm_path,
+)
 from bitblend.models.trunk import HEADS_FILE, load_model
 from bitblend.tasks.losses import IGNORE
 from bitblend.train.setup import build_model, load_data
@@ -172,6 +176,10 @@ def test_saved_model_dir_is_the_transformers_lm(random_gpt_dir: Path, tmp_path: 
     again, tok2, _ = load_model(tmp_path / "model")
     assert again.heads["bbc"].weight is again.backbone.get_input_embeddings().weight
     _same_logits(again.eval(), hf, tok2, 1e-5)
+    # ...and a later run can start from it as a pretrained backbone, head included.
+    _, _, head = load_backbone_with_head(str(tmp_path / "model"), "causal_lm")
+    assert head is not None and head.arch == "GPT2LMHeadModel"
+    torch.testing.assert_close(head.module.weight, hf.lm_head.weight)
 
 
 def test_pretrained_masked_lm_head_is_tied_and_equal(tmp_path: Path) -> None:
