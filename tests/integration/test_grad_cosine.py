@@ -12,6 +12,9 @@ from bitblend.train import step as step_fn
 from bitblend.train.trainer import Trainer
 from tests.conftest import tiny_recipe_dict
 
+# Builds a two-task Trainer (text + images): over 2 s on 2 CPU cores.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory: pytest.TempPathFactory) -> Trainer:

@@ -133,6 +133,7 @@ def test_unsupported_combinations_are_one_line_errors(
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "bad",
     [

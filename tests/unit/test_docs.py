@@ -23,8 +23,9 @@ def test_recipe_reference_matches_schema() -> None:
 
 def _dry_run(target: str) -> list[str]:
     """The commands `make TARGET` would run (make -n: nothing is executed)."""
-    proc = subprocess.run(["make", "-n", "-C", str(ROOT), target], capture_output=True,
-                          text=True, check=False, env={**os.environ, "VENV": ".venv"})  # fmt: skip
+    argv = ["make", "-n", "--no-print-directory", "-C", str(ROOT), target]
+    env = {**os.environ, "VENV": ".venv"}
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False, env=env)
     assert proc.returncode == 0, f"make {target}: {proc.stderr}"
     return [line.strip() for line in proc.stdout.splitlines() if line.strip()]
 

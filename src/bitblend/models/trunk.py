@@ -7,8 +7,11 @@ through its own embedding table; the parts are concatenated with a learned modal
 embedding and one attention mask, so a missing modality is masked, never zero-filled.
 
 `model/` in a run directory is a transformers `save_pretrained` directory (so
-`AutoModel.from_pretrained(run/model)` loads the trunk) plus `heads.safetensors` (heads,
-adapters, modality embedding), `bitblend.json` and the tokenizer files.
+`AutoModel.from_pretrained(run/model)` loads the trunk; when a language-model task uses
+the checkpoint's own LM head, it is that LM class's checkpoint, trunk + head, so
+`AutoModelForCausalLM` / `AutoModelForMaskedLM` load the fine-tuned LM) plus
+`heads.safetensors` (the other heads, adapters, modality embedding), `bitblend.json` and
+the tokenizer files.
 """
 
 from __future__ import annotations
