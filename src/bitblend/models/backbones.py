@@ -287,6 +287,8 @@ def build_lm_head(backbone: nn.Module, arch: str) -> nn.Module:
     cls = _lm_class(arch)
     with torch.device("meta"):  # the whole LM class, without allocating its base model
         lm = cls(copy.deepcopy(backbone.config))
+    # transformers 5.0 ties only in from_pretrained/tie_weights (later 5.x also at init).
+    lm.tie_weights()
     attr = _head_attr(lm)
     if attr is None:
         raise BitblendError(f"lm_head: {arch} has no single head module")
