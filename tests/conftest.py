@@ -1,4 +1,10 @@
-"""Shared fixtures: tiny recipes that train in seconds on 2 CPU cores."""
+"""Shared fixtures (tiny recipes that train in seconds on 2 CPU cores) and the marker rules.
+
+Tiers (pyproject.toml markers; README, "Tests"): `slow` trains through the Trainer or the CLI,
+uses the real MiniLM for training, starts a subprocess or takes over 2 s; `multiproc` starts
+several processes; `gpu` needs CUDA and is skipped here without it. `make test-fast` runs
+`not slow and not multiproc`, `make test` everything.
+"""
 
 from __future__ import annotations
 
@@ -39,3 +45,15 @@ def make_recipe(*overrides: str, **sections: Any) -> Recipe:
 def tiny_recipe() -> Any:
     """The `make_recipe` factory."""
     return make_recipe
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu` tests skip cleanly (one reason line) where torch sees no CUDA device."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="gpu: needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

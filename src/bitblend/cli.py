@@ -71,19 +71,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from bitblend.config.classic import CLASSIC, is_classic
-    from bitblend.config.load import apply_overrides, load_recipe, read_yaml, recipe_from_dict
+    from bitblend.config.load import load_recipe
+    from bitblend.config.resume import resume_recipe
     from bitblend.train.run_dir import check_new_run_dir, check_resume_dir, default_run_dir
     from bitblend.train.trainer import Trainer
 
     console = Console(stderr=False)
+    changed: dict[str, list[object]] = {}
     if args.resume:
         if args.recipe or args.out:
             raise BitblendError("--resume RUN_DIR: give no RECIPE or --out (the run has both)")
         run_dir = Path(args.resume)
         check_resume_dir(run_dir)
-        source = str(run_dir / "recipe.yaml")
-        data = apply_overrides(read_yaml(run_dir / "recipe.yaml"), args.set)
-        recipe = recipe_from_dict(data, source)
+        # Only keys outside the checkpoint's state may change (config/resume.py).
+        recipe, changed = resume_recipe(run_dir, args.set)
     else:
         recipe = load_recipe(args.recipe, args.set)
         run_dir = Path(args.out) if args.out else default_run_dir(recipe.name)
@@ -98,8 +99,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume and (run_dir / "distill.json").is_file():
         raise BitblendError(f"--resume {run_dir}: a distilled run; use bitblend distill --resume")
     trainer = Trainer(
-        recipe, run_dir, resume=bool(args.resume), console=console, show_progress=not args.quiet
-    )
+        recipe, run_dir, resume=bool(args.resume), console=console,
+        show_progress=not args.quiet, overrides=args.set, changed=changed,
+    )  # fmt: skip
     trainer.fit()
     return 0
 

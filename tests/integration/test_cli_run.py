@@ -17,6 +17,9 @@ from bitblend.models.trunk import load_model
 from bitblend.runs.load import load_run
 from bitblend.train.setup import load_data
 
+# Every test here trains through `bitblend train` (a module fixture trains once for most).
+pytestmark = pytest.mark.slow
+
 TRAIN_KEYS = {"step", "task", "loss", "lr", "tokens_per_s", "loss_scale", "skipped", "grad_norm"}
 
 

@@ -28,6 +28,7 @@ VARIANTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_resume_equals_straight_run_bitwise(tmp_path: Path, variant: str) -> None:
     """Each low-precision variant checkpoints everything it keeps (SR generator, Kahan
@@ -60,6 +61,7 @@ def test_resume_equals_straight_run_bitwise(tmp_path: Path, variant: str) -> Non
     assert len(moved) > 0.9 * len(wa), (len(moved), len(wa))
 
 
+@pytest.mark.slow
 def test_model_state_bytes_per_param_by_variant(tmp_path: Path) -> None:
     """summary.json measures weights + grads + masters + states: fp32 AdamW ~16 B/param,
     pure bf16 + SR + 8-bit states ~6 (tiny-bert's many small tensors keep 32-bit states)."""
@@ -77,6 +79,7 @@ def test_model_state_bytes_per_param_by_variant(tmp_path: Path) -> None:
     assert per_param["bf16-true-sr-8bit"] < 6.5, per_param
 
 
+@pytest.mark.slow
 def test_skipped_step_names_the_module_where_the_inf_appeared(tmp_path: Path) -> None:
     recipe = make_recipe("precision.recipe=bf16-mixed", "train.steps=3")
     trainer = Trainer(recipe, tmp_path / "run", show_progress=False)
@@ -91,6 +94,7 @@ def test_skipped_step_names_the_module_where_the_inf_appeared(tmp_path: Path) ->
                if r["split"] == "train")  # fmt: skip
 
 
+@pytest.mark.slow
 def test_stuck_loss_scale_stops_training(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -130,6 +134,7 @@ def test_unsupported_combinations_are_one_line_errors(
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "bad",
     [
@@ -165,6 +170,7 @@ def test_doctor_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert all(0 <= row["gradient"]["fp16_underflow"] <= 1 for row in data["layers"])
 
 
+@pytest.mark.slow
 def test_predict_and_bench_infer_per_serving_precision(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -174,14 +180,21 @@ def test_predict_and_bench_infer_per_serving_precision(
     _train(make_recipe("precision.recipe=fp8-emulated", "train.steps=3"), run)
     texts = tmp_path / "in.jsonl"
     texts.write_text('{"text": "shares fell as the bank cut rates"}\n{"text": "the match"}\n')
-    labels = {}
+    probs = {}
+    names = json.loads((run / "labels.json").read_text())["bbc"]
     for prec in ("run", "fp32", "bf16", "int8"):
         code, out, err = run_cli(["predict", str(run), "--input", str(texts), "--precision", prec],
                                  capsys)  # fmt: skip
         assert code == 0, err
         rows = [json.loads(x) for x in out.splitlines()]
         assert len(rows) == 2 and all(abs(sum(r["probs"].values()) - 1) < 1e-4 for r in rows)
-        labels[prec] = [r["label"] for r in rows]
+        assert all(r["label"] in names and list(r["probs"]) == names for r in rows)
+        probs[prec] = [[r["probs"][n] for n in names] for r in rows]
+    # Every serving precision computes the fp32 model's probabilities up to its rounding.
+    for prec in ("run", "bf16", "int8"):
+        diff = max(abs(a - b) for ra, rb in zip(probs[prec], probs["fp32"], strict=True)
+                   for a, b in zip(ra, rb, strict=True))  # fmt: skip
+        assert diff < 0.05, (prec, diff)
     code, out, err = run_cli(
         ["bench-infer", str(run), "--precision", "fp32,bf16,int8", "--batch-sizes", "1,4",
          "--iters", "3", "--json"], capsys,

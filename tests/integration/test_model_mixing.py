@@ -20,6 +20,9 @@ from bitblend.data.builtin import load_builtin
 from bitblend.runs.load import load_run
 from bitblend.runs.spec import split_indices
 
+# The runs these tests combine are trained by `bitblend train` (module fixtures).
+pytestmark = pytest.mark.slow
+
 TINY = ["--quiet", "--set", "model.max_length=32", "--set", "train.eval_max_examples=32",
         "--set", "tasks.0.max_examples=null"]  # fmt: skip
 

@@ -78,6 +78,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             ("reg", "reg.csv"), ("tokens", "tokens.jsonl"), ("tab", "tab.csv")]}  # fmt: skip
 
 
+@pytest.mark.slow
 def test_every_pooled_head_trains_together(files: dict[str, Path], tmp_path: Path) -> None:
     """binary (BCE), multilabel (BCE), regression (MSE), tabular classification (CE): one
     trunk, mixed batches, each task's loss falls."""
@@ -102,6 +103,7 @@ def test_every_pooled_head_trains_together(files: dict[str, Path], tmp_path: Pat
     assert trainer.model.specs["multi"].label_names == ["alpha", "beta", "gamma", "none"]
 
 
+@pytest.mark.slow
 def test_token_classification_trains(files: dict[str, Path], tmp_path: Path) -> None:
     tasks = [{"name": "tok", "data": str(files["tokens"]), "head": "token_classification",
               "text_column": "words", "label_column": "tags"}]  # fmt: skip
@@ -111,6 +113,7 @@ def test_token_classification_trains(files: dict[str, Path], tmp_path: Path) -> 
     assert ev["token_accuracy"] > 0.5
 
 
+@pytest.mark.slow
 def test_masked_and_causal_lm_train(tmp_path: Path) -> None:
     mlm = [{"name": "mlm", "data": "bbc_news", "head": "masked_lm", "max_examples": 128}]
     _, rows = _run(_recipe(mlm, steps=25), tmp_path / "mlm")

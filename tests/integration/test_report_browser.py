@@ -20,6 +20,9 @@ from bitblend.report.plots import TITLES
 from bitblend.train.trainer import Trainer
 from tests.conftest import tiny_recipe_dict
 
+# Trains a run, then drives Chromium.
+pytestmark = pytest.mark.slow
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 

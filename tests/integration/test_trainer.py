@@ -20,6 +20,9 @@ from bitblend.train.setup import build_model, build_tasks, convert_model, load_d
 from bitblend.train.trainer import Trainer
 from tests.conftest import make_recipe
 
+# Every test here trains through the Trainer (seconds each on 2 CPU cores).
+pytestmark = pytest.mark.slow
+
 
 def _train(recipe, run_dir: Path) -> Trainer:
     trainer = Trainer(recipe, run_dir, show_progress=False)

@@ -179,6 +179,7 @@ def test_fraud_is_synthetic_deterministic_and_shaped() -> None:
     assert a.feature_names == FEATURES and a.label_names == ["legit", "fraud"]
 
 
+@pytest.mark.slow
 def test_fraud_each_modality_helps_and_together_they_help_most() -> None:
     src = generate_fraud()  # the built-in's defaults: 2,000 examples, seed 0
     t = src.train

@@ -261,6 +261,7 @@ def run_subprocess(args: list[str], cwd: Path) -> subprocess.CompletedProcess[st
     )
 
 
+@pytest.mark.slow
 def test_subprocess_bad_data_file(tmp_path: Path) -> None:
     # The whole stack is imported here (torch, transformers, datasets): any warning or log
     # line they print would show up as a second line on stderr.
@@ -271,6 +272,7 @@ def test_subprocess_bad_data_file(tmp_path: Path) -> None:
     assert not out_dir.exists()
 
 
+@pytest.mark.slow
 def test_subprocess_bad_recipe_and_usage(tmp_path: Path) -> None:
     argv, needles = bad_enum(tmp_path)
     proc = run_subprocess(["validate", *argv], tmp_path)
@@ -279,6 +281,7 @@ def test_subprocess_bad_recipe_and_usage(tmp_path: Path) -> None:
     assert_one_line_error(proc.returncode, proc.stderr, "--bogus")
 
 
+@pytest.mark.slow
 def test_subprocess_predict_output_exists(tmp_path: Path) -> None:
     existing = write(tmp_path / "preds.jsonl", "keep\n")
     inputs = write(tmp_path / "in.jsonl", '{"text": "hello"}\n')

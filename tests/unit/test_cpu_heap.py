@@ -49,6 +49,7 @@ def _run(heap: str, **env: str) -> dict[str, object]:
     return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
+@pytest.mark.slow
 def test_tuned_heap_stops_refaulting_pages_every_step() -> None:
     """tiny-bert measured ~9,600 minor faults per step untuned, ~250 tuned."""
     plain, tuned = _run("false"), _run("true")
@@ -61,5 +62,6 @@ def test_tuned_heap_stops_refaulting_pages_every_step() -> None:
     assert float(tuned["faults_per_step"]) < 0.2 * float(plain["faults_per_step"])  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_user_malloc_variables_win() -> None:
     assert _run("true", MALLOC_ARENA_MAX="2")["applied"] is None

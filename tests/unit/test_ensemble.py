@@ -120,6 +120,7 @@ def test_product_beats_its_best_member_when_members_add_information() -> None:
     assert np.array_equal(again.predict(probs), c.predict(probs))
 
 
+@pytest.mark.slow
 def test_stack_state_round_trip_and_cross_fit() -> None:
     """A stacked combiner saved as JSON-ready state predicts identically when reloaded."""
     probs, y = synthetic()
@@ -134,7 +135,12 @@ def test_stack_state_round_trip_and_cross_fit() -> None:
 
 @pytest.mark.parametrize(
     ("method", "calibrate"),
-    [("stack", False), ("weighted", False), ("product", False), ("stack", True)],
+    [
+        pytest.param("stack", False, marks=pytest.mark.slow),  # cross-fitted stacking: > 2 s
+        ("weighted", False),
+        pytest.param("product", False, marks=pytest.mark.slow),
+        pytest.param("stack", True, marks=pytest.mark.slow),
+    ],
 )
 def test_fitting_never_reads_test_labels(method: str, calibrate: bool) -> None:
     """Corrupt every test label: the fitted combiner, temperatures and predictions are

@@ -398,6 +398,7 @@ def test_impossible_configurations_are_explained(
     assert needle in _one_line_error(code, err)
 
 
+@pytest.mark.slow
 def test_training_summary_records_mfu(tmp_path: Path) -> None:
     from bitblend.train.trainer import Trainer
 
@@ -409,6 +410,7 @@ def test_training_summary_records_mfu(tmp_path: Path) -> None:
     assert written["mfu"] == summary["mfu"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("sets", "row"),
     [

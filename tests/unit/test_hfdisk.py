@@ -48,7 +48,9 @@ def test_test_split_is_eval_without_validation_and_features_give_tabular(tmp_pat
 
 
 def test_plain_dataset_multilabel_and_regression_labels(tmp_path: Path) -> None:
-    tags = datasets.List(datasets.ClassLabel(names=["a", "b", "c"]))
+    # A list column of class labels: `List` since datasets 4, `Sequence` before (the floor).
+    list_of = getattr(datasets, "List", None) or datasets.Sequence
+    tags = list_of(datasets.ClassLabel(names=["a", "b", "c"]))
     ds = datasets.Dataset.from_dict(
         {"text": ["x", "y", "z"], "tags": [[0, 2], [], [1]], "score": [0.5, 1.0, None]},
         features=datasets.Features({"text": datasets.Value("string"), "tags": tags,

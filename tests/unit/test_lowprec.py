@@ -49,6 +49,7 @@ def _train(opt_cfg: OptimizerConfig, bits: int, steps: int = 60) -> tuple[list[f
     return losses, state_bytes(opt)
 
 
+@pytest.mark.slow
 def test_8bit_adamw_tracks_fp32_and_uses_a_quarter_of_the_state() -> None:
     """bitsandbytes 8-bit AdamW: loss curve close to fp32 AdamW, states ~4x smaller."""
     cfg = OptimizerConfig(name="adamw", lr=3e-3)

@@ -90,6 +90,7 @@ def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
 
 
 # -- the report a run writes itself -----------------------------------------------------
+@pytest.mark.slow
 def test_train_writes_report_with_every_section(runs: dict[str, Path]) -> None:
     run = runs["mixed"]
     page = (run / "report.html").read_text()
@@ -112,6 +113,7 @@ def test_train_writes_report_with_every_section(runs: dict[str, Path]) -> None:
     assert not re.search(r'(src|href)="(?!data:|#)', page)
 
 
+@pytest.mark.slow
 def test_summary_table_has_final_metrics_and_cost(runs: dict[str, Path]) -> None:
     page = (runs["mixed"] / "report.html").read_text()
     summary = json.loads((runs["mixed"] / "summary.json").read_text())
@@ -122,6 +124,7 @@ def test_summary_table_has_final_metrics_and_cost(runs: dict[str, Path]) -> None
     assert "uniform / homogeneous / sum" in page  # the mixing row
 
 
+@pytest.mark.slow
 def test_single_task_run_notes_missing_mixture(runs: dict[str, Path]) -> None:
     page = (runs["single"] / "report.html").read_text()
     assert "mixture" not in embedded(page)
@@ -130,6 +133,7 @@ def test_single_task_run_notes_missing_mixture(runs: dict[str, Path]) -> None:
 
 
 # -- the report command -----------------------------------------------------------------
+@pytest.mark.slow
 def test_report_several_runs_side_by_side(
     runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -154,6 +158,7 @@ def test_report_several_runs_side_by_side(
     assert "mixed" in (out / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_report_default_out_rewrites_only_the_report(
     runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -168,6 +173,7 @@ def test_report_default_out_rewrites_only_the_report(
     assert "report.html" in after and any(k.startswith("plots/") for k in after)
 
 
+@pytest.mark.slow
 def test_odd_files_skip_sections_with_a_note(runs: dict[str, Path], tmp_path: Path) -> None:
     from bitblend.report.html import write_report
 
@@ -213,6 +219,7 @@ def test_report_bad_run_dir_is_one_line(
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_report_refuses_to_write_into_another_run(
     runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -226,6 +233,7 @@ def test_report_refuses_to_write_into_another_run(
     assert snapshot(other) == before
 
 
+@pytest.mark.slow
 def test_report_failure_never_fails_a_finished_run(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -242,6 +250,7 @@ def test_report_failure_never_fails_a_finished_run(
 
 
 # -- bench ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_bench_tiny_prints_table_and_writes_report(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -7,8 +7,11 @@ through its own embedding table; the parts are concatenated with a learned modal
 embedding and one attention mask, so a missing modality is masked, never zero-filled.
 
 `model/` in a run directory is a transformers `save_pretrained` directory (so
-`AutoModel.from_pretrained(run/model)` loads the trunk) plus `heads.safetensors` (heads,
-adapters, modality embedding), `bitblend.json` and the tokenizer files.
+`AutoModel.from_pretrained(run/model)` loads the trunk; when a language-model task uses
+the checkpoint's own LM head, it is that LM class's checkpoint, trunk + head, so
+`AutoModelForCausalLM` / `AutoModelForMaskedLM` load the fine-tuned LM) plus
+`heads.safetensors` (the other heads, adapters, modality embedding), `bitblend.json` and
+the tokenizer files.
 """
 
 from __future__ import annotations
@@ -24,7 +27,13 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
 from bitblend.errors import BitblendError
-from bitblend.models.backbones import hidden_size, is_decoder
+from bitblend.models.backbones import (
+    build_lm_head,
+    hidden_size,
+    is_decoder,
+    load_lm_pretrained,
+    save_lm_pretrained,
+)
 
 HEADS_FILE = "heads.safetensors"
 META_FILE = "bitblend.json"
@@ -48,6 +57,9 @@ class HeadSpec:
     text_vocab: int = 0  # > 0: the task has its own tokenizer and text embedding of this size
     tabular_mean: list[float] = field(default_factory=list)  # training-set statistics,
     tabular_std: list[float] = field(default_factory=list)  # reused at predict time
+    # LM heads: the transformers LM class (GPT2LMHeadModel, BertForMaskedLM, ...) whose head,
+    # weight tying included, this task uses; "" = a fresh Linear (no head in the checkpoint).
+    lm_head: str = ""
 
     @property
     def uses_embeds(self) -> bool:
@@ -121,7 +133,9 @@ class MultiTaskModel(nn.Module):
                 parts["text"] = nn.Embedding(s.text_vocab, width)
             if len(parts):
                 self.adapters[s.task] = parts
-            if s.head in LM:
+            if s.head in LM and s.lm_head:
+                self.heads[s.task] = build_lm_head(backbone, s.lm_head)
+            elif s.head in LM:
                 self.heads[s.task] = nn.Linear(width, s.num_outputs)
             else:
                 self.heads[s.task] = nn.Sequential(
@@ -136,6 +150,20 @@ class MultiTaskModel(nn.Module):
         run in the compute dtype and their logits are upcast for the loss.
         """
         return [f"heads.{n}" for n, s in self.specs.items() if s.head not in LM]
+
+    @property
+    def lm_checkpoint_task(self) -> str | None:
+        """The task whose (checkpoint-class) LM head is saved with the trunk as one
+        transformers LM checkpoint in `model/`; None when no task has one."""
+        return next((n for n, s in self.specs.items() if s.lm_head), None)
+
+    def is_new_parameter(self, name: str) -> bool:
+        """Whether a parameter starts from scratch (heads, adapters) rather than from the
+        checkpoint (the trunk and a checkpoint's own LM heads)."""
+        if name.startswith("backbone."):
+            return False
+        task = name.split(".")[1] if name.startswith("heads.") else None
+        return not (task in self.specs and self.specs[task].lm_head)
 
     # -- inputs ------------------------------------------------------------------------
     def _embed(
@@ -198,11 +226,18 @@ class MultiTaskModel(nn.Module):
 
     # -- persistence -------------------------------------------------------------------
     def extra_state(self) -> dict[str, torch.Tensor]:
-        """Every tensor outside the backbone: heads, adapters, modality embedding."""
+        """Every tensor outside the saved transformers checkpoint: heads, adapters,
+        modality embedding. Left out: the trunk, the LM head saved with it, and head
+        weights tied to the trunk's embeddings (rebuilt as ties on load)."""
+        trunk = {p.data_ptr() for p in self.backbone.parameters()}
+        lm_task = self.lm_checkpoint_task
+        skip = f"heads.{lm_task}." if lm_task else None
         return {
             k: v.detach().contiguous()
             for k, v in self.state_dict().items()
             if not k.startswith("backbone.")
+            and not (skip and k.startswith(skip))
+            and v.data_ptr() not in trunk
         }
 
     def save(
@@ -214,7 +249,14 @@ class MultiTaskModel(nn.Module):
     ) -> None:
         """Write the trunk (save_pretrained), heads/adapters, tokenizers and bitblend.json."""
         directory.mkdir(parents=True, exist_ok=True)
-        self.backbone.save_pretrained(directory)  # type: ignore[operator]
+        lm_task = self.lm_checkpoint_task
+        if lm_task is not None:
+            # Trunk + the checkpoint-class LM head as that class's checkpoint, so
+            # AutoModelForCausalLM / AutoModelForMaskedLM load the fine-tuned LM itself.
+            head = self.heads[lm_task]
+            save_lm_pretrained(directory, self.backbone, head, self.specs[lm_task].lm_head)
+        else:
+            self.backbone.save_pretrained(directory)  # type: ignore[operator]
         tokenizer.save_pretrained(directory)
         for name, tok in (task_tokenizers or {}).items():
             tok.save_pretrained(directory / "tokenizers" / name)
@@ -235,19 +277,25 @@ def load_model(directory: Path) -> tuple[MultiTaskModel, Any, dict[str, Any]]:
     if not meta_path.is_file():
         raise BitblendError(f"{directory}: not a bitblend model directory (no {META_FILE})")
     meta = json.loads(meta_path.read_text())
-    kwargs: dict[str, Any] = {"attn_implementation": "sdpa"}
-    config = json.loads((directory / "config.json").read_text())
-    if config.get("model_type") in ("bert", "roberta", "xlm-roberta", "electra"):
-        kwargs["add_pooling_layer"] = False
-    backbone = AutoModel.from_pretrained(directory, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
     specs = [HeadSpec(**h) for h in meta["heads"]]
+    lm_task = next((s for s in specs if s.lm_head), None)
+    lm_head: nn.Module | None = None
+    if lm_task is not None:
+        backbone, lm_head = load_lm_pretrained(directory, lm_task.lm_head)
+    else:
+        kwargs: dict[str, Any] = {"attn_implementation": "sdpa"}
+        config = json.loads((directory / "config.json").read_text())
+        if config.get("model_type") in ("bert", "roberta", "xlm-roberta", "electra"):
+            kwargs["add_pooling_layer"] = False
+        backbone = AutoModel.from_pretrained(directory, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
     model = MultiTaskModel(backbone, specs, meta["pooling"], meta.get("head_dropout", 0.1))
-    missing, unexpected = model.load_state_dict(
-        load_file(str(directory / HEADS_FILE)), strict=False
-    )
-    if unexpected or [k for k in missing if not k.startswith("backbone.")]:
+    if lm_task is not None and lm_head is not None:
+        model.heads[lm_task.task].load_state_dict(lm_head.state_dict())
+    saved = load_file(str(directory / HEADS_FILE))
+    if set(saved) != set(model.extra_state()):
         raise BitblendError(f"{directory / HEADS_FILE}: does not match {META_FILE}")
+    model.load_state_dict(saved, strict=False)
     meta["task_tokenizers"] = {
         s.task: AutoTokenizer.from_pretrained(directory / "tokenizers" / s.task)
         for s in specs

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,12 +24,20 @@ class ParamRole:
     new: bool  # outside the pretrained trunk (heads, adapters): lr x optimizer.new_lr_scale
 
 
-def param_roles(model: nn.Module) -> list[ParamRole]:
+def _outside_trunk(name: str) -> bool:
+    return not name.startswith("backbone.")
+
+
+def param_roles(
+    model: nn.Module, is_new: Callable[[str], bool] = _outside_trunk
+) -> list[ParamRole]:
     """One role per trainable parameter, in `named_parameters` order, decided from the
     model's own tensors (name and shape). Call it before the precision makes optimizer
-    copies: bf16-true's fp32 stand-ins are empty between steps, so their shape says nothing."""
+    copies: bf16-true's fp32 stand-ins are empty between steps, so their shape says nothing.
+    `is_new(name)`: whether the parameter starts from scratch (trains at new_lr_scale);
+    the multi-task model's own rule also counts a checkpoint's LM head as pretrained."""
     return [
-        ParamRole(name, p.ndim >= 2, not name.startswith("backbone."))
+        ParamRole(name, p.ndim >= 2, is_new(name))
         for name, p in model.named_parameters()
         if p.requires_grad
     ]

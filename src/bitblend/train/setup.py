@@ -24,7 +24,7 @@ from bitblend.data.sources import LM_HEADS, TaskData, load_task_data
 from bitblend.device import pick_device as pick_device
 from bitblend.errors import BitblendError
 from bitblend.models.attention import use_fast_dropout
-from bitblend.models.backbones import is_decoder, load_backbone, seed_everything
+from bitblend.models.backbones import is_decoder, load_backbone_with_head, seed_everything
 from bitblend.models.fused_qkv import fuse_qkv
 from bitblend.models.trunk import HeadSpec, MultiTaskModel
 from bitblend.precision.base import Precision
@@ -106,8 +106,13 @@ def build_model(
 ) -> tuple[MultiTaskModel, Any, dict[str, Any]]:
     """Trunk, adapters and heads (seeded), the backbone tokenizer, and per-task tokenizers."""
     seed_everything(recipe.train.seed)
-    backbone, tokenizer = load_backbone(
+    # A language-model task on a checkpoint that has its own LM head starts from that head
+    # (and its weight tying), not from a random one: fine-tuning a pretrained GPT / BERT
+    # must start from the model the checkpoint is.
+    lm = next((t.head for t in recipe.tasks if t.head in LM_HEADS), None)
+    backbone, tokenizer, lm_head = load_backbone_with_head(
         recipe.model.backbone,
+        lm,
         recipe.model.dropout,
         recipe.model.attention_dropout,
         recipe.model.kernels,
@@ -134,9 +139,20 @@ def build_model(
                 [str(t) for t in data.train.text], task.wordpiece_vocab
             )
         uses_text = data.train.text is not None
-        specs.append(head_spec(task, data, tok if uses_text else None, own and uses_text, i))
+        spec = head_spec(task, data, tok if uses_text else None, own and uses_text, i)
+        if lm_head is not None and task.head == lm and not own:
+            if spec.num_outputs > lm_head.vocab:
+                raise BitblendError(
+                    f"model.backbone: {recipe.model.backbone}: its tokenizer has "
+                    f"{spec.num_outputs} tokens, its LM head only {lm_head.vocab}"
+                )
+            spec.lm_head, spec.num_outputs = lm_head.arch, lm_head.vocab
+        specs.append(spec)
     check_positions(recipe, backbone, specs)
     model = MultiTaskModel(backbone, specs, recipe.model.pooling, recipe.model.head_dropout)
+    for spec in specs:
+        if spec.lm_head and lm_head is not None:  # every such task starts from the checkpoint's
+            model.heads[spec.task].load_state_dict(lm_head.module.state_dict())
     if recipe.model.kernels == "auto":
         use_fast_dropout(model)  # CPU masks from models/attention.py; F.dropout elsewhere
     return model, tokenizer, task_tokenizers

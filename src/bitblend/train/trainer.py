@@ -12,7 +12,6 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from bitblend.config.load import dump_recipe
 from bitblend.config.schema import Recipe
 from bitblend.data.mixture import Mixture
 from bitblend.errors import BitblendError
@@ -29,6 +28,7 @@ from bitblend.train import step as step_fn
 from bitblend.train.cpu_heap import tune_cpu_heap
 from bitblend.train.evaluate import evaluate_split
 from bitblend.train.jacobian import make_aggregator
+from bitblend.train.recipe_log import record_recipe
 from bitblend.train.run_dir import write_json
 from bitblend.train.setup import build_model, build_tasks, convert_model, load_data, pick_device
 
@@ -53,8 +53,14 @@ class Trainer:
         resume: bool = False,
         console: Console | None = None,
         show_progress: bool = True,
+        overrides: list[str] | None = None,
+        changed: dict[str, list[Any]] | None = None,
     ) -> None:
         self.recipe = recipe
+        # recipe_history.jsonl: the --set overrides of this start/resume and, on resume,
+        # {key: [old, new]} for what they changed (config/resume.py allows only safe keys).
+        self.overrides = list(overrides or [])
+        self.changed = dict(changed or {})
         self.run_dir = run_dir
         self.resume = resume
         self.console = console or Console(stderr=True)
@@ -84,18 +90,13 @@ class Trainer:
         convert_model(self.model, recipe, self.precision)
         # Roles (decay, new) come from the model's own weights, before the precision makes
         # fp32 stand-ins; optimizer_parameters keeps the order of the trainable parameters.
-        roles = param_roles(self.model)
+        roles = param_roles(self.model, self.model.is_new_parameter)
         params = self.precision.optimizer_parameters(self.model)
         state_bits = recipe.precision.state_bits
         self.optimizer = build_optimizer(params, recipe.optimizer, roles, state_bits)
         self.model_state_bytes = 0  # measured after the first step (gradients exist then)
-        self.scheduler = build_schedule(self.optimizer, cfg.steps, recipe.schedule)
+        self._plan(cfg.steps)
         mix = recipe.mixing
-        # Mixed batches call the mixture once per micro-batch: its horizon is in those units.
-        horizon = cfg.steps * (cfg.grad_accum if mix.batches == "mixed" else 1)
-        self.mixture = Mixture(
-            mix, [t.name for t in self.tasks], [len(t.train) for t in self.tasks], cfg.seed, horizon
-        )
         self.balancer = Balancer(
             mix.balancing, [t.cfg.weight for t in self.tasks], mix.balancing_lr
         )
@@ -110,6 +111,19 @@ class Trainer:
         self.task_examples = [0] * len(self.tasks)
         # from_pretrained returns eval mode; a Trainer's model trains (dropout on) from here.
         self.model.train()
+
+    def _plan(self, steps: int) -> None:
+        """LR schedule and mixture planned over `steps`: the run's horizon. It is fixed when
+        the run starts and kept in its checkpoints; `--resume --set train.steps=N` moves
+        only where the run stops, so the learning rate continues without a jump."""
+        cfg, mix = self.recipe.train, self.recipe.mixing
+        self.plan_steps = steps
+        self.scheduler = build_schedule(self.optimizer, steps, self.recipe.schedule)
+        # Mixed batches call the mixture once per micro-batch: its horizon is in those units.
+        horizon = steps * (cfg.grad_accum if mix.batches == "mixed" else 1)
+        self.mixture = Mixture(
+            mix, [t.name for t in self.tasks], [len(t.train) for t in self.tasks], cfg.seed, horizon
+        )
 
     # -- state -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -133,11 +147,19 @@ class Trainer:
                 "train_time": self.train_time,
                 "task_steps": self.task_steps,
                 "task_examples": self.task_examples,
+                "plan_steps": self.plan_steps,
             },
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned (weights are loaded separately)."""
+        # The horizon the run was planned with (checkpoints older than plan_steps: the
+        # train.steps recipe.yaml held before this resume's --set); rebuilt before the
+        # optimizer state is imported, since building a schedule sets the groups' lr.
+        before = self.changed.get("train.steps", [self.recipe.train.steps])[0]
+        plan = int(state["trainer"].get("plan_steps", before))
+        if plan != self.plan_steps:
+            self._plan(plan)
         self.precision.load_state_dict(state["precision"])
         import_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -267,10 +289,25 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.resume:
             step = self.restore_latest()
+            steps = self.recipe.train.steps
+            if steps < step:
+                raise BitblendError(
+                    f"--set train.steps={steps}: below step {step} of the checkpoint resumed"
+                )
             truncate_jsonl(self.run_dir / "metrics.jsonl", step)
+            record_recipe(self.run_dir, self.recipe, event="resume", step=step,
+                          overrides=self.overrides, changed=self.changed,
+                          plan_steps=self.plan_steps)  # fmt: skip
             self.console.print(f"resumed {self.run_dir} at step {step}")
+            if steps > self.plan_steps:
+                self.console.print(
+                    f"train.steps {steps} is past the planned horizon of {self.plan_steps} "
+                    f"steps: the learning rate stays at its end value after step "
+                    f"{self.plan_steps} (docs/usage.md, resuming)"
+                )
         else:
-            (self.run_dir / "recipe.yaml").write_text(dump_recipe(self.recipe))
+            record_recipe(self.run_dir, self.recipe, event="start", step=0,
+                          overrides=self.overrides)  # fmt: skip
             labels = {t.name: t.data.label_names for t in self.tasks if t.data.label_names}
             write_json(self.run_dir / "labels.json", labels)
 
