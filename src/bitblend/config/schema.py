@@ -248,9 +248,24 @@ class MixingConfig:
 
 @dataclass(kw_only=True)
 class DistributedConfig:
-    """Multi-process training (arrives later)."""
+    """Multi-process training under torchrun; see docs/distributed.md."""
 
-    strategy: Literal["none"] = doc("none", "none (single process)")
+    strategy: Literal["auto", "none", "ddp", "fsdp2"] = doc(
+        "auto",
+        "auto = none for one process, ddp under torchrun with several; ddp (replicated "
+        "weights, all-reduced gradients); fsdp2 (fully_shard per transformer block and at the "
+        "root); none refuses to run with several processes",
+    )
+    timeout_s: float = doc(
+        300.0,
+        "seconds a collective waits for the other ranks before this rank gives up and exits "
+        "non-zero (a dead or stuck rank ends the job instead of hanging it)",
+    )
+    find_unused_parameters: bool = doc(
+        True,
+        "ddp: let steps leave some parameters without gradient (other tasks' heads and "
+        "adapters); false is faster for a single task whose every parameter is used",
+    )
 
 
 @dataclass(kw_only=True)

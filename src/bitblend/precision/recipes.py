@@ -223,7 +223,9 @@ class PrecisionRecipe:
         self._widen()
         grads = [p.grad for p in self._params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-        grad_norm = float(norm)  # the one host sync per step: needed to decide skipping
+        # FSDP2: a replicated DTensor over the shards' norms; clipping takes it as it is.
+        whole = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        grad_norm = float(whole)  # the one host sync per step: needed to decide skipping
         finite = math.isfinite(grad_norm)
         # Attribute before clipping: clipping by an inf norm turns every gradient into nan.
         self.last_nonfinite = None if finite else self._attribute()
@@ -335,6 +337,12 @@ class PrecisionRecipe:
             "fp32_modules": len(self.fp32_modules),
             "fp8_modules": len(self.fp8_modules),
         }
+
+    def fsdp_policies(self) -> tuple[Any, Any]:
+        """FSDP2 MixedPrecisionPolicy of (blocks and root, fp32-kept modules); see fsdp.py."""
+        from bitblend.precision.fsdp import fsdp_policies
+
+        return fsdp_policies(self.autocast_dtype, self.weight_dtype)
 
     def iter_rules(self) -> Iterator[str]:
         """Names of modules kept in fp32."""

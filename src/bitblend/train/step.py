@@ -97,22 +97,40 @@ def mixed(
         counts = allocate(step * grad_accum + m, batch_size)
         losses: dict[int, torch.Tensor] = {}
         shares: dict[int, float] = {}
+        # Under torchrun `counts` are global and `take` returns this rank's part (k_r of k).
+        # DDP/FSDP average gradients over W ranks, so a rank's mean loss is scaled by
+        # k_r W / k: the average over ranks is then the mean over all k examples, exactly
+        # the one-process loss. A rank left with no example of a task still runs it on one
+        # example weighted 0, so every rank's backward touches the same parameters.
+        dummy: torch.Tensor | None = None
         for i, k in enumerate(counts):
             if k <= 0:
                 continue
+            world = tasks[i].sampler.world_size
             idx = tasks[i].sampler.take(int(k))
-            losses[i] = task_loss(model, precision, tasks[i], idx, _generator(seed, step, i, m))
+            if len(idx) == 0:
+                zero = task_loss(model, precision, tasks[i], np.zeros(1, np.int64),
+                                 _generator(seed, step, i, m)) * 0.0  # fmt: skip
+                dummy = zero if dummy is None else dummy + zero
+                continue
+            loss = task_loss(model, precision, tasks[i], idx, _generator(seed, step, i, m))
+            losses[i] = loss if world == 1 else loss * (len(idx) * world / k)
             shares[i] = k / batch_size
             out.tokens += int(tasks[i].train.lengths[idx].sum())
-            out.examples[i] = out.examples.get(i, 0) + int(k)
-            sums[i] = sums.get(i, 0.0) + float(losses[i].detach())
+            out.examples[i] = out.examples.get(i, 0) + len(idx)
+            sums[i] = sums.get(i, 0.0) + float(loss.detach()) * len(idx)
         if aggregator is not None and len(losses) > 1:
             from bitblend.train.jacobian import aggregate_backward
 
             aggregate_backward(model, precision, losses, balancer, shares, aggregator, grad_accum)
-        else:
-            precision.backward(balancer.combine(losses, shares) / grad_accum)
-    out.losses = {i: s / grad_accum for i, s in sums.items()}
+        elif losses:
+            combined = balancer.combine(losses, shares)
+            precision.backward((combined if dummy is None else combined + dummy) / grad_accum)
+        elif dummy is not None:
+            precision.backward(dummy)
+    # Example-weighted mean of each task's loss over the step (equal to the mean of the
+    # micro-batch means when every micro-batch holds the same count of the task).
+    out.losses = {i: s / out.examples[i] for i, s in sums.items()}
     return out
 
 
