@@ -86,7 +86,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         )  # fmt: skip
         trainer.fit()
     except RuntimeError as exc:  # a collective failed: a peer died or passed the timeout
-        if ctx.world_size == 1 or args.debug:
+        if ctx.world_size == 1 or args.debug or not distributed.is_collective_failure(exc):
             raise
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         print(
@@ -104,7 +104,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _launch(args: argparse.Namespace) -> int:
     """`bitblend train ... --nproc N`: validate here, then exec torchrun on this machine."""
     from bitblend.config.load import load_recipe
-    from bitblend.train.distributed import resolve_strategy
+    from bitblend.train.distributed import check_recipe, resolve_strategy
     from bitblend.train.run_dir import check_new_run_dir, check_resume_dir, default_run_dir
 
     if args.nproc < 1:
@@ -114,7 +114,7 @@ def _launch(args: argparse.Namespace) -> int:
         check_resume_dir(Path(args.resume))
     else:
         recipe = load_recipe(args.recipe, args.set)
-        resolve_strategy(recipe.distributed.strategy, args.nproc)
+        check_recipe(recipe, resolve_strategy(recipe.distributed.strategy, args.nproc))
         if not args.out:  # one name for all ranks (and for torchrun --max-restarts)
             out = default_run_dir(recipe.name)
             argv += ["--out", str(out)]

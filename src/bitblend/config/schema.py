@@ -192,7 +192,9 @@ class TrainConfig:
     """The loop."""
 
     steps: int = doc(100, "optimizer steps (skipped fp16 overflow steps count too)")
-    batch_size: int = doc(32, "examples per micro-batch")
+    batch_size: int = doc(
+        32, "examples per micro-batch, all ranks together (each of N ranks takes 1/N of it)"
+    )
     grad_accum: int = doc(1, "micro-batches per optimizer step")
     seed: int = doc(0, "seeds init, data order, splits and dropout")
     eval_every: int = doc(0, "evaluate every N steps (0 = only at the end)")
@@ -205,7 +207,9 @@ class TrainConfig:
     group_by_length: bool = doc(True, "batch similar lengths together to cut padding")
     pad_to_multiple_of: int = doc(8, "pad batch length to a multiple of this")
     device: Literal["auto", "cpu", "cuda"] = doc("auto", "auto = cuda when present, else cpu")
-    threads: int | None = doc(None, "torch CPU threads (default: all cores)")
+    threads: int | None = doc(
+        None, "torch CPU threads (default: all cores; under torchrun: cores / local ranks)"
+    )
     cpu_heap: bool = doc(
         True,
         "CPU on Linux: keep freed activation memory mapped between steps (glibc mallopt) "

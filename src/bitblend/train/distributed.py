@@ -114,9 +114,10 @@ class DistContext:
             return torch.device("cuda", self.local_rank)
         return device
 
-    def wrap(self, model: nn.Module, precision: Any) -> nn.Module:
+    def wrap(self, model: nn.Module, precision: Any) -> Any:
         """The module the training step calls: DDP around `model`, or `model` sharded in
-        place by FSDP2 (fully_shard per transformer block, fp32-kept modules, root)."""
+        place by FSDP2 (fully_shard per transformer block, fp32-kept modules, root).
+        Typed Any: DDP is no MultiTaskModel but forwards every call to one."""
         if self.strategy == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
@@ -160,6 +161,30 @@ class DistContext:
             vec[i], vec[n + i] = v, 1.0
         tot = self._sum(vec)
         return {i: tot[i] / tot[n + i] for i in range(n) if tot[n + i] > 0}
+
+    def step_module(self, wrapped: Any, model: nn.Module, mixed: bool) -> Any:
+        """What a step calls. DDP allows one forward per backward, so mixed batches (a
+        forward per task, then one backward) run the bare model and `sync_grads` after."""
+        return model if mixed and self.strategy == "ddp" else wrapped
+
+    def sync_grads(self, model: nn.Module, mixed: bool) -> None:
+        """Mixed batches under DDP: average the gradients over the ranks, one flat buffer
+        per dtype. Every rank ran the same tasks (zero-weighted where it had no example),
+        so the same parameters hold gradients everywhere."""
+        if not (mixed and self.strategy == "ddp" and self.world_size > 1):
+            return
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for p in model.parameters():
+            if p.grad is not None:
+                by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+        for grads in by_dtype.values():
+            flat = _flatten_dense_tensors(grads).to(self.comm_device)
+            dist.all_reduce(flat)
+            flat /= self.world_size
+            for g, new in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
+                g.copy_(new)
 
     def average_grads(self, params: list[torch.Tensor]) -> None:
         """Average `.grad` of parameters that live outside the wrapped model (balancers)."""
@@ -248,6 +273,14 @@ def shard_model(model: nn.Module, precision: Any, device_type: str, world: int) 
     for block in transformer_blocks(model):
         fully_shard(block, mesh=mesh, mp_policy=block_policy)
     fully_shard(model, mesh=mesh, mp_policy=block_policy)
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """True for the errors a collective raises when a peer died, hung up or timed out."""
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc).lower()
+    return any(k in text for k in ("gloo", "nccl", "connection", "timed out", "timeout"))
 
 
 def default_threads(local_world: int) -> int:

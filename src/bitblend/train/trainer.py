@@ -206,19 +206,22 @@ class Trainer:
         cfg = self.recipe.train
         t0 = time.perf_counter()
         famo_before = dict(self.balancer.prev)  # FAMO compares each task's loss across steps
-        if self.recipe.mixing.batches == "mixed":
+        mixed = self.recipe.mixing.batches == "mixed"
+        fwd = self.dist.step_module(self.fwd, self.model, mixed)  # distributed hook
+        if mixed:
             res = step_fn.mixed(
-                self.fwd, self.precision, self.balancer, self.tasks, self.mixture.allocate,
+                fwd, self.precision, self.balancer, self.tasks, self.mixture.allocate,
                 self.step, cfg.seed, cfg.batch_size, cfg.grad_accum, self.aggregator,
             )  # fmt: skip
         else:
             task_idx = self.mixture.task_at(self.step)
             res = step_fn.homogeneous(
-                self.fwd, self.precision, self.balancer, self.tasks, task_idx,
+                fwd, self.precision, self.balancer, self.tasks, task_idx,
                 self.step, cfg.seed, cfg.grad_accum,
             )  # fmt: skip
         # -- distributed hook: losses, examples and tokens of all ranks; balancers decide
         # from them and average their own gradients, so every rank holds the same weights.
+        self.dist.sync_grads(self.model, mixed)
         res = self.dist.reduce_step(res, len(self.tasks))
         self.balancer.prev = self.dist.mean_dict(self.balancer.prev, len(self.tasks))
         self.dist.average_grads([self.balancer.log_vars])
