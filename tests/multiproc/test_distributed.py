@@ -103,7 +103,7 @@ def test_fsdp2_trains_saves_reloads(fsdp2_run: Path, reference: Path) -> None:
     assert (step / "dcp" / ".metadata").is_file() and (step / "trainer.pt").is_file()
     assert not list((fsdp2_run / "checkpoints").glob(".tmp-*"))
     model, _, meta = load_model(fsdp2_run / "model")  # eval / predict / merge read this
-    assert meta["heads"][0]["name"] == "bbc" and sum(p.numel() for p in model.parameters())
+    assert meta["heads"][0]["task"] == "bbc" and sum(p.numel() for p in model.parameters())
     summary = json.loads((fsdp2_run / "summary.json").read_text())
     ref = json.loads((reference / "summary.json").read_text())
     per_rank = summary["distributed"]["model_state_bytes_per_rank"]
@@ -226,3 +226,41 @@ def test_a_stalled_rank_makes_the_others_exit_after_the_timeout(tmp_path: Path) 
     assert 8 < elapsed < 150, elapsed
     assert "bitblend: error: rank 0 of 2: a collective failed" in output, output[-3000:]
     assert "distributed.timeout_s (10s)" in output
+
+
+def test_low_bit_states_under_ddp_train_like_one_process(tmp_path: Path) -> None:
+    """8-bit optimizer states (bitsandbytes) on identical replicas: 2 ranks == 1 process."""
+    recipe = write_recipe(tmp_path / "r.yaml", precision={"state_bits": 8})
+    one = train(recipe, tmp_path / "one", None)
+    two = train(recipe, tmp_path / "two", 2)
+    _check_equal(two, one)
+
+
+def test_torchrun_restart_resumes_from_the_latest_checkpoint(tmp_path: Path) -> None:
+    """torchrun --max-restarts 1: a worker killed after checkpoint step-2 is restarted with
+    its peers, and they continue the same run directory from step 2 to the end."""
+    recipe = write_recipe(
+        tmp_path / "r.yaml", train={"steps": 40, "checkpoint_every": 2, "keep_checkpoints": 0}
+    )
+    out = tmp_path / "run"
+    cmd = torchrun_cmd(2, "train", str(recipe), "--out", str(out), "--quiet")
+    cmd.insert(cmd.index("--standalone"), "--max-restarts=1")
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoints" / "step-2" / "state.json").is_file():
+            assert proc.poll() is None, proc.communicate()[0][-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        os.kill(_workers(proc.pid)[1], signal.SIGKILL)
+        output, _ = proc.communicate(timeout=420)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output[-3000:]
+    assert "resumed" in output
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [s for s in steps if s <= 40]
+    assert sorted(set(train_steps)) == list(range(1, 41))
+    assert json.loads((out / "summary.json").read_text())["steps"] == 40

@@ -111,7 +111,11 @@ def mixed(
             if len(idx) == 0:
                 zero = task_loss(model, precision, tasks[i], np.zeros(1, np.int64),
                                  _generator(seed, step, i, m)) * 0.0  # fmt: skip
-                dummy = zero if dummy is None else dummy + zero
+                if balancer.method == "uncertainty":
+                    # its + s_i term counts on every rank, as in one process: pass the 0
+                    losses[i], shares[i] = zero, k / batch_size
+                else:  # outside the balancer (famo's log-loss would take 0 as a loss)
+                    dummy = zero if dummy is None else dummy + zero
                 continue
             loss = task_loss(model, precision, tasks[i], idx, _generator(seed, step, i, m))
             losses[i] = loss if world == 1 else loss * (len(idx) * world / k)
