@@ -264,3 +264,25 @@ def test_torchrun_restart_resumes_from_the_latest_checkpoint(tmp_path: Path) -> 
     train_steps = [s for s in steps if s <= 40]
     assert sorted(set(train_steps)) == list(range(1, 41))
     assert json.loads((out / "summary.json").read_text())["steps"] == 40
+
+
+def test_fsdp2_bf16_mixed_trains_close_to_one_process(tmp_path: Path) -> None:
+    """bf16-mixed under fsdp2 (bf16 all-gather, fp32 reduce, fp32 units for norms and heads)
+    follows the 1-process bf16-mixed run to bf16 rounding, and model/ stays fp32."""
+    from safetensors.torch import load_file
+
+    recipe = write_recipe(tmp_path / "r.yaml", precision={"recipe": "bf16-mixed"})
+    one = train(recipe, tmp_path / "one", None)
+    two = train(recipe, tmp_path / "two", 2, "--set", "distributed.strategy=fsdp2")
+    a, b = train_losses(one), train_losses(two)
+    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-2
+    wa, wb = (
+        load_file(str(one / "model/model.safetensors")),
+        load_file(str(two / "model/model.safetensors")),
+    )
+    assert {str(t.dtype) for t in wb.values()} == {"torch.float32"}
+    diff = sum(float((wa[k] - wb[k]).norm() ** 2) for k in wa) ** 0.5
+    assert diff < 1e-2 * sum(float(wa[k].norm() ** 2) for k in wa) ** 0.5
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["precision"]["recipe"] == "bf16-mixed"
+    assert summary["distributed"]["strategy"] == "fsdp2"
