@@ -114,7 +114,8 @@ def _launch(args: argparse.Namespace) -> int:
         check_resume_dir(Path(args.resume))
     else:
         recipe = load_recipe(args.recipe, args.set)
-        check_recipe(recipe, resolve_strategy(recipe.distributed.strategy, args.nproc))
+        strategy = resolve_strategy(recipe.distributed.strategy, args.nproc)
+        check_recipe(recipe, strategy, args.nproc)
         if not args.out:  # one name for all ranks (and for torchrun --max-restarts)
             out = default_run_dir(recipe.name)
             argv += ["--out", str(out)]

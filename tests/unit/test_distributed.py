@@ -53,6 +53,14 @@ def test_unsupported_combinations_are_refused_naming_the_field(
     assert "\n" not in str(err.value)
 
 
+def test_a_batch_the_ranks_cannot_share_equally_is_refused() -> None:
+    with pytest.raises(BitblendError, match=r"^train.batch_size: 6 is not divisible by 4 ranks"):
+        check_recipe(make_recipe("train.batch_size=6"), "ddp", 4)
+    with pytest.raises(BitblendError, match=r"^tasks\[0\].batch_size: 3 is not divisible"):
+        check_recipe(make_recipe("tasks.0.batch_size=3"), "fsdp2", 2)
+    check_recipe(make_recipe("train.batch_size=6"), "ddp", 3)
+
+
 @pytest.mark.parametrize(
     "overrides",
     [["precision.state_bits=8"], ["precision.recipe=fp8-emulated"], ["mixing.balancing=famo"]],

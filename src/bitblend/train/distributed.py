@@ -44,11 +44,21 @@ def resolve_strategy(strategy: str, world: int) -> str:
     return strategy
 
 
-def check_recipe(recipe: Recipe, strategy: str) -> None:
+def check_recipe(recipe: Recipe, strategy: str, world: int = 1) -> None:
     """One-line refusals of what does not (yet) run under `strategy` (docs/distributed.md)."""
     if strategy == "none":
         return
     mix, prec = recipe.mixing, recipe.precision
+    # Every rank takes an equal contiguous part of each global micro-batch.
+    sizes: list[tuple[str, int | None]] = [("train.batch_size", recipe.train.batch_size)]
+    if mix.batches == "homogeneous":
+        sizes += [(f"tasks[{i}].batch_size", t.batch_size) for i, t in enumerate(recipe.tasks)]
+    for name, size in sizes:
+        if size is not None and size % world:
+            raise BitblendError(
+                f"{name}: {size} is not divisible by {world} ranks (it is the global batch; "
+                f"each rank takes an equal part); use a multiple of {world}"
+            )
     if mix.balancing in ("upgrad", "pcgrad"):
         raise BitblendError(
             f"mixing.balancing: {mix.balancing} aggregates per-task gradients before the "
@@ -339,7 +349,7 @@ def init(cfg: DistributedConfig, device_type: str) -> DistContext:
 def setup(recipe: Recipe, device: torch.device) -> DistContext:
     """The Trainer's entry: context, recipe checks, and CPU threads per rank."""
     ctx = init(recipe.distributed, device.type)
-    check_recipe(recipe, ctx.strategy)
+    check_recipe(recipe, ctx.strategy, ctx.world_size)
     if ctx.active and device.type == "cpu" and not recipe.train.threads:
         torch.set_num_threads(default_threads(ctx.local_world_size))
     return ctx
