@@ -77,6 +77,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from bitblend.train.trainer import Trainer
 
     console = Console(stderr=False)
+    if args.nproc is not None:
+        return _launch(args)
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restarts and args.out and not args.resume and (Path(args.out) / "recipe.yaml").is_file():
+        # torchrun --max-restarts: a restarted worker continues the run it was started for.
+        args.resume, args.recipe, args.out = args.out, None, None
     changed: dict[str, list[object]] = {}
     if args.resume:
         if args.recipe or args.out:
@@ -98,12 +104,75 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     if args.resume and (run_dir / "distill.json").is_file():
         raise BitblendError(f"--resume {run_dir}: a distilled run; use bitblend distill --resume")
-    trainer = Trainer(
-        recipe, run_dir, resume=bool(args.resume), console=console,
-        show_progress=not args.quiet, overrides=args.set, changed=changed,
-    )  # fmt: skip
-    trainer.fit()
+    from bitblend.train import distributed
+    from bitblend.train.setup import pick_device
+
+    # Under torchrun every rank must agree on the run directory (the default one has the
+    # time in its name) and must have checked it before rank 0 creates it.
+    ctx = distributed.init(recipe.distributed, pick_device(recipe.train.device).type)
+    run_dir = Path(ctx.broadcast(str(run_dir)))
+    ctx.barrier()
+    try:
+        trainer = Trainer(
+            recipe, run_dir, resume=bool(args.resume), console=console,
+            show_progress=not args.quiet, overrides=args.set, changed=changed,
+        )  # fmt: skip
+        trainer.fit()
+    except RuntimeError as exc:  # a collective failed: a peer died or passed the timeout
+        if ctx.world_size == 1 or args.debug or not distributed.is_collective_failure(exc):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        print(
+            f"bitblend: error: rank {ctx.rank} of {ctx.world_size}: a collective failed "
+            f"({first}); another rank died or stalled past distributed.timeout_s "
+            f"({recipe.distributed.timeout_s:g}s)",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(1)  # no teardown: destroying a group with a dead peer can block
+    distributed.teardown()
     return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """`bitblend train ... --nproc N`: validate here, then exec torchrun on this machine."""
+    from bitblend.config.load import load_recipe
+    from bitblend.train.distributed import check_recipe, resolve_strategy
+    from bitblend.train.run_dir import check_new_run_dir, check_resume_dir, default_run_dir
+
+    if args.nproc < 1:
+        raise BitblendError(f"--nproc {args.nproc}: expected an integer >= 1")
+    argv = _strip_nproc(list(args.argv))
+    if args.resume:
+        check_resume_dir(Path(args.resume))
+    else:
+        recipe = load_recipe(args.recipe, args.set)
+        strategy = resolve_strategy(recipe.distributed.strategy, args.nproc)
+        check_recipe(recipe, strategy, args.nproc)
+        if not args.out:  # one name for all ranks (and for torchrun --max-restarts)
+            out = default_run_dir(recipe.name)
+            argv += ["--out", str(out)]
+            check_new_run_dir(out)
+        else:
+            check_new_run_dir(Path(args.out))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={args.nproc}", "-m", "bitblend", *argv]  # fmt: skip
+    sys.stdout.flush()
+    os.execv(sys.executable, cmd)
+    return 0  # not reached
+
+
+def _strip_nproc(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -389,6 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run directory (default: runs/<recipe>-<time>)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue from the latest checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="run N processes on this machine under torchrun (distributed.strategy auto = ddp)",
+    )
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a finished run")
@@ -522,6 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `bitblend` console script."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for `train --nproc`
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.simplefilter("default", UserWarning)
     _quiet_libraries()

@@ -88,10 +88,12 @@ def test_rank_slices_are_disjoint_and_their_union_is_the_global_batch() -> None:
             parts = [r.next().tolist() for r in ranks]
             assert [i for p in parts for i in p] == ref.next().tolist()
             assert all(len(p) == 24 // world for p in parts)
-        # take(k) is per rank: the ranks together consume k x world examples.
-        parts = [r.take(5).tolist() for r in ranks]
-        assert [i for p in parts for i in p] == ref.take(5 * world).tolist()
-        assert len({i for p in parts for i in p}) == 5 * world
+        # take(k) is global: the ranks together consume k examples, in parts differing by
+        # at most one (a rank gets none when k < world).
+        for k in (5, 1, 7):
+            parts = [r.take(k).tolist() for r in ranks]
+            assert [i for p in parts for i in p] == ref.take(k).tolist()
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
     assert whole.batches_per_epoch == 20
 
 
@@ -103,6 +105,18 @@ def test_a_rank_resumes_from_any_world_size_state() -> None:
     rank = BatchSampler(L, 16, 7, 3, rank=2, world_size=4)
     rank.load_state_dict(single.state_dict())
     assert rank.next().tolist() == single.next().tolist()[8:12]
+
+
+def test_set_rank_keeps_the_global_position() -> None:
+    L = lengths(400)
+    single = BatchSampler(L, 16, seed=7, stream=3)
+    batches(single, 3)
+    rank = BatchSampler(L, 16, seed=7, stream=3)
+    batches(rank, 3)
+    rank.set_rank(1, 2)
+    assert rank.next().tolist() == single.next().tolist()[8:]
+    with pytest.raises(ValueError, match="divisible"):
+        rank.set_rank(0, 3)
 
 
 def test_epochs_completed_is_fractional() -> None:

@@ -199,7 +199,9 @@ class TrainConfig:
     """The loop."""
 
     steps: int = doc(100, "optimizer steps (skipped fp16 overflow steps count too)")
-    batch_size: int = doc(32, "examples per micro-batch")
+    batch_size: int = doc(
+        32, "examples per micro-batch, all ranks together (each of N ranks takes 1/N of it)"
+    )
     grad_accum: int = doc(1, "micro-batches per optimizer step")
     seed: int = doc(0, "seeds init, data order, splits and dropout")
     eval_every: int = doc(0, "evaluate every N steps (0 = only at the end)")
@@ -212,7 +214,9 @@ class TrainConfig:
     group_by_length: bool = doc(True, "batch similar lengths together to cut padding")
     pad_to_multiple_of: int = doc(8, "pad batch length to a multiple of this")
     device: Literal["auto", "cpu", "cuda"] = doc("auto", "auto = cuda when present, else cpu")
-    threads: int | None = doc(None, "torch CPU threads (default: all cores)")
+    threads: int | None = doc(
+        None, "torch CPU threads (default: all cores; under torchrun: cores / local ranks)"
+    )
     cpu_heap: bool = doc(
         True,
         "CPU on Linux: keep freed activation memory mapped between steps (glibc mallopt) "
@@ -255,9 +259,24 @@ class MixingConfig:
 
 @dataclass(kw_only=True)
 class DistributedConfig:
-    """Multi-process training (arrives later)."""
+    """Multi-process training under torchrun; see docs/distributed.md."""
 
-    strategy: Literal["none"] = doc("none", "none (single process)")
+    strategy: Literal["auto", "none", "ddp", "fsdp2"] = doc(
+        "auto",
+        "auto = none for one process, ddp under torchrun with several; ddp (replicated "
+        "weights, all-reduced gradients); fsdp2 (fully_shard per transformer block and at the "
+        "root); none refuses to run with several processes",
+    )
+    timeout_s: float = doc(
+        300.0,
+        "seconds a collective waits for the other ranks before this rank gives up and exits "
+        "non-zero (a dead or stuck rank ends the job instead of hanging it)",
+    )
+    find_unused_parameters: bool = doc(
+        True,
+        "ddp: let steps leave some parameters without gradient (other tasks' heads and "
+        "adapters); false is faster for a single task whose every parameter is used",
+    )
 
 
 @dataclass(kw_only=True)

@@ -103,16 +103,17 @@ class BatchSampler:
         return self._rank_slice(batch)
 
     def take(self, k: int) -> np.ndarray:
-        """This rank's next `k` examples of the stream (mixed batches); may span epochs.
+        """This rank's part of the stream's next `k` examples (mixed batches); may span epochs.
 
-        `k` is per rank: the ranks together consume the next k x world_size examples and
-        each keeps its contiguous k. Consumes the epoch's batches in order, so no example
+        `k` is global: the ranks together consume the next k examples and rank r keeps the
+        r-th of `world_size` contiguous parts (sizes differ by at most one, so a rank may get
+        none when k < world_size). Consumes the epoch's batches in order, so no example
         repeats within an epoch and the position stays (epoch, cursor, offset).
         """
         if k < 0:
             raise ValueError(f"take({k}): expected k >= 0")
         out: list[np.ndarray] = [np.empty(0, dtype=np.int64)]
-        need = k * self.world_size
+        need = k
         while need > 0:
             batch = self.epoch_batches(self.epoch)[self.cursor]
             part = batch[self.offset : self.offset + need]
@@ -121,7 +122,16 @@ class BatchSampler:
             self.offset += len(part)
             if self.offset == len(batch):
                 self._advance()
-        return self._rank_slice(np.concatenate(out))
+        whole = np.concatenate(out)
+        return np.array_split(whole, self.world_size)[self.rank].copy()
+
+    def set_rank(self, rank: int, world_size: int) -> None:
+        """Serve rank `rank` of `world_size` from here on (the position stays global)."""
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} of {world_size}: out of range")
+        if self.batch_size % world_size:
+            raise ValueError(f"batch {self.batch_size} is not divisible by {world_size} ranks")
+        self.rank, self.world_size = rank, world_size
 
     @property
     def epochs_completed(self) -> float:

@@ -79,6 +79,10 @@ class Precision(Protocol):
         """What is actually used: name, compute/weight dtypes, scaler, module rules."""
         ...
 
+    def fsdp_policies(self) -> tuple[Any, Any]:
+        """FSDP2 MixedPrecisionPolicy of (blocks and root, fp32-kept modules); see fsdp.py."""
+        ...
+
 
 def description(
     name: str,

@@ -12,6 +12,7 @@ from torch import nn
 from bitblend.config.schema import PrecisionConfig
 from bitblend.precision.base import StepResult, description
 from bitblend.precision.fp8 import keep_matcher
+from bitblend.precision.fsdp import fsdp_policies
 from bitblend.precision.update import Updater, trainable
 
 
@@ -72,6 +73,10 @@ class FullPrecision:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned."""
         self.updater.load_state_dict(state, self.name)
+
+    def fsdp_policies(self) -> tuple[Any, Any]:
+        """FSDP2 MixedPrecisionPolicy of (blocks and root, fp32-kept modules); see fsdp.py."""
+        return fsdp_policies(None, torch.float32)
 
     def describe(self) -> dict[str, Any]:
         """The recipe actually in use, for logs and summary.json."""

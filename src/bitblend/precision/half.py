@@ -20,6 +20,7 @@ from bitblend.config.schema import PrecisionConfig
 from bitblend.errors import BitblendError
 from bitblend.precision.base import StepResult, description
 from bitblend.precision.fp8 import keep_matcher
+from bitblend.precision.fsdp import fsdp_policies
 from bitblend.precision.rounding import kahan_round_, narrow_, widen
 from bitblend.precision.rules import keep_in_fp32
 from bitblend.precision.update import Updater, nbytes, trainable
@@ -161,6 +162,10 @@ class HalfPrecision:
                 comp.copy_(saved)
         if self._gen is not None and "rounding_rng" in state:
             self._gen.set_state(state["rounding_rng"])
+
+    def fsdp_policies(self) -> tuple[Any, Any]:
+        """FSDP2 MixedPrecisionPolicy of (blocks and root, fp32-kept modules); see fsdp.py."""
+        return fsdp_policies(None, self.weight_dtype)
 
     def describe(self) -> dict[str, Any]:
         """The recipe actually in use, for logs and summary.json."""

@@ -16,6 +16,7 @@ from torch import nn
 from bitblend.config.schema import PrecisionConfig
 from bitblend.precision.base import StepResult, description
 from bitblend.precision.fp8 import Fp8Swap, keep_matcher
+from bitblend.precision.fsdp import fsdp_policies
 from bitblend.precision.rules import keep_in_fp32
 from bitblend.precision.update import Updater, trainable
 
@@ -115,6 +116,10 @@ class MixedPrecision:
         self.updater.load_state_dict(state, self.name)
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
+
+    def fsdp_policies(self) -> tuple[Any, Any]:
+        """FSDP2 MixedPrecisionPolicy of (blocks and root, fp32-kept modules); see fsdp.py."""
+        return fsdp_policies(self.autocast_dtype, torch.float32)
 
     def describe(self) -> dict[str, Any]:
         """The recipe actually in use, for logs and summary.json."""

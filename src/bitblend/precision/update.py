@@ -58,7 +58,9 @@ class Updater:
         """Global norm of the optimizer tensors' gradients; clip them when it is finite."""
         grads = [p.grad for p in self.params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-        grad_norm = float(norm)  # the one host sync per step: needed to decide skipping
+        # FSDP2: a replicated DTensor over the shards' norms; clipping takes it as it is.
+        whole = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        grad_norm = float(whole)  # the one host sync per step: needed to decide skipping
         finite = math.isfinite(grad_norm)
         # Attribute before clipping: clipping by an inf norm turns every gradient into nan.
         where = None

@@ -130,32 +130,67 @@ def mixed(
     balancer.zero_grad()
     out = StepLosses()
     plan: list[list[Micro]] = []
+    empty: list[list[Micro]] = []
     items: dict[int, int] = {}
+    counts: dict[int, int] = {}  # the step's examples of each task over all ranks
     for m in range(grad_accum):
-        counts = allocate(step * grad_accum + m, batch_size)
-        row = []
-        for i, k in enumerate(counts):
+        row, none = [], []
+        for i, k in enumerate(allocate(step * grad_accum + m, batch_size)):
             if k <= 0:
                 continue
+            counts[i] = counts.get(i, 0) + int(k)
+            # Under torchrun `k` is global and `take` returns this rank's part of it.
             idx = tasks[i].sampler.take(int(k))
+            if len(idx) == 0:
+                # This rank got none of the k: it still runs one example weighted 0, so
+                # every rank's backward touches the same parameters (FSDP2, grad all-reduce).
+                none.append(
+                    prepare(tasks[i], i, np.zeros(1, np.int64), _generator(seed, step, i, m))
+                )
+                continue
             row.append(prepare(tasks[i], i, idx, _generator(seed, step, i, m)))
             out.tokens += int(tasks[i].train.lengths[idx].sum())
-            out.examples[i] = out.examples.get(i, 0) + int(k)
+            out.examples[i] = out.examples.get(i, 0) + len(idx)
             items[i] = items.get(i, 0) + row[-1].items
         plan.append(row)
-    # Each task's share of the step's examples: the `sum` path's weighting of its mean loss.
-    n = sum(out.examples.values())
-    shares = {i: k / n for i, k in out.examples.items()}
+        empty.append(none)
+    # Each task's share of the step's examples (over all ranks: the same on every rank):
+    # the `sum` path's weighting of its mean loss.
+    n = sum(counts.values())
+    shares = {i: k / n for i, k in counts.items()}
+    # DDP/FSDP average gradients over W ranks: a rank's mean loss of task i is scaled by
+    # n_i W / k_i (its n_i of the step's k_i examples), so the ranks' average is the mean
+    # over all k_i examples, the one-process loss (per-token heads: the mean of the ranks'
+    # token means). 1.0 in one process.
+    world = tasks[0].sampler.world_size
+    scale = {i: e * world / counts[i] for i, e in out.examples.items()}
+    # A task with no example on this rank in the whole step: its dummies carry the
+    # uncertainty balancer's + s_i term (the one-process step counts it once).
+    absent = {p.task for row in empty for p in row} - set(items)
+    dummies = {i: sum(p.task == i for row in empty for p in row) for i in absent}
     sums: dict[int, list[torch.Tensor]] = {}
-    for row in plan:
-        losses = {p.task: loss_part(model, precision, tasks[p.task], p, items[p.task]) for p in row}
+    for row, none in zip(plan, empty, strict=True):
+        losses = {
+            p.task: loss_part(model, precision, tasks[p.task], p, items[p.task]) * scale[p.task]
+            for p in row
+        }
         fractions = {p.task: _fraction(p.items, items[p.task]) for p in row}
         for i, part in losses.items():
-            sums.setdefault(i, []).append(part.detach())
+            sums.setdefault(i, []).append(part.detach() / scale[i])
+        zero: torch.Tensor | None = None
+        for p in none:
+            z = loss_part(model, precision, tasks[p.task], p, max(p.items, 1)) * 0.0
+            if balancer.method == "uncertainty" and p.task in absent:
+                losses[p.task], fractions[p.task] = z, 1.0 / dummies[p.task]
+            else:  # outside the balancer (FAMO's log-loss would take the 0 as a loss)
+                zero = z if zero is None else zero + z
         if aggregator is not None and len(losses) > 1:
             aggregate_backward(model, precision, losses, balancer, shares, aggregator)
-        else:
-            precision.backward(balancer.combine(losses, shares, fractions))
+        elif losses:
+            combined = balancer.combine(losses, shares, fractions)
+            precision.backward(combined if zero is None else combined + zero)
+        elif zero is not None:
+            precision.backward(zero)
     out.losses = {i: float(sum(parts)) for i, parts in sums.items()}
     return out
 

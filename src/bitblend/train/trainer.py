@@ -24,6 +24,7 @@ from bitblend.report.console import make_progress, metrics_table
 from bitblend.report.sinks import JsonlSink, TensorBoardSink, truncate_jsonl
 from bitblend.tasks.balancing import Balancer
 from bitblend.train import checkpoint as ckpt
+from bitblend.train import distributed
 from bitblend.train import step as step_fn
 from bitblend.train.cpu_heap import tune_cpu_heap
 from bitblend.train.evaluate import evaluate_split
@@ -70,6 +71,11 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         # Everything that can fail on bad input happens here, before anything is written.
         self.device = pick_device(cfg.device)
+        # -- distributed hook: torchrun process group, this rank's device, threads per rank
+        self.dist = distributed.setup(recipe, self.device)
+        self.device = self.dist.device_for(self.device)
+        if not self.dist.main:  # rank 0 alone prints
+            self.console, self.show_progress = Console(quiet=True), False
         self.cpu_heap = tune_cpu_heap() if cfg.cpu_heap and self.device.type == "cpu" else None
         self.precision = build_precision(recipe.precision, self.device, cfg.seed)
         # Steps skipped in a row for non-finite gradients: a run that cannot recover stops.
@@ -91,10 +97,17 @@ class Trainer:
         # Roles (decay, new) come from the model's own weights, before the precision makes
         # fp32 stand-ins; optimizer_parameters keeps the order of the trainable parameters.
         roles = param_roles(self.model, self.model.is_new_parameter)
+        # -- distributed hook: each rank takes its slice of every global batch; the step
+        # calls `fwd` (DDP around the model, or the model FSDP2 sharded in place).
+        for t in self.tasks:
+            t.sampler.set_rank(self.dist.rank, self.dist.world_size)
+        self.fwd = self.dist.wrap(self.model, self.precision)
+        self._datas = datas if self.dist.sharded else None  # to rebuild model/ on rank 0
         params = self.precision.optimizer_parameters(self.model)
         state_bits = recipe.precision.state_bits
         self.optimizer = build_optimizer(params, recipe.optimizer, roles, state_bits)
         self.model_state_bytes = 0  # measured after the first step (gradients exist then)
+        self.rank_state_bytes = 0  # this rank's share of it (FSDP2 shards)
         self._plan(cfg.steps)
         mix = recipe.mixing
         self.balancer = Balancer(
@@ -131,6 +144,7 @@ class Trainer:
         rng: dict[str, Any] = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        rng = self.dist.with_rank_rngs(rng)  # distributed hook: dropout draws differ per rank
         return {
             "optimizer": export_state(self.optimizer),
             "scheduler": self.scheduler.state_dict(),
@@ -161,14 +175,15 @@ class Trainer:
         if plan != self.plan_steps:
             self._plan(plan)
         self.precision.load_state_dict(state["precision"])
-        import_state(self.optimizer, state["optimizer"])
+        if state["optimizer"] is not None:  # None: FSDP2 loaded it sharded (train/dcp.py)
+            import_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         for task, s in zip(self.tasks, state["samplers"], strict=True):
             task.sampler.load_state_dict(s)
         self.mixture.load_state_dict(state["mixture"])
         self.balancer.load_state_dict(state["balancer"])
         self.nonfinite.load_state_dict(state.get("nonfinite", {}))
-        torch.set_rng_state(state["rng"]["torch"])
+        torch.set_rng_state(self.dist.own_rng(state["rng"]))
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         t = state["trainer"]
@@ -180,8 +195,18 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Atomic checkpoint of the current step, pruning old ones."""
         root = self.run_dir / "checkpoints"
-        path = ckpt.save_checkpoint(root, self.step, self.model, self.state_dict())
-        ckpt.prune_checkpoints(root, self.recipe.train.keep_checkpoints)
+        state = self.state_dict()  # every rank: it gathers the per-rank RNG states
+        if self.dist.sharded:  # distributed hook: FSDP2 writes through DCP, every rank
+            from bitblend.train import dcp
+
+            path = dcp.save_sharded(self.dist, root, self.step, self.model, self.optimizer, state)
+        else:  # one process or DDP (identical weights on every rank): rank 0 writes
+            path = root / f"step-{self.step}"
+            if self.dist.main:
+                path = ckpt.save_checkpoint(root, self.step, self.model, state)
+        if self.dist.main:
+            ckpt.prune_checkpoints(root, self.recipe.train.keep_checkpoints)
+        self.dist.barrier()
         return path
 
     def restore_latest(self) -> int:
@@ -192,7 +217,13 @@ class Trainer:
                 f"--resume {self.run_dir}: no complete checkpoint in {self.run_dir}/checkpoints"
             )
         _, path = found[-1]
-        step, state = ckpt.load_checkpoint(path, self.model)
+        from bitblend.train import dcp  # distributed hook: a DCP checkpoint or a plain one
+
+        dcp.check_format(path, self.dist.sharded)
+        if self.dist.sharded:
+            step, state = dcp.load_sharded(path, self.model, self.optimizer)
+        else:
+            step, state = ckpt.load_checkpoint(path, self.model)
         self.load_state_dict(state)
         if self.step != step:
             raise BitblendError(f"{path}: step {self.step} in state.json, {step} in its name")
@@ -204,22 +235,31 @@ class Trainer:
         cfg = self.recipe.train
         t0 = time.perf_counter()
         famo_before = dict(self.balancer.prev)  # FAMO compares each task's loss across steps
-        if self.recipe.mixing.batches == "mixed":
+        mixed = self.recipe.mixing.batches == "mixed"
+        fwd = self.dist.step_module(self.fwd, self.model, mixed)  # distributed hook
+        if mixed:
             res = step_fn.mixed(
-                self.model, self.precision, self.balancer, self.tasks, self.mixture.allocate,
+                fwd, self.precision, self.balancer, self.tasks, self.mixture.allocate,
                 self.step, cfg.seed, cfg.batch_size, cfg.grad_accum, self.aggregator,
             )  # fmt: skip
         else:
             task_idx = self.mixture.task_at(self.step)
             res = step_fn.homogeneous(
-                self.model, self.precision, self.balancer, self.tasks, task_idx,
+                fwd, self.precision, self.balancer, self.tasks, task_idx,
                 self.step, cfg.seed, cfg.grad_accum,
             )  # fmt: skip
+        # -- distributed hook: losses, examples and tokens of all ranks; balancers decide
+        # from them and average their own gradients, so every rank holds the same weights.
+        self.dist.sync_grads(self.model, mixed)
+        res = self.dist.reduce_step(res, len(self.tasks))
+        self.balancer.prev = self.dist.mean_dict(self.balancer.prev, len(self.tasks))
+        self.dist.average_grads([self.balancer.log_vars])
         if self.balancer.method == "famo":
             self.balancer.famo_update(famo_before, res.losses)
         result = self.precision.optimizer_step(self.optimizer, cfg.max_grad_norm)
         if not self.model_state_bytes and result.stepped:
             self.model_state_bytes = self.precision.model_state_bytes(self.model, self.optimizer)
+            self.rank_state_bytes = self.dist.local_state_bytes(self.model, self.optimizer)
         lr = self.scheduler.get_last_lr()[0]
         if result.stepped:
             self.scheduler.step()  # a skipped step does not advance the schedule
@@ -270,6 +310,7 @@ class Trainer:
                 )["loss"]
                 for i, t in enumerate(self.tasks)
             }
+            held = self.dist.mean_dict(held, len(self.tasks))  # identical on every rank
             self.mixture.observe(self.step, held)
             record["heldout_loss"] = {self.tasks[i].name: v for i, v in held.items()}
         if mix.grad_cosine_every and len(self.tasks) > 1 and self.step % mix.grad_cosine_every == 0:
@@ -286,7 +327,8 @@ class Trainer:
 
     # -- the run -----------------------------------------------------------------------
     def _prepare_dir(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.dist.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.resume:
             step = self.restore_latest()
             steps = self.recipe.train.steps
@@ -294,10 +336,11 @@ class Trainer:
                 raise BitblendError(
                     f"--set train.steps={steps}: below step {step} of the checkpoint resumed"
                 )
-            truncate_jsonl(self.run_dir / "metrics.jsonl", step)
-            record_recipe(self.run_dir, self.recipe, event="resume", step=step,
-                          overrides=self.overrides, changed=self.changed,
-                          plan_steps=self.plan_steps)  # fmt: skip
+            if self.dist.main:
+                truncate_jsonl(self.run_dir / "metrics.jsonl", step)
+                record_recipe(self.run_dir, self.recipe, event="resume", step=step,
+                              overrides=self.overrides, changed=self.changed,
+                              plan_steps=self.plan_steps)  # fmt: skip
             self.console.print(f"resumed {self.run_dir} at step {step}")
             if steps > self.plan_steps:
                 self.console.print(
@@ -305,7 +348,7 @@ class Trainer:
                     f"steps: the learning rate stays at its end value after step "
                     f"{self.plan_steps} (docs/usage.md, resuming)"
                 )
-        else:
+        elif self.dist.main:
             record_recipe(self.run_dir, self.recipe, event="start", step=0,
                           overrides=self.overrides)  # fmt: skip
             labels = {t.name: t.data.label_names for t in self.tasks if t.data.label_names}
@@ -315,8 +358,9 @@ class Trainer:
         """Train to `train.steps`, evaluating and checkpointing as the recipe asks."""
         cfg = self.recipe.train
         self._prepare_dir()
-        sink = JsonlSink(self.run_dir / "metrics.jsonl")
-        tb = TensorBoardSink(self.run_dir / "tb")
+        main = self.dist.main  # distributed hook: rank 0 alone writes the run directory
+        sink: Any = JsonlSink(self.run_dir / "metrics.jsonl") if main else distributed.NullSink()
+        tb: Any = TensorBoardSink(self.run_dir / "tb") if main else distributed.NullSink()
         desc = self.precision.describe()
         self.console.print(
             f"[bold]bitblend[/] {self.recipe.name}: {self.recipe.model.backbone} "
@@ -362,8 +406,17 @@ class Trainer:
                     self.save_checkpoint()
         evals = self._log_eval(sink, tb)
         self.save_checkpoint()
+        # -- distributed hook: model/ from the whole weights (FSDP2 gathers them on rank 0),
+        # per-rank peak memory and model state; then rank 0 alone writes the rest.
+        plain = self._plain_model()
+        ranks = self.dist.gather(
+            {"peak_memory_bytes": peak_memory_bytes(self.device),
+             "model_state_bytes": self.rank_state_bytes}
+        )  # fmt: skip
+        if plain is None:
+            return {"rank": self.dist.rank, "steps": self.step}
         write_json(self.run_dir / "eval.json", {"step": self.step, "tasks": evals})
-        self.model.save(
+        plain.save(
             self.run_dir / "model",
             self.tokenizer,
             self.task_tokenizers,
@@ -372,6 +425,11 @@ class Trainer:
         summary = self._summary(evals, time.perf_counter() - wall0)
         summary["mixture"] = self.mixture_summary()
         summary["tokenizers"] = self.tokenizer_report()
+        summary["distributed"] = {
+            **self.dist.describe(),
+            "peak_memory_bytes_per_rank": [r["peak_memory_bytes"] for r in ranks],
+            "model_state_bytes_per_rank": [r["model_state_bytes"] for r in ranks],
+        }
         write_json(self.run_dir / "summary.json", summary)
         sink.close()
         tb.close()
@@ -388,6 +446,20 @@ class Trainer:
             f"wall {summary['wall_time_s']:.0f}s -> {self.run_dir}"
         )
         return summary
+
+    def _plain_model(self) -> Any:
+        """The unwrapped model to save on rank 0 (None elsewhere); FSDP2 gathers a replica."""
+        if not self.dist.sharded:
+            return self.model if self.dist.main else None
+        from bitblend.train import dcp
+
+        def build() -> Any:
+            assert self._datas is not None
+            model = build_model(self.recipe, self._datas)[0]
+            convert_model(model, self.recipe, build_precision(self.recipe.precision, self.device))
+            return model
+
+        return dcp.gather_replica(self.dist, self.model, build)
 
     def tokenizer_report(self) -> dict[str, dict[str, float]]:
         """[UNK] rate on each own-vocabulary task's eval text: the backbone's vs its own."""
