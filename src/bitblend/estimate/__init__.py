@@ -33,7 +33,7 @@ from bitblend.estimate.memory import (
     precision_spec,
     what_if_specs,
 )
-from bitblend.estimate.probe import Peaks, get_peaks
+from bitblend.estimate.probe import Peaks, confirm_peak, get_peaks
 from bitblend.estimate.shapes import (
     ModelShape,
     TaskShape,
@@ -251,20 +251,35 @@ def run_performance(
     seconds: float,
     device: torch.device,
     compute_dtype: str,
-) -> dict[str, float | None]:
-    """Achieved FLOP/s and MFU of a finished run, against this machine's probed peak of
-    the run's compute dtype (cached; a first run probes for about a second)."""
+) -> dict[str, Any]:
+    """Achieved FLOP/s and MFU of `tokens` trained in `seconds` (the same steps), against
+    this machine's probed peak of the run's compute dtype.
+
+    The peak comes from the probe cache unless it is stale, was taken while the machine was
+    busier, or the run itself beat it: then the machine is probed again and the best reading
+    kept (estimate/probe.py). When even the new probe reads below what the run achieved, no
+    MFU is reported (`mfu_note` says why) rather than a ratio above 1 or a clamped one.
+    """
     specs = list(getattr(model, "specs", {}).values())
     shape = shape_from_config(model.backbone.config, specs)
     flops = tokens_flops(shape, tokens, examples, lm_tokens)
-    peak = get_peaks(device, budget=1.0).flops(compute_dtype)
     achieved = flops / seconds if seconds > 0 else 0.0
-    return {
+    peaks = confirm_peak(device, get_peaks(device, budget=1.0), compute_dtype, achieved)
+    peak = peaks.flops(compute_dtype)
+    out: dict[str, Any] = {
         "train_flops": float(flops),
         "flops_per_s": achieved,
         "peak_flops_per_s": peak,
         "mfu": achieved / peak if peak else None,
+        "probe": peaks.conditions(),
     }
+    if peak and achieved > peak:
+        out["mfu"] = None
+        out["mfu_note"] = (
+            f"not reported: the run's {achieved / 1e9:.3g} GFLOP/s beat a fresh probe's "
+            f"{peak / 1e9:.3g} ({compute_dtype}); the model FLOP count or the probe is off"
+        )
+    return out
 
 
 __all__ = [

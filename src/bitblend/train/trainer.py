@@ -20,7 +20,8 @@ from bitblend.models.backbones import count_parameters
 from bitblend.optim.build import build_optimizer, build_schedule, param_roles
 from bitblend.optim.lowbit import export_state, import_state
 from bitblend.precision.recipes import build_precision
-from bitblend.report.console import make_progress, metrics_table
+from bitblend.report.console import metrics_table
+from bitblend.report.progress import ProgressReporter, run_footer
 from bitblend.report.sinks import JsonlSink, TensorBoardSink, truncate_jsonl
 from bitblend.tasks.balancing import Balancer
 from bitblend.train import checkpoint as ckpt
@@ -218,6 +219,7 @@ class Trainer:
             "skipped": not result.stepped,
             "tokens": res.tokens,
             "tokens_per_s": res.tokens / elapsed,
+            "step_time_s": elapsed,
         }
         if len(self.tasks) > 1:
             record["task_loss"] = {names[i]: v for i, v in res.losses.items()}
@@ -281,12 +283,14 @@ class Trainer:
         )
         wall0 = time.perf_counter()
         evals: dict[str, dict[str, float]] = {}
-        last_loss = "-"
         self.model.train()
-        with make_progress(self.console, disable=not self.show_progress) as progress:
-            bar = progress.add_task(
-                "train", total=cfg.steps, completed=self.step, loss="-", tps="-"
-            )
+        # -- progress hook (report/progress.py): bar on a terminal, plain lines in logs;
+        # it also counts this segment's tokens and seconds for the summary.
+        self.progress = ProgressReporter(
+            self.console, cfg.steps, self.step, enabled=self.show_progress,
+            every=cfg.progress_every, seconds=cfg.progress_seconds,
+        )  # fmt: skip
+        with self.progress as progress:
             while self.step < cfg.steps:
                 record = self.train_step()
                 if record["skipped"]:
@@ -299,13 +303,7 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or record["skipped"]:
                     sink.write(record)
                     tb.write(record)
-                last_loss = f"{record['loss']:.4f}"
-                progress.update(
-                    bar,
-                    advance=1,
-                    loss=last_loss,
-                    tps=f"{record['tokens_per_s']:.0f}",
-                )
+                progress.step(record, record["step_time_s"])
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                     evals = self._log_eval(sink, tb)
                 if (
@@ -324,6 +322,8 @@ class Trainer:
             extra={"precision": desc["recipe"], "max_length": self.recipe.model.max_length},
         )
         summary = self._summary(evals, time.perf_counter() - wall0)
+        if self.progress.start:  # resumed: this process's steps, their tokens and time
+            summary["segment"] = self.progress.segment()
         summary["mixture"] = self.mixture_summary()
         summary["tokenizers"] = self.tokenizer_report()
         write_json(self.run_dir / "summary.json", summary)
@@ -341,6 +341,7 @@ class Trainer:
             f"{summary['peak_memory_bytes'] / 2**30:.2f} GiB, {self.skipped} skipped step(s), "
             f"wall {summary['wall_time_s']:.0f}s -> {self.run_dir}"
         )
+        self.console.print(run_footer(summary), markup=False, highlight=False)
         return summary
 
     def tokenizer_report(self) -> dict[str, dict[str, float]]:
@@ -384,6 +385,9 @@ class Trainer:
             record = {"step": self.step, "split": "eval", "task": name, **metrics}
             sink.write(record)
             tb.write(record)
+        progress = getattr(self, "progress", None)
+        if progress is not None:
+            progress.evaluated(self.step, evals)
         return evals
 
     def _summary(self, evals: dict[str, dict[str, float]], wall: float) -> dict[str, Any]:
