@@ -218,17 +218,19 @@ def backbone_config(
         raise BitblendError(f"model.backbone: {path}: cannot load ({exc})") from None
 
 
-def recipe_shapes(recipe: Recipe) -> tuple[ModelShape, list[TaskShape], list[float]]:
+def recipe_shapes(
+    recipe: Recipe, datas: list[Any] | None = None
+) -> tuple[ModelShape, list[TaskShape], list[float]]:
     """Model shape, each task's worst-case micro-batch and the tasks' target shares.
 
     Loads the recipe's data as `train` does (its labels decide the heads), so bad data
-    fails with train's one-line errors.
+    fails with train's one-line errors; `datas` is that data when the caller has it.
     """
     from bitblend.data.mixture import base_shares
     from bitblend.models.backbones import is_decoder
     from bitblend.train.setup import head_spec, load_data
 
-    datas = load_data(recipe)
+    datas = load_data(recipe) if datas is None else datas
     m = recipe.model
     config, tokenizer = backbone_config(m.backbone, m.dropout, m.attention_dropout)
     decoder = is_decoder(cast(Any, SimpleNamespace(config=config)))
