@@ -76,6 +76,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _columns(args: argparse.Namespace) -> dict[str, object]:
+    """--text-column and friends as task keys (None: the run's own column names)."""
+    feats = getattr(args, "feature_columns", None)
+    return {
+        "text_column": getattr(args, "text_column", None),
+        "label_column": getattr(args, "label_column", None),
+        "image_column": getattr(args, "image_column", None),
+        "feature_columns": [c.strip() for c in feats.split(",") if c.strip()] if feats else None,
+    }
+
+
+def _column_options(sp: argparse.ArgumentParser, labelled: bool) -> None:
+    """Options naming a user file's columns when they differ from the run's recipe."""
+    sp.add_argument("--text-column", metavar="NAME", help="column with the text (default: the "
+                    "run's tasks[i].text_column)")  # fmt: skip
+    if labelled:
+        sp.add_argument("--label-column", metavar="NAME", help="column with the label "
+                        "(default: the run's tasks[i].label_column)")  # fmt: skip
+    sp.add_argument("--image-column", metavar="NAME", help="column with image file paths")
+    sp.add_argument(
+        "--feature-columns", metavar="A,B,...", help="comma-separated numeric feature columns"
+    )
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a finished run on its eval split or on --data."""
     from rich.console import Console
@@ -84,8 +108,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from bitblend.runs.evaluate import evaluate_run
     from bitblend.runs.load import load_run
 
+    columns = _columns(args)
+    if any(v is not None for v in columns.values()) and not args.data:
+        raise BitblendError(
+            "--text-column/--label-column/--image-column/--feature-columns: name the columns "
+            "of --data FILE; without --data the run's own eval split is used"
+        )
     run = load_run(Path(args.run_dir))
-    results = evaluate_run(run, Path(args.data) if args.data else None, args.task)
+    results = evaluate_run(run, Path(args.data) if args.data else None, args.task, columns)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -102,7 +132,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if out_path is not None and out_path.exists():
         raise BitblendError(f"--output {out_path}: already exists; choose another path")
     run = load_run(Path(args.run_dir), args.precision)
-    rows = predict_file(run, Path(args.input), args.task)
+    rows = predict_file(run, Path(args.input), args.task, _columns(args))
     text = "".join(json.dumps(r) + "\n" for r in rows)
     if out_path is None:
         sys.stdout.write(text)
@@ -383,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="CSV/JSONL/Parquet file with text and label columns")
     e.add_argument("--task", help="task name (needed with --data when the run has several)")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _column_options(e, labelled=True)
     e.set_defaults(func=cmd_eval)
 
     pr = sub.add_parser("predict", help="predict with a finished run")
@@ -396,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["run", "fp32", "bf16", "int8"],
         help="serving precision: run (as trained), fp32, bf16, int8 (dynamic, Linear layers)",
     )
+    _column_options(pr, labelled=False)
     pr.set_defaults(func=cmd_predict)
 
     bi = sub.add_parser("bench-infer", help="inference latency/throughput per precision")
