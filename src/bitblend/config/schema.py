@@ -192,6 +192,13 @@ class TrainConfig:
     """The loop."""
 
     steps: int = doc(100, "optimizer steps (skipped fp16 overflow steps count too)")
+    epochs: float | None = doc(
+        None,
+        "instead of steps: passes over the training data of all tasks together; steps = "
+        "ceil(epochs x training examples / expected examples per step), fixed once the data "
+        "is loaded (proportional mixing gives each task about this many epochs; the end of a "
+        "run prints each task's). Give steps or epochs, not both",
+    )
     batch_size: int = doc(32, "examples per micro-batch")
     grad_accum: int = doc(1, "micro-batches per optimizer step")
     seed: int = doc(0, "seeds init, data order, splits and dropout")

@@ -27,6 +27,7 @@ from bitblend.tasks.balancing import Balancer
 from bitblend.train import checkpoint as ckpt
 from bitblend.train import step as step_fn
 from bitblend.train.cpu_heap import tune_cpu_heap
+from bitblend.train.epochs import resolve_epochs
 from bitblend.train.evaluate import evaluate_split
 from bitblend.train.jacobian import make_aggregator
 from bitblend.train.run_dir import write_json
@@ -77,6 +78,11 @@ class Trainer:
             self.precision.forward_context,
             self.device,
         )
+        # -- epochs hook (train/epochs.py): train.epochs becomes train.steps now that the
+        # data sizes are known; recipe.yaml records the steps, and a resume reuses them.
+        self.epochs_asked = recipe.train.epochs
+        recipe = self.recipe = resolve_epochs(recipe, [len(t.train) for t in self.tasks])
+        cfg = recipe.train
         convert_model(self.model, recipe, self.precision)
         # Roles (decay, new) come from the model's own weights, before the precision makes
         # fp32 stand-ins; optimizer_parameters keeps the order of the trainable parameters.
@@ -324,6 +330,8 @@ class Trainer:
         summary = self._summary(evals, time.perf_counter() - wall0)
         if self.progress.start:  # resumed: this process's steps, their tokens and time
             summary["segment"] = self.progress.segment()
+        if self.epochs_asked is not None:
+            summary["epochs_asked"] = self.epochs_asked
         summary["mixture"] = self.mixture_summary()
         summary["tokenizers"] = self.tokenizer_report()
         write_json(self.run_dir / "summary.json", summary)

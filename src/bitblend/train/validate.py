@@ -19,6 +19,7 @@ from bitblend.data.mixture import Mixture
 from bitblend.device import pick_device
 from bitblend.estimate.shapes import recipe_shapes
 from bitblend.precision.recipes import build_precision
+from bitblend.train.epochs import steps_for_epochs
 from bitblend.train.setup import build_model, build_tasks, load_data
 
 
@@ -56,13 +57,11 @@ def validate_recipe(recipe: Recipe) -> Validation:
     context = getattr(precision, "forward_context", contextlib.nullcontext)
     tasks = build_tasks(recipe, datas, model, tokenizer, task_tokenizers, context, device)
     stage("tokenize")
-    Mixture(
-        recipe.mixing,
-        [t.name for t in tasks],
-        [len(t.train) for t in tasks],
-        recipe.train.seed,
-        recipe.train.steps,
-    )
+    sizes = [len(t.train) for t in tasks]
+    steps = steps_for_epochs(recipe, sizes) if recipe.train.epochs else recipe.train.steps
+    if recipe.train.epochs:
+        out.tasks.append(f"train.epochs {recipe.train.epochs:g} -> {steps} steps")
+    Mixture(recipe.mixing, [t.name for t in tasks], sizes, recipe.train.seed, steps)
     stage("mixture")
     for t in tasks:
         labels = f", {len(t.data.label_names)} labels" if t.data.label_names else ""
