@@ -44,11 +44,14 @@ class ModelShape:
     matmul_params: int  # weights + biases of Linear layers run under autocast (trunk, LM heads)
     layer_params: int  # one transformer block (the unit FSDP2 shards and gathers)
     kernels: str = "auto"  # model.kernels: bitblend's CPU attention/dropout, or torch's
+    # Own-vocabulary (tokenizer: wordpiece) text embedding tables: an input embedding, not a
+    # head, so they are counted apart from head_params (a 3M-parameter table is no "head").
+    own_embedding_params: int = 0
 
     @property
     def params(self) -> int:
         """Every parameter of the model."""
-        return self.trunk_params + self.head_params
+        return self.trunk_params + self.head_params + self.own_embedding_params
 
     @property
     def causal(self) -> bool:
@@ -148,6 +151,7 @@ def shape_from_config(
         trunk = _count_on_meta(config)
         trunk_norms = L * norms
     heads, heads_fp32, heads_matmul = head_params(specs, h)
+    own = sum(s.text_vocab * h for s in specs if s.text_vocab)
     return ModelShape(
         family=family,
         vocab=V,
@@ -160,7 +164,8 @@ def shape_from_config(
         hidden_dropout=p_hidden,
         attn_dropout=p_attn,
         trunk_params=trunk,
-        head_params=heads,
+        head_params=heads - own,
+        own_embedding_params=own,
         fp32_params=trunk_norms + heads_fp32,
         matmul_params=L * linears + heads_matmul,
         layer_params=layer,
