@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from typing import Any
 
@@ -173,9 +174,9 @@ def render(est: Estimate, console: Console) -> None:
         f"x {est.recipe.train.grad_accum} micro-batch(es), {attention}"
     )
     probe = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in p.matmul_flops.items())
-    cond = p.conditions()
+    age_h = max(0.0, time.time() - p.measured_at) / 3600
     how = (
-        f"cached, {cond['age_s'] / 3600:.1f} h old" if p.cached else f"measured in {p.seconds:.1f}s"
+        f"cached, {age_h:.1f} h old" if p.cached else f"measured in {p.seconds:.1f}s"
     ) + f", load {p.load_avg:.2f} on {p.cpus} CPUs then"
     console.print(f"probe ({how}): GFLOP/s {probe}; {p.bandwidth / 1e9:.0f} GB/s")
     mem = Table(
