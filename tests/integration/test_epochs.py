@@ -10,8 +10,8 @@ import pytest
 from rich.console import Console
 
 from bitblend.config.load import read_yaml, recipe_from_dict
+from bitblend.data.epochs import steps_for_epochs
 from bitblend.errors import BitblendError
-from bitblend.train.epochs import steps_for_epochs
 from bitblend.train.trainer import Trainer
 from tests.conftest import tiny_recipe_dict
 

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
+from bitblend.config.load import load_recipe, read_yaml
+from bitblend.data.epochs import steps_for_epochs
+from bitblend.estimate import recipe_shapes
 from bitblend.estimate.probe import Peaks, save_peaks
 from tests.unit.test_cli_errors import run_cli
 
@@ -55,3 +60,37 @@ def test_own_vocabulary_embeddings_are_not_heads(capsys: pytest.CaptureFixture[s
         m["trunk_parameters"] + m["head_parameters"] + m["own_embedding_parameters"]
     )
     assert f"own-vocabulary embeddings {m['own_embedding_parameters']:,}" in text
+
+
+def test_whole_run_time_counts_the_evaluations(capsys: pytest.CaptureFixture[str]) -> None:
+    """20 steps with eval_every 5: evaluations at 5, 10, 15 and the end, as train runs them;
+    an eval over twice the examples costs about twice as much."""
+    text, data = _estimate(capsys, "train.eval_every=5", "train.eval_max_examples=64")
+    row = data["rows"][0]
+    assert row["run"]["steps"] == 20 and row["run"]["evals"] == 4
+    assert row["eval_time_s"] > 0
+    assert row["run"]["time_s"] == pytest.approx(
+        20 * row["mean_time_per_step_s"] + 4 * row["eval_time_s"]
+    )
+    assert "whole run (*32-true): 20 steps" in text and "4 eval(s)" in text
+    _, more = _estimate(capsys, "train.eval_every=5", "train.eval_max_examples=128")
+    assert more["rows"][0]["eval_time_s"] == pytest.approx(2 * row["eval_time_s"], rel=0.01)
+
+
+def test_whole_run_by_epochs_counts_the_steps_train_would(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """train.epochs: the estimate's steps are the trainer's rule on the same data sizes."""
+    data = read_yaml(Path(__file__).parents[2] / "src/bitblend/recipes/tiny.yaml")
+    del data["train"]["steps"]
+    data["train"]["epochs"] = 2
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(yaml.safe_dump(data))
+    argv = ["estimate", str(recipe_file), "--json", "--precision", "recipe"]
+    code, out, err = run_cli(argv, capsys)
+    assert code == 0, err
+    recipe = load_recipe(str(recipe_file))
+    _, tasks, _ = recipe_shapes(recipe)
+    want = steps_for_epochs(recipe, [t.train_examples for t in tasks])
+    # tiny: 512 training examples, batch 16: two epochs are 64 steps
+    assert json.loads(out)["rows"][0]["run"]["steps"] == want == math.ceil(2 * 512 / 16)

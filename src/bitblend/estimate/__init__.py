@@ -18,7 +18,14 @@ import torch
 from bitblend.config.schema import Recipe
 from bitblend.device import pick_device
 from bitblend.errors import BitblendError
-from bitblend.estimate.flops import StepFlops, StepTime, step_flops, step_time, tokens_flops
+from bitblend.estimate.flops import (
+    StepFlops,
+    StepTime,
+    eval_time,
+    step_flops,
+    step_time,
+    tokens_flops,
+)
 from bitblend.estimate.memory import (
     CPU_ALLOCATOR_SLACK,
     RECIPES,
@@ -54,8 +61,17 @@ class Row:
     flops: StepFlops
     time: StepTime
     mean_time: float  # per step, averaged over tasks by their target shares
+
     ranks: list[RankBytes]
     warnings: list[str] = field(default_factory=list)
+    eval_time: float = 0.0  # one evaluation of every task (forward passes only)
+    evals: int = 0  # evaluations of a run: every train.eval_every steps, and at the end
+    steps: int = 0  # train.steps (train.epochs resolved from the data sizes)
+
+    @property
+    def run_time(self) -> float:
+        """Train steps plus evaluations: what the run's wall clock will mostly show."""
+        return self.steps * self.mean_time + self.evals * self.eval_time
 
 
 @dataclass
@@ -166,6 +182,7 @@ def estimate_recipe(
         own, master_weights=pc.master_weights, state_bits=pc.state_bits, rounding=pc.rounding
     )
     accum = recipe.train.grad_accum
+    steps, evals = run_length(recipe, tasks)
     rows: list[Row] = []
     worst = 0
     for spec in precision_specs(recipe, precision, dev):
@@ -185,6 +202,11 @@ def estimate_recipe(
             )
             for t in tasks
         ]
+
+        def eval_seconds(t: TaskShape, spec: PrecisionSpec = spec) -> float:
+            acts = _eval_acts(shape, t, spec, recipe, dev.type)
+            return eval_time(shape, t, spec, acts, peaks, recipe.train.eval_batch_size, dev.type)
+
         row = Row(
             spec=spec,
             selected=_same(spec, own_spec),
@@ -193,6 +215,9 @@ def estimate_recipe(
             time=times[worst],
             mean_time=sum(s * t.total for s, t in zip(shares, times, strict=True)),
             ranks=per_rank(shape, spec, per_task[worst], ranks),
+            eval_time=sum(eval_seconds(t) for t in tasks),
+            evals=evals,
+            steps=steps,
         )
         if spec.name == "16-mixed" and dev.type == "cpu":
             row.warnings.append("fp16 matmuls on CPU run ~400x slower than fp32")
@@ -213,6 +238,27 @@ def estimate_recipe(
     )
     _add_notes(est)
     return est
+
+
+def _eval_acts(
+    shape: ModelShape, task: TaskShape, spec: PrecisionSpec, recipe: Recipe, device: str
+) -> Any:
+    """Activation bytes of one eval batch of `task` (train.eval_batch_size examples)."""
+    one = TaskShape(task.name, task.head, task.outputs, recipe.train.eval_batch_size, task.seq)
+    return activation_bytes(shape, one, spec, device)
+
+
+def run_length(recipe: Recipe, tasks: list[TaskShape]) -> tuple[int, int]:
+    """(optimizer steps, evaluations) of a run, as the trainer counts them: an evaluation
+    every train.eval_every steps before the last, and one at the end."""
+    from bitblend.data.epochs import steps_for_epochs
+
+    cfg = recipe.train
+    steps = cfg.steps
+    if cfg.epochs is not None:  # the trainer's rule, from the sizes recipe_shapes read
+        steps = steps_for_epochs(recipe, [t.train_examples for t in tasks])
+    evals = 1 + ((steps - 1) // cfg.eval_every if cfg.eval_every else 0)
+    return steps, evals
 
 
 def _add_notes(est: Estimate) -> None:

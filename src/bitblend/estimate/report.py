@@ -82,6 +82,8 @@ def row_json(est: Estimate, row: Row) -> dict[str, Any]:
         "time_per_step_s": row.time.total,
         "time_parts_s": row.time.parts,
         "mean_time_per_step_s": row.mean_time,
+        "eval_time_s": row.eval_time,
+        "run": {"steps": row.steps, "evals": row.evals, "time_s": row.run_time},
         "per_rank": [asdict(r) for r in row.ranks],
         "warnings": row.warnings,
     }
@@ -233,6 +235,12 @@ def render(est: Estimate, console: Console) -> None:
         console.print(
             "mean step over tasks (target shares): "
             + ", ".join(f"{_name(r)} {human_seconds(r.mean_time)}" for r in est.rows[:4])
+        )
+    for r in [r for r in est.rows if r.selected][:1] or est.rows[:1]:
+        console.print(
+            f"whole run ({_name(r)}): {r.steps} steps x {human_seconds(r.mean_time)} + "
+            f"{r.evals} eval(s) x {human_seconds(r.eval_time)} = {human_seconds(r.run_time)} "
+            "(plus loading, checkpoints and the report)"
         )
     if est.device == "cpu":
         console.print(

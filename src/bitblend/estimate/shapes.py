@@ -68,6 +68,8 @@ class TaskShape:
     outputs: int  # classes, or vocabulary size for LM heads
     batch: int  # examples per micro-batch
     seq: int  # tokens per example, padding included (the worst case: max_length)
+    eval_examples: int = 0  # examples one evaluation reads (train.eval_max_examples caps it)
+    train_examples: int = 0  # training examples (train.epochs counts passes over them)
 
     @property
     def tokens(self) -> int:
@@ -269,7 +271,13 @@ def recipe_shapes(
             longest = task.max_length or recipe.model.max_length
             seq += math.ceil(longest / cfg.pad_to_multiple_of) * cfg.pad_to_multiple_of
         seq += spec.num_patches + spec.num_features
-        tasks.append(TaskShape(task.name, task.head, spec.num_outputs, micro, max(seq, 1)))
+        cap = cfg.eval_max_examples
+        evals = min(len(data.eval), cap) if cap is not None else len(data.eval)
+        tasks.append(
+            TaskShape(
+                task.name, task.head, spec.num_outputs, micro, max(seq, 1), evals, len(data.train)
+            )
+        )
     shape = shape_from_config(config, specs, m.dropout, m.attention_dropout, m.kernels)
     for i, t in enumerate(tasks):
         if shape.positions and t.seq > shape.positions and shape.family != "generic":

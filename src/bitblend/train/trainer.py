@@ -14,6 +14,7 @@ from rich.console import Console
 
 from bitblend.config.load import dump_recipe
 from bitblend.config.schema import Recipe
+from bitblend.data.epochs import resolve_epochs
 from bitblend.data.mixture import Mixture
 from bitblend.errors import BitblendError
 from bitblend.models.backbones import count_parameters
@@ -27,7 +28,6 @@ from bitblend.tasks.balancing import Balancer
 from bitblend.train import checkpoint as ckpt
 from bitblend.train import step as step_fn
 from bitblend.train.cpu_heap import tune_cpu_heap
-from bitblend.train.epochs import resolve_epochs
 from bitblend.train.evaluate import evaluate_split
 from bitblend.train.jacobian import make_aggregator
 from bitblend.train.run_dir import write_json
@@ -78,7 +78,7 @@ class Trainer:
             self.precision.forward_context,
             self.device,
         )
-        # -- epochs hook (train/epochs.py): train.epochs becomes train.steps now that the
+        # -- epochs hook (data/epochs.py): train.epochs becomes train.steps now that the
         # data sizes are known; recipe.yaml records the steps, and a resume reuses them.
         self.epochs_asked = recipe.train.epochs
         recipe = self.recipe = resolve_epochs(recipe, [len(t.train) for t in self.tasks])

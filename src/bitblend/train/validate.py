@@ -15,11 +15,11 @@ import time
 from dataclasses import dataclass, field
 
 from bitblend.config.schema import Recipe
+from bitblend.data.epochs import steps_for_epochs
 from bitblend.data.mixture import Mixture
 from bitblend.device import pick_device
 from bitblend.estimate.shapes import recipe_shapes
 from bitblend.precision.recipes import build_precision
-from bitblend.train.epochs import steps_for_epochs
 from bitblend.train.setup import build_model, build_tasks, load_data
 
 
