@@ -31,6 +31,9 @@ def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def _plant(flops: float, **kw: float) -> None:
     """A cached probe of this machine that claims `flops` FLOP/s in every dtype."""
+    # The cache key names the thread count: the tiny recipe's train.threads=2, so plant it
+    # under 2 threads whatever this machine's core count (the trainer sets 2 as well).
+    torch.set_num_threads(2)
     rates = {"float32": flops, "bfloat16": flops, "float16": flops}
     save_peaks(CPU, Peaks(device="planted", threads=torch.get_num_threads(),
                           matmul_flops=rates, bandwidth=1e9, rng=1e8,
