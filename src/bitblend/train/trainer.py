@@ -349,7 +349,9 @@ class Trainer:
             f"{summary['peak_memory_bytes'] / 2**30:.2f} GiB, {self.skipped} skipped step(s), "
             f"wall {summary['wall_time_s']:.0f}s -> {self.run_dir}"
         )
-        self.console.print(run_footer(summary), markup=False, highlight=False)
+        footer = run_footer(summary)  # MFU and its probe, a resumed segment, epochs per task
+        if footer:
+            self.console.print(footer, markup=False, highlight=False)
         return summary
 
     def tokenizer_report(self) -> dict[str, dict[str, float]]:
