@@ -274,12 +274,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
         load_data(recipe)  # a scikit-learn run: its data is all there is to check
         lines = [f"{t.name}: data ok" for t in recipe.tasks]
+        what = "data"
     else:
         from bitblend.train.validate import validate_recipe
 
         lines = validate_recipe(recipe).tasks
+        what = "data, backbone, tokenizer, shapes"
     took = time.perf_counter() - t0
-    print(f"{args.recipe}: ok - {head} (data, backbone, tokenizer, shapes checked in {took:.1f}s)")
+    print(f"{args.recipe}: ok - {head} ({what} checked in {took:.1f}s)")
     for line in lines:
         print(f"  {line}")
     return 0

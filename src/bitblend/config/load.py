@@ -367,8 +367,8 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
         train = data.get("train") if isinstance(data, dict) else None
         if isinstance(train, dict) and train.get("epochs") is not None and "steps" in train:
             raise BitblendError(  # (#22: an either-or the typed defaults cannot express)
-                "train.epochs: give train.steps or train.epochs, not both (remove steps from "
-                "the recipe to train by epochs)"
+                "train.epochs: give train.steps or train.epochs, not both (to train by epochs, "
+                "remove steps from the recipe; for a built-in, copy it and remove it there)"
             )
         recipe: Recipe = _build(Recipe, data, "")
         _check(recipe)
