@@ -125,3 +125,24 @@ def test_progress_lines_when_output_is_not_a_terminal(tmp_path: Path) -> None:
     assert [x.split(":")[0] for x in evals] == ["eval step 2", "eval step 4"], text
     assert "accuracy=" in evals[0]
     assert re.search(r"epochs: bbc \d+\.\d\d", text)
+
+
+def test_bitblend_train_piped_to_a_file_prints_progress(tmp_path: Path) -> None:
+    """The real command with stdout a pipe (as under nohup, CI or `> log`)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env["BITBLEND_CACHE_DIR"] = str(tmp_path / "cache")
+    env.pop("FORCE_COLOR", None)
+    argv = ["train", "tiny", "--out", str(tmp_path / "run"), "--set", "train.steps=3",
+            "--set", "train.progress_every=1", "--set", "train.eval_every=2"]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "bitblend.cli", *argv],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    steps = re.findall(r"^step (\d)/3 \(\d+%\) loss bbc_news=", proc.stdout, re.MULTILINE)
+    assert steps == ["1", "2", "3"], proc.stdout
+    assert re.search(r"^eval step 2: bbc_news accuracy=", proc.stdout, re.MULTILINE)
