@@ -146,3 +146,23 @@ def test_bitblend_train_piped_to_a_file_prints_progress(tmp_path: Path) -> None:
     steps = re.findall(r"^step (\d)/3 \(\d+%\) loss bbc_news=", proc.stdout, re.MULTILINE)
     assert steps == ["1", "2", "3"], proc.stdout
     assert re.search(r"^eval step 2: bbc_news accuracy=", proc.stdout, re.MULTILINE)
+
+
+def test_one_fast_step_above_the_probe_triggers_a_reprobe_too() -> None:
+    """The run's average is under the cached peak, but its fastest step is above it: the
+    probe is low all the same, and is measured again."""
+    from bitblend.estimate import run_performance
+    from bitblend.train.setup import build_model, load_data
+
+    recipe = make_recipe()
+    model, _, _ = build_model(recipe, load_data(recipe))
+    flops_per_token = run_performance(model, 1000, 10, 0, 1.0, CPU, "float32")["train_flops"] / 1000
+    _plant(1e3)
+    seconds = 1000 * flops_per_token / 5e2  # the average: 500 FLOP/s, half the planted peak
+    best_tps = 2e3 / flops_per_token  # the fastest step: 2 kFLOP/s, twice the planted peak
+    quiet = run_performance(model, 1000, 10, 0, seconds, CPU, "float32")
+    assert quiet["probe"]["source"] == "cached" and quiet["peak_flops_per_s"] == 1e3
+    perf = run_performance(model, 1000, 10, 0, seconds, CPU, "float32", best_tps)
+    assert perf["best_step_flops_per_s"] == pytest.approx(2e3)
+    assert perf["probe"]["source"] == "reprobed" and perf["peak_flops_per_s"] > 2e3
+    assert 0 < perf["mfu"] <= 1

@@ -297,24 +297,29 @@ def run_performance(
     seconds: float,
     device: torch.device,
     compute_dtype: str,
+    best_tokens_per_s: float = 0.0,
 ) -> dict[str, Any]:
     """Achieved FLOP/s and MFU of `tokens` trained in `seconds` (the same steps), against
     this machine's probed peak of the run's compute dtype.
 
     The peak comes from the probe cache unless it is stale, was taken while the machine was
-    busier, or the run itself beat it: then the machine is probed again and the best reading
-    kept (estimate/probe.py). When even the new probe reads below what the run achieved, no
+    busier, or the run beat it - on average, or in its fastest step (`best_tokens_per_s`,
+    at the run's FLOPs per token): then the machine is probed again and the best reading
+    kept (estimate/probe.py). When even the new probe reads below the run's average, no
     MFU is reported (`mfu_note` says why) rather than a ratio above 1 or a clamped one.
     """
     specs = list(getattr(model, "specs", {}).values())
     shape = shape_from_config(model.backbone.config, specs)
     flops = tokens_flops(shape, tokens, examples, lm_tokens)
     achieved = flops / seconds if seconds > 0 else 0.0
-    peaks = confirm_peak(device, get_peaks(device, budget=1.0), compute_dtype, achieved)
+    best = flops / tokens * best_tokens_per_s if tokens else 0.0
+    peaks = get_peaks(device, budget=1.0)
+    peaks = confirm_peak(device, peaks, compute_dtype, max(achieved, best))
     peak = peaks.flops(compute_dtype)
     out: dict[str, Any] = {
         "train_flops": float(flops),
         "flops_per_s": achieved,
+        "best_step_flops_per_s": best,
         "peak_flops_per_s": peak,
         "mfu": achieved / peak if peak else None,
         "probe": peaks.conditions(),

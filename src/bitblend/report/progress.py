@@ -78,6 +78,7 @@ class ProgressReporter:
         self.steps = 0
         self.tokens = 0
         self.step_seconds = 0.0
+        self.best_tokens_per_s = 0.0  # the fastest step's (a run beating the probe shows here)
         self._window: deque[tuple[int, float]] = deque(maxlen=WINDOW)
         # Since the last plain line: tokens, step seconds, losses per task.
         self._since_tokens, self._since_seconds, self._since_time = 0, 0.0, self._t0
@@ -115,6 +116,8 @@ class ProgressReporter:
         self.tokens += tokens
         self.step_seconds += seconds
         self._window.append((tokens, seconds))
+        if seconds > 0:
+            self.best_tokens_per_s = max(self.best_tokens_per_s, tokens / seconds)
         self._since_tokens += tokens
         self._since_seconds += seconds
         for task, loss in step_losses(record).items():

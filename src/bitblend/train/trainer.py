@@ -414,6 +414,7 @@ class Trainer:
             perf = run_performance(
                 self.model, self.tokens, examples, round(self.tokens * lm / max(examples, 1)),
                 self.train_time, self.device, self.precision.describe()["compute_dtype"],
+                self.progress.best_tokens_per_s,
             )  # fmt: skip
         except Exception as exc:  # a cost-model gap must not lose a finished run's summary
             log.warning("achieved FLOP/s not computed: %s", exc)
