@@ -14,6 +14,17 @@ rounds; medians are reported. Accelerate's `estimate-memory` is compared on Mini
 
     .venv/bin/python benchmarks/estimate_vs_measured.py [--rounds 2] [--json OUT]
         [--threads 0 --clock wall]   # all cores, wall time: only on an otherwise idle machine
+    .venv/bin/python benchmarks/estimate_vs_measured.py --user [--json OUT]
+        # users' recipes: whole runs (train + evals) on files, own vocabularies, a mixture
+
+The `--user` cases are recipes as a user writes them (#22): files written from packaged data
+(BBC News with a large eval file; Chinese reviews with Chinese column names and an
+own-vocabulary WordPiece tokenizer; a four-task mixture of them with Reuters R8 and the 2016
+election tweets), evaluated every few steps. Each case runs `bitblend estimate` in one fresh
+process (its runtime baseline: imports, data and tokenizer, as a user's estimate sees them)
+and the whole `bitblend train` in another, and compares peak RSS with the estimate's process
+peak (target: within 10%) and the run's train + eval time with the estimate's whole-run time
+(target: within 25%; wall clock: run it on an otherwise idle machine).
 
 By default each case runs on one thread and its steps and probe are timed in process CPU
 seconds, which other processes on a shared machine cannot inflate (with several threads
@@ -42,6 +53,12 @@ CASES = [
 ] + [("minilm", "32-true", 8, 128), ("minilm", "bf16-mixed", 32, 64)]
 MIN_SECONDS = 2.0
 MAX_STEPS = 60
+# Users' recipes (--user): name -> (backbone, steps, eval_every); their data in user_files().
+USER_CASES = {
+    "large-eval-file": ("minilm", 30, 10),
+    "own-vocab-chinese": ("minilm", 30, 10),
+    "four-task-mixture": ("minilm", 40, 20),
+}
 
 
 def overrides(
@@ -119,6 +136,122 @@ def child_baseline(case: list[str]) -> dict[str, Any]:
         encode_task(task, spec, data.train, data.train_targets, tokenizer, recipe)
         encode_task(task, spec, data.eval, data.eval_targets, tokenizer, recipe)
     return {"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def _write_csv(path: Path, header: list[str], rows: list[tuple[str, str]]) -> Path:
+    import csv
+
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def user_recipe(name: str, root: Path) -> dict[str, Any]:
+    """The recipe (as a dict) of user case `name`, its data files written under `root`."""
+    from bitblend.data.builtin import load_builtin
+
+    backbone, steps, eval_every = USER_CASES[name]
+    bbc = load_builtin("bbc_news").train
+    rows = list(zip(bbc.text or [], map(str, bbc.labels), strict=True))
+    # A large eval file: 400 articles to train on, the other ~1,800 evaluated every time.
+    train_csv = _write_csv(root / "bbc_train.csv", ["text", "label"], rows[::5][:400])
+    eval_csv = _write_csv(
+        root / "bbc_eval.csv", ["text", "label"], [r for i, r in enumerate(rows) if i % 5]
+    )
+    zh = load_builtin("chinese_reviews").train
+    zh_rows = list(zip(zh.text or [], map(str, zh.labels), strict=True))[::4]
+    zh_csv = _write_csv(root / "reviews.csv", ["评论", "情感"], zh_rows)
+    bbc_task = {"name": "bbc", "data": str(train_csv), "eval_data": str(eval_csv)}
+    zh_task = {"name": "reviews", "data": str(zh_csv), "text_column": "评论",
+               "label_column": "情感", "tokenizer": "wordpiece"}  # fmt: skip
+    tasks = {
+        "large-eval-file": [bbc_task],
+        "own-vocab-chinese": [zh_task],
+        "four-task-mixture": [
+            bbc_task,
+            zh_task,
+            {"name": "reuters", "data": "reuters_r8"},
+            {"name": "tweets", "data": "election_tweets"},
+        ],
+    }[name]
+    return {
+        "name": name,
+        "model": {"backbone": backbone, "max_length": 128},
+        "tasks": tasks,
+        "precision": {"recipe": "auto"},
+        "mixing": {"strategy": "temperature"},
+        "train": {"steps": steps, "batch_size": 16, "eval_every": eval_every},
+    }
+
+
+def child_user(name: str, what: str) -> dict[str, Any]:
+    """In a fresh process: `estimate` (what) or the whole `train` of user case `name`."""
+    _quiet()
+    with tempfile.TemporaryDirectory() as tmp:
+        from bitblend.config.load import recipe_from_dict
+
+        recipe = recipe_from_dict(user_recipe(name, Path(tmp)))
+        if what == "estimate":
+            from bitblend.estimate import estimate_recipe
+            from bitblend.estimate.report import to_json
+
+            est = estimate_recipe(recipe, precision="recipe")
+            row = to_json(est)["rows"][0]
+            return {
+                "process_peak": row["memory"]["process_peak"],
+                "run": row["run"],
+                "eval_time_s": row["eval_time_s"],
+                "step_s": row["mean_time_per_step_s"],
+            }
+        from bitblend.train.trainer import Trainer
+
+        t0 = time.perf_counter()
+        summary = Trainer(recipe, Path(tmp) / "run", show_progress=False).fit()
+        wall = time.perf_counter() - t0
+    return {
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "wall_s": wall,
+        "train_time_s": summary["train_time_s"],
+        "steps": summary["steps"],
+        "summary_wall_s": summary["wall_time_s"],
+    }
+
+
+def main_user(json_out: str | None) -> None:
+    """Run the users' recipes: estimate and train each in its own process; print a table."""
+    rows = []
+    for name in USER_CASES:
+        est = run_child(["--user-child", name, "estimate"])
+        run = run_child(["--user-child", name, "train"])
+        row = {
+            "case": name,
+            "measured_rss": run["peak_rss"],
+            "estimated_rss": est["process_peak"],
+            "memory_error": est["process_peak"] / run["peak_rss"] - 1,
+            # fit()'s wall time: train steps, evals, checkpoints and the report
+            "measured_run_s": run["summary_wall_s"],
+            "estimated_run_s": est["run"]["time_s"],
+            "time_error": est["run"]["time_s"] / run["summary_wall_s"] - 1,
+            "measured_train_s": run["train_time_s"],
+            "estimated_train_s": est["run"]["steps"] * est["step_s"],
+            "estimated_evals": est["run"]["evals"],
+            "estimated_eval_s": est["eval_time_s"],
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print("\n| case | measured RSS MiB | estimate MiB | memory error (target 10%) | measured "
+          "run s | estimate s | time error (target 25%) |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['case']} | {r['measured_rss'] / 2**20:.0f} | {r['estimated_rss'] / 2**20:.0f} "
+            f"| {r['memory_error']:+.1%} | {r['measured_run_s']:.1f} | "
+            f"{r['estimated_run_s']:.1f} | {r['time_error']:+.1%} |"
+        )
+    if json_out:
+        Path(json_out).write_text(json.dumps({"user": rows}, indent=2))
 
 
 def run_child(args: list[str]) -> dict[str, Any]:
@@ -201,7 +334,15 @@ def main() -> None:
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     p.add_argument("--baseline", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument("--user", action="store_true", help="users' recipes: whole runs on files")
+    p.add_argument("--user-child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.user_child:
+        print(json.dumps(child_user(*args.user_child)))
+        return
+    if args.user:
+        main_user(args.json)
+        return
     if args.clock == "cpu" and args.threads != 1:
         p.error("--clock cpu needs --threads 1 (CPU seconds of several threads add up)")
     if args.child:

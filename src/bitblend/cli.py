@@ -175,6 +175,30 @@ def _strip_nproc(argv: list[str]) -> list[str]:
     return out
 
 
+def _columns(args: argparse.Namespace) -> dict[str, object]:
+    """--text-column and friends as task keys (None: the run's own column names)."""
+    feats = getattr(args, "feature_columns", None)
+    return {
+        "text_column": getattr(args, "text_column", None),
+        "label_column": getattr(args, "label_column", None),
+        "image_column": getattr(args, "image_column", None),
+        "feature_columns": [c.strip() for c in feats.split(",") if c.strip()] if feats else None,
+    }
+
+
+def _column_options(sp: argparse.ArgumentParser, labelled: bool) -> None:
+    """Options naming a user file's columns when they differ from the run's recipe."""
+    sp.add_argument("--text-column", metavar="NAME", help="column with the text (default: the "
+                    "run's tasks[i].text_column)")  # fmt: skip
+    if labelled:
+        sp.add_argument("--label-column", metavar="NAME", help="column with the label "
+                        "(default: the run's tasks[i].label_column)")  # fmt: skip
+    sp.add_argument("--image-column", metavar="NAME", help="column with image file paths")
+    sp.add_argument(
+        "--feature-columns", metavar="A,B,...", help="comma-separated numeric feature columns"
+    )
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a finished run on its eval split or on --data."""
     from rich.console import Console
@@ -183,10 +207,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from bitblend.runs.evaluate import evaluate_run
     from bitblend.runs.load import load_run
 
+    columns = _columns(args)
+    if any(v is not None for v in columns.values()) and not args.data:
+        raise BitblendError(
+            "--text-column/--label-column/--image-column/--feature-columns: name the columns "
+            "of --data FILE; without --data the run's own eval split is used"
+        )
     run = load_run(Path(args.run_dir))
     if args.task is not None:
         run.task(args.task)  # an unknown --task is an error, not silently no rows
-    results = evaluate_run(run, Path(args.data) if args.data else None, args.task)
+    results = evaluate_run(run, Path(args.data) if args.data else None, args.task, columns)
     if args.json:
         print(_json(results))
     else:
@@ -203,7 +233,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if out_path is not None and out_path.exists():
         raise BitblendError(f"--output {out_path}: already exists; choose another path")
     run = load_run(Path(args.run_dir), args.precision)
-    rows = predict_file(run, Path(args.input), args.task)
+    rows = predict_file(run, Path(args.input), args.task, _columns(args))
     _check_finite(rows, Path(args.input))
     if out_path is None:
         sys.stdout.write("".join(_json(r, None) + "\n" for r in rows))
@@ -328,12 +358,34 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """Check a recipe without running it."""
+    """Check a recipe, its data, backbone and tokenizer without training (seconds)."""
+    import time
+
+    from bitblend.config.classic import is_classic
     from bitblend.config.load import load_recipe
 
+    t0 = time.perf_counter()
     recipe = load_recipe(args.recipe, args.set)
     tasks = ", ".join(f"{t.name} ({t.head})" for t in recipe.tasks)
-    print(f"{args.recipe}: ok - {recipe.model.backbone}, {recipe.precision.recipe}, tasks: {tasks}")
+    head = f"{recipe.model.backbone}, {recipe.precision.recipe}, tasks: {tasks}"
+    if args.schema_only:
+        print(f"{args.recipe}: ok (schema only) - {head}")
+        return 0
+    if is_classic(recipe):
+        from bitblend.train.setup import load_data
+
+        load_data(recipe)  # a scikit-learn run: its data is all there is to check
+        lines = [f"{t.name}: data ok" for t in recipe.tasks]
+        what = "data"
+    else:
+        from bitblend.train.validate import validate_recipe
+
+        lines = validate_recipe(recipe).tasks
+        what = "data, backbone, tokenizer, shapes"
+    took = time.perf_counter() - t0
+    print(f"{args.recipe}: ok - {head} ({what} checked in {took:.1f}s)")
+    for line in lines:
+        print(f"  {line}")
     return 0
 
 
@@ -471,6 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="CSV/JSONL/Parquet file with text and label columns")
     e.add_argument("--task", help="task name (needed with --data when the run has several)")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _column_options(e, labelled=True)
     e.set_defaults(func=cmd_eval)
 
     pr = sub.add_parser("predict", help="predict with a finished run")
@@ -484,6 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["run", "fp32", "bf16", "int8"],
         help="serving precision: run (as trained), fp32, bf16, int8 (dynamic, Linear layers)",
     )
+    _column_options(pr, labelled=False)
     pr.set_defaults(func=cmd_predict)
 
     bi = sub.add_parser("bench-infer", help="inference latency/throughput per precision")
@@ -549,9 +603,16 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--quiet", action="store_true", help="no progress bar")
     di.set_defaults(func=cmd_distill)
 
-    v = sub.add_parser("validate", help="check a recipe without running it")
+    v = sub.add_parser(
+        "validate", help="check a recipe, its data, backbone and tokenizer without training"
+    )
     v.add_argument("recipe")
     overrides(v)
+    v.add_argument(
+        "--schema-only",
+        action="store_true",
+        help="check the recipe's keys and types only (reads no data, loads no model)",
+    )
     v.set_defaults(func=cmd_validate)
 
     es = sub.add_parser("estimate", help="memory, FLOPs and time per step, per precision")

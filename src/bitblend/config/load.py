@@ -356,9 +356,14 @@ def _check(recipe: Recipe) -> None:
         "train.keep_checkpoints": recipe.train.keep_checkpoints,
         "schedule.warmup_steps": recipe.schedule.warmup_steps,
         "precision.stuck_steps": recipe.precision.stuck_steps,
+        "train.progress_every": recipe.train.progress_every,
     }.items():
         if value < 0:
             raise BitblendError(f"{key}: expected an integer >= 0, got {value}")
+    if recipe.train.progress_seconds < 0:
+        raise BitblendError("train.progress_seconds: expected a number >= 0")
+    if recipe.train.epochs is not None and not recipe.train.epochs > 0:
+        raise BitblendError(f"train.epochs: expected a number > 0, got {recipe.train.epochs}")
     if recipe.optimizer.lr <= 0:
         raise BitblendError(f"optimizer.lr: expected a number > 0, got {recipe.optimizer.lr}")
     if len(recipe.optimizer.betas) != 2 or not all(0 <= b < 1 for b in recipe.optimizer.betas):
@@ -449,6 +454,12 @@ def _check_mixing(recipe: Recipe) -> None:
 def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
     """Validate a plain dict as a Recipe; errors are prefixed with `source`."""
     try:
+        train = data.get("train") if isinstance(data, dict) else None
+        if isinstance(train, dict) and train.get("epochs") is not None and "steps" in train:
+            raise BitblendError(  # (#22: an either-or the typed defaults cannot express)
+                "train.epochs: give train.steps or train.epochs, not both (to train by epochs, "
+                "remove steps from the recipe; for a built-in, copy it and remove it there)"
+            )
         recipe: Recipe = _build(Recipe, data, "")
         _check(recipe)
     except BitblendError as exc:

@@ -199,6 +199,13 @@ class TrainConfig:
     """The loop."""
 
     steps: int = doc(100, "optimizer steps (skipped fp16 overflow steps count too)")
+    epochs: float | None = doc(
+        None,
+        "instead of steps: passes over the training data of all tasks together; steps = "
+        "ceil(epochs x training examples / expected examples per step), fixed once the data "
+        "is loaded (proportional mixing gives each task about this many epochs; the end of a "
+        "run prints each task's). Give steps or epochs, not both",
+    )
     batch_size: int = doc(
         32, "examples per micro-batch, all ranks together (each of N ranks takes 1/N of it)"
     )
@@ -210,6 +217,14 @@ class TrainConfig:
     checkpoint_every: int = doc(0, "checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = doc(2, "keep the newest N checkpoints (0 = keep all)")
     log_every: int = doc(1, "write a metrics.jsonl line every N steps")
+    progress_every: int = doc(
+        0,
+        "output not a terminal (nohup, CI, `> log`): print a progress line every N steps "
+        "(0 = by time only); a terminal shows a bar instead",
+    )
+    progress_seconds: float = doc(
+        30.0, "output not a terminal: print a progress line at least every T seconds (0 = off)"
+    )
     max_grad_norm: float | None = doc(1.0, "clip the global gradient norm (null = no clipping)")
     group_by_length: bool = doc(True, "batch similar lengths together to cut padding")
     pad_to_multiple_of: int = doc(8, "pad batch length to a multiple of this")

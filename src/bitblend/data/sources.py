@@ -114,16 +114,41 @@ def explain_parse_failure(path: Path, kind: str) -> str | None:
     return None
 
 
+# The command-line options of `eval` and `predict` that name a file's columns (a missing
+# column's hint names the option of the command in hand, never a key it cannot set).
+COLUMN_OPTIONS = {
+    "text_column": "--text-column",
+    "label_column": "--label-column",
+    "image_column": "--image-column",
+    "feature_columns": "--feature-columns",
+}
+
+
 def table_from_columns(
-    cols: dict[str, list[Any]], task: TaskConfig, path: str, where: str, labelled: bool = True
+    cols: dict[str, list[Any]],
+    task: TaskConfig,
+    path: str,
+    where: str,
+    labelled: bool = True,
+    options: dict[str, str] | None = None,
 ) -> Table:
-    """Pick text / image / tabular / label columns of a user file and check every row."""
+    """Pick text / image / tabular / label columns of a user file and check every row.
+
+    A missing column's hint: the command's option when `options` maps the key to one, the
+    recipe key when `where` is a recipe path (tasks[i]), else what the run reads."""
     names = list(cols)
+
+    def hint(key: str) -> str:
+        if options and key in options:
+            return f"pass {options[key]} NAME"
+        if where.startswith("tasks["):
+            return f"set {where}.{key}"
+        return f"rename the column to the one {where} was trained on ({key})"
 
     def need(col: str, key: str) -> list[Any]:
         if col not in cols:
             raise BitblendError(
-                f"{path}: column {col!r} not found (columns: {', '.join(names)}); set {where}.{key}"
+                f"{path}: column {col!r} not found (columns: {', '.join(names)}); {hint(key)}"
             )
         return cols[col]
 
@@ -438,4 +463,6 @@ def read_inputs(path: Path, task: TaskConfig) -> Table:
     """Inputs of a JSONL/CSV/Parquet file for `predict` (no label column needed)."""
     ds = load_table(path, "--input")
     cols = {c: ds[c] for c in ds.column_names}
-    return table_from_columns(cols, task, str(path), "--input", labelled=False)
+    return table_from_columns(
+        cols, task, str(path), "--input", labelled=False, options=COLUMN_OPTIONS
+    )

@@ -18,7 +18,14 @@ import torch
 from bitblend.config.schema import Recipe
 from bitblend.device import pick_device
 from bitblend.errors import BitblendError
-from bitblend.estimate.flops import StepFlops, StepTime, step_flops, step_time, tokens_flops
+from bitblend.estimate.flops import (
+    StepFlops,
+    StepTime,
+    eval_time,
+    step_flops,
+    step_time,
+    tokens_flops,
+)
 from bitblend.estimate.memory import (
     CPU_ALLOCATOR_SLACK,
     RECIPES,
@@ -33,7 +40,7 @@ from bitblend.estimate.memory import (
     precision_spec,
     what_if_specs,
 )
-from bitblend.estimate.probe import Peaks, get_peaks
+from bitblend.estimate.probe import Peaks, confirm_peak, get_peaks
 from bitblend.estimate.shapes import (
     ModelShape,
     TaskShape,
@@ -54,8 +61,17 @@ class Row:
     flops: StepFlops
     time: StepTime
     mean_time: float  # per step, averaged over tasks by their target shares
+
     ranks: list[RankBytes]
     warnings: list[str] = field(default_factory=list)
+    eval_time: float = 0.0  # one evaluation of every task (forward passes only)
+    evals: int = 0  # evaluations of a run: every train.eval_every steps, and at the end
+    steps: int = 0  # train.steps (train.epochs resolved from the data sizes)
+
+    @property
+    def run_time(self) -> float:
+        """Train steps plus evaluations: what the run's wall clock will mostly show."""
+        return self.steps * self.mean_time + self.evals * self.eval_time
 
 
 @dataclass
@@ -166,6 +182,7 @@ def estimate_recipe(
         own, master_weights=pc.master_weights, state_bits=pc.state_bits, rounding=pc.rounding
     )
     accum = recipe.train.grad_accum
+    steps, evals = run_length(recipe, tasks)
     rows: list[Row] = []
     worst = 0
     for spec in precision_specs(recipe, precision, dev):
@@ -185,6 +202,11 @@ def estimate_recipe(
             )
             for t in tasks
         ]
+
+        def eval_seconds(t: TaskShape, spec: PrecisionSpec = spec) -> float:
+            acts = _eval_acts(shape, t, spec, recipe, dev.type)
+            return eval_time(shape, t, spec, acts, peaks, recipe.train.eval_batch_size, dev.type)
+
         row = Row(
             spec=spec,
             selected=_same(spec, own_spec),
@@ -193,6 +215,9 @@ def estimate_recipe(
             time=times[worst],
             mean_time=sum(s * t.total for s, t in zip(shares, times, strict=True)),
             ranks=per_rank(shape, spec, per_task[worst], ranks),
+            eval_time=sum(eval_seconds(t) for t in tasks),
+            evals=evals,
+            steps=steps,
         )
         if spec.name == "16-mixed" and dev.type == "cpu":
             row.warnings.append("fp16 matmuls on CPU run ~400x slower than fp32")
@@ -213,6 +238,27 @@ def estimate_recipe(
     )
     _add_notes(est)
     return est
+
+
+def _eval_acts(
+    shape: ModelShape, task: TaskShape, spec: PrecisionSpec, recipe: Recipe, device: str
+) -> Any:
+    """Activation bytes of one eval batch of `task` (train.eval_batch_size examples)."""
+    one = TaskShape(task.name, task.head, task.outputs, recipe.train.eval_batch_size, task.seq)
+    return activation_bytes(shape, one, spec, device)
+
+
+def run_length(recipe: Recipe, tasks: list[TaskShape]) -> tuple[int, int]:
+    """(optimizer steps, evaluations) of a run, as the trainer counts them: an evaluation
+    every train.eval_every steps before the last, and one at the end."""
+    from bitblend.data.epochs import steps_for_epochs
+
+    cfg = recipe.train
+    steps = cfg.steps
+    if cfg.epochs is not None:  # the trainer's rule, from the sizes recipe_shapes read
+        steps = steps_for_epochs(recipe, [t.train_examples for t in tasks])
+    evals = 1 + ((steps - 1) // cfg.eval_every if cfg.eval_every else 0)
+    return steps, evals
 
 
 def _add_notes(est: Estimate) -> None:
@@ -251,20 +297,40 @@ def run_performance(
     seconds: float,
     device: torch.device,
     compute_dtype: str,
-) -> dict[str, float | None]:
-    """Achieved FLOP/s and MFU of a finished run, against this machine's probed peak of
-    the run's compute dtype (cached; a first run probes for about a second)."""
+    best_tokens_per_s: float = 0.0,
+) -> dict[str, Any]:
+    """Achieved FLOP/s and MFU of `tokens` trained in `seconds` (the same steps), against
+    this machine's probed peak of the run's compute dtype.
+
+    The peak comes from the probe cache unless it is stale, was taken while the machine was
+    busier, or the run beat it - on average, or in its fastest step (`best_tokens_per_s`,
+    at the run's FLOPs per token): then the machine is probed again and the best reading
+    kept (estimate/probe.py). When even the new probe reads below the run's average, no
+    MFU is reported (`mfu_note` says why) rather than a ratio above 1 or a clamped one.
+    """
     specs = list(getattr(model, "specs", {}).values())
     shape = shape_from_config(model.backbone.config, specs)
     flops = tokens_flops(shape, tokens, examples, lm_tokens)
-    peak = get_peaks(device, budget=1.0).flops(compute_dtype)
     achieved = flops / seconds if seconds > 0 else 0.0
-    return {
+    best = flops / tokens * best_tokens_per_s if tokens else 0.0
+    peaks = get_peaks(device, budget=1.0)
+    peaks = confirm_peak(device, peaks, compute_dtype, max(achieved, best))
+    peak = peaks.flops(compute_dtype)
+    out: dict[str, Any] = {
         "train_flops": float(flops),
         "flops_per_s": achieved,
+        "best_step_flops_per_s": best,
         "peak_flops_per_s": peak,
         "mfu": achieved / peak if peak else None,
+        "probe": peaks.conditions(),
     }
+    if peak and achieved > peak:
+        out["mfu"] = None
+        out["mfu_note"] = (
+            f"not reported: the run's {achieved / 1e9:.3g} GFLOP/s beat a fresh probe's "
+            f"{peak / 1e9:.3g} ({compute_dtype}); the model FLOP count or the probe is off"
+        )
+    return out
 
 
 __all__ = [

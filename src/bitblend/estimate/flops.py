@@ -9,6 +9,7 @@ time model, never as FLOPs, the way MFU is usually reported.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from bitblend.estimate.memory import FP32, ActivationBytes, PrecisionSpec, fused_qkv
@@ -116,6 +117,40 @@ class StepTime:
     def total(self) -> float:
         """All causes together (they run one after another on a CPU)."""
         return sum(self.parts.values())
+
+
+def eval_time(
+    shape: ModelShape,
+    task: TaskShape,
+    spec: PrecisionSpec,
+    acts: ActivationBytes,
+    peaks: Peaks,
+    eval_batch: int,
+    device: str = "cpu",
+) -> float:
+    """Seconds of one evaluation of `task`: a forward pass (no dropout, no backward, no
+    optimizer) over its eval examples in batches of `eval_batch`, costed like a step's
+    forward third. `acts` are the activations of one such eval batch (they are not kept,
+    but the elementwise passes move them once)."""
+    if not task.eval_examples:
+        return 0.0
+    batches = math.ceil(task.eval_examples / eval_batch)
+    one = TaskShape(task.name, task.head, task.outputs, eval_batch, task.seq)
+    parts = forward_flops(shape, one)
+    attention = parts["attention"]
+    linear = sum(parts.values()) - attention
+    attn_dtype = "float32" if acts.attention == "math" and device == "cpu" else spec.compute_dtype
+    fast = acts.attention == "bitblend"
+    traffic = TRAFFIC_PER_SAVED_BYTE_FAST if fast else TRAFFIC_PER_SAVED_BYTE
+    width = min(spec.compute_bytes, spec.weight_bytes)
+    per_layer = OPS_PER_LAYER[width] + (OPS_FAST_EXTRA[width] if fast else 0.0)
+    seconds = (
+        linear / peaks.flops(spec.compute_dtype)
+        + attention / peaks.attention(attn_dtype)
+        + traffic * acts.total / 3 / peaks.bandwidth
+        + shape.layers * per_layer / 3 * peaks.op_overhead
+    )
+    return batches * seconds
 
 
 def step_time(

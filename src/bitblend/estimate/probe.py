@@ -4,6 +4,12 @@ rate and per-op overhead, from a short probe cached under ~/.cache/bitblend/.
 A datasheet peak says little on a 2-core CPU that others share; a measured one is what
 time estimates and MFU should be judged against. The cache key names the device, the
 thread count and the torch version, so a different machine or setting probes again.
+
+A cached probe is never trusted blindly: a probe taken while the machine was busy reads low
+and would make every later MFU too high and every time estimate too long. So an entry is
+probed again when it is older than MAX_AGE_S, when it was taken under load and the machine
+is quieter now, and when a finished run's measured FLOP/s beats it (`confirm_peak`); each
+entry records when and under what load it was measured.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import torch
 CACHE_ENV = "BITBLEND_CACHE_DIR"
 CACHE_FILE = "probe.json"
 PROBE_VERSION = 3  # part of the cache key: a changed probe never reads an old entry
+MAX_AGE_S = 7 * 24 * 3600.0  # a week: kernels, clocks and neighbours change
+ROUNDS = 3  # the matmul probes run as this many short rounds, interleaved; the best counts
 
 
 @dataclass
@@ -39,6 +47,26 @@ class Peaks:
     op_overhead: float = 0.0  # seconds per small autograd op (dispatch + bookkeeping)
     seconds: float = 0.0  # how long the probe took
     cached: bool = False  # read from the cache rather than measured now
+    # When and under what conditions it was measured (an entry without them is stale).
+    measured_at: float = field(default_factory=time.time)  # Unix time
+    load_avg: float = 0.0  # 1-minute load average when the probe started
+    cpus: int = field(default_factory=lambda: os.cpu_count() or 1)
+    source: str = "fresh"  # fresh | cached | reprobed (best of the cache and a new probe)
+    reason: str = ""  # why it was (re)measured: missing, stale, busy-then, beaten, asked
+
+    def conditions(self) -> dict[str, object]:
+        """When, how and under what load the peaks were measured (for summary.json)."""
+        return {
+            "source": self.source,
+            "reason": self.reason,
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.measured_at)),
+            "age_s": round(max(0.0, time.time() - self.measured_at), 1),
+            "load_avg_at_probe": self.load_avg,
+            "load_avg_now": load_average(),
+            "cpus": self.cpus,
+            "threads": self.threads,
+            "probe_seconds": round(self.seconds, 3),
+        }
 
     def flops(self, dtype: str) -> float:
         """Peak FLOP/s of `dtype` matmuls (fp32's when the dtype was not probed)."""
@@ -47,6 +75,39 @@ class Peaks:
     def attention(self, dtype: str) -> float:
         """FLOP/s of attention-sized batched matmuls in `dtype` (the matmul peak if unknown)."""
         return self.attention_flops.get(dtype) or self.flops(dtype)
+
+
+def load_average() -> float:
+    """The 1-minute load average (0.0 where the platform has none)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return 0.0
+
+
+def best_of(a: Peaks, b: Peaks) -> Peaks:
+    """Per-rate best of two probes of one device: each probe is a lower bound of what the
+    hardware can do, so the higher rate (the lower overhead) is the better bound."""
+
+    def hi(x: dict[str, float], y: dict[str, float]) -> dict[str, float]:
+        return {k: max(x.get(k, 0.0), y.get(k, 0.0)) for k in {**x, **y}}
+
+    newer = a if a.measured_at >= b.measured_at else b
+    overheads = [o for o in (a.op_overhead, b.op_overhead) if o > 0]
+    return Peaks(
+        device=newer.device,
+        threads=newer.threads,
+        matmul_flops=hi(a.matmul_flops, b.matmul_flops),
+        attention_flops=hi(a.attention_flops, b.attention_flops),
+        bandwidth=max(a.bandwidth, b.bandwidth),
+        rng=max(a.rng, b.rng),
+        fast_rng=max(a.fast_rng, b.fast_rng),
+        op_overhead=min(overheads) if overheads else 0.0,
+        seconds=newer.seconds,
+        measured_at=newer.measured_at,
+        load_avg=newer.load_avg,
+        cpus=newer.cpus,
+    )
 
 
 def cache_dir() -> Path:
@@ -158,19 +219,25 @@ def measure(
     repetition: wall time, or time.process_time for a one-thread benchmark that other
     processes on the machine must not disturb."""
     t_start = time.perf_counter()
-    peaks = Peaks(device=device_name(device), threads=torch.get_num_threads())
+    peaks = Peaks(
+        device=device_name(device), threads=torch.get_num_threads(), load_avg=load_average()
+    )
     share = budget / 8
     gen = torch.Generator(device=device).manual_seed(0)
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        name = str(dtype).replace("torch.", "")
-        slow = dtype == torch.float16 and device.type == "cpu"
-        fn, work = _linear_work(device, dtype, gen)
-        peaks.matmul_flops[name] = _best_rate(
-            fn, work, device, share / 4 if slow else 1.5 * share, clock
-        )
-        if not slow:
-            fn, work = _attention_work(device, dtype, gen)
-            peaks.attention_flops[name] = _best_rate(fn, work, device, share, clock)
+    # Several short rounds over the dtypes rather than one long look at each: a neighbour's
+    # burst then costs one round of one dtype, not its whole reading. The best round counts.
+    for _ in range(ROUNDS):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            name = str(dtype).replace("torch.", "")
+            slow = dtype == torch.float16 and device.type == "cpu"
+            fn, work = _linear_work(device, dtype, gen)
+            span = (share / 4 if slow else 1.5 * share) / ROUNDS
+            rate = _best_rate(fn, work, device, span, clock)
+            peaks.matmul_flops[name] = max(peaks.matmul_flops.get(name, 0.0), rate)
+            if not slow:
+                fn, work = _attention_work(device, dtype, gen)
+                rate = _best_rate(fn, work, device, share / ROUNDS, clock)
+                peaks.attention_flops[name] = max(peaks.attention_flops.get(name, 0.0), rate)
     # Elementwise ops move bytes, not FLOPs: time an add over buffers far larger than cache.
     n = 8 * 2**20
     x = torch.randn(n, device=device, generator=gen)
@@ -212,13 +279,14 @@ def _read_cache() -> dict[str, dict[str, object]]:
 def cached_peaks(device: torch.device) -> Peaks | None:
     """The cached probe of this device and setting, or None."""
     entry = _read_cache().get(cache_key(device))
-    if not isinstance(entry, dict):
-        return None
+    if not isinstance(entry, dict) or "measured_at" not in entry:
+        return None  # absent, or written before entries said when: probe again
     try:
         peaks = Peaks(**entry)  # type: ignore[arg-type]
     except TypeError:  # written by another version: probe again
         return None
     peaks.cached = True
+    peaks.source = "cached"
     return peaks
 
 
@@ -232,6 +300,7 @@ def save_peaks(device: torch.device, peaks: Peaks) -> None:
         data = {k: v for k, v in _read_cache().items() if k.endswith(suffix)}
         entry = asdict(peaks)
         entry["cached"] = False
+        entry["source"], entry["reason"] = "fresh", ""
         data[cache_key(device)] = entry
         tmp = directory / f".{CACHE_FILE}.{os.getpid()}"
         tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -240,12 +309,50 @@ def save_peaks(device: torch.device, peaks: Peaks) -> None:
         pass  # a read-only home: the probe still works, it just is not remembered
 
 
-def get_peaks(device: torch.device, refresh: bool = False, budget: float = 1.5) -> Peaks:
-    """Cached peaks of `device`, measuring (and caching) them when missing or asked."""
+def stale_reason(peaks: Peaks, max_age: float = MAX_AGE_S) -> str:
+    """Why a cached probe must not be trusted now ("" when it may be)."""
+    if time.time() - peaks.measured_at > max_age:
+        return "stale"
+    # Taken under load (at least half a runnable process per core) and the machine is at
+    # most half as busy now: the old reading is low, measure again.
+    busy_then = peaks.load_avg >= 0.5 * peaks.cpus
+    if busy_then and load_average() <= 0.5 * peaks.load_avg:
+        return "busy-then"
+    return ""
+
+
+def get_peaks(
+    device: torch.device, refresh: bool = False, budget: float = 1.5, max_age: float = MAX_AGE_S
+) -> Peaks:
+    """Cached peaks of `device`, measuring (and caching) them when missing, stale, taken
+    while the machine was busier than now, or when asked."""
+    reason = "asked" if refresh else "missing"
     if not refresh:
         found = cached_peaks(device)
         if found is not None:
-            return found
+            reason = stale_reason(found, max_age)
+            if not reason:
+                return found
     peaks = measure(device, budget)
+    peaks.reason = reason
     save_peaks(device, peaks)
     return peaks
+
+
+def confirm_peak(
+    device: torch.device, peaks: Peaks, dtype: str, achieved: float, budget: float = 1.5
+) -> Peaks:
+    """`peaks`, or a better reading when a run's measured FLOP/s (`achieved`) beats its
+    `dtype` peak: the probe was low (taken while busy), so probe again and keep the best of
+    the old and new readings, in the cache too. Callers divide by the result; nothing is
+    clamped."""
+    if achieved <= peaks.flops(dtype):
+        return peaks
+    best = best_of(peaks, measure(device, budget))
+    best.source = "reprobed"
+    best.reason = (
+        f"beaten: a run reached {achieved / 1e9:.3g} GFLOP/s in {dtype}, above the "
+        f"{peaks.source} probe's {peaks.flops(dtype) / 1e9:.3g}"
+    )
+    save_peaks(device, best)
+    return best

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from typing import Any
 
@@ -81,6 +82,8 @@ def row_json(est: Estimate, row: Row) -> dict[str, Any]:
         "time_per_step_s": row.time.total,
         "time_parts_s": row.time.parts,
         "mean_time_per_step_s": row.mean_time,
+        "eval_time_s": row.eval_time,
+        "run": {"steps": row.steps, "evals": row.evals, "time_s": row.run_time},
         "per_rank": [asdict(r) for r in row.ranks],
         "warnings": row.warnings,
     }
@@ -99,13 +102,14 @@ def to_json(est: Estimate) -> dict[str, Any]:
             "parameters": shape.params,
             "trunk_parameters": shape.trunk_params,
             "head_parameters": shape.head_params,
+            "own_embedding_parameters": shape.own_embedding_params,
             "fp32_kept_parameters": shape.fp32_params,
             "hidden": shape.hidden,
             "layers": shape.layers,
             "heads": shape.heads,
             "intermediate": shape.intermediate,
             "vocab": shape.vocab,
-            "attention": "math" if est.rows and _math(est) else "flash",
+            "attention": _backend(est),
         },
         "tasks": [
             {**asdict(t), "tokens": t.tokens, "share": share}
@@ -125,10 +129,18 @@ def to_json(est: Estimate) -> dict[str, Any]:
     }
 
 
-def _math(est: Estimate) -> bool:
+def _backend(est: Estimate) -> str:
+    """The attention that runs: bitblend (its own CPU kernel), math or flash (SDPA)."""
     from bitblend.estimate.memory import attention_backend
 
-    return attention_backend(est.shape, est.device) == "math"
+    return attention_backend(est.shape, est.device)
+
+
+ATTENTION_NAMES = {
+    "bitblend": "bitblend's CPU attention (model.kernels=auto)",
+    "math": "math SDPA (CPU, dropout)",
+    "flash": "flash SDPA",
+}
 
 
 def _name(row: Row) -> str:
@@ -150,19 +162,24 @@ def render(est: Estimate, console: Console) -> None:
     """A header, a memory table, a compute table and the warnings under them."""
     shape, worst = est.shape, est.tasks[est.worst]
     p = est.peaks
-    attention = "math SDPA (CPU, dropout)" if _math(est) else "flash SDPA"
+    attention = ATTENTION_NAMES[_backend(est)]
+    own = shape.own_embedding_params
+    own_text = f", own-vocabulary embeddings {own:,}" if own else ""
     console.print(
         f"[bold]bitblend estimate[/] {est.recipe.name}: {est.recipe.model.backbone} "
-        f"({shape.family}, {shape.params:,} params: trunk {shape.trunk_params:,}, heads "
-        f"{shape.head_params:,}), {est.recipe.optimizer.name} ({est.states} states/param), "
-        f"{est.device}"
+        f"({shape.family}, {shape.params:,} params: trunk {shape.trunk_params:,}, heads and "
+        f"adapters {shape.head_params:,}{own_text}), {est.recipe.optimizer.name} "
+        f"({est.states} states/param), {est.device}"
     )
     console.print(
         f"worst step: task {worst.name}, batch {worst.batch} x seq {worst.seq} "
         f"x {est.recipe.train.grad_accum} micro-batch(es), {attention}"
     )
     probe = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in p.matmul_flops.items())
-    how = "cached" if p.cached else f"measured in {p.seconds:.1f}s"
+    age_h = max(0.0, time.time() - p.measured_at) / 3600
+    how = (
+        f"cached, {age_h:.1f} h old" if p.cached else f"measured in {p.seconds:.1f}s"
+    ) + f", load {p.load_avg:.2f} on {p.cpus} CPUs then"
     console.print(f"probe ({how}): GFLOP/s {probe}; {p.bandwidth / 1e9:.0f} GB/s")
     mem = Table(
         title="live tensor bytes per step (* the recipe's own settings)",
@@ -218,6 +235,12 @@ def render(est: Estimate, console: Console) -> None:
         console.print(
             "mean step over tasks (target shares): "
             + ", ".join(f"{_name(r)} {human_seconds(r.mean_time)}" for r in est.rows[:4])
+        )
+    for r in [r for r in est.rows if r.selected][:1] or est.rows[:1]:
+        console.print(
+            f"whole run ({_name(r)}): {r.steps} steps x {human_seconds(r.mean_time)} + "
+            f"{r.evals} eval(s) x {human_seconds(r.eval_time)} = {human_seconds(r.run_time)} "
+            "(plus loading, checkpoints and the report)"
         )
     if est.device == "cpu":
         console.print(

@@ -44,11 +44,14 @@ class ModelShape:
     matmul_params: int  # weights + biases of Linear layers run under autocast (trunk, LM heads)
     layer_params: int  # one transformer block (the unit FSDP2 shards and gathers)
     kernels: str = "auto"  # model.kernels: bitblend's CPU attention/dropout, or torch's
+    # Own-vocabulary (tokenizer: wordpiece) text embedding tables: an input embedding, not a
+    # head, so they are counted apart from head_params (a 3M-parameter table is no "head").
+    own_embedding_params: int = 0
 
     @property
     def params(self) -> int:
         """Every parameter of the model."""
-        return self.trunk_params + self.head_params
+        return self.trunk_params + self.head_params + self.own_embedding_params
 
     @property
     def causal(self) -> bool:
@@ -65,6 +68,8 @@ class TaskShape:
     outputs: int  # classes, or vocabulary size for LM heads
     batch: int  # examples per micro-batch
     seq: int  # tokens per example, padding included (the worst case: max_length)
+    eval_examples: int = 0  # examples one evaluation reads (train.eval_max_examples caps it)
+    train_examples: int = 0  # training examples (train.epochs counts passes over them)
 
     @property
     def tokens(self) -> int:
@@ -148,6 +153,7 @@ def shape_from_config(
         trunk = _count_on_meta(config)
         trunk_norms = L * norms
     heads, heads_fp32, heads_matmul = head_params(specs, h)
+    own = sum(s.text_vocab * h for s in specs if s.text_vocab)
     return ModelShape(
         family=family,
         vocab=V,
@@ -160,7 +166,8 @@ def shape_from_config(
         hidden_dropout=p_hidden,
         attn_dropout=p_attn,
         trunk_params=trunk,
-        head_params=heads,
+        head_params=heads - own,
+        own_embedding_params=own,
         fp32_params=trunk_norms + heads_fp32,
         matmul_params=L * linears + heads_matmul,
         layer_params=layer,
@@ -218,17 +225,19 @@ def backbone_config(
         raise BitblendError(f"model.backbone: {path}: cannot load ({exc})") from None
 
 
-def recipe_shapes(recipe: Recipe) -> tuple[ModelShape, list[TaskShape], list[float]]:
+def recipe_shapes(
+    recipe: Recipe, datas: list[Any] | None = None
+) -> tuple[ModelShape, list[TaskShape], list[float]]:
     """Model shape, each task's worst-case micro-batch and the tasks' target shares.
 
     Loads the recipe's data as `train` does (its labels decide the heads), so bad data
-    fails with train's one-line errors.
+    fails with train's one-line errors; `datas` is that data when the caller has it.
     """
     from bitblend.data.mixture import base_shares
     from bitblend.models.backbones import is_decoder
     from bitblend.train.setup import head_spec, load_data
 
-    datas = load_data(recipe)
+    datas = load_data(recipe) if datas is None else datas
     m = recipe.model
     config, tokenizer = backbone_config(m.backbone, m.dropout, m.attention_dropout)
     decoder = is_decoder(cast(Any, SimpleNamespace(config=config)))
@@ -262,7 +271,13 @@ def recipe_shapes(recipe: Recipe) -> tuple[ModelShape, list[TaskShape], list[flo
             longest = task.max_length or recipe.model.max_length
             seq += math.ceil(longest / cfg.pad_to_multiple_of) * cfg.pad_to_multiple_of
         seq += spec.num_patches + spec.num_features
-        tasks.append(TaskShape(task.name, task.head, spec.num_outputs, micro, max(seq, 1)))
+        cap = cfg.eval_max_examples
+        evals = min(len(data.eval), cap) if cap is not None else len(data.eval)
+        tasks.append(
+            TaskShape(
+                task.name, task.head, spec.num_outputs, micro, max(seq, 1), evals, len(data.train)
+            )
+        )
     shape = shape_from_config(config, specs, m.dropout, m.attention_dropout, m.kernels)
     for i, t in enumerate(tasks):
         if shape.positions and t.seq > shape.positions and shape.family != "generic":

@@ -134,6 +134,28 @@ def plot_loss(runs: list[RunData]) -> Plot:
     return Plot(key, title, _png(fig), note)
 
 
+# Metrics that are not bounded by [0, 1]: their axis starts at 0 (or pads a negative range).
+UNBOUNDED = ("loss", "mse", "mae", "rmse", "perplexity", "r2", "examples")
+
+
+def metric_limits(metric: str, values: list[float]) -> tuple[float, float]:
+    """The y range of a metric panel, never an auto-zoom onto its own wiggle: a score in
+    [0, 1] (accuracy, F1, AUC, ...) gets the whole [0, 1], so 0.9986 -> 0.9932 looks as
+    small as it is; an unbounded metric starts at 0, or pads a negative range by 5%."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return 0.0, 1.0
+    lo, hi = min(finite), max(finite)
+    name = metric.lower()
+    bounded = not any(u in name for u in UNBOUNDED)
+    if bounded and lo >= 0.0 and hi <= 1.0:
+        return -0.02, 1.02  # scores of exactly 0 or 1 stay visible off the frame
+    if lo >= 0.0:
+        return 0.0, hi * 1.05 if hi > 0 else 1.0
+    pad = 0.05 * max(hi - lo, abs(hi), abs(lo))
+    return lo - pad, max(hi, 0.0) + pad
+
+
 def plot_eval(runs: list[RunData]) -> Plot:
     """Eval metrics; one subplot per metric, a line per run and task (bars if one eval)."""
     per_run = [eval_points(r) for r in runs]
@@ -149,6 +171,8 @@ def plot_eval(runs: list[RunData]) -> Plot:
     draw = _eval_bars if once else _eval_lines
     for ax, metric in zip(axes, metrics, strict=False):
         draw(ax, runs, [pts.get(metric, {}) for pts in per_run])
+        values = [v for pts in per_run for _, ys in pts.get(metric, {}).values() for v in ys]
+        ax.set_ylim(*metric_limits(metric, values))
         ax.set_title(metric, fontsize=9)
         ax.grid(alpha=0.3)
         _legend(ax)

@@ -52,10 +52,16 @@ def find_task(tasks: list[TaskConfig], name: str | None) -> tuple[int, TaskConfi
 
 
 def read_labelled(
-    data: Path, index: int, task: TaskConfig, head: str, names: list[str]
+    data: Path,
+    index: int,
+    task: TaskConfig,
+    head: str,
+    names: list[str],
+    options: dict[str, str] | None = None,
 ) -> tuple[Table, np.ndarray]:
-    """A labelled CSV/JSONL/Parquet file as a table of `task` and its targets."""
+    """A labelled CSV/JSONL/Parquet file as a table of `task` and its targets; a missing
+    column's hint names `options` (the command's column options) where it has them."""
     ds = load_table(data, "--data")
     cols = {c: ds[c] for c in ds.column_names}
-    table = table_from_columns(cols, task, str(data), f"tasks[{index}]")
+    table = table_from_columns(cols, task, str(data), "the run", options=options)
     return table, map_targets(table, head, names, str(data), f"tasks[{index}]")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bitblend.config.schema import TaskConfig
 from bitblend.data.modalities import POOLED_HEADS
-from bitblend.data.sources import load_task_data, read_inputs
+from bitblend.data.sources import COLUMN_OPTIONS, load_task_data, read_inputs
 from bitblend.errors import BitblendError
 from bitblend.numeric import log_softmax, sigmoid, softmax
 from bitblend.runs.base import Predictor, read_labelled
@@ -29,8 +31,18 @@ def output_loss(head: str, outputs: np.ndarray, targets: np.ndarray) -> float:
     return float(-np.mean(logp[np.arange(len(logp)), gold]))
 
 
+def with_columns(task: TaskConfig, columns: dict[str, Any] | None) -> TaskConfig:
+    """`task` reading a user file's columns by the names given on the command line
+    (--text-column and friends; None values keep the run's own names)."""
+    given = {k: v for k, v in (columns or {}).items() if v is not None}
+    return replace(task, **given) if given else task
+
+
 def evaluate_outputs(
-    run: Predictor, data: Path | None, task_name: str | None
+    run: Predictor,
+    data: Path | None,
+    task_name: str | None,
+    columns: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, float]]:
     """`evaluate_run` for runs scored from their outputs (classic models, ensembles)."""
     if data is None:
@@ -40,8 +52,9 @@ def evaluate_outputs(
         splits = [(name, *run.eval_split(name)) for name in names]
     else:
         i, task = run.task(task_name)
+        task = with_columns(task, columns)
         head, labels = run.head(task.name), run.label_names(task.name)
-        splits = [(task.name, *read_labelled(data, i, task, head, labels))]
+        splits = [(task.name, *read_labelled(data, i, task, head, labels, COLUMN_OPTIONS))]
     results: dict[str, dict[str, float]] = {}
     for name, table, targets in splits:
         head = run.head(name)
@@ -51,10 +64,13 @@ def evaluate_outputs(
     return results
 
 
-def evaluate_run(run: Run, data: Path | None, task_name: str | None) -> dict[str, dict[str, float]]:
-    """Metrics per task on the run's own eval split, or on `data` for one task."""
+def evaluate_run(
+    run: Run, data: Path | None, task_name: str | None, columns: dict[str, Any] | None = None
+) -> dict[str, dict[str, float]]:
+    """Metrics per task on the run's own eval split, or on `data` for one task (whose
+    columns `columns` may rename: text_column, label_column, ...)."""
     if not isinstance(run, TransformerRun):
-        return evaluate_outputs(run, data, task_name)
+        return evaluate_outputs(run, data, task_name, columns)
     results: dict[str, dict[str, float]] = {}
     if data is None:
         for i, task in enumerate(run.recipe.tasks):
@@ -68,17 +84,21 @@ def evaluate_run(run: Run, data: Path | None, task_name: str | None) -> dict[str
             )
         return results
     i, task = run.task(task_name)
+    task = with_columns(task, columns)
     names = run.model.specs[task.name].label_names
-    table, targets = read_labelled(data, i, task, task.head, names)
+    table, targets = read_labelled(data, i, task, task.head, names, COLUMN_OPTIONS)
     split = run.encode(task, table, targets)
     loss = resolve_loss(task.head, task.loss)
     results[task.name] = evaluate_split(run.model, task.name, split, run.batch_spec(task), loss)
     return results
 
 
-def predict_file(run: Run, input_path: Path, task_name: str | None) -> list[dict[str, Any]]:
+def predict_file(
+    run: Run, input_path: Path, task_name: str | None, columns: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
     """One prediction per input row: label and class probabilities, labels, or a value."""
     _, task = run.task(task_name)
+    task = with_columns(task, columns)
     head = run.head(task.name)
     if head not in POOLED_HEADS:
         raise BitblendError(

@@ -13,6 +13,7 @@ import torch
 from rich.console import Console
 
 from bitblend.config.schema import Recipe
+from bitblend.data.epochs import resolve_epochs
 from bitblend.data.mixture import Mixture
 from bitblend.errors import BitblendError
 from bitblend.models.backbones import count_parameters
@@ -20,7 +21,8 @@ from bitblend.optim.build import build_optimizer, build_schedule, param_roles
 from bitblend.optim.lowbit import export_state, import_state
 from bitblend.precision.health import NonFiniteSteps
 from bitblend.precision.recipes import build_precision
-from bitblend.report.console import make_progress, metrics_table
+from bitblend.report.console import metrics_table
+from bitblend.report.progress import ProgressReporter, run_footer
 from bitblend.report.sinks import JsonlSink, TensorBoardSink, truncate_jsonl
 from bitblend.tasks.balancing import Balancer
 from bitblend.train import checkpoint as ckpt
@@ -93,6 +95,11 @@ class Trainer:
             self.precision.forward_context,
             self.device,
         )
+        # -- epochs hook (data/epochs.py): train.epochs becomes train.steps now that the
+        # data sizes are known; recipe.yaml records the steps, and a resume reuses them.
+        self.epochs_asked = recipe.train.epochs
+        recipe = self.recipe = resolve_epochs(recipe, [len(t.train) for t in self.tasks])
+        cfg = recipe.train
         convert_model(self.model, recipe, self.precision)
         # Roles (decay, new) come from the model's own weights, before the precision makes
         # fp32 stand-ins; optimizer_parameters keeps the order of the trainable parameters.
@@ -288,6 +295,7 @@ class Trainer:
             "skipped": not result.stepped,
             "tokens": res.tokens,
             "tokens_per_s": res.tokens / elapsed,
+            "step_time_s": elapsed,
         }
         if len(self.tasks) > 1:
             record["task_loss"] = {names[i]: v for i, v in res.losses.items()}
@@ -370,12 +378,14 @@ class Trainer:
         )
         wall0 = time.perf_counter()
         evals: dict[str, dict[str, float]] = {}
-        last_loss = "-"
         self.model.train()
-        with make_progress(self.console, disable=not self.show_progress) as progress:
-            bar = progress.add_task(
-                "train", total=cfg.steps, completed=self.step, loss="-", tps="-"
-            )
+        # -- progress hook (report/progress.py): bar on a terminal, plain lines in logs;
+        # it also counts this segment's tokens and seconds for the summary.
+        self.progress = ProgressReporter(
+            self.console, cfg.steps, self.step, enabled=self.show_progress,
+            every=cfg.progress_every, seconds=cfg.progress_seconds,
+        )  # fmt: skip
+        with self.progress as progress:
             while self.step < cfg.steps:
                 record = self.train_step()
                 if record["skipped"]:
@@ -389,13 +399,7 @@ class Trainer:
                     sink.write(record)
                     tb.write(record)
                 self.nonfinite.check()  # after the step's row is logged: it names the step
-                last_loss = f"{record['loss']:.4f}"
-                progress.update(
-                    bar,
-                    advance=1,
-                    loss=last_loss,
-                    tps=f"{record['tokens_per_s']:.0f}",
-                )
+                progress.step(record, record["step_time_s"])
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                     evals = self._log_eval(sink, tb)
                 if (
@@ -423,6 +427,10 @@ class Trainer:
             extra={"precision": desc["recipe"], "max_length": self.recipe.model.max_length},
         )
         summary = self._summary(evals, time.perf_counter() - wall0)
+        if self.progress.start:  # resumed: this process's steps, their tokens and time
+            summary["segment"] = self.progress.segment()
+        if self.epochs_asked is not None:
+            summary["epochs_asked"] = self.epochs_asked
         summary["mixture"] = self.mixture_summary()
         summary["tokenizers"] = self.tokenizer_report()
         summary["distributed"] = {
@@ -445,6 +453,9 @@ class Trainer:
             f"{summary['peak_memory_bytes'] / 2**30:.2f} GiB, {self.skipped} skipped step(s), "
             f"wall {summary['wall_time_s']:.0f}s -> {self.run_dir}"
         )
+        footer = run_footer(summary)  # MFU and its probe, a resumed segment, epochs per task
+        if footer:
+            self.console.print(footer, markup=False, highlight=False)
         return summary
 
     def _plain_model(self) -> Any:
@@ -502,6 +513,9 @@ class Trainer:
             record = {"step": self.step, "split": "eval", "task": name, **metrics}
             sink.write(record)
             tb.write(record)
+        progress = getattr(self, "progress", None)
+        if progress is not None:
+            progress.evaluated(self.step, evals)
         return evals
 
     def _summary(self, evals: dict[str, dict[str, float]], wall: float) -> dict[str, Any]:
@@ -518,6 +532,7 @@ class Trainer:
             perf = run_performance(
                 self.model, self.tokens, examples, round(self.tokens * lm / max(examples, 1)),
                 self.train_time, self.device, self.precision.describe()["compute_dtype"],
+                self.progress.best_tokens_per_s,
             )  # fmt: skip
         except Exception as exc:  # a cost-model gap must not lose a finished run's summary
             log.warning("achieved FLOP/s not computed: %s", exc)
