@@ -40,6 +40,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from bitblend.config.load import apply_overrides, load_recipe, read_yaml, recipe_from_dict
+    from bitblend.train.lock import RunLock
+    from bitblend.train.resume import TrainingStopped, resume_hint, stop_on_sigterm
     from bitblend.train.run_dir import check_new_run_dir, check_resume_dir, default_run_dir
     from bitblend.train.trainer import Trainer
 
@@ -49,26 +51,40 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise BitblendError("--resume RUN_DIR: give no RECIPE or --out (the run has both)")
         run_dir = Path(args.resume)
         check_resume_dir(run_dir)
-        source = str(run_dir / "recipe.yaml")
-        data = apply_overrides(read_yaml(run_dir / "recipe.yaml"), args.set)
-        recipe = recipe_from_dict(data, source)
     else:
         recipe = load_recipe(args.recipe, args.set)
         run_dir = Path(args.out) if args.out else default_run_dir(recipe.name)
         check_new_run_dir(run_dir)
-    if recipe.model.backbone == "tfidf-logreg":  # scikit-learn, not the torch loop
-        from bitblend.ensemble.classic import train_classic
-
+    # One writer per run directory, decided before reading or writing anything in it.
+    with RunLock(run_dir, "--resume" if args.resume else "--out"), stop_on_sigterm():
         if args.resume:
-            raise BitblendError(f"--resume {run_dir}: a tfidf-logreg run fits in one pass")
-        train_classic(recipe, run_dir, console)
-        return 0
-    if args.resume and (run_dir / "distill.json").is_file():
-        raise BitblendError(f"--resume {run_dir}: a distilled run; use bitblend distill --resume")
-    trainer = Trainer(
-        recipe, run_dir, resume=bool(args.resume), console=console, show_progress=not args.quiet
-    )
-    trainer.fit()
+            source = str(run_dir / "recipe.yaml")
+            data = apply_overrides(read_yaml(run_dir / "recipe.yaml"), args.set)
+            recipe = recipe_from_dict(data, source)
+        else:
+            check_new_run_dir(run_dir)  # again, under the lock: a racing run may have begun
+        if recipe.model.backbone == "tfidf-logreg":  # scikit-learn, not the torch loop
+            from bitblend.ensemble.classic import train_classic
+
+            if args.resume:
+                raise BitblendError(f"--resume {run_dir}: a tfidf-logreg run fits in one pass")
+            train_classic(recipe, run_dir, console)
+            return 0
+        if args.resume and (run_dir / "distill.json").is_file():
+            raise BitblendError(
+                f"--resume {run_dir}: a distilled run; use bitblend distill --resume"
+            )
+        trainer = Trainer(
+            recipe, run_dir, resume=bool(args.resume), console=console, show_progress=not args.quiet
+        )
+        try:
+            trainer.fit()
+        except TrainingStopped as stop:  # SIGTERM: saved, now say how to go on
+            print(f"bitblend: {stop}", file=sys.stderr)
+            return stop.code
+        except KeyboardInterrupt:
+            print(f"bitblend: interrupted; resume with: {resume_hint(run_dir)}", file=sys.stderr)
+            return 130
     return 0
 
 

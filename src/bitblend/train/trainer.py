@@ -3,8 +3,10 @@ object; this file calls its hooks and never names a dtype."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from bitblend.config.load import dump_recipe
 from bitblend.config.schema import Recipe
 from bitblend.data.mixture import Mixture
 from bitblend.errors import BitblendError
+from bitblend.fsutil import crash_point, disk_error, is_disk_error, write_atomic
 from bitblend.models.backbones import count_parameters
 from bitblend.optim.build import build_optimizer, build_schedule
 from bitblend.optim.lowbit import export_state, import_state
@@ -23,11 +26,19 @@ from bitblend.precision.recipes import build_precision
 from bitblend.report.console import make_progress, metrics_table
 from bitblend.report.sinks import JsonlSink, TensorBoardSink, truncate_jsonl
 from bitblend.tasks.balancing import Balancer
-from bitblend.train import checkpoint as ckpt
 from bitblend.train import step as step_fn
 from bitblend.train.cpu_heap import tune_cpu_heap
 from bitblend.train.evaluate import evaluate_split
 from bitblend.train.jacobian import make_aggregator
+from bitblend.train.resume import (
+    FINAL_EVAL,
+    Checkpointer,
+    Restored,
+    TrainingStopped,
+    resume_hint,
+    signal_name,
+    stop_requested,
+)
 from bitblend.train.run_dir import write_json
 from bitblend.train.setup import build_model, build_tasks, convert_model, load_data, pick_device
 
@@ -97,6 +108,7 @@ class Trainer:
         self.aggregator = None
         if mix.balancing in ("upgrad", "pcgrad"):
             self.aggregator = make_aggregator(mix.balancing)
+        self._open_sinks: list[JsonlSink | TensorBoardSink] = []
         self.step = 0
         self.skipped = 0
         self.tokens = 0
@@ -105,6 +117,8 @@ class Trainer:
         self.task_examples = [0] * len(self.tasks)
         # from_pretrained returns eval mode; a Trainer's model trains (dropout on) from here.
         self.model.train()
+        self.checkpoints = Checkpointer(run_dir, cfg.keep_checkpoints, self._notice)
+        self.restored: Restored | None = None  # set by a resume: the checkpoint it loaded
 
     # -- state -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -148,26 +162,40 @@ class Trainer:
         self.task_steps = [int(x) for x in t["task_steps"]]
         self.task_examples = [int(x) for x in t["task_examples"]]
 
-    def save_checkpoint(self) -> Path:
-        """Atomic checkpoint of the current step, pruning old ones."""
-        root = self.run_dir / "checkpoints"
-        path = ckpt.save_checkpoint(root, self.step, self.model, self.state_dict())
-        ckpt.prune_checkpoints(root, self.recipe.train.keep_checkpoints)
-        return path
+    # -- checkpoints, resume, stopping (recovery rules: train/resume.py) ------------------
+    def save_checkpoint(self, final_eval: dict[str, Any] | None = None) -> Path:
+        """Atomic, checksummed checkpoint of the current step, pruning old ones.
+
+        The final checkpoint also holds the final evaluation, so resuming a finished run
+        (or one killed after its last checkpoint) reuses it instead of logging it twice.
+        """
+        state = self.state_dict()
+        if final_eval is not None:
+            state[FINAL_EVAL] = final_eval
+        return self.checkpoints.save(self.step, self.model, state)
 
     def restore_latest(self) -> int:
-        """Load the newest complete checkpoint of the run directory; returns its step."""
-        found = ckpt.list_checkpoints(self.run_dir / "checkpoints")
-        if not found:
-            raise BitblendError(
-                f"--resume {self.run_dir}: no complete checkpoint in {self.run_dir}/checkpoints"
-            )
-        _, path = found[-1]
-        step, state = ckpt.load_checkpoint(path, self.model)
-        self.load_state_dict(state)
-        if self.step != step:
-            raise BitblendError(f"{path}: step {self.step} in state.json, {step} in its name")
-        return step
+        """Load the newest intact checkpoint (0 when the run has none yet); returns its step."""
+        self.restored = self.checkpoints.restore(self.model, self.load_state_dict)
+        return self.restored.step if self.restored else 0
+
+    def _notice(self, message: str) -> None:
+        # stderr, one line each: what recovery did (skipped a checkpoint, dropped a torn line)
+        print(f"bitblend: {message}", file=sys.stderr, flush=True)
+
+    def _stop_if_asked(self) -> None:
+        """On SIGTERM: checkpoint this step (unless saved already), then stop with a hint."""
+        signum = stop_requested()
+        if signum is None:
+            return
+        if self.step and self.checkpoints.last_good != self.step:
+            self.save_checkpoint()
+        saved = f"checkpoint step-{self.step} saved" if self.step else "no step taken yet"
+        raise TrainingStopped(
+            f"stopped by {signal_name(signum)} at step {self.step} ({saved}); "
+            f"resume with: {resume_hint(self.run_dir)}",
+            128 + signum,
+        )
 
     # -- one step ----------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
@@ -259,19 +287,50 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.resume:
             step = self.restore_latest()
-            truncate_jsonl(self.run_dir / "metrics.jsonl", step)
-            self.console.print(f"resumed {self.run_dir} at step {step}")
+            # The final eval rows of a finished run stay when its checkpoint holds them
+            # (reused, not redone); a legacy final checkpoint without them evaluates again.
+            redo_eval = (
+                self.restored is not None
+                and self.restored.final_eval is None
+                and step >= self.recipe.train.steps
+            )
+            truncate_jsonl(self.run_dir / "metrics.jsonl", step,
+                           keep_eval_at_last=not redo_eval, notice=self._notice)  # fmt: skip
+            if self.restored is None:
+                self._notice(f"{self.run_dir}: no checkpoint yet; starting again from step 0")
+                self._write_labels()
+            else:
+                self.console.print(f"resumed {self.run_dir} at step {step}")
         else:
-            (self.run_dir / "recipe.yaml").write_text(dump_recipe(self.recipe))
-            labels = {t.name: t.data.label_names for t in self.tasks if t.data.label_names}
-            write_json(self.run_dir / "labels.json", labels)
+            write_atomic(self.run_dir / "recipe.yaml", dump_recipe(self.recipe))
+            self._write_labels()
+
+    def _write_labels(self) -> None:
+        labels = {t.name: t.data.label_names for t in self.tasks if t.data.label_names}
+        write_json(self.run_dir / "labels.json", labels)
 
     def fit(self) -> dict[str, Any]:
-        """Train to `train.steps`, evaluating and checkpointing as the recipe asks."""
+        """Train to `train.steps`, evaluating and checkpointing as the recipe asks.
+
+        A full or read-only disk anywhere in the run is one line (BitblendError)."""
+        try:
+            return self._fit()
+        except OSError as exc:
+            if is_disk_error(exc):
+                where = Path(exc.filename) if exc.filename else self.run_dir
+                raise disk_error(exc, "run output", where) from None
+            raise
+        finally:
+            for s in self._open_sinks:  # on failure: keep the first error, not a close's
+                with contextlib.suppress(OSError, BitblendError):
+                    s.close()
+
+    def _fit(self) -> dict[str, Any]:
         cfg = self.recipe.train
         self._prepare_dir()
         sink = JsonlSink(self.run_dir / "metrics.jsonl")
-        tb = TensorBoardSink(self.run_dir / "tb")
+        tb = TensorBoardSink(self.run_dir / "tb", purge_step=self.step + 1 if self.resume else None)
+        self._open_sinks = [sink, tb]
         desc = self.precision.describe()
         self.console.print(
             f"[bold]bitblend[/] {self.recipe.name}: {self.recipe.model.backbone} "
@@ -314,8 +373,18 @@ class Trainer:
                     and self.step < cfg.steps
                 ):
                     self.save_checkpoint()
-        evals = self._log_eval(sink, tb)
-        self.save_checkpoint()
+                self._stop_if_asked()
+        if (
+            self.restored
+            and self.restored.final_eval is not None
+            and (self.step == self.restored.step)
+        ):  # a finished run resumed: its final eval and checkpoint exist already
+            evals = self.restored.final_eval
+        else:
+            evals = self._log_eval(sink, tb)
+            self.save_checkpoint(final_eval=evals)
+        crash_point("run:after-final-checkpoint")
+        self._stop_if_asked()
         write_json(self.run_dir / "eval.json", {"step": self.step, "tasks": evals})
         self.model.save(
             self.run_dir / "model",
