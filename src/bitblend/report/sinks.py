@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,27 @@ def truncate_jsonl(
             raise
 
 
+def _quiet_writer_thread_disk_errors() -> None:
+    """Keep tensorboard's writer thread from printing a traceback on a full disk.
+
+    The thread stores the error and re-raises it in the main thread on the next write,
+    where `TensorBoardSink` turns it into one line; the thread's own traceback would only
+    bury that line. Other exceptions, and other threads, go to the previous hook.
+    """
+    previous = threading.excepthook
+    if getattr(previous, "_bitblend", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        exc = args.exc_value
+        if type(args.thread).__name__ == "_AsyncWriterThread" and exc and is_disk_error(exc):
+            return
+        previous(args)
+
+    hook._bitblend = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
+
+
 class TensorBoardSink:
     """Scalars under `tb/`; a no-op when tensorboard is not installed."""
 
@@ -118,6 +140,7 @@ class TensorBoardSink:
         except ImportError:  # tensorboard is optional
             self._writer = None
             return
+        _quiet_writer_thread_disk_errors()
         try:
             self._writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
         except OSError as exc:

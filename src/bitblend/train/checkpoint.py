@@ -158,14 +158,23 @@ def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, state: dict[st
         fsync_path(ckpt_root)
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
-    except OSError as exc:
-        if is_disk_error(exc):
-            raise disk_error(exc, f"checkpoint step-{step}", ckpt_root, needed) from None
+    except (OSError, SafetensorError) as exc:
+        os_exc = _as_os_error(exc)
+        if os_exc is not None and is_disk_error(os_exc):
+            raise disk_error(os_exc, f"checkpoint step-{step}", ckpt_root, needed) from None
         raise
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _as_os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind an exception; safetensors (Rust) reports it as text only."""
+    if isinstance(exc, OSError):
+        return exc
+    m = re.search(r"os error (\d+)", str(exc))
+    return OSError(int(m.group(1)), os.strerror(int(m.group(1)))) if m else None
 
 
 def step_of(path: Path) -> int:
