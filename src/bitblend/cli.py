@@ -55,14 +55,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         recipe = load_recipe(args.recipe, args.set)
         run_dir = Path(args.out) if args.out else default_run_dir(recipe.name)
         check_new_run_dir(run_dir)
-    # One writer per run directory, decided before reading or writing anything in it.
+    # One writer per run directory, decided before reading or writing anything in it (a
+    # second `train` on a running --out is told who holds it, not that it is not empty).
     with RunLock(run_dir, "--resume" if args.resume else "--out"), stop_on_sigterm():
         if args.resume:
             source = str(run_dir / "recipe.yaml")
             data = apply_overrides(read_yaml(run_dir / "recipe.yaml"), args.set)
             recipe = recipe_from_dict(data, source)
         else:
-            check_new_run_dir(run_dir)  # again, under the lock: a racing run may have begun
+            check_new_run_dir(run_dir)
         if recipe.model.backbone == "tfidf-logreg":  # scikit-learn, not the torch loop
             from bitblend.ensemble.classic import train_classic
 

@@ -19,7 +19,13 @@ def default_run_dir(recipe_name: str) -> Path:
 
 
 def check_new_run_dir(path: Path) -> None:
-    """Refuse a directory that already holds files: a new run never overwrites one."""
+    """Refuse a directory that already holds files: a new run never overwrites one.
+
+    One with a lock file may be a run being written right now: RunLock names its holder
+    (and this check runs again under the lock).
+    """
+    if (path / LOCK_FILE).exists():
+        return
     if path.exists() and (not path.is_dir() or any(p.name != LOCK_FILE for p in path.iterdir())):
         raise BitblendError(
             f"--out {path}: already exists and is not empty; choose another --out or "
