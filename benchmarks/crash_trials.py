@@ -234,7 +234,7 @@ def run_trials(counts: dict[str, int], seed: int, workdir: Path, log: Any = prin
         if proc.returncode != 0:
             raise SystemExit(f"the uninterrupted {variant} run failed: {err.strip()[-500:]}")
         straight_s = time.perf_counter() - t0
-        log(f"{variant}: uninterrupted run {straight_s:.1f}s")
+        log(f"{variant}: uninterrupted run {straight_s:.1f}s", flush=True)
         for i in range(n):
             moment = draw_moment(rng, straight_s, int(BASE["train"]["steps"]))
             trial = run_trial(variant, recipe_path, workdir / f"{variant}-{i}", moment, straight)
@@ -244,7 +244,7 @@ def run_trials(counts: dict[str, int], seed: int, workdir: Path, log: Any = prin
             )
             how = "killed" if trial.killed else "finished"
             fresh = ", restarted fresh" if trial.restarted_fresh else ""
-            log(f"  {variant} #{i}: {trial.moment}: {how}{fresh}, resumed -> {state}")
+            log(f"  {variant} #{i}: {trial.moment}: {how}{fresh}, resumed -> {state}", flush=True)
     return trials
 
 

@@ -346,6 +346,7 @@ class Trainer:
             bar = progress.add_task(
                 "train", total=cfg.steps, completed=self.step, loss="-", tps="-"
             )
+            self._stop_if_asked()  # a SIGTERM during setup: stop before the first step
             while self.step < cfg.steps:
                 record = self.train_step()
                 if record["skipped"]:
