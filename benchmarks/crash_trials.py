@@ -51,7 +51,9 @@ BASE: dict[str, Any] = {
 VARIANTS: dict[str, dict[str, Any]] = {
     "fp32": {},
     # pure bf16 weights with stochastic rounding: the SR generator must resume exactly too
-    "bf16": {"precision": {"recipe": "bf16-true", "rounding": "stochastic"}},
+    "bf16": {
+        "precision": {"recipe": "bf16-true", "rounding": "stochastic", "master_weights": False}
+    },
     "multitask": {
         "tasks": [
             {"name": "bbc_news", "data": "bbc_news", "max_examples": 256},
