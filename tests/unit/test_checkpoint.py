@@ -129,7 +129,6 @@ def test_failed_save_leaves_nothing_behind(tmp_path: Path) -> None:
     model = Net(0)
     ckpt.save_checkpoint(root, 1, model, {"ok": 1})
     before = (root / "step-1" / ckpt.MODEL_FILE).read_bytes()
-    # The model file is already written into the temp dir when the state fails to flatten.
     with pytest.raises(TypeError):
         ckpt.save_checkpoint(root, 2, model, {"bad": object()})
     assert sorted(p.name for p in root.iterdir()) == ["step-1"]  # no step-2, no .tmp-*
@@ -141,7 +140,7 @@ def test_failed_save_into_a_new_root(tmp_path: Path) -> None:
     root = tmp_path / "checkpoints"
     with pytest.raises(TypeError):
         ckpt.save_checkpoint(root, 3, Net(0), {"bad": {1, 2}})
-    assert list(root.iterdir()) == []
+    assert not root.exists()  # the state is flattened before anything touches the disk
 
 
 def test_saving_a_step_again_replaces_it(tmp_path: Path) -> None:
@@ -162,16 +161,22 @@ def test_list_and_prune_keep_the_newest(tmp_path: Path) -> None:
     (tmp_path / "step-12").mkdir()  # incomplete: no state.json
     (tmp_path / "notes.txt").write_text("x")
     found = ckpt.list_checkpoints(tmp_path)
-    assert [s for s, _ in found] == [1, 2, 3, 5, 10]  # numeric order, not "10" < "2"
+    # Every step-N, intact or not (verify_checkpoint judges); numeric order, not "10" < "2".
+    assert [s for s, _ in found] == [1, 2, 3, 5, 10, 12]
     assert all(p == tmp_path / f"step-{s}" for s, p in found)
     ckpt.prune_checkpoints(tmp_path, keep=0)
-    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1, 2, 3, 5, 10]
-    ckpt.prune_checkpoints(tmp_path, keep=2)
-    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [5, 10]
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1, 2, 3, 5, 10, 12]
+    ckpt.prune_checkpoints(tmp_path, keep=3)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [5, 10, 12]
     assert not (tmp_path / "step-3").exists()
     assert (tmp_path / "notes.txt").exists()
+    assert (tmp_path / ".tmp-step-11-abc").exists()  # clean_stale's job, not prune's
     ckpt.prune_checkpoints(tmp_path, keep=5)
-    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [5, 10]
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [5, 10, 12]
+    # keep=1 would leave only the broken step-12: the newest intact one stays as well.
+    ckpt.prune_checkpoints(tmp_path, keep=1)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [10, 12]
+    assert not any(p.name.startswith(".del-") for p in tmp_path.iterdir())
 
 
 def test_list_of_a_missing_root_is_empty(tmp_path: Path) -> None:
@@ -184,10 +189,25 @@ def test_loading_into_a_different_model_is_an_error(tmp_path: Path) -> None:
         ckpt.load_checkpoint(path, nn.Linear(4, 3))
 
 
-def test_unreadable_checkpoint_is_an_error(tmp_path: Path) -> None:
+def _make_legacy(path: Path) -> None:
+    """Rewrite state.json as bitblend wrote it before checksums (format 1)."""
+    doc = json.loads((path / ckpt.META_FILE).read_text())
+    (path / ckpt.META_FILE).write_text(json.dumps({"step": doc["step"], "state": doc["state"]}))
+
+
+def test_legacy_checkpoint_without_checksums_loads(tmp_path: Path) -> None:
+    path = ckpt.save_checkpoint(tmp_path, 1, Net(0), {"v": 1})
+    _make_legacy(path)
+    model = Net(3)
+    assert ckpt.load_checkpoint(path, model) == (1, {"v": 1})
+    assert torch.equal(model.lin.weight, Net(0).lin.weight)
+
+
+def test_unreadable_legacy_checkpoint_is_an_error(tmp_path: Path) -> None:
     path = ckpt.save_checkpoint(tmp_path, 1, Net(0), {})
+    _make_legacy(path)
     (path / ckpt.STATE_FILE).write_bytes(b"garbage")
-    with pytest.raises(BitblendError, match="step-1: unreadable checkpoint"):
+    with pytest.raises(ckpt.CorruptCheckpoint, match="step-1: unreadable checkpoint"):
         ckpt.load_checkpoint(path, Net(0))
 
 

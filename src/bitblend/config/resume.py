@@ -20,9 +20,14 @@ from bitblend.config.schema import Recipe
 from bitblend.errors import BitblendError
 
 # Keys `--set` may change on resume: where the run stops, how often it logs, evaluates and
-# checkpoints, how much it evaluates, CPU threads/heap. None of them is in the saved state.
+# checkpoints, how much it evaluates, CPU threads/heap, and how many processes share the
+# work (distributed.*: checkpoints reshard across world sizes and strategies, DCP for
+# fsdp2). None of them is in the saved state.
 RESUMABLE = (
     "description",
+    "distributed.strategy",
+    "distributed.timeout_s",
+    "distributed.find_unused_parameters",
     "train.steps",
     "train.eval_every",
     "train.eval_batch_size",

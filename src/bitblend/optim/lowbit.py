@@ -102,9 +102,11 @@ def export_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         for key, value in list(per_param.items()):
             if not _is_subclass_state(value):
                 continue
+            tag = f"{type(value).__module__}.{type(value).__qualname__}"
+            _state_class(tag)  # a class resume would refuse fails here, at the first save
             names, ctx = value.__tensor_flatten__()
             per_param[key] = {
-                _AO_TAG: f"{type(value).__module__}.{type(value).__qualname__}",
+                _AO_TAG: tag,
                 "tensors": {n: getattr(value, n) for n in names},
                 "ctx": [_encode_ctx(c) for c in ctx],
             }
@@ -130,9 +132,12 @@ def import_state(optimizer: torch.optim.Optimizer, sd: dict[str, Any]) -> None:
         plain_state[pid] = {}
         for key, value in per_param.items():
             if isinstance(value, dict) and _AO_TAG in value:
-                rebuilt.setdefault(pid, {})[key] = _rebuild(value)
+                rebuilt.setdefault(pid, {})[key] = value
             else:
                 plain_state[pid][key] = value
+    for states in rebuilt.values():  # resolve every class before the optimizer changes
+        for key, entry in states.items():
+            states[key] = _rebuild(entry)
     optimizer.load_state_dict({**sd, "state": plain_state})
     if not rebuilt:
         return
@@ -153,15 +158,40 @@ def _encode_ctx(value: Any) -> Any:
 
 def _decode_ctx(value: Any) -> Any:
     if isinstance(value, dict) and "dtype" in value:
-        return getattr(torch, value["dtype"])
+        dtype = getattr(torch, str(value["dtype"]), None)
+        if not isinstance(dtype, torch.dtype):  # only dtypes: not any attribute of torch
+            raise BitblendError(f"optimizer state: {str(value['dtype'])[:40]!r} is not a dtype")
+        return dtype
     if isinstance(value, dict) and "shape" in value:
         return tuple(value["shape"])
     return value
 
 
+# The torchao state classes a checkpoint may name, as (module, class). A checkpoint is data
+# read from disk: its tag is looked up here and never imported as given, so a crafted
+# state.json cannot make bitblend import (and run) a module of its choosing.
+STATE_CLASSES: dict[str, tuple[str, str]] = {
+    f"torchao.optim.{m}.{c}": (f"torchao.optim.{m}", c)
+    for m, c in (
+        ("subclass_4bit", "OptimState4bit"),
+        ("subclass_8bit", "OptimState8bit"),
+        ("subclass_fp8", "OptimStateFp8"),
+    )
+}
+
+
+def _state_class(tag: Any) -> Any:
+    if not isinstance(tag, str) or tag not in STATE_CLASSES:
+        raise BitblendError(
+            f"optimizer state class {str(tag)[:80]!r} is not one bitblend saves "
+            f"(expected one of {', '.join(sorted(STATE_CLASSES))})"
+        )
+    module, name = STATE_CLASSES[tag]
+    return getattr(quiet_import(module, "lowbit"), name)
+
+
 def _rebuild(entry: dict[str, Any]) -> torch.Tensor:
-    module, _, name = entry[_AO_TAG].rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
+    cls = _state_class(entry[_AO_TAG])
     ctx = [_decode_ctx(c) for c in entry["ctx"]]
     return cls.__tensor_unflatten__(entry["tensors"], ctx, None, None)
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from bitblend.errors import BitblendError
+from bitblend.fsutil import write_atomic
+
+LOCK_FILE = ".bitblend.lock"  # train/lock.py; a leftover one (kill -9) holds nothing
 
 
 def default_run_dir(recipe_name: str) -> Path:
@@ -18,8 +19,14 @@ def default_run_dir(recipe_name: str) -> Path:
 
 
 def check_new_run_dir(path: Path) -> None:
-    """Refuse a directory that already holds files: a new run never overwrites one."""
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    """Refuse a directory that already holds files: a new run never overwrites one.
+
+    One with a lock file may be a run being written right now: RunLock names its holder
+    (and this check runs again under the lock).
+    """
+    if (path / LOCK_FILE).exists():
+        return
+    if path.exists() and (not path.is_dir() or any(p.name != LOCK_FILE for p in path.iterdir())):
         raise BitblendError(
             f"--out {path}: already exists and is not empty; choose another --out or "
             f"continue it with --resume {path}"
@@ -33,9 +40,15 @@ def check_resume_dir(path: Path) -> None:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temp file + rename), so a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2)
-        fh.write("\n")
-    os.replace(tmp, path)
+    """Write JSON atomically (temp file + rename, umask honoured): never half a file."""
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def clean_stale_temp(run_dir: Path) -> list[str]:
+    """Delete `.tmp-*` files a killed process left in the run directory; returns notices."""
+    notes = []
+    for p in sorted(run_dir.glob(".tmp-*")) if run_dir.is_dir() else []:
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            notes.append(f"removed {p.name} (left by an interrupted write)")
+    return notes

@@ -3,8 +3,10 @@ object; this file calls its hooks and never names a dtype."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from bitblend.config.schema import Recipe
 from bitblend.data.epochs import resolve_epochs
 from bitblend.data.mixture import Mixture
 from bitblend.errors import BitblendError
+from bitblend.fsutil import crash_point, disk_error, is_disk_error
 from bitblend.models.backbones import count_parameters
 from bitblend.optim.build import build_optimizer, build_schedule, param_roles
 from bitblend.optim.lowbit import export_state, import_state
@@ -32,6 +35,15 @@ from bitblend.train.cpu_heap import tune_cpu_heap
 from bitblend.train.evaluate import evaluate_split
 from bitblend.train.jacobian import make_aggregator
 from bitblend.train.recipe_log import record_recipe
+from bitblend.train.resume import (
+    FINAL_EVAL,
+    Checkpointer,
+    Restored,
+    TrainingStopped,
+    resume_hint,
+    signal_name,
+    stop_requested,
+)
 from bitblend.train.run_dir import write_json
 from bitblend.train.setup import build_model, build_tasks, convert_model, load_data, pick_device
 
@@ -123,6 +135,7 @@ class Trainer:
         self.aggregator = None
         if mix.balancing in ("upgrad", "pcgrad"):
             self.aggregator = make_aggregator(mix.balancing)
+        self._open_sinks: list[Any] = []
         self.step = 0
         self.skipped = 0
         self.tokens = 0
@@ -131,6 +144,8 @@ class Trainer:
         self.task_examples = [0] * len(self.tasks)
         # from_pretrained returns eval mode; a Trainer's model trains (dropout on) from here.
         self.model.train()
+        self.checkpoints = Checkpointer(run_dir, cfg.keep_checkpoints, self._notice)
+        self.restored: Restored | None = None  # set by a resume: the checkpoint it loaded
 
     def _plan(self, steps: int) -> None:
         """LR schedule and mixture planned over `steps`: the run's horizon. It is fixed when
@@ -199,42 +214,72 @@ class Trainer:
         self.task_steps = [int(x) for x in t["task_steps"]]
         self.task_examples = [int(x) for x in t["task_examples"]]
 
-    def save_checkpoint(self) -> Path:
-        """Atomic checkpoint of the current step, pruning old ones."""
-        root = self.run_dir / "checkpoints"
+    # -- checkpoints, resume, stopping (recovery rules: train/resume.py) ------------------
+    def save_checkpoint(self, final_eval: dict[str, Any] | None = None) -> Path:
+        """Atomic, checksummed checkpoint of the current step, pruning old ones.
+
+        The final checkpoint also holds the final evaluation, so resuming a finished run
+        (or one killed after its last checkpoint) reuses it instead of logging it twice.
+        """
         state = self.state_dict()  # every rank: it gathers the per-rank RNG states
+        if final_eval is not None:
+            state[FINAL_EVAL] = final_eval
+        root = self.run_dir / "checkpoints"
         if self.dist.sharded:  # distributed hook: FSDP2 writes through DCP, every rank
             from bitblend.train import dcp
 
             path = dcp.save_sharded(self.dist, root, self.step, self.model, self.optimizer, state)
+            if self.dist.main:
+                ckpt.prune_checkpoints(root, self.recipe.train.keep_checkpoints, self.step)
         else:  # one process or DDP (identical weights on every rank): rank 0 writes
             path = root / f"step-{self.step}"
             if self.dist.main:
-                path = ckpt.save_checkpoint(root, self.step, self.model, state)
-        if self.dist.main:
-            ckpt.prune_checkpoints(root, self.recipe.train.keep_checkpoints)
+                path = self.checkpoints.save(self.step, self.model, state)
         self.dist.barrier()
         return path
 
     def restore_latest(self) -> int:
-        """Load the newest complete checkpoint of the run directory; returns its step."""
-        found = ckpt.list_checkpoints(self.run_dir / "checkpoints")
-        if not found:
-            raise BitblendError(
-                f"--resume {self.run_dir}: no complete checkpoint in {self.run_dir}/checkpoints"
-            )
-        _, path = found[-1]
+        """Load the newest intact checkpoint (0 when the run has none yet); returns its step."""
         from bitblend.train import dcp  # distributed hook: a DCP checkpoint or a plain one
 
-        dcp.check_format(path, self.dist.sharded)
+        found = ckpt.list_checkpoints(self.run_dir / "checkpoints")
+        if found:
+            dcp.check_format(found[-1][1], self.dist.sharded)
         if self.dist.sharded:
-            step, state = dcp.load_sharded(path, self.model, self.optimizer)
-        else:
-            step, state = ckpt.load_checkpoint(path, self.model)
-        self.load_state_dict(state)
-        if self.step != step:
-            raise BitblendError(f"{path}: step {self.step} in state.json, {step} in its name")
-        return step
+            if not found:
+                return 0
+            step, state = dcp.load_sharded(found[-1][1], self.model, self.optimizer)
+            final_eval = state.pop(FINAL_EVAL, None)
+            self.load_state_dict(state)
+            self.restored = Restored(step, final_eval)
+            return step
+        # Rank 0 alone cleans up after a crash; the others wait, then read the same files.
+        if not self.dist.main:
+            self.dist.barrier()
+        self.restored = self.checkpoints.restore(
+            self.model, self.load_state_dict, clean=self.dist.main
+        )
+        if self.dist.main:
+            self.dist.barrier()
+        return self.restored.step if self.restored else 0
+
+    def _notice(self, message: str) -> None:
+        # stderr, one line each: what recovery did (skipped a checkpoint, dropped a torn line)
+        print(f"bitblend: {message}", file=sys.stderr, flush=True)
+
+    def _stop_if_asked(self) -> None:
+        """On SIGTERM: checkpoint this step (unless saved already), then stop with a hint."""
+        signum = stop_requested()
+        if signum is None:
+            return
+        if self.step and self.checkpoints.last_good != self.step:
+            self.save_checkpoint()
+        saved = f"checkpoint step-{self.step} saved" if self.step else "no step taken yet"
+        raise TrainingStopped(
+            f"stopped by {signal_name(signum)} at step {self.step} ({saved}); "
+            f"resume with: {resume_hint(self.run_dir)}",
+            128 + signum,
+        )
 
     # -- one step ----------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
@@ -344,12 +389,25 @@ class Trainer:
                 raise BitblendError(
                     f"--set train.steps={steps}: below step {step} of the checkpoint resumed"
                 )
+            # The final eval rows of a finished run stay when its checkpoint holds them
+            # (reused, not redone); a legacy final checkpoint without them evaluates again.
+            redo_eval = (
+                self.restored is not None
+                and self.restored.final_eval is None
+                and step >= self.recipe.train.steps
+            )
             if self.dist.main:
-                truncate_jsonl(self.run_dir / "metrics.jsonl", step)
+                truncate_jsonl(self.run_dir / "metrics.jsonl", step,
+                               keep_eval_at_last=not redo_eval, notice=self._notice)  # fmt: skip
                 record_recipe(self.run_dir, self.recipe, event="resume", step=step,
                               overrides=self.overrides, changed=self.changed,
                               plan_steps=self.plan_steps)  # fmt: skip
-            self.console.print(f"resumed {self.run_dir} at step {step}")
+            if self.restored is None:
+                self._notice(f"{self.run_dir}: no checkpoint yet; starting again from step 0")
+                if self.dist.main:
+                    self._write_labels()
+            else:
+                self.console.print(f"resumed {self.run_dir} at step {step}")
             if steps > self.plan_steps:
                 self.console.print(
                     f"train.steps {steps} is past the planned horizon of {self.plan_steps} "
@@ -359,16 +417,40 @@ class Trainer:
         elif self.dist.main:
             record_recipe(self.run_dir, self.recipe, event="start", step=0,
                           overrides=self.overrides)  # fmt: skip
-            labels = {t.name: t.data.label_names for t in self.tasks if t.data.label_names}
-            write_json(self.run_dir / "labels.json", labels)
+            self._write_labels()
+
+    def _write_labels(self) -> None:
+        labels = {t.name: t.data.label_names for t in self.tasks if t.data.label_names}
+        write_json(self.run_dir / "labels.json", labels)
 
     def fit(self) -> dict[str, Any]:
-        """Train to `train.steps`, evaluating and checkpointing as the recipe asks."""
+        """Train to `train.steps`, evaluating and checkpointing as the recipe asks.
+
+        A full or read-only disk anywhere in the run is one line (BitblendError)."""
+        try:
+            return self._fit()
+        except OSError as exc:
+            if is_disk_error(exc):
+                where = Path(exc.filename) if exc.filename else self.run_dir
+                raise disk_error(exc, "run output", where) from None
+            raise
+        finally:
+            for s in self._open_sinks:  # on failure: keep the first error, not a close's
+                with contextlib.suppress(OSError, BitblendError):
+                    s.close()
+
+    def _fit(self) -> dict[str, Any]:
         cfg = self.recipe.train
         self._prepare_dir()
         main = self.dist.main  # distributed hook: rank 0 alone writes the run directory
+        purge = self.step + 1 if self.resume else None  # TensorBoard: each step shows once
         sink: Any = JsonlSink(self.run_dir / "metrics.jsonl") if main else distributed.NullSink()
-        tb: Any = TensorBoardSink(self.run_dir / "tb") if main else distributed.NullSink()
+        tb: Any = (
+            TensorBoardSink(self.run_dir / "tb", purge_step=purge)
+            if main
+            else distributed.NullSink()
+        )
+        self._open_sinks = [sink, tb]
         desc = self.precision.describe()
         self.console.print(
             f"[bold]bitblend[/] {self.recipe.name}: {self.recipe.model.backbone} "
@@ -386,6 +468,7 @@ class Trainer:
             every=cfg.progress_every, seconds=cfg.progress_seconds,
         )  # fmt: skip
         with self.progress as progress:
+            self._stop_if_asked()  # a SIGTERM during setup: stop before the first step
             while self.step < cfg.steps:
                 record = self.train_step()
                 if record["skipped"]:
@@ -408,8 +491,18 @@ class Trainer:
                     and self.step < cfg.steps
                 ):
                     self.save_checkpoint()
-        evals = self._log_eval(sink, tb)
-        self.save_checkpoint()
+                self._stop_if_asked()
+        if (
+            self.restored
+            and self.restored.final_eval is not None
+            and (self.step == self.restored.step)
+        ):  # a finished run resumed: its final eval and checkpoint exist already
+            evals = self.restored.final_eval
+        else:
+            evals = self._log_eval(sink, tb)
+            self.save_checkpoint(final_eval=evals)
+        crash_point("run:after-final-checkpoint")
+        self._stop_if_asked()
         # -- distributed hook: model/ from the whole weights (FSDP2 gathers them on rank 0),
         # per-rank peak memory and model state; then rank 0 alone writes the rest.
         plain = self._plain_model()
