@@ -394,7 +394,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"{args.recipe}: ok (schema only) - {head}")
         return 0
     if is_classic(recipe):
-        from bitblend.train.setup import load_data
+        from bitblend.taskspec import load_data
 
         load_data(recipe)  # a scikit-learn run: its data is all there is to check
         lines = [f"{t.name}: data ok" for t in recipe.tasks]

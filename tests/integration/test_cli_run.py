@@ -15,7 +15,7 @@ from transformers import AutoModel
 from bitblend.cli import main
 from bitblend.models.trunk import load_model
 from bitblend.runs.load import load_run
-from bitblend.train.setup import load_data
+from bitblend.taskspec import load_data
 
 # Every test here trains through `bitblend train` (a module fixture trains once for most).
 pytestmark = pytest.mark.slow

@@ -152,7 +152,8 @@ def test_one_fast_step_above_the_probe_triggers_a_reprobe_too() -> None:
     """The run's average is under the cached peak, but its fastest step is above it: the
     probe is low all the same, and is measured again."""
     from bitblend.estimate import run_performance
-    from bitblend.train.setup import build_model, load_data
+    from bitblend.taskspec import load_data
+    from bitblend.train.setup import build_model
 
     recipe = make_recipe()
     model, _, _ = build_model(recipe, load_data(recipe))

@@ -137,7 +137,8 @@ def test_causal_lm_on_encoder_is_refused(tmp_path: Path) -> None:
 def test_missing_modalities_are_masked_not_zero_filled(files: dict[str, Path]) -> None:
     """Changing the values behind a mask changes nothing; unmasking them does."""
     from bitblend.data.modalities import collate
-    from bitblend.train.setup import build_model, build_tasks, load_data
+    from bitblend.taskspec import load_data
+    from bitblend.train.setup import build_model, build_tasks
 
     data = _recipe([{"name": "tab", "data": str(files["tab"]), "modality": "tabular"}])
     recipe = recipe_from_dict(data)

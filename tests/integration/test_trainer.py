@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from bitblend.config.load import read_yaml, recipe_from_dict
 from bitblend.data.modalities import collate
 from bitblend.precision.recipes import build_precision
-from bitblend.train.setup import build_model, build_tasks, convert_model, load_data
+from bitblend.taskspec import load_data
+from bitblend.train.setup import build_model, build_tasks, convert_model
 from bitblend.train.trainer import Trainer
 from tests.conftest import make_recipe
 

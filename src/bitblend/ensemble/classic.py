@@ -25,9 +25,9 @@ from bitblend.report.console import metrics_table
 from bitblend.report.sinks import JsonlSink
 from bitblend.runs.evaluate import output_loss
 from bitblend.runs.tfidf import ClassicTask, save_classic
+from bitblend.taskspec import load_data
 from bitblend.train.evaluate import score
 from bitblend.train.run_dir import write_json
-from bitblend.train.setup import load_data
 
 
 def fit_task(

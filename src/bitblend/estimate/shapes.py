@@ -19,6 +19,7 @@ import torch
 from bitblend.config.schema import Recipe
 from bitblend.errors import BitblendError
 from bitblend.models.attention import resolve_dropouts
+from bitblend.taskspec import head_spec, load_data
 
 BERT_LIKE = ("bert", "roberta", "xlm-roberta")
 LM_HEADS = ("masked_lm", "causal_lm")
@@ -235,7 +236,6 @@ def recipe_shapes(
     """
     from bitblend.data.mixture import base_shares
     from bitblend.models.backbones import is_decoder
-    from bitblend.train.setup import head_spec, load_data
 
     datas = load_data(recipe) if datas is None else datas
     m = recipe.model

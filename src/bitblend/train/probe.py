@@ -20,8 +20,9 @@ from bitblend.precision.base import Precision
 from bitblend.precision.doctor import DoctorReport, LayerStats, attach_stats, judge
 from bitblend.precision.recipes import build_precision, cpu_bf16_native
 from bitblend.tasks.balancing import Balancer
+from bitblend.taskspec import load_data
 from bitblend.train import step as step_fn
-from bitblend.train.setup import TaskRuntime, build_model, build_tasks, convert_model, load_data
+from bitblend.train.setup import TaskRuntime, build_model, build_tasks, convert_model
 
 
 @dataclass

@@ -28,6 +28,7 @@ from bitblend.report.console import metrics_table
 from bitblend.report.progress import ProgressReporter, run_footer
 from bitblend.report.sinks import JsonlSink, TensorBoardSink, truncate_jsonl
 from bitblend.tasks.balancing import Balancer
+from bitblend.taskspec import load_data
 from bitblend.train import checkpoint as ckpt
 from bitblend.train import distributed
 from bitblend.train import step as step_fn
@@ -45,7 +46,7 @@ from bitblend.train.resume import (
     stop_requested,
 )
 from bitblend.train.run_dir import write_json
-from bitblend.train.setup import build_model, build_tasks, convert_model, load_data, pick_device
+from bitblend.train.setup import build_model, build_tasks, convert_model, pick_device
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,8 @@ from bitblend.data.mixture import Mixture
 from bitblend.device import pick_device
 from bitblend.estimate.shapes import recipe_shapes
 from bitblend.precision.recipes import build_precision
-from bitblend.train.setup import build_model, build_tasks, load_data
+from bitblend.taskspec import load_data
+from bitblend.train.setup import build_model, build_tasks
 
 
 @dataclass

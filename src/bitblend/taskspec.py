@@ -1,0 +1,64 @@
+"""What a recipe's tasks are before any model exists: their loaded data, and the adapters
+and head each needs (HeadSpec) from that data and its tokenizer.
+
+Both the trainer (train/setup.py builds the model from these specs) and the cost model
+(estimate/shapes.py prices them without building anything) need it, so it sits below both;
+it joins data/ and models/, which are siblings that must not import each other.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bitblend.config.schema import Recipe, TaskConfig
+from bitblend.data.modalities import TabularStats
+from bitblend.data.sources import LM_HEADS, TaskData, load_task_data
+from bitblend.errors import BitblendError
+from bitblend.models.trunk import HeadSpec
+
+
+def load_data(recipe: Recipe) -> list[TaskData]:
+    """Raw, split, label-mapped data of every task (checked row by row)."""
+    return [load_task_data(task, i, recipe.train.seed) for i, task in enumerate(recipe.tasks)]
+
+
+def _patch(task: TaskConfig, data: TaskData, i: int) -> int:
+    assert data.train.image is not None
+    size = data.train.image.shape[1]
+    patch = task.patch_size or max(1, size // 4)
+    if size % patch or data.train.image.shape[2] % patch:
+        raise BitblendError(
+            f"tasks[{i}].patch_size: {patch} does not divide the {size}x"
+            f"{data.train.image.shape[2]} images; pick a divisor or set tasks[{i}].image_size"
+        )
+    return patch
+
+
+def head_spec(
+    task: TaskConfig, data: TaskData, tokenizer: Any, own_vocab: bool, i: int
+) -> HeadSpec:
+    """The adapters and head a task needs, from its data and tokenizer."""
+    mods = data.train.modalities
+    if (task.head in LM_HEADS or task.head == "token_classification") and mods != ["text"]:
+        raise BitblendError(f"tasks[{i}].head: {task.head} needs text data only")
+    outputs = {
+        "classification": len(data.label_names),
+        "multilabel": len(data.label_names),
+        "token_classification": len(data.label_names),
+        "masked_lm": len(tokenizer) if tokenizer is not None else 0,
+        "causal_lm": len(tokenizer) if tokenizer is not None else 0,
+    }.get(task.head, 1)
+    spec = HeadSpec(task.name, task.head, outputs, data.label_names, mods)
+    if data.train.image is not None:
+        patch = _patch(task, data, i)
+        spec.patch_dim = patch * patch * data.train.image.shape[3]
+        spec.num_patches = (data.train.image.shape[1] // patch) * (
+            data.train.image.shape[2] // patch
+        )
+    if data.train.tabular is not None:
+        stats = TabularStats.fit(data.train.tabular)
+        spec.num_features = data.train.tabular.shape[1]
+        spec.tabular_mean, spec.tabular_std = stats.mean.tolist(), stats.std.tolist()
+    if own_vocab:
+        spec.text_vocab = len(tokenizer)
+    return spec
