@@ -164,6 +164,7 @@ class Batcher:
         table = concat_tables([it.table for it in batch])
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
+        self.metrics.in_flight.value = len(table)
         try:
             out = await loop.run_in_executor(self.executor, self.infer, batch[0].task, table)
         except Exception as exc:  # answered as 500 by the app; the server keeps serving
@@ -171,6 +172,8 @@ class Batcher:
                 if not it.future.done():
                     it.future.set_exception(exc)
             return
+        finally:
+            self.metrics.in_flight.value = 0
         self.metrics.inference.observe(time.perf_counter() - start)
         self.metrics.batch_rows.observe(len(table))
         offset = 0

@@ -114,6 +114,11 @@ class ServeMetrics:
     queue_depth: Gauge = field(
         default_factory=lambda: Gauge("bitblend_queue_depth", "requests waiting for a batch")
     )
+    in_flight: Gauge = field(
+        default_factory=lambda: Gauge(
+            "bitblend_batch_in_flight_rows", "rows of the batch handed to the model, not done"
+        )
+    )
     latency: Histogram = field(
         default_factory=lambda: Histogram(
             "bitblend_request_latency_seconds",
@@ -130,7 +135,8 @@ class ServeMetrics:
     def render(self) -> str:
         """The whole exposition text."""
         lines: list[str] = []
-        for m in (self.requests, self.rows, self.batch_rows, self.queue_depth, self.latency,
+        for m in (self.requests, self.rows, self.batch_rows, self.queue_depth, self.in_flight,
+                  self.latency,
                   self.inference):  # fmt: skip
             lines += m.render()
         return "\n".join(lines) + "\n"

@@ -108,9 +108,24 @@ def _run_session(
     out = np.zeros((len(table), run.model.specs[cfg.name].num_outputs), dtype=np.float32)
     _, batches = _feeds(run, cfg, table, batch_size)
     for idx, batch in batches:
-        feeds = {n: batch[n].cpu().numpy() for n in names}
+        feeds = {n: batch[n].cpu().numpy() for n in names if n in batch}
+        for i in sess.get_inputs():
+            if i.name not in feeds:  # a modality the rows lack: present but fully masked
+                feeds[i.name] = _absent(i, len(idx))
         out[idx] = sess.run(None, feeds)[0]
     return out
+
+
+def _absent(spec: Any, rows: int) -> np.ndarray:
+    """Zeros for a graph input the rows do not have (image/tabular and their masks).
+
+    Torch leaves a missing modality's tokens out; the graph has fixed inputs, so they come
+    as zeros under an all-zero mask: masked keys get no attention weight and mean pooling
+    skips them, so the text tokens' outputs are the same.
+    """
+    shape = [rows, *(d if isinstance(d, int) else 1 for d in spec.shape[1:])]
+    dtype = np.int64 if "int64" in spec.type else np.float32
+    return np.zeros(shape, dtype=dtype)
 
 
 def _export_task(run: TransformerRun, cfg: TaskConfig, sample: Table, path: Path) -> list[str]:
