@@ -17,6 +17,7 @@ import pytest
 from tests.conftest import make_recipe
 from tests.integration.test_trainer import _train
 from tests.serve_helpers import gauge, histogram, running, write_rows
+from tests.unit.test_cli_errors import run_cli
 
 TEXTS = [
     "shares fell as the bank cut interest rates again",
@@ -185,3 +186,29 @@ def test_every_engine_and_precision_equals_predict(
     np.testing.assert_allclose(probs(got), probs(expected), atol=atol)
     if atol <= 1e-4:
         assert [g["label"] for g in got] == [e["label"] for e in expected]
+
+
+def test_an_ensemble_spec_serves_like_predict(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A saved ensemble spec (tfidf-logreg + the tiny BERT, mean) is just another run for
+    the server: the same answers as `bitblend predict SPEC`."""
+    from bitblend.data.builtin import load_builtin
+    from bitblend.serve.server import load_engine
+
+    bbc = load_builtin("bbc_news").train
+    assert bbc.text is not None
+    held = tmp_path / "held.jsonl"
+    write_rows(held, [{"text": bbc.text[i][:400], "label": bbc.labels[i]} for i in range(40)])
+    tfidf, spec = tmp_path / "tfidf", tmp_path / "spec"
+    argv = ["train", "tiny", "--out", str(tfidf), "--quiet", "--set", "model.backbone=tfidf-logreg"]
+    assert run_cli(argv, capsys)[0] == 0
+    argv = ["ensemble", str(tfidf), str(tiny_run), "--method", "mean", "--data", str(held),
+            "--out", str(spec)]  # fmt: skip
+    code, _, err = run_cli(argv, capsys)
+    assert code == 0, err
+    rows = [{"text": t} for t in TEXTS]
+    expected = cli_predict(spec, rows, tmp_path)
+    with running(load_engine(spec)) as (url, _):
+        got = httpx.post(f"{url}/v1/predict", json=rows, timeout=60).json()
+    assert got == expected
