@@ -212,3 +212,28 @@ def test_an_ensemble_spec_serves_like_predict(
     with running(load_engine(spec)) as (url, _):
         got = httpx.post(f"{url}/v1/predict", json=rows, timeout=60).json()
     assert got == expected
+
+
+def test_serve_and_export_bad_arguments_are_one_line_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A missing run, a bf16 ONNX engine and a port in use end in one line and exit 2."""
+    from bitblend.serve.server import bind
+    from tests.unit.test_cli_errors import assert_one_line_error
+
+    code, _, err = run_cli(["serve", str(tmp_path / "nope"), "--port", "0"], capsys)
+    assert_one_line_error(code, err, "not a bitblend run directory")
+    code, _, err = run_cli(["export", str(tmp_path / "nope")], capsys)
+    assert_one_line_error(code, err, "not a bitblend run directory")
+    argv = ["serve", str(tmp_path), "--engine", "onnxruntime", "--precision", "bf16", "--port", "0"]
+    code, _, err = run_cli(argv, capsys)
+    assert_one_line_error(code, err, "--precision bf16", "onnxruntime")
+    taken = bind("127.0.0.1", 0)
+    try:
+        port = str(taken.getsockname()[1])
+        code, _, err = run_cli(["serve", str(tmp_path), "--port", port], capsys)
+        assert_one_line_error(code, err, f"--port {port}", "cannot listen")
+    finally:
+        taken.close()
+    code, _, err = run_cli(["serve", str(tmp_path), "--max-batch", "0"], capsys)
+    assert_one_line_error(code, err, "--max-batch")
