@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from bitblend.data.modalities import POOLED_HEADS
 from bitblend.data.table import Table
 from bitblend.runs.base import Predictor
 from bitblend.runs.evaluate import predictions
@@ -78,12 +80,11 @@ class Service:
     async def warm_up(self) -> None:
         """One forward per task on the inference thread, then ready."""
         for task in self.run.tasks:
-            if self.run.head(task.name) not in ("classification", "binary", "multilabel",
-                                                "regression"):  # fmt: skip
+            if self.run.head(task.name) not in POOLED_HEADS:
                 continue
             table = warmup_table(self.run, task.name)
             try:
-                await self._batcher().run_on_thread(lambda: self.run.outputs(task.name, table))  # noqa: B023
+                await self._batcher().run_on_thread(partial(self.run.outputs, task.name, table))
             except Exception as exc:  # not fatal: the first request pays for it instead
                 log.warning("warm-up of task %s failed: %s", task.name, exc)
         self.ready = True
