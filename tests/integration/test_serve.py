@@ -237,3 +237,28 @@ def test_serve_and_export_bad_arguments_are_one_line_errors(
         taken.close()
     code, _, err = run_cli(["serve", str(tmp_path), "--max-batch", "0"], capsys)
     assert_one_line_error(code, err, "--max-batch")
+
+
+def test_a_gathered_batch_is_padded_by_length_bucket(torch_run: Any) -> None:
+    """Short rows and one long row run as two forwards (<= 16 tokens, and the long one's
+    class), not one padded to the long row; outputs come back in row order, equal to
+    each row's own forward."""
+    from bitblend.data.table import Table
+    from bitblend.serve.buckets import bucketed, length_buckets
+
+    assert [g.tolist() for g in length_buckets(np.array([5, 40, 16, 17, 3]))] == [
+        [0, 2, 4], [3], [1],
+    ]  # fmt: skip
+    seqs: list[int] = []
+    hook = torch_run.model.register_forward_hook(
+        lambda m, args, kwargs, out: seqs.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    long = " ".join(TEXTS * 3)
+    table = Table(labels=[None] * 4, text=[TEXTS[0], long, TEXTS[1], TEXTS[5]])
+    try:
+        out = bucketed(torch_run, torch_run)("bbc", table)
+        alone = [torch_run.outputs("bbc", table.take([i])) for i in range(4)]
+    finally:
+        hook.remove()
+    assert len(seqs[:2]) == 2 and max(seqs[:2]) > 16 >= min(seqs[:2]), seqs
+    np.testing.assert_allclose(out, np.concatenate(alone), atol=1e-5)

@@ -29,7 +29,9 @@ from bitblend.data.modalities import POOLED_HEADS
 from bitblend.data.table import Table
 from bitblend.runs.base import Predictor
 from bitblend.runs.evaluate import predictions
+from bitblend.runs.transformer import TransformerRun
 from bitblend.serve.batcher import Batcher, Closed, QueueFull
+from bitblend.serve.buckets import bucketed
 from bitblend.serve.metrics import CONTENT_TYPE, ServeMetrics
 from bitblend.serve.requests import RequestError, parse_request
 
@@ -63,6 +65,14 @@ def warmup_table(run: Predictor, task: str) -> Table:
         return Table(labels=[None], text=["warm-up"])
 
 
+def tokenizing_run(run: Predictor) -> TransformerRun | None:
+    """The transformer run that encodes `run`'s rows (itself, or an ONNX engine's base)."""
+    if isinstance(run, TransformerRun):
+        return run
+    base = getattr(run, "base", None)  # serve/onnx.py's OnnxRun (onnxruntime not imported)
+    return base if isinstance(base, TransformerRun) else None
+
+
 class Service:
     """One loaded run behind a batcher, and the state /readyz and /metrics report."""
 
@@ -93,9 +103,10 @@ class Service:
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         """Start the batcher (and warm up); on shutdown drain it."""
         o = self.options
+        infer = bucketed(self.run, tokenizing_run(self.run))
         self.batcher = Batcher(
-            self.run.outputs, max_batch=o.max_batch, max_wait_ms=o.max_wait_ms,
-            max_queue=o.max_queue, metrics=self.metrics,
+            infer, max_batch=o.max_batch, max_wait_ms=o.max_wait_ms, max_queue=o.max_queue,
+            metrics=self.metrics,
         )  # fmt: skip
         self.batcher.start()
         warm = asyncio.create_task(self.warm_up() if o.warmup else self._ready_now())

@@ -108,7 +108,7 @@ class ServeMetrics:
     )
     batch_rows: Histogram = field(
         default_factory=lambda: Histogram(
-            "bitblend_batch_rows", "rows per forward pass (dynamic batching)", BATCH_BUCKETS
+            "bitblend_batch_rows", "rows per gathered batch (dynamic batching)", BATCH_BUCKETS
         )
     )
     queue_depth: Gauge = field(
