@@ -80,7 +80,7 @@ def start_server(run_dir: str, engine: str, precision: str, port: int) -> subpro
     """`bitblend serve` (or the naive anchor) as a subprocess on 127.0.0.1:port."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     if engine == "naive":
-        cmd = [sys.executable, __file__, "--naive-server", run_dir, "--port", str(port)]
+        cmd = [sys.executable, __file__, run_dir, "--naive-server", "--port", str(port)]
     else:
         cmd = [sys.executable, "-m", "bitblend.cli", "serve", run_dir, "--engine", engine,
                "--precision", precision, "--port", str(port)]  # fmt: skip
@@ -227,20 +227,23 @@ def main() -> int:
     p.add_argument("--eval-rows", type=int, default=200, help="eval rows for accuracy")
     p.add_argument("--ready-timeout", type=float, default=600.0)
     p.add_argument("--json", help="write the rows here")
-    p.add_argument("--naive-server", help=argparse.SUPPRESS)
+    p.add_argument("--naive-server", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.naive_server:
         import uvicorn
 
-        uvicorn.run(naive_app(args.naive_server), host="127.0.0.1", port=args.port,
+        uvicorn.run(naive_app(args.run_dir), host="127.0.0.1", port=args.port,
                     log_level="warning")  # fmt: skip
         return 0
     texts, labels = eval_rows(args.run_dir, args.eval_rows)
     rows = []
     for spec in args.configs.split(","):
         engine, precision = spec.split(":")
-        row = asyncio.run(measure(args, engine, precision, texts, labels))
+        try:
+            row = asyncio.run(measure(args, engine, precision, texts, labels))
+        except Exception as exc:  # one broken config must not lose the others' figures
+            row = {"engine": engine, "precision": precision, "error": f"{exc}"[:300]}
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.json:

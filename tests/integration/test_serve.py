@@ -188,6 +188,7 @@ def test_every_engine_and_precision_equals_predict(
         assert [g["label"] for g in got] == [e["label"] for e in expected]
 
 
+@pytest.mark.slow
 def test_an_ensemble_spec_serves_like_predict(
     tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
