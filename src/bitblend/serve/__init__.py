@@ -2,6 +2,7 @@
 
 requests.py  JSON request bodies -> per-task tables (the rows `predict` reads), 4xx errors
 batcher.py   dynamic batching: concurrent requests gathered into one forward on one thread
+buckets.py   length-bucketed padding of a gathered batch (power-of-two token classes)
 metrics.py   Prometheus text-format counters, gauges and histograms (no client library)
 onnx.py      `bitblend export --format onnx`: one graph per task, int8 via ONNX Runtime,
              checked against torch; `OnnxRun`, the onnxruntime engine as a Predictor
