@@ -302,6 +302,49 @@ def cmd_bench_infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a finished run over HTTP with dynamic batching (torch or ONNX Runtime)."""
+    from bitblend.serve.app import ServeOptions
+    from bitblend.serve.server import bind, load_engine, serve
+
+    if min(args.max_batch, args.max_queue, args.max_body_kib) < 1 or args.max_wait_ms < 0:
+        raise BitblendError(
+            "--max-batch, --max-queue, --max-body-kib: expected >= 1; --max-wait-ms: >= 0"
+        )
+    root = Path(args.image_root) if args.image_root else None
+    if root is not None and not root.is_dir():
+        raise BitblendError(f"--image-root {root}: not a directory")
+    sock = bind(args.host, args.port)  # before the (slow) load: a taken port fails at once
+    run = load_engine(Path(args.run_dir), args.precision, args.engine)
+    options = ServeOptions(
+        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+        max_body_bytes=args.max_body_kib * 1024, image_root=root,
+    )  # fmt: skip
+    host, port = sock.getsockname()[:2]
+    note = f"serving {args.run_dir} ({args.engine}, {args.precision}) on http://{host}:{port}"
+    return serve(run, sock, options, note)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a transformer run to ONNX (one graph per task), checked against torch."""
+    from bitblend.runs.load import load_transformer_run
+    from bitblend.serve.onnx import export_onnx
+
+    run_dir = Path(args.run_dir)
+    run = load_transformer_run(run_dir, "fp32", needed_by="export")
+    out = Path(args.out) if args.out else run_dir / "onnx"
+    manifest = export_onnx(run, out, int8=args.int8)
+    for task, e in manifest["tasks"].items():
+        for kind in ("fp32", "int8"):
+            if kind in e:
+                print(
+                    f"{task} {kind}: {out / e[kind]}  max probability difference vs torch "
+                    f"{e[kind + '_max_prob_diff']:.2e} on {e['check_rows']} eval rows, "
+                    f"labels agree {e[kind + '_label_agreement']:.1%}"
+                )
+    return 0
+
+
 def cmd_ensemble(args: argparse.Namespace) -> int:
     """Combine finished runs that share a task's label space; save the ensemble spec."""
     import time
@@ -570,6 +613,30 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--task", help="task name (default: the first)")
     bi.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bi.set_defaults(func=cmd_bench_infer)
+
+    sv = sub.add_parser("serve", help="serve a finished run over HTTP (dynamic batching)")
+    sv.add_argument("run_dir", help="a run directory or an ensemble spec")
+    sv.add_argument("--precision", default="run", choices=["run", "fp32", "bf16", "int8"],
+                    help="serving precision (onnxruntime: run/fp32 or int8)")  # fmt: skip
+    sv.add_argument("--engine", default="torch", choices=["torch", "onnxruntime"],
+                    help="torch or onnxruntime (exports to RUN_DIR/onnx/ if missing)")  # fmt: skip
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    sv.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
+    sv.add_argument("--max-batch", type=int, default=32, help="rows per forward at most")
+    sv.add_argument("--max-wait-ms", type=float, default=5.0,
+                    help="how long the oldest request waits for a batch to fill")  # fmt: skip
+    sv.add_argument("--max-queue", type=int, default=256,
+                    help="queued requests at most; beyond, 503 with Retry-After")  # fmt: skip
+    sv.add_argument("--max-body-kib", type=int, default=8192, help="request body limit (KiB)")
+    sv.add_argument("--image-root", help="directory image file paths in requests resolve in")
+    sv.set_defaults(func=cmd_serve)
+
+    ex = sub.add_parser("export", help="export a run to ONNX, checked against torch")
+    ex.add_argument("run_dir")
+    ex.add_argument("--format", default="onnx", choices=["onnx"], help="export format")
+    ex.add_argument("--int8", action="store_true", help="also a dynamic-int8 graph (ORT)")
+    ex.add_argument("--out", help="output directory (default: RUN_DIR/onnx)")
+    ex.set_defaults(func=cmd_export)
 
     en = sub.add_parser("ensemble", help="combine runs sharing a label space into a spec")
     en.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="runs or ensemble specs")

@@ -93,38 +93,35 @@ def evaluate_run(
     return results
 
 
-def predict_file(
-    run: Run, input_path: Path, task_name: str | None, columns: dict[str, Any] | None = None
-) -> list[dict[str, Any]]:
-    """One prediction per input row: label and class probabilities, labels, or a value."""
-    _, task = run.task(task_name)
-    task = with_columns(task, columns)
-    head = run.head(task.name)
+def check_predictable(run: Predictor, task: str) -> str:
+    """The head of `task`, or a one-line error when predict cannot serve it."""
+    head = run.head(task)
     if head not in POOLED_HEADS:
         raise BitblendError(
-            f"--task {task.name}: predict supports classification, binary, multilabel and "
+            f"--task {task}: predict supports classification, binary, multilabel and "
             f"regression heads, not {head}"
         )
-    table = read_inputs(input_path, task)
-    out = run.outputs(task.name, table)
-    names = run.label_names(task.name)
+    return head
+
+
+def predictions(run: Predictor, task: str, out: np.ndarray) -> list[dict[str, Any]]:
+    """One prediction per row of raw outputs (n, outputs): label and class probabilities,
+    labels, or a value (what `predict` writes and `serve` answers)."""
+    head = run.head(task)
+    names = run.label_names(task)
     if head == "regression":
-        return [{"task": task.name, "value": float(v)} for v in out[:, 0]]
+        return [{"task": task, "value": float(v)} for v in out[:, 0]]
     if head == "binary":
         p = sigmoid(out[:, 0])
         return [
-            {
-                "task": task.name,
-                "label": names[int(x > 0.5)],
-                "probs": {names[1]: round(float(x), 6)},
-            }
+            {"task": task, "label": names[int(x > 0.5)], "probs": {names[1]: round(float(x), 6)}}
             for x in p
         ]
     if head == "multilabel":
         p = sigmoid(out)
         return [
             {
-                "task": task.name,
+                "task": task,
                 "labels": [n for n, x in zip(names, row, strict=True) if x > 0.5],
                 "probs": {n: round(float(x), 6) for n, x in zip(names, row, strict=True)},
             }
@@ -133,9 +130,20 @@ def predict_file(
     probs = softmax(out, axis=1)
     return [
         {
-            "task": task.name,
+            "task": task,
             "label": names[int(p.argmax())],
             "probs": {n: round(float(x), 6) for n, x in zip(names, p, strict=True)},
         }
         for p in probs
     ]
+
+
+def predict_file(
+    run: Run, input_path: Path, task_name: str | None, columns: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """One prediction per input row: label and class probabilities, labels, or a value."""
+    _, task = run.task(task_name)
+    task = with_columns(task, columns)
+    check_predictable(run, task.name)
+    table = read_inputs(input_path, task)
+    return predictions(run, task.name, run.outputs(task.name, table))

@@ -1,0 +1,255 @@
+"""Load test of `bitblend serve` per engine x precision, against a naive server anchor.
+
+Open-loop load on 127.0.0.1 only, bounded in requests and seconds. For each server (one
+subprocess each, started and stopped in turn):
+  1. batch-1 latency without load: single-row requests one after another (p50/p99)
+  2. max sustained throughput: `--clients` closed-loop clients for `--seconds` (rows/s)
+  3. open-loop Poisson arrivals at 50% and 80% of that throughput for `--seconds` each:
+     p50/p95/p99 latency, completed rate, errors
+  4. accuracy on the run's eval split, one row per request through the server
+The anchor is a naive server: the same model (the run in its own precision), one forward
+per request in Starlette's thread pool (what a plain sync endpoint does), no batching.
+
+    .venv/bin/python benchmarks/serve_load.py RUN_DIR [--configs torch:fp32,onnxruntime:int8]
+        [--seconds 10] [--clients 32] [--eval-rows 200] [--json OUT]
+
+The load generator shares the machine's cores with the server: on a 2-core machine its
+own work is part of every figure; compare ratios measured in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CONFIGS = "naive:run,torch:run,torch:fp32,torch:bf16,torch:int8,onnxruntime:fp32,onnxruntime:int8"
+
+
+def naive_app(run_dir: str) -> Any:
+    """The anchor: one forward per request, no batching, a sync endpoint (thread pool)."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from bitblend.cli import _quiet_libraries
+    from bitblend.data.table import Table
+    from bitblend.runs.evaluate import predictions
+    from bitblend.runs.load import load_run
+
+    _quiet_libraries()
+    run = load_run(Path(run_dir), "run")
+    task = run.tasks[0].name
+    run.outputs(task, Table(labels=[None], text=["warm-up"]))
+
+    async def predict(request: Request) -> JSONResponse:
+        row = await request.json()
+        from starlette.concurrency import run_in_threadpool
+
+        out = await run_in_threadpool(run.outputs, task, Table(labels=[None], text=[row["text"]]))
+        return JSONResponse(predictions(run, task, out)[0])
+
+    async def ready(request: Request) -> JSONResponse:
+        return JSONResponse({"ready": True})
+
+    return Starlette(
+        routes=[Route("/v1/predict", predict, methods=["POST"]), Route("/readyz", ready)]
+    )
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(run_dir: str, engine: str, precision: str, port: int) -> subprocess.Popen[str]:
+    """`bitblend serve` (or the naive anchor) as a subprocess on 127.0.0.1:port."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    if engine == "naive":
+        cmd = [sys.executable, __file__, run_dir, "--naive-server", "--port", str(port)]
+    else:
+        cmd = [sys.executable, "-m", "bitblend.cli", "serve", run_dir, "--engine", engine,
+               "--precision", precision, "--port", str(port)]  # fmt: skip
+    return subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+
+
+async def wait_ready(client: Any, url: str, proc: subprocess.Popen[str], limit: float) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read() if proc.stderr else ''}")
+        try:
+            if (await client.get(f"{url}/readyz")).status_code == 200:
+                return
+        except Exception:
+            pass
+        await asyncio.sleep(0.25)
+    raise TimeoutError(f"{url} not ready in {limit} s")
+
+
+def pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(xs, q)) * 1000 if xs else float("nan")
+
+
+async def one(client: Any, url: str, text: str) -> tuple[float, int, Any]:
+    t0 = time.perf_counter()
+    try:
+        r = await client.post(f"{url}/v1/predict", json={"text": text})
+        return time.perf_counter() - t0, r.status_code, r.json() if r.status_code == 200 else None
+    except Exception:
+        return time.perf_counter() - t0, 0, None
+
+
+async def unloaded(client: Any, url: str, texts: list[str], n: int) -> dict[str, float]:
+    lat = [(await one(client, url, texts[i % len(texts)]))[0] for i in range(n)]
+    return {"b1_p50_ms": pct(lat, 50), "b1_p99_ms": pct(lat, 99)}
+
+
+async def saturate(client: Any, url: str, texts: list[str], clients: int, seconds: float,
+                   max_requests: int) -> float:  # fmt: skip
+    """Completed requests/s with `clients` closed-loop clients (each waits for its answer)."""
+    stop = time.perf_counter() + seconds
+    done = 0
+
+    async def worker(k: int) -> None:
+        nonlocal done
+        i = k
+        while time.perf_counter() < stop and done < max_requests:
+            _, code, _ = await one(client, url, texts[i % len(texts)])
+            done += code == 200
+            i += clients
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(k) for k in range(clients)))
+    return done / (time.perf_counter() - t0)
+
+
+async def open_loop(client: Any, url: str, texts: list[str], rate: float, seconds: float,
+                    max_requests: int, seed: int) -> dict[str, float]:  # fmt: skip
+    """Poisson arrivals at `rate`/s, sent whether or not earlier ones finished."""
+    rng = random.Random(seed)
+    tasks = []
+    t0 = time.perf_counter()
+    at = 0.0
+    i = 0
+    while at < seconds and i < max_requests:
+        delay = t0 + at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(client, url, texts[i % len(texts)])))
+        at += rng.expovariate(rate)
+        i += 1
+    results = await asyncio.gather(*tasks)
+    wall = time.perf_counter() - t0
+    ok = [lat for lat, code, _ in results if code == 200]
+    return {"offered_rps": rate, "completed_rps": len(ok) / wall, "errors": len(results) - len(ok),
+            "p50_ms": pct(ok, 50), "p95_ms": pct(ok, 95), "p99_ms": pct(ok, 99)}  # fmt: skip
+
+
+async def accuracy(client: Any, url: str, texts: list[str], labels: list[str]) -> float:
+    sem = asyncio.Semaphore(16)
+
+    async def go(t: str) -> Any:
+        async with sem:
+            return (await one(client, url, t))[2]
+
+    got = await asyncio.gather(*(go(t) for t in texts))
+    return float(
+        np.mean([g is not None and g["label"] == y for g, y in zip(got, labels, strict=True)])
+    )
+
+
+def eval_rows(run_dir: str, limit: int) -> tuple[list[str], list[str]]:
+    from bitblend.cli import _quiet_libraries
+    from bitblend.runs.load import load_run
+
+    _quiet_libraries()
+    run = load_run(Path(run_dir), "run")
+    task = run.tasks[0].name
+    table, y = run.eval_split(task)
+    names = run.label_names(task)
+    n = min(limit, len(table))
+    return [str(t) for t in (table.text or [])[:n]], [names[int(k)] for k in y[:n]]
+
+
+async def measure(args: argparse.Namespace, engine: str, precision: str, texts: list[str],
+                  labels: list[str]) -> dict[str, Any]:  # fmt: skip
+    import httpx
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server(args.run_dir, engine, precision, port)
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
+    row: dict[str, Any] = {"engine": engine, "precision": precision}
+    try:
+        async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+            await wait_ready(client, url, proc, args.ready_timeout)
+            row |= await unloaded(client, url, texts, args.unloaded)
+            row["max_rps"] = await saturate(client, url, texts, args.clients, args.seconds,
+                                            args.max_requests)  # fmt: skip
+            for share in (0.5, 0.8):
+                res = await open_loop(client, url, texts, share * row["max_rps"], args.seconds,
+                                      args.max_requests, seed=int(share * 10))  # fmt: skip
+                row |= {f"at{int(share * 100)}_{k}": v for k, v in res.items()}
+            row["accuracy"] = await accuracy(client, url, texts, labels)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            row["exit_code"] = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            row["exit_code"] = "killed"
+    return row
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("run_dir")
+    p.add_argument("--configs", default=CONFIGS, help="engine:precision,... (naive = anchor)")
+    p.add_argument("--seconds", type=float, default=10.0, help="per load phase")
+    p.add_argument("--clients", type=int, default=32, help="closed-loop clients (saturation)")
+    p.add_argument("--unloaded", type=int, default=50, help="sequential batch-1 requests")
+    p.add_argument("--max-requests", type=int, default=5000, help="cap per load phase")
+    p.add_argument("--eval-rows", type=int, default=200, help="eval rows for accuracy")
+    p.add_argument("--ready-timeout", type=float, default=600.0)
+    p.add_argument("--json", help="write the rows here")
+    p.add_argument("--naive-server", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.naive_server:
+        import uvicorn
+
+        uvicorn.run(naive_app(args.run_dir), host="127.0.0.1", port=args.port,
+                    log_level="warning")  # fmt: skip
+        return 0
+    texts, labels = eval_rows(args.run_dir, args.eval_rows)
+    rows = []
+    for spec in args.configs.split(","):
+        engine, precision = spec.split(":")
+        try:
+            row = asyncio.run(measure(args, engine, precision, texts, labels))
+        except Exception as exc:  # one broken config must not lose the others' figures
+            row = {"engine": engine, "precision": precision, "error": f"{exc}"[:300]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

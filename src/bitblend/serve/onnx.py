@@ -1,0 +1,278 @@
+"""`bitblend export --format onnx` and the onnxruntime engine (`OnnxRun`).
+
+One ONNX graph per task (RUN_DIR/onnx/<task>.onnx, plus <task>.int8.onnx): tasks of a
+multi-task run take different inputs (text ids; or text + image patches + tabular
+features through `inputs_embeds`), and `MultiTaskModel.forward` picks the path by the task
+name, a Python string a traced graph cannot take as an input. A graph per task keeps each
+graph static and its inputs exactly the tensors `collate` builds; the cost is the trunk's
+weights stored once per task on disk (runs have few tasks).
+
+Exporter: the TorchScript exporter (`torch.onnx.export(..., dynamo=False)`) with dynamic
+batch and sequence axes; it handles the HF trunk's masks as traced ops. int8: ONNX
+Runtime's `quantize_dynamic` (int8 weights, activations quantised at run time), the same
+scheme as torch's `--precision int8`. Graph optimisation: ORT_ENABLE_ALL when a session
+opens. Every export is checked against the torch fp32 outputs on the run's eval rows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from bitblend.config.schema import TaskConfig
+from bitblend.data.modalities import POOLED_HEADS
+from bitblend.data.table import Table
+from bitblend.errors import BitblendError
+from bitblend.numeric import sigmoid, softmax
+from bitblend.runs.transformer import TransformerRun
+
+MANIFEST = "export.json"
+OPSET = 17
+FP32_TOLERANCE = 1e-2  # max |p_onnx - p_torch| an fp32 export may show
+CHECK_ROWS = 64
+# Every possible model input in one fixed order (collate's keys, minus labels).
+INPUT_ORDER = ("input_ids", "attention_mask", "image", "image_mask", "tabular", "tabular_mask")
+SEQ_INPUTS = ("input_ids", "attention_mask")
+
+
+def _import_ort() -> Any:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise BitblendError(
+            "--engine onnxruntime / export: needs onnxruntime and onnx; "
+            "pip install 'bitblend[serve]'"
+        ) from None
+    return ort
+
+
+class _TaskGraph(nn.Module):
+    """`model(task, **inputs)` with positional tensor inputs, what the exporter traces."""
+
+    def __init__(self, model: nn.Module, task: str, names: list[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.task = task
+        self.names = names
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """(batch, outputs) logits of the task's head."""
+        return self.model(self.task, **dict(zip(self.names, inputs, strict=True)))
+
+
+def _feeds(
+    run: TransformerRun, cfg: TaskConfig, table: Table, batch_size: int | None = None
+) -> tuple[np.ndarray, list[Any]]:
+    """Length-sorted batches of a table as input dicts: (order, [(rows, batch dict), ...])."""
+    split = run.encode(cfg, table, np.zeros(len(table), dtype=np.float32))
+    spec = run.batch_spec(cfg)
+    size = batch_size or spec.batch_size
+    order = np.argsort(split.lengths, kind="stable")  # length buckets: little padding
+    batches = []
+    for s in range(0, len(order), size):
+        idx = order[s : s + size]
+        batch = spec.collate(split, idx)
+        batch.pop("labels", None)
+        batches.append((idx, batch))
+    return order, batches
+
+
+def to_probs(head: str, out: np.ndarray) -> np.ndarray:
+    """Probabilities of raw outputs (values for regression), to compare engines."""
+    if head == "classification":
+        return softmax(out, axis=1)
+    if head in ("binary", "multilabel"):
+        return sigmoid(out)
+    return out
+
+
+def _session(path: Path) -> Any:
+    ort = _import_ort()
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _run_session(
+    sess: Any, run: TransformerRun, cfg: TaskConfig, table: Table, batch_size: int | None = None
+) -> np.ndarray:
+    names = [i.name for i in sess.get_inputs()]
+    out = np.zeros((len(table), run.model.specs[cfg.name].num_outputs), dtype=np.float32)
+    _, batches = _feeds(run, cfg, table, batch_size)
+    for idx, batch in batches:
+        feeds = {n: batch[n].cpu().numpy() for n in names if n in batch}
+        for i in sess.get_inputs():
+            if i.name not in feeds:  # a modality the rows lack: present but fully masked
+                feeds[i.name] = _absent(i, len(idx))
+        out[idx] = sess.run(None, feeds)[0]
+    return out
+
+
+def _absent(spec: Any, rows: int) -> np.ndarray:
+    """Zeros for a graph input the rows do not have (image/tabular and their masks).
+
+    Torch leaves a missing modality's tokens out; the graph has fixed inputs, so they come
+    as zeros under an all-zero mask: masked keys get no attention weight and mean pooling
+    skips them, so the text tokens' outputs are the same.
+    """
+    shape = [rows, *(d if isinstance(d, int) else 1 for d in spec.shape[1:])]
+    dtype = np.int64 if "int64" in spec.type else np.float32
+    return np.zeros(shape, dtype=dtype)
+
+
+def _export_task(run: TransformerRun, cfg: TaskConfig, sample: Table, path: Path) -> list[str]:
+    """Trace one task's forward into `path`; returns its input names."""
+    _, batches = _feeds(run, cfg, sample)
+    batch = batches[0][1]
+    names = [n for n in INPUT_ORDER if n in batch]
+    axes = {n: ({0: "batch", 1: "seq"} if n in SEQ_INPUTS else {0: "batch"}) for n in names}
+    graph = _TaskGraph(run.model, cfg.name, names).eval()
+    # The tracer warns about Python bools in the HF mask code (constant for any shape here:
+    # the mask always spans the sequence) and about index ops; the export check below is
+    # the real test, so keep the console to one line per graph.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            graph, tuple(batch[n] for n in names), str(path), input_names=names,
+            output_names=["logits"], dynamic_axes={**axes, "logits": {0: "batch"}},
+            opset_version=OPSET, dynamo=False,
+        )  # fmt: skip
+    return names
+
+
+def _quantize(src: Path, dst: Path) -> None:
+    _import_ort()
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # quantize_dynamic logs a pre-processing hint on the root
+    try:
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
+    finally:
+        root.setLevel(level)
+
+
+def export_onnx(
+    run: TransformerRun, out_dir: Path, *, int8: bool = False, check_rows: int = CHECK_ROWS
+) -> dict[str, Any]:
+    """Export every pooled task of an fp32-loaded run to `out_dir`, check each graph against
+    torch and write the manifest; returns it (per task: files, inputs, max prob diffs)."""
+    _import_ort()
+    if run.serving != "fp32":
+        raise BitblendError("export: load the run in fp32 (the graph is exported from it)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tasks: dict[str, Any] = {}
+    for cfg in run.tasks:
+        head = run.head(cfg.name)
+        if head not in POOLED_HEADS:
+            continue
+        table, _ = run.eval_split(cfg.name)
+        sample = table.take(np.arange(min(len(table), check_rows)))
+        ref = run.outputs(cfg.name, sample)
+        fp32 = out_dir / f"{cfg.name}.onnx"
+        names = _export_task(run, cfg, sample, fp32)
+        entry: dict[str, Any] = {"head": head, "inputs": names, "fp32": fp32.name,
+                                 "check_rows": len(sample)}  # fmt: skip
+        files = {"fp32": fp32}
+        if int8:
+            files["int8"] = out_dir / f"{cfg.name}.int8.onnx"
+            _quantize(fp32, files["int8"])
+            entry["int8"] = files["int8"].name
+        for kind, path in files.items():
+            # Batches of the run's eval size and of 1 row: shapes other than the traced
+            # one's, so a batch or sequence axis frozen at export would show here.
+            sess = _session(path)
+            got = _run_session(sess, run, cfg, sample)
+            single = _run_session(sess, run, cfg, sample.take(np.arange(min(8, len(sample)))), 1)
+            got_single = got[: len(single)]  # same rows, batched differently
+            diff_b = float(np.max(np.abs(to_probs(head, single) - to_probs(head, got_single))))
+            diff = max(diff_b, float(np.max(np.abs(to_probs(head, got) - to_probs(head, ref)))))
+            agree = (
+                float(np.mean(got.argmax(1) == ref.argmax(1)))
+                if got.shape[1] > 1
+                else float(np.mean((got[:, 0] > 0) == (ref[:, 0] > 0)))
+            )
+            entry[f"{kind}_max_prob_diff"] = diff
+            entry[f"{kind}_label_agreement"] = agree
+            if kind == "fp32" and diff > FP32_TOLERANCE:
+                raise BitblendError(
+                    f"export: task {cfg.name}: the fp32 ONNX graph differs from torch by "
+                    f"{diff:.3g} in probability (> {FP32_TOLERANCE}); not written as valid"
+                )
+        tasks[cfg.name] = entry
+    if not tasks:
+        raise BitblendError(
+            "export: the run has no classification/binary/multilabel/regression task"
+        )
+    manifest = {"format": 1, "opset": OPSET, "torch": torch.__version__, "tasks": tasks}
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def ensure_export(run: TransformerRun, int8: bool) -> dict[str, Any]:
+    """RUN_DIR/onnx's manifest, exporting first when it or a needed graph is missing."""
+    out_dir = run.run_dir / "onnx"
+    path = out_dir / MANIFEST
+    if path.is_file():
+        manifest = json.loads(path.read_text())
+        kind = "int8" if int8 else "fp32"
+        if all(kind in e and (out_dir / e[kind]).is_file() for e in manifest["tasks"].values()):
+            return manifest
+    return export_onnx(run, out_dir, int8=int8)
+
+
+@dataclass
+class OnnxRun:
+    """A transformer run answered by ONNX Runtime sessions (one per task); tokenising,
+    padding and everything but the forward are the torch run's own."""
+
+    base: TransformerRun
+    sessions: dict[str, Any]
+    int8: bool
+    run_dir: Path
+
+    @classmethod
+    def open(cls, run: TransformerRun, int8: bool = False) -> OnnxRun:
+        """Open (exporting first if needed) RUN_DIR/onnx's graphs of an fp32-loaded run."""
+        manifest = ensure_export(run, int8)
+        kind = "int8" if int8 else "fp32"
+        out_dir = run.run_dir / "onnx"
+        sessions = {t: _session(out_dir / e[kind]) for t, e in manifest["tasks"].items()}
+        return cls(run, sessions, int8, run.run_dir)
+
+    @property
+    def tasks(self) -> list[TaskConfig]:
+        """The run's tasks."""
+        return self.base.tasks
+
+    def task(self, name: str | None) -> tuple[int, TaskConfig]:
+        """The task called `name`, or the only task."""
+        return self.base.task(name)
+
+    def head(self, task: str) -> str:
+        """The head of `task`."""
+        return self.base.head(task)
+
+    def label_names(self, task: str) -> list[str]:
+        """Class names of `task` in output order."""
+        return self.base.label_names(task)
+
+    def eval_split(self, task: str) -> tuple[Table, np.ndarray]:
+        """The run's held-out table of `task` and its targets."""
+        return self.base.eval_split(task)
+
+    def outputs(self, task: str, table: Table) -> np.ndarray:
+        """Logits (n, outputs) from the task's ONNX graph, in the table's order."""
+        if task not in self.sessions:
+            raise BitblendError(f"task {task}: no ONNX graph (its head is not exported)")
+        _, cfg = self.task(task)
+        return _run_session(self.sessions[task], self.base, cfg, table)
