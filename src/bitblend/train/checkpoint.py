@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,11 +79,16 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state as distinct contiguous tensors (tied weights stored once)."""
+def model_tensors(
+    model: nn.Module, keep: Callable[[str], bool] | None = None
+) -> dict[str, torch.Tensor]:
+    """The model's state as distinct contiguous tensors (tied weights stored once); only the
+    keys `keep` accepts when given (adapter runs: not the frozen base)."""
     out: dict[str, torch.Tensor] = {}
     seen: dict[object, str] = {}
     for name, t in model.state_dict().items():
+        if keep is not None and not keep(name):
+            continue
         # Tied = the very same view (pointer incl. offset, shape, stride), not just one storage.
         key = (t.data_ptr(), tuple(t.shape), tuple(t.stride())) if t.numel() else id(t)
         if key in seen and t.numel():
@@ -92,12 +98,18 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, state: dict[str, Any]) -> Path:
-    """Write checkpoint `step-N` atomically; returns its path."""
+def save_checkpoint(
+    ckpt_root: Path,
+    step: int,
+    model: nn.Module,
+    state: dict[str, Any],
+    keep: Callable[[str], bool] | None = None,
+) -> Path:
+    """Write checkpoint `step-N` atomically (model keys `keep` accepts); returns its path."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step}-", dir=ckpt_root))
     try:
-        save_file(model_tensors(model), str(tmp / MODEL_FILE))
+        save_file(model_tensors(model, keep), str(tmp / MODEL_FILE))
         tensors: dict[str, torch.Tensor] = {}
         meta = _flatten(state, "s", tensors)
         save_file(tensors, str(tmp / STATE_FILE))
@@ -136,8 +148,11 @@ def prune_checkpoints(ckpt_root: Path, keep: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, model: nn.Module) -> tuple[int, dict[str, Any]]:
-    """Load weights into `model`; returns (step, the nested state dict)."""
+def load_checkpoint(
+    path: Path, model: nn.Module, keep: Callable[[str], bool] | None = None
+) -> tuple[int, dict[str, Any]]:
+    """Load weights into `model` (the keys `keep` accepts are required, the others stay as
+    built); returns (step, the nested state dict)."""
     try:
         meta = json.loads((path / META_FILE).read_text())
         tensors = load_file(str(path / STATE_FILE))
@@ -145,7 +160,7 @@ def load_checkpoint(path: Path, model: nn.Module) -> tuple[int, dict[str, Any]]:
     except (OSError, ValueError, SafetensorError) as exc:
         raise BitblendError(f"{path}: unreadable checkpoint ({exc})") from None
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    tied = {n for n in missing if _is_tied(model, n, weights)}
+    tied = {n for n in missing if (keep is not None and not keep(n)) or _is_tied(model, n, weights)}
     if set(missing) - tied or unexpected:
         raise BitblendError(
             f"{path}: checkpoint does not match the model "

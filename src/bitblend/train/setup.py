@@ -136,6 +136,10 @@ def build_model(
         uses_text = data.train.text is not None
         specs.append(head_spec(task, data, tok if uses_text else None, own and uses_text, i))
     model = MultiTaskModel(backbone, specs, recipe.model.pooling, recipe.model.head_dropout)
+    if recipe.model.adapter.kind == "lora":  # freeze the backbone, LoRA on its targets (peft)
+        from bitblend.models.adapters import add_lora
+
+        add_lora(model, recipe.model.adapter)
     if recipe.model.kernels == "auto":
         use_fast_dropout(model)  # CPU masks from models/attention.py; F.dropout elsewhere
     return model, tokenizer, task_tokenizers

@@ -16,6 +16,7 @@ from bitblend.config.load import dump_recipe
 from bitblend.config.schema import Recipe
 from bitblend.data.mixture import Mixture
 from bitblend.errors import BitblendError
+from bitblend.models.adapters import checkpoint_filter, save_model
 from bitblend.models.backbones import count_parameters
 from bitblend.optim.build import build_optimizer, build_schedule, param_roles
 from bitblend.optim.lowbit import export_state, import_state
@@ -151,7 +152,8 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Atomic checkpoint of the current step, pruning old ones."""
         root = self.run_dir / "checkpoints"
-        path = ckpt.save_checkpoint(root, self.step, self.model, self.state_dict())
+        keep = checkpoint_filter(self.model)  # adapter runs: not the frozen base
+        path = ckpt.save_checkpoint(root, self.step, self.model, self.state_dict(), keep)
         ckpt.prune_checkpoints(root, self.recipe.train.keep_checkpoints)
         return path
 
@@ -163,7 +165,7 @@ class Trainer:
                 f"--resume {self.run_dir}: no complete checkpoint in {self.run_dir}/checkpoints"
             )
         _, path = found[-1]
-        step, state = ckpt.load_checkpoint(path, self.model)
+        step, state = ckpt.load_checkpoint(path, self.model, checkpoint_filter(self.model))
         self.load_state_dict(state)
         if self.step != step:
             raise BitblendError(f"{path}: step {self.step} in state.json, {step} in its name")
@@ -317,11 +319,13 @@ class Trainer:
         evals = self._log_eval(sink, tb)
         self.save_checkpoint()
         write_json(self.run_dir / "eval.json", {"step": self.step, "tasks": evals})
-        self.model.save(
+        save_model(  # models/adapters.py: model.save, plus adapter/ for LoRA runs
+            self.model,
             self.run_dir / "model",
             self.tokenizer,
             self.task_tokenizers,
             extra={"precision": desc["recipe"], "max_length": self.recipe.model.max_length},
+            adapter=self.recipe.model.adapter,
         )
         summary = self._summary(evals, time.perf_counter() - wall0)
         summary["mixture"] = self.mixture_summary()
