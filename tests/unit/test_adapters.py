@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaModel
 
-from bitblend.config.schema import AdapterConfig, PrecisionConfig
+from bitblend.config.schema import AdapterConfig, OptimizerConfig, PrecisionConfig
 from bitblend.errors import BitblendError
 from bitblend.models.adapters import add_lora, base_state_dict, resolve_targets
 from bitblend.models.backbones import load_backbone
@@ -17,7 +17,6 @@ from bitblend.models.trunk import HeadSpec, MultiTaskModel
 from bitblend.optim.build import build_optimizer, param_roles
 from bitblend.precision.base_weights import FrozenBaseLinear, freeze_base
 from bitblend.precision.recipes import build_precision
-from bitblend.config.schema import OptimizerConfig
 from tests.conftest import make_recipe
 
 NF4_CODES = torch.tensor(

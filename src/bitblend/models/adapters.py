@@ -50,7 +50,9 @@ def _peft() -> Any:
             logging.getLogger("torchao").setLevel(logging.ERROR)
             import peft
     except ImportError:
-        raise BitblendError("model.adapter.kind: lora needs the peft package (pip install peft)")
+        raise BitblendError(
+            "model.adapter.kind: lora needs the peft package (pip install peft)"
+        ) from None
     return peft
 
 
@@ -75,7 +77,9 @@ def resolve_targets(backbone: nn.Module, targets: list[str] | str) -> list[str] 
     names = _linear_names(backbone)
     out: list[str] = []
     for target in targets:
-        found = [s for s in TARGET_ALIASES.get(target, (target,)) if any(_matches(n, s) for n in names)]
+        found = [
+            s for s in TARGET_ALIASES.get(target, (target,)) if any(_matches(n, s) for n in names)
+        ]
         if not found:
             leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
             raise BitblendError(

@@ -73,12 +73,13 @@ class FrozenBaseLinear(nn.Module):
 
     def __init__(self, layer: nn.Module, bits: int, transposed: bool = False) -> None:
         super().__init__()
-        weight = layer.weight.detach()
+        weight = _tensor(layer.weight).detach()
         self.bits = bits
         self.transposed = transposed  # GPT-2's Conv1D keeps W as (in, out)
         self.source_dtype = weight.dtype  # state_dict hands weights back in this dtype
         w = weight.t() if transposed else weight  # (out, in)
-        self.out_features, self.in_features = w.shape
+        self.out_features: int = w.shape[0]
+        self.in_features: int = w.shape[1]
         self.weight = nn.Parameter(self._quantize(w.contiguous()), requires_grad=False)
         bias = getattr(layer, "bias", None)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
@@ -98,7 +99,7 @@ class FrozenBaseLinear(nn.Module):
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The (out, in) weight in `dtype` (a fresh tensor for 8 and 4 bits)."""
         if self.bits == 8:
-            return self.weight.to(dtype) * self.scale.to(dtype)[:, None]
+            return self.weight.to(dtype) * _tensor(self.scale).to(dtype)[:, None]
         return self.weight.to(dtype)  # bf16 cast, or NF4Tensor's dequantisation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,7 +120,7 @@ class FrozenBaseLinear(nn.Module):
             return total + sum(t.numel() * t.element_size() for t in parts)
         total += self.weight.numel() * self.weight.element_size()
         if self.bits == 8:
-            total += self.scale.numel() * self.scale.element_size()
+            total += _tensor(self.scale).numel() * _tensor(self.scale).element_size()
         return total
 
     # -- state_dict: the dequantised weight in the original layout ------------------------
@@ -160,6 +161,12 @@ class FrozenBaseLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}"
 
 
+def _tensor(value: object) -> torch.Tensor:
+    """`value` as a tensor (module attributes are typed Tensor | Module for mypy)."""
+    assert isinstance(value, torch.Tensor)
+    return value
+
+
 def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")  # transformers' GPT-2
 
@@ -176,14 +183,14 @@ def freeze_base(model: nn.Module, bits: int | None, prefix: str = "backbone.") -
         ):
             continue
         linear = type(module) is nn.Linear or _is_conv1d(module)
-        if linear and not module.weight.requires_grad:
+        if linear and not _tensor(module.weight).requires_grad:
             chosen.append((name, module))
     if bits == 4:
         for name, module in chosen:
-            if module.weight.numel() % NF4_BLOCK:
+            if _tensor(module.weight).numel() % NF4_BLOCK:
                 raise BitblendError(
                     f"precision.base_bits: 4 stores weights in NF4 blocks of {NF4_BLOCK}; "
-                    f"{name} has {module.weight.numel()} weights (not a multiple): use "
+                    f"{name} has {_tensor(module.weight).numel()} weights (not a multiple): use "
                     "base_bits 8"
                 )
         _nf4()
@@ -198,7 +205,7 @@ def weight_bytes(model: nn.Module) -> int:
     """Bytes of the model's weights as stored: low-bit base layers count their codes and
     scales, every other parameter its elements."""
     total = 0
-    low_bit = set()
+    low_bit: set[int] = set()
     for module in model.modules():
         if isinstance(module, FrozenBaseLinear):
             total += module.stored_bytes()

@@ -1,0 +1,160 @@
+"""LoRA runs end to end: bit-exact resume from adapter-only checkpoints, the run directory
+(base + peft adapter/), eval / predict on it, and `merge --method lora-merge`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bitblend.config.load import read_yaml, recipe_from_dict
+from bitblend.ensemble.merge import MergeOptions, run_merge
+from bitblend.runs.load import load_run
+from bitblend.runs.transformer import TransformerRun
+from bitblend.train.trainer import Trainer
+from tests.conftest import make_recipe
+from tests.integration.test_trainer import _losses, _train, _weights
+from tests.unit.test_cli_errors import assert_one_line_error, run_cli
+
+pytestmark = pytest.mark.slow  # every test here trains a (tiny) model
+
+LORA = ("model.adapter.kind=lora", "model.adapter.r=4", "model.adapter.alpha=8")
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Trainer]:
+    """tiny-bert, LoRA on query/value over an NF4 base, bf16-mixed, 6 steps."""
+    run = tmp_path_factory.mktemp("lora") / "run"
+    recipe = make_recipe(*LORA, "precision.recipe=bf16-mixed", "precision.base_bits=4",
+                         "train.steps=6", "train.eval_max_examples=16")  # fmt: skip
+    return run, _train(recipe, run)
+
+
+@pytest.mark.parametrize(("precision", "bits"), [("bf16-mixed", "4"), ("bf16-true", "8")])
+def test_lora_resume_equals_straight_run_bitwise(tmp_path: Path, precision: str, bits: str) -> None:
+    """Adapter-only checkpoints (no frozen base inside) still resume bit for bit."""
+    recipe = make_recipe(
+        *LORA,
+        f"precision.recipe={precision}",
+        f"precision.base_bits={bits}",
+        "train.steps=6",
+        "train.checkpoint_every=3",
+        "train.keep_checkpoints=0",
+        "train.eval_max_examples=16",
+    )
+    straight = tmp_path / "straight"
+    trainer = _train(recipe, straight)
+    cut = tmp_path / "cut"
+    shutil.copytree(straight, cut)
+    for name in ("model", "checkpoints/step-6"):
+        shutil.rmtree(cut / name)
+    for name in ("eval.json", "summary.json"):
+        (cut / name).unlink()
+    Trainer(recipe_from_dict(read_yaml(cut / "recipe.yaml")), cut, resume=True,
+            show_progress=False).fit()  # fmt: skip
+    a, b = _losses(straight), _losses(cut)
+    assert [a[s] for s in range(4, 7)] == [b[s] for s in range(4, 7)]
+    wa, wb = _weights(straight, 6), _weights(cut, 6)
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert set(wa) == set(wb) == trainable  # adapters + heads only, never the frozen base
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+    sa = load_file(str(straight / "checkpoints/step-6/state.safetensors"))
+    sb = load_file(str(cut / "checkpoints/step-6/state.safetensors"))
+    for name in sa:
+        assert torch.equal(sa[name], sb[name]), name
+
+
+def _outputs(run: TransformerRun, n: int = 24) -> np.ndarray:
+    table, _ = run.eval_split("bbc")
+    return run.outputs("bbc", table.take(np.arange(n)))
+
+
+def test_run_directory_holds_the_base_and_a_peft_adapter(lora_run: tuple[Path, Trainer]) -> None:
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    run, _ = lora_run
+    model_dir = run / "model"
+    meta = json.loads((model_dir / "bitblend.json").read_text())
+    assert meta["adapter"]["kind"] == "lora" and meta["adapter"]["r"] == 4
+    config = json.loads((model_dir / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and sorted(config["target_modules"]) == ["query", "value"]
+    # model/ alone is a plain transformers model (the dequantised frozen base) ...
+    base = AutoModel.from_pretrained(model_dir, add_pooling_layer=False)
+    assert not any("lora" in k or "base_layer" in k for k in base.state_dict())
+    # ... and peft puts the saved adapter on it.
+    wrapped = PeftModel.from_pretrained(base, str(model_dir / "adapter"))
+    saved = {k: v for k, v in wrapped.state_dict().items() if "lora_B" in k}
+    assert saved and all(v.abs().sum() > 0 for v in saved.values())  # trained B, not zeros
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["precision"]["base_bits"] == 4
+    # Frozen NF4 base without grads or moments: far below a full fine-tune's 16 bytes.
+    assert summary["model_state_bytes_per_param"] < 4.5
+
+
+def test_load_run_reproduces_the_trained_adapter_model(lora_run: tuple[Path, Trainer]) -> None:
+    run, trainer = lora_run
+    loaded = load_run(run)
+    assert isinstance(loaded, TransformerRun)
+    trainer.model.eval()
+    live = TransformerRun(run, trainer.recipe, trainer.model, trainer.tokenizer,
+                          trainer.task_tokenizers, trainer.precision, trainer.device)  # fmt: skip
+    # The reloaded base is quantised again from its dequantised values (NF4 scales are
+    # re-derived, equal up to float rounding); bf16 matmuls on top.
+    np.testing.assert_allclose(_outputs(loaded), _outputs(live), atol=2e-2, rtol=0)
+
+
+def test_eval_and_predict_on_an_adapter_run(
+    lora_run: tuple[Path, Trainer], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run, _ = lora_run
+    code, out, err = run_cli(["eval", str(run), "--json"], capsys)
+    assert code == 0, err
+    assert 0.0 <= json.loads(out)["bbc"]["accuracy"] <= 1.0
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"text": "shares fell on the stock market"}\n{"text": "the team won"}\n')
+    code, out, err = run_cli(["predict", str(run), "--input", str(inp)], capsys)
+    assert code == 0, err
+    assert len(out.splitlines()) == 2
+
+
+def test_lora_merge_equals_the_adapter_model(
+    lora_run: tuple[Path, Trainer], tmp_path: Path
+) -> None:
+    run, _ = lora_run
+    out = tmp_path / "merged"
+    run_merge([run], MergeOptions("lora-merge"), out)
+    assert not (out / "model" / "adapter").exists()
+    merged = load_run(out, serving="fp32")
+    assert isinstance(merged, TransformerRun)
+    assert merged.recipe.model.adapter.kind == "none" and merged.recipe.precision.base_bits is None
+    # Served in fp32: W x + s B A x (NF4 base re-derived from its dequantised weights) vs
+    # (W + s B A) x: equal up to float rounding.
+    adapter = load_run(run, serving="fp32")
+    np.testing.assert_allclose(_outputs(merged), _outputs(adapter), atol=1e-4, rtol=1e-4)
+
+
+def test_weight_merges_refuse_an_adapter_run(
+    lora_run: tuple[Path, Trainer], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run, _ = lora_run
+    code, _, err = run_cli(["merge", str(run), str(run), "--out", str(tmp_path / "m")], capsys)
+    assert_one_line_error(code, err, "LoRA adapter run", "--method lora-merge")
+    assert not (tmp_path / "m").exists()
+
+
+def test_lora_merge_of_a_full_run_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    full = tmp_path / "full"
+    _train(make_recipe("train.steps=1", "train.eval_max_examples=8"), full)
+    capsys.readouterr()  # the training run's console output
+    argv = ["merge", str(full), "--method", "lora-merge", "--out", str(tmp_path / "m")]
+    code, _, err = run_cli(argv, capsys)
+    assert_one_line_error(code, err, "model.adapter.kind lora")
