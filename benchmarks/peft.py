@@ -81,7 +81,7 @@ def _trainable(run: Path) -> int | None:
     if not ckpts:
         return None
     with safe_open(str(ckpts[-1] / "model.safetensors"), "pt") as f:
-        return sum(_numel(f, k) for k in f.keys())
+        return sum(_numel(f, k) for k in f.keys())  # noqa: SIM118  (safe_open: no __iter__)
 
 
 def _numel(f: Any, key: str) -> int:
