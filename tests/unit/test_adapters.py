@@ -305,3 +305,46 @@ def test_adapter_config_errors_name_the_key() -> None:
         make_recipe("model.adapter.kind=lora", "precision.base_bits=2")
     recipe = make_recipe("model.adapter.kind=lora", "model.adapter.targets=all-linear")
     assert recipe.model.adapter.targets == "all-linear"
+
+
+def _two_task_model() -> tuple[MultiTaskModel, int]:
+    backbone, tok = load_backbone("tiny-bert", dropout=0.0, kernels="torch")
+    torch.manual_seed(0)
+    specs = [HeadSpec("a", "classification", 3), HeadSpec("b", "classification", 2)]
+    return MultiTaskModel(backbone, specs, head_dropout=0.0), len(tok)
+
+
+def test_a_task_with_its_own_adapter_is_routed_through_it() -> None:
+    model, vocab = _two_task_model()
+    batch = _batch(vocab)
+    with torch.no_grad():
+        base_a, base_b = model("a", **batch), model("b", **batch)
+    add_lora(model, AdapterConfig(kind="lora", r=4, dropout=0.0), own=["b"])
+    # Only task b's adapter moves off zero: task a (shared adapter) keeps the base outputs.
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B.task_b" in n:
+                p.normal_(0, 0.5)
+        assert torch.equal(model("a", **batch), base_a)
+        assert not torch.allclose(model("b", **batch), base_b)
+        assert torch.equal(model("a", **batch), base_a)  # routing switches back
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(".default." in n for n in trainable) and any(".task_b." in n for n in trainable)
+    # A task-b batch trains task b's adapter (and head) only; a task-a batch the shared one.
+    model("b", **batch).sum().backward()
+    for name, p in model.named_parameters():
+        if ".task_b." in name and "lora_A" in name or name.startswith("heads.b."):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        elif ".default." in name or name.startswith("heads.a."):
+            assert p.grad is None, name
+    model.zero_grad(set_to_none=True)
+    model("a", **batch).sum().backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if ".task_b." in n)
+    assert any(p.grad is not None for n, p in model.named_parameters() if "lora_B.default" in n)
+
+
+def test_own_adapter_config_errors_name_the_task() -> None:
+    with pytest.raises(BitblendError, match=r"tasks\[0\]\.adapter: own .* model\.adapter\.kind"):
+        make_recipe("tasks.0.adapter=own")
+    with pytest.raises(BitblendError, match=r"tasks\[0\]\.adapter: own .* mixing\.batches"):
+        make_recipe("model.adapter.kind=lora", "tasks.0.adapter=own", "mixing.batches=mixed")

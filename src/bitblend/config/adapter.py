@@ -9,6 +9,19 @@ from bitblend.errors import BitblendError
 def check_adapter(recipe: Recipe) -> None:
     """One-line errors for adapter settings that cannot work or would silently do nothing."""
     a = recipe.model.adapter
+    for i, task in enumerate(recipe.tasks):
+        if task.adapter != "own":
+            continue
+        if a.kind == "none":
+            raise BitblendError(
+                f"tasks[{i}].adapter: own gives the task its own LoRA adapter; it needs "
+                "model.adapter.kind: lora"
+            )
+        if recipe.mixing.batches != "homogeneous":
+            raise BitblendError(
+                f"tasks[{i}].adapter: own routes whole batches through the task's adapter; "
+                "it needs mixing.batches: homogeneous (mixed batches share one adapter)"
+            )
     if a.kind == "none":
         if recipe.precision.base_bits is not None:
             raise BitblendError(

@@ -141,6 +141,12 @@ class TaskConfig:
     batch_size: int | None = doc(None, "this task's batch size (homogeneous batches)")
     max_length: int | None = doc(None, "this task's max tokens (default: model.max_length)")
     max_examples: int | None = doc(None, "use at most this many training examples (seeded)")
+    adapter: Literal["shared", "own"] = doc(
+        "shared",
+        "with model.adapter.kind lora: shared = this task trains the one shared adapter; own = "
+        "its own LoRA adapter, routed by task in the forward (needs mixing.batches: "
+        "homogeneous)",
+    )
 
 
 @dataclass(kw_only=True)

@@ -50,6 +50,12 @@ def run_lora_merge(
     check_new_run_dir(out)
     wall0 = time.perf_counter()
     recipe = run_recipe(path)
+    for i, task in enumerate(recipe.tasks):
+        if task.adapter == "own":
+            raise BitblendError(
+                f"{path}: tasks[{i}].adapter: own: lora-merge folds one adapter into the "
+                f"base, and task {task.name} has its own; train with adapter: shared to merge"
+            )
     model, tokenizer, meta = load_model(path / "model")  # fp32 base, as saved
     if not load_adapter(model, path / "model", meta):
         raise BitblendError(

@@ -16,9 +16,10 @@ settings, and `model/adapter/` (adapter_config.json + adapter_model.safetensors)
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from bitblend.models.trunk import MultiTaskModel
 
 ADAPTER_DIR = "adapter"  # model/adapter/: peft's save_pretrained layout
 _PEFT = "_bitblend_peft"  # the PeftModel, kept in the model's __dict__ (not a submodule)
+_OWN = "_bitblend_own_adapters"  # tasks with their own adapter
 
 # Role names a recipe may use for every architecture: the layer names per family, with
 # GPT-2's fused q/k/v projection (c_attn) standing for each of them.
@@ -104,16 +106,57 @@ def lora_config(cfg: AdapterConfig, backbone: nn.Module) -> Any:
     )
 
 
-def add_lora(model: MultiTaskModel, cfg: AdapterConfig) -> Any:
+def adapter_name(task: str) -> str:
+    """The peft adapter name of a task's own adapter (the shared one is peft's `default`)."""
+    return f"task_{task}"
+
+
+def add_lora(model: MultiTaskModel, cfg: AdapterConfig, own: Sequence[str] = ()) -> Any:
     """Freeze `model`'s backbone and give it LoRA adapters (B zero-initialised, so the model
-    computes exactly what it did before); returns the PeftModel."""
+    computes exactly what it did before): the shared one, plus one per task in `own`
+    (tasks[i].adapter: own); returns the PeftModel."""
     peft = _peft()
     config = lora_config(cfg, model.backbone)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fan_in_fan_out notices, deprecation chatter
         wrapped = peft.get_peft_model(model.backbone, config)
+        for task in own:
+            # The config resolved on the plain backbone (target layers are wrapped now).
+            wrapped.add_adapter(adapter_name(task), copy.deepcopy(config))
+    if own:
+        # peft freezes every adapter but the active one; each task's adapter trains on its
+        # own batches, so all of them stay trainable (an idle one just gets no gradient).
+        for name, p in model.backbone.named_parameters():
+            if any(part.startswith("lora_") for part in name.split(".")):
+                p.requires_grad_(True)
     model.__dict__[_PEFT] = wrapped
+    _route(model, own)
     return wrapped
+
+
+def _route(model: MultiTaskModel, own: Sequence[str]) -> None:
+    """Send each forward of a task in `own` through that task's adapter, every other task
+    through the shared one (a forward pre-hook: batches are one task each)."""
+    if not own:
+        return
+    peft = _peft()
+    layers = [
+        m
+        for m in model.backbone.modules()
+        if isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer)
+    ]
+    routes = {task: adapter_name(task) for task in own}
+
+    def pick(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        task = args[0] if args else kwargs.get("task")
+        active = [routes.get(str(task), "default")]
+        for layer in layers:
+            # Set the active adapter without peft's set_adapter, which would also flip
+            # requires_grad (and so the optimizer's and the checkpoint's parameter sets).
+            layer._active_adapter = active
+
+    model.register_forward_pre_hook(pick, with_kwargs=True)
+    model.__dict__[_OWN] = list(own)
 
 
 def peft_model(model: nn.Module) -> Any | None:
@@ -156,7 +199,9 @@ def save_model(
     if wrapped is None:
         model.save(directory, tokenizer, task_tokenizers, extra)
         return
-    info = {"adapter": asdict(adapter) if adapter is not None else {"kind": "lora"}}
+    settings: dict[str, Any] = asdict(adapter) if adapter is not None else {"kind": "lora"}
+    settings["own"] = list(model.__dict__.get(_OWN, []))  # tasks with their own adapter
+    info = {"adapter": settings}
     model.save(directory, tokenizer, task_tokenizers, {**(extra or {}), **info})
     # Overwrite the trunk model.save wrote (LoRA keys inside) with the plain base.
     model.backbone.save_pretrained(directory, state_dict=base_state_dict(model.backbone))  # type: ignore[operator]
@@ -174,16 +219,27 @@ def load_adapter(model: MultiTaskModel, directory: Path, meta: dict[str, Any]) -
     if not (path / "adapter_config.json").is_file():
         raise BitblendError(f"{directory}: bitblend.json names an adapter but {path} is missing")
     peft = _peft()
+    own = list(meta["adapter"].get("own", []))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         wrapped = peft.PeftModel.from_pretrained(model.backbone, str(path))
+        for task in own:  # save_pretrained put each non-default adapter in a sub-folder
+            name = adapter_name(task)
+            wrapped.load_adapter(str(path / name), adapter_name=name)
     model.__dict__[_PEFT] = wrapped
+    _route(model, own)
     return True
 
 
 def merge_lora(model: MultiTaskModel) -> None:
     """Fold the adapters into the base weights (W + alpha/r * B @ A) in place: afterwards
     `model` is a plain MultiTaskModel that saves and loads without peft."""
+    if model.__dict__.get(_OWN):
+        raise BitblendError(
+            "tasks[i].adapter: own: merge --method lora-merge folds one adapter into the base; "
+            f"this run has per-task adapters ({', '.join(model.__dict__[_OWN])}): train with "
+            "adapter: shared to merge"
+        )
     wrapped = model.__dict__.pop(_PEFT, None)
     if wrapped is None:
         raise BitblendError("merge --method lora-merge: the run has no LoRA adapter")

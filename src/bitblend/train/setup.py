@@ -139,7 +139,7 @@ def build_model(
     if recipe.model.adapter.kind == "lora":  # freeze the backbone, LoRA on its targets (peft)
         from bitblend.models.adapters import add_lora
 
-        add_lora(model, recipe.model.adapter)
+        add_lora(model, recipe.model.adapter, [t.name for t in recipe.tasks if t.adapter == "own"])
     if recipe.model.kernels == "auto":
         use_fast_dropout(model)  # CPU masks from models/attention.py; F.dropout elsewhere
     return model, tokenizer, task_tokenizers
