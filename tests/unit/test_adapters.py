@@ -333,7 +333,7 @@ def test_a_task_with_its_own_adapter_is_routed_through_it() -> None:
     # A task-b batch trains task b's adapter (and head) only; a task-a batch the shared one.
     model("b", **batch).sum().backward()
     for name, p in model.named_parameters():
-        if ".task_b." in name and "lora_A" in name or name.startswith("heads.b."):
+        if (".task_b." in name and "lora_A" in name) or name.startswith("heads.b."):
             assert p.grad is not None and p.grad.abs().sum() > 0, name
         elif ".default." in name or name.startswith("heads.a."):
             assert p.grad is None, name
