@@ -120,9 +120,11 @@ def test_eval_and_predict_on_an_adapter_run(
     assert 0.0 <= json.loads(out)["bbc"]["accuracy"] <= 1.0
     inp = tmp_path / "in.jsonl"
     inp.write_text('{"text": "shares fell on the stock market"}\n{"text": "the team won"}\n')
-    code, out, err = run_cli(["predict", str(run), "--input", str(inp)], capsys)
-    assert code == 0, err
-    assert len(out.splitlines()) == 2
+    for serving in ("run", "fp32", "bf16", "int8"):
+        argv = ["predict", str(run), "--input", str(inp), "--precision", serving]
+        code, out, err = run_cli(argv, capsys)
+        assert code == 0, (serving, err)
+        assert len(out.splitlines()) == 2, serving
 
 
 def test_lora_merge_equals_the_adapter_model(

@@ -348,3 +348,15 @@ def test_own_adapter_config_errors_name_the_task() -> None:
         make_recipe("tasks.0.adapter=own")
     with pytest.raises(BitblendError, match=r"tasks\[0\]\.adapter: own .* mixing\.batches"):
         make_recipe("model.adapter.kind=lora", "tasks.0.adapter=own", "mixing.batches=mixed")
+
+
+def test_estimate_says_it_prices_an_adapter_recipe_as_a_full_fine_tune() -> None:
+    from bitblend.estimate import estimate_recipe
+    from tests.unit.test_estimate import FAKE
+
+    recipe = make_recipe("model.adapter.kind=lora", "precision.base_bits=8")
+    est = estimate_recipe(recipe, precision="recipe", device=torch.device("cpu"), peaks=FAKE)
+    assert all(any("model.adapter" in w for w in row.warnings) for row in est.rows)
+    plain = estimate_recipe(make_recipe(), precision="recipe", device=torch.device("cpu"),
+                            peaks=FAKE)  # fmt: skip
+    assert not any("model.adapter" in w for row in plain.rows for w in row.warnings)
