@@ -15,7 +15,7 @@ from bitblend.models.backbones import load_backbone
 from bitblend.models.fused_qkv import FusedQueryLinear, fuse_qkv
 from bitblend.models.trunk import HeadSpec, MultiTaskModel
 from bitblend.optim.build import build_optimizer, param_roles
-from bitblend.precision.base_weights import FrozenBaseLinear, freeze_base
+from bitblend.precision.base_weights import FrozenBaseEmbedding, FrozenBaseLinear, freeze_base
 from bitblend.precision.recipes import build_precision
 from tests.conftest import make_recipe
 
@@ -243,8 +243,8 @@ def test_base_bits_4_on_a_layer_not_in_nf4_blocks_is_a_one_line_error() -> None:
 
 def _expected_state_bytes(model: nn.Module, bits: int) -> int:
     """Independent count: frozen base Linear weights at `bits` (+ int8 row scales / NF4
-    block scales), other frozen weights as stored, trainable ones with an fp32 gradient and
-    two fp32 Adam moments."""
+    block scales), embedding tables in bf16 or int8 rows, other frozen weights as stored,
+    trainable ones with an fp32 gradient and two fp32 Adam moments."""
     total = 0
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -261,6 +261,9 @@ def _expected_state_bytes(model: nn.Module, bits: int) -> int:
                 # + fp32 scaler mean + the 16-entry fp32 code table
                 scaler_block = p.scaler_block_size
                 total += out * inp // 2 + blocks + (blocks // scaler_block) * 4 + 4 + 16 * 4
+        elif name.endswith("codes"):  # a frozen embedding table: bf16, or int8 + row scales
+            rows, dim = p.shape
+            total += rows * dim * 2 if bits == 16 else rows * dim + rows * 4
         else:
             total += p.numel() * p.element_size()
     return total
@@ -379,10 +382,46 @@ def test_a_local_llama_directory_gets_lora_over_an_nf4_base(tmp_path) -> None:
     wrapped = [n for n, m in model.named_modules() if n.endswith(("q_proj", "v_proj"))]
     assert wrapped and all(hasattr(model.get_submodule(n), "lora_A") for n in wrapped)
     names = freeze_base(model, 4)
-    # q/k/v/o and the three MLP projections of both layers, LoRA'd or not.
-    assert len(names) == 2 * 7
+    # q/k/v/o and the three MLP projections of both layers, LoRA'd or not; the token table.
+    assert len(names) == 2 * 7 + 1 and "backbone.embed_tokens" in names
     with torch.no_grad():
         after = model("t", **batch)
     # NF4 moves the logits a little, not a lot (measured 6% of their range here).
     ratio = float((after - before).abs().max() / before.abs().max())
     assert 0 < ratio < 0.25
+
+
+@pytest.mark.parametrize("bits", [16, 8])
+def test_frozen_embedding_rows_dequantise_within_the_format_bound(bits: int) -> None:
+    torch.manual_seed(0)
+    table = nn.Embedding(50, 24)
+    low = FrozenBaseEmbedding(table, bits)
+    ids = torch.tensor([[0, 7, 49], [3, 3, 1]])
+    ref = table.weight.detach()
+    out = low(ids)
+    assert out.dtype == ref.dtype and out.shape == (2, 3, 24)
+    torch.testing.assert_close(out, low.weight[ids])  # lookup == rows of the full table
+    # bf16: half an ulp, 2^-8 relative; int8 rows: half a step of absmax_row / 127.
+    rows = ref.abs().amax(dim=1, keepdim=True)
+    bound = ref.abs() * 2.0**-8 if bits == 16 else rows / 127 / 2
+    assert torch.all((low.weight - ref).abs() <= bound + 1e-7)
+    twin = FrozenBaseEmbedding(nn.Embedding(50, 24), bits)
+    twin.load_state_dict(low.state_dict())
+    assert torch.equal(twin.weight, low.weight)
+
+
+def test_a_tied_table_keeps_its_format_and_multimodal_inputs_still_embed() -> None:
+    model, _ = _model("tiny-bert", image=True)
+    add_lora(model, AdapterConfig(kind="lora", r=4, dropout=0.0))
+    names = freeze_base(model, 8)
+    assert "backbone.embeddings.word_embeddings" in names
+    # The image task goes through inputs_embeds, which reads the table's dtype.
+    image = {"image": torch.randn(2, 4, 12), "image_mask": torch.ones(2, 4, dtype=torch.long)}
+    assert torch.isfinite(model("img", **image)).all()
+    tied = nn.Module()
+    tied.backbone = nn.Module()
+    tied.backbone.wte = nn.Embedding(10, 4)
+    tied.backbone.head = nn.Linear(4, 10, bias=False)
+    tied.backbone.head.weight = tied.backbone.wte.weight
+    tied.requires_grad_(False)
+    assert freeze_base(tied, 8) == []  # table and head read the very same tensor

@@ -1,4 +1,4 @@
-"""A frozen backbone's Linear weights stored in 16, 8 or 4 bits (`precision.base_bits`).
+"""A frozen backbone's weights stored in 16, 8 or 4 bits (`precision.base_bits`).
 
 With `model.adapter.kind: lora` the backbone's weights never change, so they need neither
 gradients nor optimizer state nor full precision at rest (QLoRA). Every frozen Linear (and
@@ -13,9 +13,15 @@ and dequantised per matmul into the compute dtype (autocast's under a mixed reci
 input's otherwise). Backward dequantises again instead of keeping the full-precision weight
 alive between forward and backward: that copy would cost what the format saves.
 
-`state_dict()` of a FrozenBaseLinear gives the dequantised weight in the original layout and
-dtype (what a plain transformers model loads), and loading one quantises again: checkpoints,
-`save_pretrained` and merging see an ordinary model.
+Frozen embedding tables (word, position) become `FrozenBaseEmbedding`s: bf16 for 16, int8
+rows with per-row scales for 8 and 4 (NF4 blocks have no row gather); a lookup dequantises
+only the rows it reads. In an encoder like MiniLM the word table is half the parameters, so
+leaving it at 4 bytes would dominate the model state. A table tied to another module (an LM
+head reading the same tensor) keeps its format.
+
+`state_dict()` of a FrozenBaseLinear / FrozenBaseEmbedding gives the dequantised weight in
+the original layout and dtype (what a plain transformers model loads), and loading one
+quantises again: checkpoints, `save_pretrained` and merging see an ordinary model.
 """
 
 from __future__ import annotations
@@ -161,6 +167,80 @@ class FrozenBaseLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}"
 
 
+class FrozenBaseEmbedding(nn.Module):
+    """A frozen lookup table stored in bf16 (`bits` 16) or int8 rows with one fp32 absmax
+    scale per row (`bits` 8 and 4: NF4 blocks have no row gather); a lookup dequantises
+    only the rows it reads, into the table's original dtype."""
+
+    def __init__(self, table: nn.Embedding, bits: int) -> None:
+        super().__init__()
+        weight = table.weight.detach()
+        self.bits = bits
+        self.source_dtype = weight.dtype
+        self.num_embeddings, self.embedding_dim = table.num_embeddings, table.embedding_dim
+        self.padding_idx = table.padding_idx
+        self.codes = nn.Parameter(self._quantize(weight), requires_grad=False)
+
+    def _quantize(self, w: torch.Tensor) -> torch.Tensor:
+        if self.bits == 16:
+            return w.to(torch.bfloat16)
+        scale = w.float().abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        self.register_buffer("scale", scale, persistent=False)
+        return torch.round(w.float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
+
+    def _rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Dequantise the codes `rows` (any shape) of the table: (…, dim)."""
+        if self.bits == 16:
+            return rows.to(self.source_dtype)
+        return rows.to(self.source_dtype) * _tensor(self.scale).to(self.source_dtype)[..., None]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The whole table, dequantised (for callers that read `.weight`, e.g. its dtype)."""
+        return self._rows(self.codes) if self.bits == 16 else self._dequantize_all()
+
+    def _dequantize_all(self) -> torch.Tensor:
+        return self.codes.to(self.source_dtype) * _tensor(self.scale).to(self.source_dtype)[:, None]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """(…) token ids -> (…, dim) rows in the table's original dtype."""
+        codes = nn.functional.embedding(ids, self.codes)
+        if self.bits == 16:
+            return codes.to(self.source_dtype)
+        scale = nn.functional.embedding(ids, _tensor(self.scale)[:, None]).to(self.source_dtype)
+        return codes.to(self.source_dtype) * scale
+
+    def stored_bytes(self) -> int:
+        """Bytes of the codes and row scales."""
+        total = self.codes.numel() * self.codes.element_size()
+        if self.bits != 16:
+            total += _tensor(self.scale).numel() * _tensor(self.scale).element_size()
+        return total
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        destination[prefix + "weight"] = self.weight
+
+    def _load_from_state_dict(
+        self,
+        state_dict: Mapping[str, Any],
+        prefix: str,
+        local_metadata: Any,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        key = prefix + "weight"
+        if key not in state_dict:
+            missing_keys.append(key)
+            return
+        value = state_dict[key].to(self.source_dtype).to(self.codes.device)
+        self.codes = nn.Parameter(self._quantize(value), requires_grad=False)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}"
+
+
 def _tensor(value: object) -> torch.Tensor:
     """`value` as a tensor (module attributes are typed Tensor | Module for mypy)."""
     assert isinstance(value, torch.Tensor)
@@ -182,12 +262,19 @@ def freeze_base(model: nn.Module, bits: int | None, prefix: str = "backbone.") -
             part.startswith(_ADAPTER_PREFIX) for part in name.split(".")
         ):
             continue
-        linear = type(module) is nn.Linear or _is_conv1d(module)
-        if linear and not _tensor(module.weight).requires_grad:
+        kind = type(module) is nn.Linear or _is_conv1d(module) or type(module) is nn.Embedding
+        if kind and not _tensor(module.weight).requires_grad:
             chosen.append((name, module))
+    # A weight shared by two modules (an LM head tied to the token table) keeps its format
+    # in both: each reads the tensor itself.
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    chosen = [(n, m) for n, m in chosen if owners.get(id(m.weight), 0) == 1]
     if bits == 4:
         for name, module in chosen:
-            if _tensor(module.weight).numel() % NF4_BLOCK:
+            if type(module) is not nn.Embedding and _tensor(module.weight).numel() % NF4_BLOCK:
                 raise BitblendError(
                     f"precision.base_bits: 4 stores weights in NF4 blocks of {NF4_BLOCK}; "
                     f"{name} has {_tensor(module.weight).numel()} weights (not a multiple): use "
@@ -197,7 +284,12 @@ def freeze_base(model: nn.Module, bits: int | None, prefix: str = "backbone.") -
     for name, module in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, FrozenBaseLinear(module, bits, transposed=_is_conv1d(module)))
+        low: nn.Module
+        if type(module) is nn.Embedding:
+            low = FrozenBaseEmbedding(module, bits)
+        else:
+            low = FrozenBaseLinear(module, bits, transposed=_is_conv1d(module))
+        setattr(parent, child, low)
     return [name for name, _ in chosen]
 
 
@@ -207,7 +299,7 @@ def weight_bytes(model: nn.Module) -> int:
     total = 0
     low_bit: set[int] = set()
     for module in model.modules():
-        if isinstance(module, FrozenBaseLinear):
+        if isinstance(module, FrozenBaseLinear | FrozenBaseEmbedding):
             total += module.stored_bytes()
             low_bit.update(id(p) for p in module.parameters())
     seen: set[int] = set()
