@@ -106,8 +106,8 @@ def test_load_run_reproduces_the_trained_adapter_model(lora_run: tuple[Path, Tra
     trainer.model.eval()
     live = TransformerRun(run, trainer.recipe, trainer.model, trainer.tokenizer,
                           trainer.task_tokenizers, trainer.precision, trainer.device)  # fmt: skip
-    # The reloaded base is quantised again from its dequantised values (NF4 scales are
-    # re-derived, equal up to float rounding); bf16 matmuls on top.
+    # The reloaded base is quantised again from its dequantised values (torchao re-derives
+    # NF4's double-quantised block scales: close, not bit-equal); bf16 matmuls on top.
     np.testing.assert_allclose(_outputs(loaded), _outputs(live), atol=2e-2, rtol=0)
 
 
@@ -137,8 +137,8 @@ def test_lora_merge_equals_the_adapter_model(
     merged = load_run(out, serving="fp32")
     assert isinstance(merged, TransformerRun)
     assert merged.recipe.model.adapter.kind == "none" and merged.recipe.precision.base_bits is None
-    # Served in fp32: W x + s B A x (NF4 base re-derived from its dequantised weights) vs
-    # (W + s B A) x: equal up to float rounding.
+    # Served in fp32 (no base_bits: the saved, dequantised base as is): W x + s B A x vs
+    # (W + s B A) x, equal to float rounding.
     adapter = load_run(run, serving="fp32")
     np.testing.assert_allclose(_outputs(merged), _outputs(adapter), atol=1e-4, rtol=1e-4)
 
@@ -202,3 +202,39 @@ def test_two_tasks_with_own_adapters_save_reload_and_route(
     argv = ["merge", str(run), "--method", "lora-merge", "--out", str(tmp_path / "m")]
     code, _, err = run_cli(argv, capsys)
     assert_one_line_error(code, err, "tasks[1].adapter: own", "adapter: shared")
+
+
+def test_gpt2_conv1d_adapter_run_reloads_and_merges(tmp_path: Path) -> None:
+    """tiny-gpt (GPT-2: Conv1D layers, fused c_attn) with LoRA over an NF4 base: the saved
+    base keeps Conv1D's (in, out) layout, reloads to the trained outputs, and lora-merge
+    equals it."""
+    recipe = make_recipe(*LORA, "model.backbone=tiny-gpt", "precision.recipe=32-true",
+                         "precision.base_bits=4", "train.steps=3",
+                         "train.eval_max_examples=8")  # fmt: skip
+    run = tmp_path / "run"
+    trainer = _train(recipe, run)
+    trainer.model.eval()
+    live = TransformerRun(run, trainer.recipe, trainer.model, trainer.tokenizer,
+                          trainer.task_tokenizers, trainer.precision, trainer.device)  # fmt: skip
+    loaded = load_run(run)
+    assert isinstance(loaded, TransformerRun)
+    # Reloading quantises the saved (dequantised) base to NF4 again; torchao re-derives the
+    # double-quantised block scales from them (a new mean and range per scaler block), which
+    # moves the logits by up to ~1e-3 of their size here.
+    np.testing.assert_allclose(_outputs(loaded, 8), _outputs(live, 8), atol=2e-3, rtol=0)
+    out = tmp_path / "merged"
+    run_merge([run], MergeOptions("lora-merge"), out)
+    merged = load_run(out, serving="fp32")
+    assert isinstance(merged, TransformerRun)
+    # The merged model folds the adapter into the saved base itself (no re-quantisation):
+    # it equals the trained model to float rounding.
+    np.testing.assert_allclose(_outputs(merged, 8), _outputs(live, 8), atol=1e-4, rtol=1e-4)
+
+
+def test_fp32_serving_of_an_nf4_run_uses_the_saved_weights(lora_run: tuple[Path, Trainer]) -> None:
+    run, _ = lora_run
+    assert load_run(run).precision.describe()["base_bits"] == 4  # "run": the training format
+    fp32 = load_run(run, serving="fp32")
+    assert isinstance(fp32, TransformerRun)
+    assert fp32.precision.describe()["base_bits"] is None
+    assert not any("FrozenBase" in type(m).__name__ for m in fp32.model.modules())
