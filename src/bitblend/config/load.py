@@ -14,6 +14,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from bitblend.config.adapter import check_adapter
 from bitblend.config.classic import check_classic_recipe, is_classic
 from bitblend.config.schema import Recipe
 from bitblend.errors import BitblendError, quote
@@ -400,6 +401,7 @@ def _check(recipe: Recipe) -> None:
     if recipe.train.max_grad_norm is not None and recipe.train.max_grad_norm <= 0:
         raise BitblendError("train.max_grad_norm: expected a number > 0 or null")
     _check_classic(recipe)
+    check_adapter(recipe)  # model.adapter / precision.base_bits (config/adapter.py)
 
 
 def _check_classic(recipe: Recipe) -> None:

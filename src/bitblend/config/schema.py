@@ -49,6 +49,25 @@ def required(text: str) -> Any:
 
 
 @dataclass(kw_only=True)
+class AdapterConfig:
+    """Parameter-efficient fine-tuning: LoRA adapters (peft) over a frozen backbone."""
+
+    kind: Literal["none", "lora"] = doc(
+        "none",
+        "none = train every weight; lora = freeze the backbone and train low-rank adapters "
+        "(peft) on the `targets` layers, plus the heads and modality adapters (docs/peft.md)",
+    )
+    r: int = doc(16, "lora: rank of each adapter (A is r x in, B is out x r)")
+    alpha: float = doc(32.0, "lora: scaling numerator; the update is (alpha / r) * B @ A")
+    dropout: float = doc(0.05, "lora: dropout on each adapter's input")
+    targets: list[str] | Literal["all-linear"] = doc(
+        ["query", "value"],
+        "lora: layers to adapt, by module name suffix; query / key / value also name q_proj "
+        "(Llama), q_lin (DistilBERT) and c_attn (GPT-2's fused q/k/v); or all-linear",
+    )
+
+
+@dataclass(kw_only=True)
 class ModelConfig:
     """The shared transformer trunk."""
 
@@ -76,6 +95,10 @@ class ModelConfig:
         "MiniLM bf16 steps 1.61x faster here), PyTorch's SDPA and dropout elsewhere, and one "
         "matmul for each attention block's q/k/v projections (any device); torch = PyTorch's "
         "everywhere, separate q/k/v layers, as HF Trainer runs",
+    )
+    adapter: AdapterConfig = field(
+        default_factory=AdapterConfig,
+        metadata={"doc": "LoRA adapters over a frozen backbone (docs/peft.md)"},
     )
     tfidf_max_features: int | None = doc(
         50000, "tfidf-logreg: keep the N most frequent n-grams (null = all)"
@@ -122,6 +145,12 @@ class TaskConfig:
     batch_size: int | None = doc(None, "this task's batch size (homogeneous batches)")
     max_length: int | None = doc(None, "this task's max tokens (default: model.max_length)")
     max_examples: int | None = doc(None, "use at most this many training examples (seeded)")
+    adapter: Literal["shared", "own"] = doc(
+        "shared",
+        "with model.adapter.kind lora: shared = this task trains the one shared adapter; own = "
+        "its own LoRA adapter, routed by task in the forward (needs mixing.batches: "
+        "homogeneous)",
+    )
 
 
 @dataclass(kw_only=True)
@@ -151,6 +180,12 @@ class PrecisionConfig:
     )
     fp8_scaling: Literal["tensorwise", "rowwise"] = doc(
         "tensorwise", "fp8 / fp8-emulated: one scale per tensor, or one per row"
+    )
+    base_bits: Literal[16, 8, 4] | None = doc(
+        None,
+        "with model.adapter.kind lora: how the frozen backbone's Linear weights are stored "
+        "(16 = bf16, 8 = int8 per row, 4 = NF4 via torchao), dequantised per matmul in the "
+        "compute dtype; null = the recipe's own weight format",
     )
     init_scale: float = doc(65536.0, "16-mixed: initial loss scale")
     growth_interval: int = doc(2000, "16-mixed: steps without overflow before the scale doubles")

@@ -8,6 +8,8 @@ Methods (every tensor merged in fp32, then saved as a normal run directory):
 - ties: trim each task vector to its top `density` share by magnitude (per tensor), elect
   each entry's sign by the summed trimmed vectors, average the entries that agree with it
   (Yadav et al. 2023): base + scale * merged.
+- lora-merge: one LoRA run's adapter folded into its base, W + (alpha / r) * B @ A (peft
+  merge_and_unload; lora_merge.py).
 The base of task-arithmetic and TIES is the recipe's backbone before fine-tuning (the
 pretrained weights, or a random-init alias rebuilt from its seed). Heads and adapters have
 no base: a task's head is averaged over the runs that have that task, which requires the
@@ -31,6 +33,7 @@ from bitblend.config.load import dump_recipe
 from bitblend.config.schema import Recipe, TaskConfig
 from bitblend.data.sources import load_task_data
 from bitblend.data.table import Table
+from bitblend.ensemble.lora_merge import run_lora_merge
 from bitblend.errors import BitblendError
 from bitblend.models.backbones import count_parameters, load_backbone, seed_everything
 from bitblend.models.trunk import HeadSpec, MultiTaskModel, load_model
@@ -135,6 +138,11 @@ def load_ingredient(path: Path) -> Ingredient:
         raise BitblendError(f"{path}: merge needs transformer runs; this is {KIND_NAMES[kind]}")
     recipe = run_recipe(path)
     model, tok, meta = load_model(path / "model")  # unconverted: what was saved
+    if "adapter" in meta:  # model/ alone is the frozen base: merging it drops the adapter
+        raise BitblendError(
+            f"{path}: a LoRA adapter run; fold its adapter in first with "
+            "`bitblend merge --method lora-merge`, then merge the result"
+        )
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
     return Ingredient(path, recipe, model, tok, meta, state)
 
@@ -377,8 +385,12 @@ def run_merge(
     run_dirs: list[Path], opt: MergeOptions, out: Path, console: Any = None
 ) -> dict[str, Any]:
     """`bitblend merge`: check, merge, evaluate and write a run directory; returns summary."""
+    if opt.method == "lora-merge":  # one LoRA run folded into a full model (lora_merge.py)
+        return run_lora_merge(run_dirs, out, opt.data, console)
     if opt.method not in METHODS:
-        raise BitblendError(f"--method {opt.method}: expected one of {', '.join(METHODS)}")
+        raise BitblendError(
+            f"--method {opt.method}: expected one of {', '.join(METHODS)} or lora-merge"
+        )
     if not 0.0 < opt.density <= 1.0:
         raise BitblendError(f"--density {opt.density}: expected a number in (0, 1]")
     check_new_run_dir(out)

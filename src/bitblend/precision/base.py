@@ -97,6 +97,7 @@ def description(
     loss_scaler: bool = False,
     fp32_modules: int = 0,
     fp8_modules: int = 0,
+    base_bits: int | None = None,
 ) -> dict[str, Any]:
     """The `describe()` record every recipe writes to logs and summary.json (same keys)."""
     return {
@@ -111,4 +112,6 @@ def description(
         "loss_scaler": loss_scaler,
         "fp32_modules": fp32_modules,
         "fp8_modules": fp8_modules,
+        # model.adapter: bits of the frozen backbone's Linear weights (None = as `weights`)
+        "base_bits": base_bits,
     }

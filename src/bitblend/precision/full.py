@@ -11,6 +11,7 @@ from torch import nn
 
 from bitblend.config.schema import PrecisionConfig
 from bitblend.precision.base import StepResult, description
+from bitblend.precision.base_weights import freeze_base
 from bitblend.precision.fp8 import keep_matcher
 from bitblend.precision.fsdp import fsdp_policies
 from bitblend.precision.update import Updater, trainable
@@ -32,6 +33,7 @@ class FullPrecision:
         model.to(self.device, torch.float32)  # a no-op for the fp32 models bitblend builds
         keep_matcher(model, self.cfg.keep_fp32)  # a keep_fp32 typo is an error in every recipe
         self.updater.attach(model)
+        freeze_base(model, self.cfg.base_bits)  # model.adapter: a low-bit frozen backbone
         return model
 
     def optimizer_parameters(self, model: nn.Module) -> list[nn.Parameter]:
@@ -87,4 +89,5 @@ class FullPrecision:
             compute=torch.float32,
             weights=torch.float32,
             state_bits=self.cfg.state_bits,
+            base_bits=self.cfg.base_bits,
         )

@@ -19,6 +19,7 @@ from torch import nn
 from bitblend.config.schema import PrecisionConfig
 from bitblend.errors import BitblendError
 from bitblend.precision.base import StepResult, description
+from bitblend.precision.base_weights import freeze_base
 from bitblend.precision.fp8 import keep_matcher
 from bitblend.precision.fsdp import fsdp_policies
 from bitblend.precision.rounding import kahan_round_, narrow_, widen
@@ -58,6 +59,7 @@ class HalfPrecision:
         keep = keep_matcher(model, self.cfg.keep_fp32)
         self.updater.attach(model)
         self.fp32_modules = keep_in_fp32(model, self.device.type, keep, self.weight_dtype)
+        freeze_base(model, self.cfg.base_bits)  # model.adapter: a low-bit frozen backbone
         return model
 
     def optimizer_parameters(self, model: nn.Module) -> list[nn.Parameter]:
@@ -179,4 +181,5 @@ class HalfPrecision:
             master_weights=self.master_weights,
             rounding=self.rounding,
             fp32_modules=len(self.fp32_modules),
+            base_bits=self.cfg.base_bits,
         )

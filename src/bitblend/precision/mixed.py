@@ -15,6 +15,7 @@ from torch import nn
 
 from bitblend.config.schema import PrecisionConfig
 from bitblend.precision.base import StepResult, description
+from bitblend.precision.base_weights import freeze_base
 from bitblend.precision.fp8 import Fp8Swap, keep_matcher
 from bitblend.precision.fsdp import fsdp_policies
 from bitblend.precision.rules import keep_in_fp32
@@ -57,6 +58,7 @@ class MixedPrecision:
         if self.fp8_swap is not None:
             self.fp8_modules = self.fp8_swap(model, self.cfg.fp8_scaling, keep)
         self.fp32_modules = keep_in_fp32(model, self.device.type, keep, torch.float32)
+        freeze_base(model, self.cfg.base_bits)  # model.adapter: a low-bit frozen backbone
         return model
 
     def optimizer_parameters(self, model: nn.Module) -> list[nn.Parameter]:
@@ -133,4 +135,5 @@ class MixedPrecision:
             loss_scaler=self.scaler is not None,
             fp32_modules=len(self.fp32_modules),
             fp8_modules=len(self.fp8_modules),
+            base_bits=self.cfg.base_bits,
         )

@@ -21,6 +21,7 @@ from bitblend.config.schema import PrecisionConfig
 from bitblend.errors import BitblendError
 from bitblend.optim.lowbit import state_bytes
 from bitblend.precision.base import StepResult
+from bitblend.precision.base_weights import weight_bytes
 from bitblend.precision.health import StepHealth
 
 
@@ -92,7 +93,7 @@ class Updater:
 
     def state_bytes(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
         """Bytes of weights, their gradients and the optimizer's states."""
-        weights = sum(nbytes(p) for p in model.parameters())
+        weights = weight_bytes(model)  # a low-bit frozen base counts its codes and scales
         return weights + self.grad_bytes + state_bytes(optimizer)
 
     def state_dict(self, name: str) -> dict[str, Any]:

@@ -39,7 +39,9 @@ def inference_config(trained: PrecisionConfig, name: str) -> PrecisionConfig:
             return replace(base, recipe="bf16-mixed")
         return base
     serve: dict[str, PrecisionName] = {"fp32": "32-true", "bf16": "bf16-true", "int8": "32-true"}
-    return replace(base, recipe=serve[name])
+    # A LoRA run's low-bit frozen base (precision.base_bits) is a training format: the other
+    # serving precisions store every weight their own way.
+    return replace(base, recipe=serve[name], base_bits=None)
 
 
 def quantize_int8(model: nn.Module) -> int:

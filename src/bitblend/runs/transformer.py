@@ -15,6 +15,7 @@ from bitblend.data.modalities import EncodedSplit
 from bitblend.data.sources import load_task_data
 from bitblend.data.table import Table
 from bitblend.device import pick_device
+from bitblend.models.adapters import load_adapter
 from bitblend.models.trunk import MultiTaskModel, load_model
 from bitblend.precision.base import Precision
 from bitblend.precision.recipes import build_precision
@@ -111,6 +112,7 @@ def load_transformer(run_dir: Path, recipe: Recipe, serving: str = "run") -> Tra
     """Reload a transformer run directory's final model in a serving precision."""
     check_serving(serving)  # before the (slow) model load
     model, tokenizer, meta = load_model(run_dir / "model")
+    load_adapter(model, run_dir / "model", meta)  # LoRA runs: model/adapter/ on the base
     precision, device = serve_model(model, recipe, serving)
     return TransformerRun(
         run_dir, recipe, model, tokenizer, meta["task_tokenizers"], precision, device, serving

@@ -101,11 +101,16 @@ def _canonical(doc: dict[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
-def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state as distinct contiguous tensors (tied weights stored once)."""
+def model_tensors(
+    model: nn.Module, keep: Callable[[str], bool] | None = None
+) -> dict[str, torch.Tensor]:
+    """The model's state as distinct contiguous tensors (tied weights stored once); only the
+    keys `keep` accepts when given (adapter runs: not the frozen base)."""
     out: dict[str, torch.Tensor] = {}
     seen: dict[object, str] = {}
     for name, t in model.state_dict().items():
+        if keep is not None and not keep(name):
+            continue
         # Tied = the very same view (pointer incl. offset, shape, stride), not just one storage.
         key = (t.data_ptr(), tuple(t.shape), tuple(t.stride())) if t.numel() else id(t)
         if key in seen and t.numel():
@@ -119,13 +124,20 @@ def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, state: dict[str, Any]) -> Path:
-    """Write checkpoint `step-N` atomically, with checksums; returns its path.
+def save_checkpoint(
+    ckpt_root: Path,
+    step: int,
+    model: nn.Module,
+    state: dict[str, Any],
+    keep: Callable[[str], bool] | None = None,
+) -> Path:
+    """Write checkpoint `step-N` atomically, with checksums (model keys `keep` accepts:
+    adapter runs leave out the frozen base); returns its path.
 
     A disk that is full or read-only raises a one-line BitblendError saying how much the
     checkpoint needed; nothing of the attempt is left and older checkpoints are untouched.
     """
-    weights = model_tensors(model)
+    weights = model_tensors(model, keep)
     tensors: dict[str, torch.Tensor] = {}
     meta = _flatten(state, "s", tensors)  # before any write: an unstorable state costs nothing
     needed = _nbytes(weights) + _nbytes(tensors)
@@ -299,8 +311,11 @@ def prune_checkpoints(ckpt_root: Path, keep: int, known_good: int | None = None)
         shutil.rmtree(aside, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, model: nn.Module) -> tuple[int, dict[str, Any]]:
-    """Verify, then load weights into `model`; returns (step, the nested state dict).
+def load_checkpoint(
+    path: Path, model: nn.Module, keep: Callable[[str], bool] | None = None
+) -> tuple[int, dict[str, Any]]:
+    """Verify, then load weights into `model` (the keys `keep` accepts are required, the
+    others stay as built); returns (step, the nested state dict).
 
     Raises CorruptCheckpoint (before the model is touched) when a file is missing,
     truncated, unparseable or fails its checksum.
@@ -312,7 +327,7 @@ def load_checkpoint(path: Path, model: nn.Module) -> tuple[int, dict[str, Any]]:
     except (ValueError, SafetensorError) as exc:
         raise CorruptCheckpoint(f"{path}: unreadable checkpoint ({exc})") from None
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    tied = {n for n in missing if _is_tied(model, n, weights)}
+    tied = {n for n in missing if (keep is not None and not keep(n)) or _is_tied(model, n, weights)}
     if set(missing) - tied or unexpected:
         raise BitblendError(
             f"{path}: checkpoint does not match the model "

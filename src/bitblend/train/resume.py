@@ -96,11 +96,18 @@ class Checkpointer:
         self.notice = notice
         self.last_good: int | None = None  # a step known intact: just saved or just loaded
 
-    def save(self, step: int, model: nn.Module, state: dict[str, Any]) -> Path:
-        """Prune (leaving room), save atomically, prune to `keep`."""
+    def save(
+        self,
+        step: int,
+        model: nn.Module,
+        state: dict[str, Any],
+        tensors: Callable[[str], bool] | None = None,
+    ) -> Path:
+        """Prune (leaving room), save atomically, prune to `keep`. `tensors`: which model
+        keys to store (adapter runs: not the frozen base)."""
         if self.keep >= 2:
             ckpt.prune_checkpoints(self.root, self.keep - 1, known_good=self.last_good)
-        path = ckpt.save_checkpoint(self.root, step, model, state)
+        path = ckpt.save_checkpoint(self.root, step, model, state, tensors)
         self.last_good = step
         ckpt.prune_checkpoints(self.root, self.keep, known_good=step)
         return path
@@ -111,6 +118,7 @@ class Checkpointer:
         load_state: Callable[[dict[str, Any]], None],
         *,
         clean: bool = True,
+        tensors: Callable[[str], bool] | None = None,
     ) -> Restored | None:
         """Clean up after a crash, then load the newest intact checkpoint (None: there is none).
         `clean=False` only loads (ranks other than 0 of a distributed run: rank 0 cleans).
@@ -124,7 +132,7 @@ class Checkpointer:
         found: dict[str, Any] = {}
 
         def load_one(path: Path) -> int:
-            step, state = ckpt.load_checkpoint(path, model)
+            step, state = ckpt.load_checkpoint(path, model, tensors)
             if step != ckpt.step_of(path):
                 raise ckpt.CorruptCheckpoint(f"{path}: step {step} in state.json")
             final_eval = state.pop(FINAL_EVAL, None)

@@ -107,6 +107,10 @@ def build_model(
     for spec in specs:
         if spec.lm_head and lm_head is not None:  # every such task starts from the checkpoint's
             model.heads[spec.task].load_state_dict(lm_head.module.state_dict())
+    if recipe.model.adapter.kind == "lora":  # freeze the backbone, LoRA on its targets (peft)
+        from bitblend.models.adapters import add_lora
+
+        add_lora(model, recipe.model.adapter, [t.name for t in recipe.tasks if t.adapter == "own"])
     if recipe.model.kernels == "auto":
         use_fast_dropout(model)  # CPU masks from models/attention.py; F.dropout elsewhere
     return model, tokenizer, task_tokenizers

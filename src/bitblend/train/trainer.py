@@ -19,6 +19,7 @@ from bitblend.data.epochs import resolve_epochs
 from bitblend.data.mixture import Mixture
 from bitblend.errors import BitblendError
 from bitblend.fsutil import crash_point, disk_error, is_disk_error
+from bitblend.models.adapters import checkpoint_filter, save_model
 from bitblend.models.backbones import count_parameters
 from bitblend.optim.build import build_optimizer, build_schedule, param_roles
 from bitblend.optim.lowbit import export_state, import_state
@@ -235,7 +236,9 @@ class Trainer:
         else:  # one process or DDP (identical weights on every rank): rank 0 writes
             path = root / f"step-{self.step}"
             if self.dist.main:
-                path = self.checkpoints.save(self.step, self.model, state)
+                path = self.checkpoints.save(
+                    self.step, self.model, state, checkpoint_filter(self.model)
+                )
         self.dist.barrier()
         return path
 
@@ -258,7 +261,10 @@ class Trainer:
         if not self.dist.main:
             self.dist.barrier()
         self.restored = self.checkpoints.restore(
-            self.model, self.load_state_dict, clean=self.dist.main
+            self.model,
+            self.load_state_dict,
+            clean=self.dist.main,
+            tensors=checkpoint_filter(self.model),
         )
         if self.dist.main:
             self.dist.barrier()
@@ -514,11 +520,13 @@ class Trainer:
         if plain is None:
             return {"rank": self.dist.rank, "steps": self.step}
         write_json(self.run_dir / "eval.json", {"step": self.step, "tasks": evals})
-        plain.save(
+        save_model(  # models/adapters.py: model.save, plus adapter/ for LoRA runs
+            plain,
             self.run_dir / "model",
             self.tokenizer,
             self.task_tokenizers,
             extra={"precision": desc["recipe"], "max_length": self.recipe.model.max_length},
+            adapter=self.recipe.model.adapter,
         )
         summary = self._summary(evals, time.perf_counter() - wall0)
         if self.progress.start:  # resumed: this process's steps, their tokens and time

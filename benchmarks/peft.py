@@ -1,0 +1,127 @@
+"""Full fine-tune vs LoRA over a bf16 / int8 / NF4 frozen base: MiniLM-L6 on BBC News.
+
+Each variant is one `bitblend train` of the `bbc` recipe (bf16-mixed) in its own subprocess
+(so peak RSS is its own), read back from summary.json: held-out accuracy, tokens/s,
+model-state bytes per parameter (weights + grads + optimizer states, at rest, measured by
+the precision object) and peak memory. Variants run one after another in one invocation, so
+their ratios come from one machine state; compare ratios, not absolute numbers.
+
+    .venv/bin/python benchmarks/peft.py [--steps 80] [--batch 32] [--seq 128]
+        [--eval-max 0] [--variants full,lora-bf16,lora-int8,lora-nf4] [--json OUT]
+
+LoRA: r 16, alpha 32, dropout 0.05 on query and value (the recipe defaults), lr 5e-4
+(`--lora-lr`); the full fine-tune keeps the recipe's 1e-4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+LORA = ["model.adapter.kind=lora"]
+VARIANTS: dict[str, list[str]] = {
+    "full": [],
+    "lora-bf16": [*LORA, "precision.base_bits=16"],
+    "lora-int8": [*LORA, "precision.base_bits=8"],
+    "lora-nf4": [*LORA, "precision.base_bits=4"],
+}
+
+
+def run_variant(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """Train one variant in a subprocess; its summary.json figures."""
+    sets = [
+        "precision.recipe=bf16-mixed",
+        f"train.steps={args.steps}",
+        f"train.batch_size={args.batch}",
+        f"model.max_length={args.seq}",
+        "train.eval_every=0",
+        "train.checkpoint_every=0",
+        *VARIANTS[name],
+    ]
+    if name != "full":
+        sets.append(f"optimizer.lr={args.lora_lr}")
+    if args.eval_max:
+        sets.append(f"train.eval_max_examples={args.eval_max}")
+    cmd = [sys.executable, "-m", "bitblend.cli", "train", "bbc", "--out", str(out), "--quiet"]
+    for s in sets:
+        cmd += ["--set", s]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+    summary = json.loads((out / "summary.json").read_text())
+    ev = summary["eval"]["bbc_news"]
+    trainable = _trainable(out)
+    return {
+        "variant": name,
+        "accuracy": ev["accuracy"],
+        "macro_f1": ev["macro_f1"],
+        "tokens_per_s": summary["tokens_per_s"],
+        "model_state_bytes_per_param": summary["model_state_bytes_per_param"],
+        "model_state_mib": summary["model_state_bytes"] / 2**20,
+        "peak_memory_gib": summary["peak_memory_bytes"] / 2**30,
+        "parameters": summary["parameters"],
+        "trainable": trainable,
+        "wall_s": time.perf_counter() - t0,
+        "sets": sets,
+    }
+
+
+def _trainable(run: Path) -> int | None:
+    """Trainable parameters: from the last checkpoint (adapter runs hold only those)."""
+    from safetensors import safe_open
+
+    ckpts = sorted((run / "checkpoints").glob("step-*"))
+    if not ckpts:
+        return None
+    with safe_open(str(ckpts[-1] / "model.safetensors"), "pt") as f:
+        return sum(_numel(f, k) for k in f.keys())  # noqa: SIM118  (safe_open: no __iter__)
+
+
+def _numel(f: Any, key: str) -> int:
+    n = 1
+    for d in f.get_slice(key).get_shape():
+        n *= d
+    return n
+
+
+def main() -> None:
+    """Run the variants and print a table (and JSON with --json)."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--eval-max", type=int, default=0, help="eval examples (0 = all)")
+    ap.add_argument("--lora-lr", type=float, default=5e-4)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.variants.split(","):
+            row = run_variant(name, args, Path(tmp) / name)
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "sets"}), flush=True)
+    head = (
+        f"{'variant':<10} {'acc':>6} {'tok/s':>7} {'B/param':>8} {'state MiB':>9} "
+        f"{'peak GiB':>8} {'trainable':>10}"
+    )
+    print(head)
+    for r in rows:
+        print(
+            f"{r['variant']:<10} {r['accuracy']:>6.3f} {r['tokens_per_s']:>7.0f} "
+            f"{r['model_state_bytes_per_param']:>8.2f} {r['model_state_mib']:>9.1f} "
+            f"{r['peak_memory_gib']:>8.2f} {r['trainable'] or 0:>10}"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
