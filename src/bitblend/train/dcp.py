@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from bitblend.errors import BitblendError
+from bitblend.fsutil import fsync_path
 from bitblend.train.checkpoint import META_FILE
 from bitblend.train.distributed import DistContext
 
@@ -49,14 +50,6 @@ def check_format(path: Path, sharded: bool) -> None:
             f"{path}: a single-file checkpoint (strategy none or ddp); resume it with "
             "distributed.strategy none or ddp, not fsdp2"
         )
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_sharded(
@@ -87,13 +80,13 @@ def save_sharded(
         ctx.barrier()  # every rank's shard is on disk before the rename publishes it
         if ctx.main:
             for f in (tmp / DCP_DIR).iterdir():
-                _fsync(f)
+                fsync_path(f)
             for f in (tmp / DCP_DIR, tmp / STATE_PT, tmp / META_FILE, tmp):
-                _fsync(f)
+                fsync_path(f)
             if final.exists():
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            _fsync(root)
+            fsync_path(root)
     except BaseException:
         if ctx.main:
             shutil.rmtree(tmp, ignore_errors=True)
