@@ -78,7 +78,9 @@ def free_port() -> int:
 
 def start_server(run_dir: str, engine: str, precision: str, port: int) -> subprocess.Popen[str]:
     """`bitblend serve` (or the naive anchor) as a subprocess on 127.0.0.1:port."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    # Both servers tokenise without the tokenizers' thread pool (what `bitblend serve` sets).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+           "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
     if engine == "naive":
         cmd = [sys.executable, __file__, run_dir, "--naive-server", "--port", str(port)]
     else:
