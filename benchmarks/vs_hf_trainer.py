@@ -80,7 +80,8 @@ def _data(recipe: Any) -> tuple[Any, Any, list[Any]]:
     on: a fresh sampler built exactly as the Trainer builds its own."""
     import torch
 
-    from bitblend.train.setup import build_model, build_tasks, load_data
+    from bitblend.taskspec import load_data
+    from bitblend.train.setup import build_model, build_tasks
 
     datas = load_data(recipe)
     model, tok, task_toks = build_model(recipe, datas)

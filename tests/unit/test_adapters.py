@@ -135,7 +135,8 @@ def test_fused_qkv_leaves_lora_wrapped_projections_alone(targets: list[str] | st
 
 @pytest.mark.slow  # loads BBC News and the MiniLM tokenizer
 def test_trainer_conversion_does_not_fuse_an_adapter_model() -> None:
-    from bitblend.train.setup import build_model, convert_model, load_data
+    from bitblend.taskspec import load_data
+    from bitblend.train.setup import build_model, convert_model
 
     recipe = make_recipe("model.kernels=auto", "model.adapter.kind=lora", "model.adapter.r=2",
                          "precision.base_bits=8")  # fmt: skip

@@ -12,7 +12,8 @@ from torch import nn
 
 from bitblend.models import attention
 from bitblend.models.backbones import load_backbone
-from bitblend.train.setup import build_model, load_data
+from bitblend.taskspec import load_data
+from bitblend.train.setup import build_model
 from tests.conftest import make_recipe
 
 

@@ -32,7 +32,8 @@ from bitblend.estimate.probe import Peaks, cache_key, get_peaks, save_peaks
 from bitblend.estimate.shapes import TaskShape
 from bitblend.precision.recipes import build_precision
 from bitblend.tasks.losses import compute_loss
-from bitblend.train.setup import build_model, convert_model, load_data
+from bitblend.taskspec import load_data
+from bitblend.train.setup import build_model, convert_model
 from tests.conftest import make_recipe
 
 CPU = torch.device("cpu")

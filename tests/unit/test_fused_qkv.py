@@ -15,7 +15,8 @@ from torch.nn.utils import prune
 from bitblend.models.backbones import load_backbone
 from bitblend.models.fused_qkv import FusedQueryLinear, FusedSliceLinear, fuse_qkv, unfuse_qkv
 from bitblend.precision.recipes import build_precision
-from bitblend.train.setup import build_model, convert_model, load_data
+from bitblend.taskspec import load_data
+from bitblend.train.setup import build_model, convert_model
 from tests.conftest import make_recipe
 from tests.unit.test_attention import FAMILIES
 

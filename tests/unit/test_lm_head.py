@@ -32,7 +32,8 @@ from bitblend.models.backbones import (
 )
 from bitblend.models.trunk import HEADS_FILE, load_model
 from bitblend.tasks.losses import IGNORE
-from bitblend.train.setup import build_model, load_data
+from bitblend.taskspec import load_data
+from bitblend.train.setup import build_model
 from bitblend.train.trainer import Trainer
 from tests.conftest import make_recipe
 
