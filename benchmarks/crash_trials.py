@@ -11,8 +11,8 @@ SIGKILL at a moment drawn at random from:
 The run is then continued with `bitblend train --resume` (or started again with `--out`
 when it died before writing recipe.yaml) and compared with one uninterrupted run of the same
 recipe: the final weights (model/ and the last checkpoint's weights and optimizer state),
-every metrics.jsonl row (all fields but the wall-clock `tokens_per_s` and `step_time_s`), eval.json, the
-list of checkpoints, and that no temp, half-pruned or lock file is left.
+every metrics.jsonl row (all fields but the wall-clock `tokens_per_s` and `step_time_s`),
+eval.json, the list of checkpoints, and that no temp, half-pruned or lock file is left.
 
     .venv/bin/python benchmarks/crash_trials.py      # 20 fp32 + 5 bf16 + 3 multi-task
     .venv/bin/python benchmarks/crash_trials.py --trials fp32=3 --seed 1 --json out.json
