@@ -100,13 +100,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         recipe = load_recipe(args.recipe, args.set)
         run_dir = Path(args.out) if args.out else default_run_dir(recipe.name)
+        check_new_run_dir(run_dir)  # before the lock creates anything (again under it)
     # One writer per run directory, decided before reading or writing anything in it (a
     # second `train` on a running --out is told who holds it, not that it is not empty).
     # Under torchrun rank 0 holds it for the job (every rank writing would lock itself out).
     first = int(os.environ.get("RANK", "0")) == 0
     flag = "--resume" if args.resume else "--out"
     lock = RunLock(run_dir, flag) if first else contextlib.nullcontext()
-    with lock, stop_on_sigterm():
+    # SIGTERM -> checkpoint and stop is for one process. Under torchrun the agent sends it to
+    # every worker when a peer died or the job is stopped, and waits for them to exit before
+    # a restart: a worker that deferred it would sit in a collective with a dead peer.
+    sigterm = (
+        stop_on_sigterm() if "TORCHELASTIC_RUN_ID" not in os.environ else contextlib.nullcontext()
+    )
+    with lock, sigterm:
         if recipe is None:
             # Only keys outside the checkpoint's state may change (config/resume.py).
             recipe, changed = resume_recipe(run_dir, args.set)
