@@ -421,12 +421,12 @@ def load_task_data(task: TaskConfig, index: int, seed: int) -> TaskData:
     sharded = None if task.data in BUILTINS else _sharded(task, where, seed)
     if isinstance(sharded, TaskData):
         return sharded
-    n_skipped = 0
+    skips: list[str] = []
     if task.data in BUILTINS:
         src = load_builtin(task.data)
         source = task.data
     elif sharded is not None:
-        (src, n_skipped), source = sharded, task.data
+        (src, skips), source = sharded, task.data
     else:
         path = Path(task.data)
         if not path.exists() and path.suffix.lower() not in FILE_TYPES:
@@ -458,7 +458,8 @@ def load_task_data(task: TaskConfig, index: int, seed: int) -> TaskData:
     names = label_names_for(task, train_table, src.label_names, task.data)
     eval_path = task.eval_data or task.data
     return TaskData(
-        skipped=n_skipped,
+        skipped=len(skips),
+        skip_note=skips[0] if skips else None,
         train=train_table,
         eval=eval_table,
         train_targets=map_targets(train_table, task.head, names, task.data, where),
@@ -479,7 +480,9 @@ def read_inputs(path: Path, task: TaskConfig) -> Table:
     )
 
 
-def _sharded(task: TaskConfig, where: str, seed: int) -> TaskData | tuple[SourceData, int] | None:
+def _sharded(
+    task: TaskConfig, where: str, seed: int
+) -> TaskData | tuple[SourceData, list[str]] | None:
     """A sharded or streamed source: TaskData of a stream, SourceData of shards read whole
     (a directory or glob of shards under the streaming threshold) with the rows skipped,
     or None (not sharded: the loaders above read it)."""
@@ -544,7 +547,7 @@ def _stream_task_data(task: TaskConfig, where: str, seed: int, shards: list[Path
             f"{where}.stream_eval_rows: 0 eval rows and no eval_data; set one of them"
         )
     sample = held.sample or held.eval_rows
-    per_shard = [st.ShardFile(p, task.text_column).estimate_rows() for p in shards]
+    per_shard = [_estimate(p, task) for p in shards]
     source = st.StreamSource(
         shards, task.text_column, seed, task.shuffle_buffer, task.data_errors,
         holdout=held.raw, estimate=max(1, sum(per_shard) - held.raw), label=task.data,
@@ -557,6 +560,18 @@ def _stream_task_data(task: TaskConfig, where: str, seed: int, shards: list[Path
         source=task.data,
         stream=source,
     )
+
+
+def _estimate(path: Path, task: TaskConfig) -> int:
+    """Rows of a shard (0 for an unreadable one that data_errors: skip passes over)."""
+    from bitblend.data.streaming import ShardFile
+
+    try:
+        return ShardFile(path, task.text_column).estimate_rows()
+    except BitblendError:
+        if task.data_errors != "skip":
+            raise
+        return 0
 
 
 def _rows_table(rows: list[dict[str, Any]], task: TaskConfig, where: str) -> Table:

@@ -191,12 +191,15 @@ class StreamSampler:
         if n and self._it is None:
             self._start()
         t0 = time.perf_counter()
-        out = [next(self._it) for _ in range(n)]
-        self.wait += time.perf_counter() - t0
-        for i, item in enumerate(out):
-            if item.error is not None:
+        out = []
+        for _ in range(n):
+            item = next(self._it)
+            if item.error is not None:  # checked at once: the readers end after an error
                 self.close()
                 raise BitblendError(item.error)
+            out.append(item)
+        self.wait += time.perf_counter() - t0
+        for i, item in enumerate(out):
             want = first + i * self.world_size
             if item.g != want:  # a reader that lost its place must never train silently
                 raise RuntimeError(f"stream {self.source.label}: row {item.g}, expected {want}")

@@ -387,10 +387,10 @@ class StreamSource:
                                             skipped, note)  # fmt: skip
                             note = None
                         window, offset = window + 1, -1
-                except BitblendError as exc:
-                    if self.errors != "skip" or "the shard is empty" not in str(exc):
+                except BitblendError as exc:  # a bad row raised above, or a bad shard
+                    if self.errors != "skip":
                         raise
-                    skipped, note = skipped + 1, str(exc)
+                    skipped, note = skipped + 1, str(exc)  # skip: the rest of the shard
                 pos, window, offset = pos + 1, 0, -1
             if good_in_epoch == 0 and after is None:
                 held = f" after the {self.holdout} held out for eval" if self.holdout else ""
@@ -429,23 +429,25 @@ def preflight(shards: list[Path], column: str, errors: ErrorMode) -> list[str]:
 
 def read_all(
     shards: list[Path], column: str, errors: ErrorMode = "raise"
-) -> tuple[list[dict[str, Any]], int]:
+) -> tuple[list[dict[str, Any]], list[str]]:
     """Every good row of `shards` in file order, in memory (small sharded sources), and the
-    count of rows skipped."""
-    out, skipped = [], 0
+    message of each row or shard skipped."""
+    out: list[dict[str, Any]] = []
+    skipped: list[str] = []
     for p in shards:
         try:
             for r in ShardFile(p, column).rows():
                 if r.row is not None:
                     out.append(r.row)
-                elif errors == "skip":
-                    skipped += 1
-                else:
-                    raise BitblendError(f"{p}: {r.where}: {r.problem}")
-        except BitblendError as exc:
-            if errors != "skip" or "the shard is empty" not in str(exc):
+                    continue
+                msg = f"{p}: {r.where}: {r.problem}"
+                if errors != "skip":
+                    raise BitblendError(msg)
+                skipped.append(msg)
+        except BitblendError as exc:  # a bad row raised above, or an unreadable/empty shard
+            if errors != "skip":
                 raise
-            skipped += 1
+            skipped.append(str(exc))
     return out, skipped
 
 
