@@ -200,13 +200,14 @@ def _bad(tmp: Path, name: str, content: bytes) -> Path:
     return d
 
 
+NOT_JSON = b'{"text": "doc99 fine"}\n{"text": oops}\n'
 BAD = {
     "empty": ("b.jsonl", b"", r"b\.jsonl: the shard is empty; expected one JSON object"),
-    "not-json": ("b.jsonl", b'{"text": "doc99 fine"}\n{"text": oops}\n', r"b\.jsonl: line 2: invalid JSON"),
+    "not-json": ("b.jsonl", NOT_JSON, r"b\.jsonl: line 2: invalid JSON"),
     "parquet": ("b.parquet", b"PAR1 this is no parquet", r"b\.parquet: not a readable Parquet"),
-    "no-column": ("b.jsonl", b'{"body": "x"}\n', r"b\.jsonl: line 1: no column 'text' \(columns: body\)"),
+    "no-column": ("b.jsonl", b'{"body": "x"}\n', r"b\.jsonl: line 1: no column 'text' \("),
     "empty-gz": ("b.jsonl.gz", gzip.compress(b"\n"), r"b\.jsonl\.gz: the shard is empty"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
