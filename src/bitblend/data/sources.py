@@ -508,10 +508,8 @@ def _sharded(
         stream = big and task.head in LM_HEADS
     if stream:
         return _stream_task_data(task, where, seed, shards)
-    if kind in ("hf", "file") and shards[0].suffix.lower() in (".jsonl", ".json", ".parquet"):
-        return None  # one plain file or a save_to_disk directory: read as before
-    if kind == "hf":
-        return None
+    if kind in ("hf", "file"):
+        return None  # one file or a save_to_disk directory, not streamed: read as before
     rows, skipped = st.read_all(shards, task.text_column, task.data_errors)
     cols: dict[str, list[Any]] = {}
     for row in rows:  # columns of the first row decide; later rows may lack optional ones
