@@ -495,8 +495,14 @@ def _sharded(
     elif path.is_dir():
         if st.hf_arrow_files(path) is not None:
             kind = "hf"
-        elif any(st.shard_kind(p) for p in path.rglob("*") if p.is_file()):
-            kind = "dir"
+        else:  # shards and no images (an image folder may hold a stray README.txt)
+            from bitblend.data.images import EXTENSIONS
+
+            files = [p for p in path.rglob("*") if p.is_file()]
+            if any(st.shard_kind(p) for p in files) and not any(
+                p.suffix.lower() in EXTENSIONS for p in files
+            ):
+                kind = "dir"
     elif path.is_file() and st.shard_kind(path) in ("jsonl", "text", "parquet"):
         kind = "file"
     if kind is None:
