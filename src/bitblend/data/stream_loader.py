@@ -305,7 +305,7 @@ class StreamSampler:
 
 def pop_data_wait(samplers: list[Any]) -> float:
     """Seconds this step waited for its rows (streamed tasks; in-memory batches are ready)."""
-    return sum(s.pop_wait() for s in samplers if isinstance(s, StreamSampler))
+    return sum((s.pop_wait() for s in samplers if isinstance(s, StreamSampler)), 0.0)
 
 
 def data_errors(tasks: list[Any]) -> dict[str, dict[str, Any]]:
