@@ -185,6 +185,28 @@ def test_streamed_task_holds_out_the_first_rows_for_eval(
     assert abs(td.stream.estimate - (len(texts) - 4)) <= 0.2 * len(texts)
 
 
+def test_save_to_disk_directory_streams_its_arrow_files(tmp_path: Path) -> None:
+    texts = [doc(i) for i in range(300)]
+    datasets.Dataset.from_dict({"text": texts, "n": list(range(300))}).save_to_disk(
+        str(tmp_path / "hf"), max_shard_size="8KB"
+    )
+    shards = find_shards(str(tmp_path / "hf"), "data")
+    assert len(shards) > 1 and all(p.suffix == ".arrow" for p in shards)
+    src = StreamSource(shards, "text", seed=0, shuffle_buffer=0)
+    assert [r.row["text"] for _, r in zip(range(300), src.rows(), strict=False)] == texts
+    td = load_task_data(_task(tmp_path / "hf", shuffle_buffer=0), 0, 0)
+    assert td.eval.text == texts[:4] and td.stream.estimate == 296
+    rows = [
+        r.row["n"] for _, r in zip(range(40), td.stream.rows(rows_after(td, 250)), strict=False)
+    ]
+    assert rows == [*range(255, 300), *range(4, 9)][:40]
+
+
+def rows_after(td: Any, g: int) -> Any:
+    """The cursor of global row `g` of a task's stream (found by reading up to it)."""
+    return next(r.cursor for r in td.stream.rows() if r.g == g)
+
+
 def test_shards_under_the_threshold_load_in_memory(corpus: tuple[Path, list[str]]) -> None:
     root, texts = corpus
     td = load_task_data(_task(root, streaming=None), 0, 0)

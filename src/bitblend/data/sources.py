@@ -548,7 +548,8 @@ def _stream_task_data(task: TaskConfig, where: str, seed: int, shards: list[Path
         eval_table = _rows_table(held.eval_rows, task, where)
     else:
         raise BitblendError(
-            f"{where}.stream_eval_rows: 0 eval rows and no eval_data; set one of them"
+            f"{where}: no eval rows: the first shard {shards[0]} gave none (stream_eval_rows "
+            f"{task.stream_eval_rows}); set eval_data or stream_eval_rows"
         )
     sample = held.sample or held.eval_rows
     per_shard = [_estimate(p, task) for p in shards]

@@ -464,15 +464,19 @@ def hold_out(shard: Path, column: str, n_eval: int, n_sample: int, errors: Error
     """The first `n_eval` good rows of `shard` (eval) and the next `n_sample` (a sample of
     the training stream, for tokenizer training and cost estimates)."""
     out = HeldOut()
-    for r in ShardFile(shard, column).rows():
-        if r.row is None and errors != "skip":
-            raise BitblendError(f"{shard}: {r.where}: {r.problem}")
-        if len(out.eval_rows) < n_eval:
-            out.raw += 1  # a held-out raw row: the stream starts after it
-            if r.row is not None:
-                out.eval_rows.append(r.row)
-        elif r.row is not None:
-            out.sample.append(r.row)
-        if len(out.sample) >= n_sample:
-            break
+    try:
+        for r in ShardFile(shard, column).rows():
+            if r.row is None and errors != "skip":
+                raise BitblendError(f"{shard}: {r.where}: {r.problem}")
+            if len(out.eval_rows) < n_eval:
+                out.raw += 1  # a held-out raw row: the stream starts after it
+                if r.row is not None:
+                    out.eval_rows.append(r.row)
+            elif r.row is not None:
+                out.sample.append(r.row)
+            if len(out.sample) >= n_sample:
+                break
+    except BitblendError:  # an empty or unreadable first shard: the stream skips it too
+        if errors != "skip":
+            raise
     return out
