@@ -401,10 +401,15 @@ class StreamSource:
             epoch, pos, after = epoch + 1, 0, None
 
     def epochs_at(self, cursor: Cursor | None) -> float:
-        """Epochs completed at `cursor` (fractional part: shards done / shards)."""
+        """Epochs completed at `cursor`: whole epochs exactly, plus the shards done and the
+        current shard's rows read (against its estimated share of rows) over the shards."""
         if cursor is None:
             return 0.0
-        return cursor.epoch + cursor.shard / max(1, len(self.shards))
+        n = max(1, len(self.shards))
+        in_shard = (cursor.window * self.window_size() + cursor.offset + 1) / max(
+            1.0, self.estimate / n
+        )
+        return cursor.epoch + min(cursor.shard + min(in_shard, 1.0), n - 1e-9) / n
 
 
 def preflight(shards: list[Path], column: str, errors: ErrorMode) -> list[str]:
