@@ -169,8 +169,9 @@ def test_two_ranks_resume_from_rank_zero_state(
 
 
 def _task(data: Path, **kw: Any) -> TaskConfig:
-    opts: dict[str, Any] = {"streaming": True, "stream_eval_rows": 4, "head": "causal_lm"}
-    return TaskConfig(name="lm", data=str(data), **{**opts, **kw})
+    opts: dict[str, Any] = {"name": "lm", "streaming": True, "stream_eval_rows": 4,
+                            "head": "causal_lm"}  # fmt: skip
+    return TaskConfig(data=str(data), **{**opts, **kw})
 
 
 def test_streamed_task_holds_out_the_first_rows_for_eval(
@@ -274,3 +275,29 @@ def test_non_lm_task_cannot_stream(corpus: tuple[Path, list[str]]) -> None:
     root, _ = corpus
     with pytest.raises(BitblendError, match=r"tasks\[0\]\.streaming: .*classification"):
         load_task_data(_task(root, head="classification"), 0, 0)
+
+
+def test_summary_counts_skipped_rows_per_task(tmp_path: Path, tokenizer: Any) -> None:
+    """summary.json's data_errors: a streamed task's count comes from its reader, a sharded
+    source read whole from its load; tasks that raise on bad rows are not listed."""
+    from types import SimpleNamespace
+
+    from bitblend.data.stream_loader import data_errors
+
+    data = _bad(tmp_path, "b.jsonl", NOT_JSON)
+    streamed = load_task_data(_task(data, data_errors="skip", shuffle_buffer=0), 0, 0)
+    sampler = _sampler(streamed.stream, tokenizer, 6, 0)
+    for _ in range(5):  # 30 rows: past shard b's bad line 2
+        sampler.next()
+    whole = load_task_data(_task(data, streaming=False, data_errors="skip"), 0, 0)
+    tasks = [
+        SimpleNamespace(cfg=_task(data, name="s", data_errors="skip"), data=streamed,
+                        sampler=sampler),
+        SimpleNamespace(cfg=_task(data, name="w", data_errors="skip"), data=whole, sampler=None),
+        SimpleNamespace(cfg=_task(data, name="r"), data=whole, sampler=None),
+    ]  # fmt: skip
+    out = data_errors(tasks)
+    sampler.close()
+    assert sorted(out) == ["s", "w"]
+    assert out["s"]["skipped"] == out["w"]["skipped"] == 1
+    assert "b.jsonl: line 2: invalid JSON" in out["s"]["first"] == out["w"]["first"]

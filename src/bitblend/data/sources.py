@@ -493,7 +493,7 @@ def _sharded(
     if st.is_glob(task.data) and not path.exists():
         kind = "glob"
     elif path.is_dir():
-        if st.hf_arrow_files(path) is not None:
+        if st.is_hf_dir(path):
             kind = "hf"
         else:  # shards and no images (an image folder may hold a stray README.txt)
             from bitblend.data.images import EXTENSIONS

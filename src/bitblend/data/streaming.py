@@ -73,9 +73,8 @@ def find_shards(data: str, where: str) -> list[Path]:
     else:
         path = Path(data)
         if path.is_dir():
-            hf = hf_arrow_files(path)
-            if hf is not None:
-                return hf
+            if is_hf_dir(path):
+                return hf_arrow_files(path)
             found = [p for p in path.rglob("*") if not p.name.startswith(".")]
         elif path.is_file():
             found = [path]
@@ -90,18 +89,27 @@ def find_shards(data: str, where: str) -> list[Path]:
     return shards
 
 
-def hf_arrow_files(path: Path) -> list[Path] | None:
-    """The Arrow files of an HF save_to_disk directory (its train split); None if not one."""
+def is_hf_dir(path: Path) -> bool:
+    """Whether `path` is an HF save_to_disk directory (a Dataset or a DatasetDict)."""
+    return any((path / f).is_file() for f in ("dataset_dict.json", "state.json"))
+
+
+def hf_arrow_files(path: Path) -> list[Path]:
+    """The Arrow files of an HF save_to_disk directory (a DatasetDict: its train split)."""
     if (path / "dataset_dict.json").is_file():
         splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
         if "train" not in splits:
-            raise BitblendError(f"{path}: DatasetDict without a 'train' split ({splits})")
+            raise BitblendError(
+                f"{path}: DatasetDict without a 'train' split (splits: {', '.join(splits)})"
+            )
         path = path / "train"
     state = path / "state.json"
-    if not state.is_file():
-        return None
-    files = [path / f["filename"] for f in json.loads(state.read_text()).get("_data_files", [])]
-    return files or None
+    files = []
+    if state.is_file():
+        files = [path / f["filename"] for f in json.loads(state.read_text()).get("_data_files", [])]
+    if not files:
+        raise BitblendError(f"{path}: a save_to_disk directory without Arrow files")
+    return files
 
 
 def total_bytes(shards: list[Path]) -> int:
