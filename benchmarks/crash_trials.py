@@ -69,7 +69,7 @@ POINTS = [  # (BITBLEND_CRASH_AT point, how many times a 12-step run passes it)
     ("metrics:torn", 12),
     ("run:after-final-checkpoint", 1),
 ]
-VOLATILE = {"tokens_per_s", "step_time_s"}  # wall-clock fields of a metrics row
+VOLATILE = {"tokens_per_s", "step_time_s", "data_wait"}  # wall-clock fields of a metrics row
 
 
 def recipe(variant: str) -> dict[str, Any]:

@@ -91,6 +91,8 @@ def _data(case: str, what: str, files: Files, *sets: str, **kw: object) -> Case:
 
 
 R = "r.yaml"
+# A streamed masked-LM task on the tiny recipe (tasks.0.data set by each case).
+STREAM = ["tiny", "--set", "tasks.0.head=masked_lm", "--set", "tasks.0.streaming=true"]
 # fmt: off
 CASES: list[Case] = [
     # -- recipes (validate checks them; train, estimate and doctor load them the same way) --
@@ -178,6 +180,18 @@ CASES: list[Case] = [
            ["tiny", "--set", "tasks.0.head=causal_lm"]),
     # -- data files ------------------------------------------------------------------------
     _data("data-not-found", "a data path that does not exist", {}),
+    *[  # streamed shards (data/streaming.py): a directory `d` of shards, the bad one named
+        _train(f"stream-{cid}", "data", what, [*STREAM, "--set", "tasks.0.data=d"],
+               {"d/a.jsonl": first, **({f"d/b.{ext}": bad} if ext else {})})
+        for cid, what, first, ext, bad in [
+            ("empty-shard", "an empty shard among streamed shards", _jsonl(4), "jsonl", ""),
+            ("corrupt-parquet", "a Parquet shard that is not Parquet", _jsonl(4), "parquet",
+             b"PAR1 not parquet"),
+            ("not-json", "a JSONL line that is not JSON", _jsonl(2) + "{oops\n", None, ""),
+            ("no-text-column", "a shard without the text column", _jsonl(4), "jsonl",
+             '{"body": "x"}\n'),
+        ]
+    ],
     _data("data-extension", "a .txt file", {"d.txt": "hello\n"}),
     _data("data-no-text-column", "no `text` column", {"d.csv": "body,label\nhi,a\nyo,b\n"}),
     _data("data-no-label-column", "no `label` column", {"d.csv": "text,y\nhi,a\nyo,b\n"}),

@@ -338,6 +338,9 @@ def _check(recipe: Recipe) -> None:
             value = getattr(task, key)
             if value is not None and value < 1:
                 raise BitblendError(f"tasks[{i}].{key}: expected an integer >= 1, got {value}")
+        for key in ("shuffle_buffer", "stream_eval_rows"):  # streamed data (data/streaming.py)
+            if getattr(task, key) < 0:
+                raise BitblendError(f"tasks[{i}].{key}: expected an integer >= 0")
     _check_mixing(recipe)
     positive = {
         "train.steps": recipe.train.steps,
@@ -358,6 +361,7 @@ def _check(recipe: Recipe) -> None:
         "schedule.warmup_steps": recipe.schedule.warmup_steps,
         "precision.stuck_steps": recipe.precision.stuck_steps,
         "train.progress_every": recipe.train.progress_every,
+        "train.stream_workers": recipe.train.stream_workers,
     }.items():
         if value < 0:
             raise BitblendError(f"{key}: expected an integer >= 0, got {value}")

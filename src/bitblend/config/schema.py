@@ -151,6 +151,28 @@ class TaskConfig:
         "its own LoRA adapter, routed by task in the forward (needs mixing.batches: "
         "homogeneous)",
     )
+    streaming: bool | None = doc(
+        None,
+        "read `data` (a file, a directory or glob of shards) lazily instead of loading it "
+        "whole: true, false, or null = stream when its shards total more than "
+        "stream_threshold_mb (masked_lm / causal_lm tasks; docs/data.md, streaming)",
+    )
+    stream_threshold_mb: float = doc(
+        1024.0, "streaming: null streams a language-model task whose data exceeds this size"
+    )
+    shuffle_buffer: int = doc(
+        1024,
+        "streamed data: rows are shuffled in windows of this many rows, and shards in a "
+        "seeded order per epoch (0 = the files' order)",
+    )
+    stream_eval_rows: int = doc(
+        512, "streamed data without eval_data: the first N rows of the first shard are eval"
+    )
+    data_errors: Literal["raise", "skip"] = doc(
+        "raise",
+        "sharded data: a bad row (not JSON, no text column, empty shard) stops the run with "
+        "one line naming file and line (raise), or is skipped and counted in summary.json",
+    )
 
 
 @dataclass(kw_only=True)
@@ -266,6 +288,11 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = doc("auto", "auto = cuda when present, else cpu")
     threads: int | None = doc(
         None, "torch CPU threads (default: all cores; under torchrun: cores / local ranks)"
+    )
+    stream_workers: int = doc(
+        1,
+        "streamed tasks: DataLoader worker processes reading and tokenising ahead of the "
+        "step (0 = one background thread)",
     )
     cpu_heap: bool = doc(
         True,

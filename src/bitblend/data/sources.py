@@ -39,6 +39,10 @@ class TaskData:
     feature_names: list[str] = field(default_factory=list)
     source: str = ""
     synthetic: bool = False
+    # A streamed task (data/streaming.py): its train table is only a sample of the stream.
+    stream: Any = None
+    skipped: int = 0  # rows skipped at load by data_errors: skip (sharded sources)
+    skip_note: str | None = None  # the first such row's one-line message
 
 
 def load_table(path: Path, where: str) -> Any:
@@ -414,9 +418,15 @@ def load_task_data(task: TaskConfig, index: int, seed: int) -> TaskData:
     where = f"tasks[{index}]"
     from bitblend.data.builtin import BUILTINS, load_builtin
 
+    sharded = None if task.data in BUILTINS else _sharded(task, where, seed)
+    if isinstance(sharded, TaskData):
+        return sharded
+    skips: list[str] = []
     if task.data in BUILTINS:
         src = load_builtin(task.data)
         source = task.data
+    elif sharded is not None:
+        (src, skips), source = sharded, task.data
     else:
         path = Path(task.data)
         if not path.exists() and path.suffix.lower() not in FILE_TYPES:
@@ -448,6 +458,8 @@ def load_task_data(task: TaskConfig, index: int, seed: int) -> TaskData:
     names = label_names_for(task, train_table, src.label_names, task.data)
     eval_path = task.eval_data or task.data
     return TaskData(
+        skipped=len(skips),
+        skip_note=skips[0] if skips else None,
         train=train_table,
         eval=eval_table,
         train_targets=map_targets(train_table, task.head, names, task.data, where),
@@ -466,3 +478,108 @@ def read_inputs(path: Path, task: TaskConfig) -> Table:
     return table_from_columns(
         cols, task, str(path), "--input", labelled=False, options=COLUMN_OPTIONS
     )
+
+
+def _sharded(
+    task: TaskConfig, where: str, seed: int
+) -> TaskData | tuple[SourceData, list[str]] | None:
+    """A sharded or streamed source: TaskData of a stream, SourceData of shards read whole
+    (a directory or glob of shards under the streaming threshold) with the rows skipped,
+    or None (not sharded: the loaders above read it)."""
+    from bitblend.data import streaming as st
+
+    path = Path(task.data)
+    kind = None
+    if st.is_glob(task.data) and not path.exists():
+        kind = "glob"
+    elif path.is_dir():
+        if st.is_hf_dir(path):
+            kind = "hf"
+        else:  # shards and no images (an image folder may hold a stray README.txt)
+            from bitblend.data.images import EXTENSIONS
+
+            files = [p for p in path.rglob("*") if p.is_file()]
+            if any(st.shard_kind(p) for p in files) and not any(
+                p.suffix.lower() in EXTENSIONS for p in files
+            ):
+                kind = "dir"
+    elif path.is_file() and st.shard_kind(path) in ("jsonl", "text", "parquet"):
+        kind = "file"
+    if kind is None:
+        return None
+    shards = st.find_shards(task.data, f"{where}.data")
+    stream = task.streaming
+    if stream is None:
+        big = st.total_bytes(shards) > task.stream_threshold_mb * 2**20
+        stream = big and task.head in LM_HEADS
+    if stream:
+        return _stream_task_data(task, where, seed, shards)
+    if kind in ("hf", "file"):
+        return None  # one file or a save_to_disk directory, not streamed: read as before
+    rows, skipped = st.read_all(shards, task.text_column, task.data_errors)
+    cols: dict[str, list[Any]] = {}
+    for row in rows:  # columns of the first row decide; later rows may lack optional ones
+        for k in cols or row:
+            cols.setdefault(k, []).append(row.get(k))
+    if not rows:
+        raise BitblendError(f"{task.data}: the dataset is empty")
+    table = table_from_columns(cols, task, task.data, where)
+    return SourceData(train=table, feature_names=list(task.feature_columns or [])), skipped
+
+
+def _stream_task_data(task: TaskConfig, where: str, seed: int, shards: list[Path]) -> TaskData:
+    """A streamed task: the held-out eval rows and a train sample in memory, the rest lazy."""
+    from bitblend.data import streaming as st
+
+    if task.head not in LM_HEADS:
+        raise BitblendError(
+            f"{where}.streaming: streamed data serves masked_lm / causal_lm tasks; a "
+            f"{task.head} task reads its data in memory (set streaming: false)"
+        )
+    # Fail before the run on what opening each shard shows; with data_errors: skip the
+    # stream itself counts what it skips (counting the preflight's finds too would be twice).
+    st.preflight(shards, task.text_column, task.data_errors)
+    n_eval = 0 if task.eval_data is not None else task.stream_eval_rows
+    held = st.hold_out(shards[0], task.text_column, n_eval, 256, task.data_errors)
+    if task.eval_data is not None:
+        ev_src = _user_source(task, Path(task.eval_data), f"{where}.eval_data")
+        eval_table = _select(ev_src.train, task, where, task.eval_data)
+    elif held.eval_rows:
+        eval_table = _rows_table(held.eval_rows, task, where)
+    else:
+        raise BitblendError(
+            f"{where}: no eval rows: the first shard {shards[0]} gave none (stream_eval_rows "
+            f"{task.stream_eval_rows}); set eval_data or stream_eval_rows"
+        )
+    sample = held.sample or held.eval_rows
+    per_shard = [_estimate(p, task) for p in shards]
+    source = st.StreamSource(
+        shards, task.text_column, seed, task.shuffle_buffer, task.data_errors,
+        holdout=held.raw, estimate=max(1, sum(per_shard) - held.raw), label=task.data,
+    )  # fmt: skip
+    return TaskData(
+        train=_rows_table(sample, task, where),
+        eval=eval_table,
+        train_targets=np.zeros(len(sample), dtype=np.float32),
+        eval_targets=np.zeros(len(eval_table), dtype=np.float32),
+        source=task.data,
+        stream=source,
+    )
+
+
+def _estimate(path: Path, task: TaskConfig) -> int:
+    """Rows of a shard (0 for an unreadable one that data_errors: skip passes over)."""
+    from bitblend.data.streaming import ShardFile
+
+    try:
+        return ShardFile(path, task.text_column).estimate_rows()
+    except BitblendError:
+        if task.data_errors != "skip":
+            raise
+        return 0
+
+
+def _rows_table(rows: list[dict[str, Any]], task: TaskConfig, where: str) -> Table:
+    """Text rows of a language-model task as a Table."""
+    cols = {task.text_column: [r[task.text_column] for r in rows]}
+    return table_from_columns(cols, task, where, where)

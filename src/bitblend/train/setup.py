@@ -42,7 +42,7 @@ class TaskRuntime:
     data: TaskData
     train: EncodedSplit
     eval: EncodedSplit
-    sampler: BatchSampler
+    sampler: Any  # BatchSampler, or StreamSampler for a streamed task (data/stream_loader.py)
     tokenizer: Any
     batch: BatchSpec
     batch_size: int  # examples per micro-batch for this task (homogeneous batches)
@@ -195,25 +195,40 @@ def build_tasks(
     for i, (task, data) in enumerate(zip(recipe.tasks, datas, strict=True)):
         spec = model.specs[task.name]
         tok = task_tokenizers.get(task.name, tokenizer)
-        train = encode_task(task, spec, data.train, data.train_targets, tok, recipe)
         ev = encode_task(task, spec, data.eval, data.eval_targets, tok, recipe)
         micro = task.batch_size or cfg.batch_size
         global_batch = micro * cfg.grad_accum
-        if len(train) < global_batch:
-            raise BitblendError(
-                f"tasks[{i}]: {len(train)} training examples is fewer than one batch of "
-                f"{global_batch} (batch_size x train.grad_accum)"
-            )
-        sampler = BatchSampler(train.lengths, global_batch, cfg.seed, i, cfg.group_by_length)
-        batch = BatchSpec(
-            context=context,
-            device=device,
-            batch_size=cfg.eval_batch_size,
-            pad_id=int(getattr(tok, "pad_token_id", 0) or 0),
-            multiple=cfg.pad_to_multiple_of,
-            mask_token=getattr(tok, "mask_token_id", None),
-            vocab_size=len(tok) if tok is not None else 0,
-        )
+        sampler: Any
+        train: EncodedSplit
+        if data.stream is not None:  # data/stream_loader.py: rows tokenised ahead, lazily
+            from bitblend.data.stream_loader import StreamedSplit, StreamSampler
+
+            train = StreamedSplit(task.head, np.zeros(0, np.float32), np.zeros(0, np.int64),
+                                  estimate=data.stream.estimate)  # fmt: skip
+            length = task.max_length or recipe.model.max_length
+            sampler = StreamSampler(train, data.stream, tok, length, global_batch,
+                                    cfg.stream_workers, cfg.seed * 1_000_003 + i)  # fmt: skip
+        else:
+            train = encode_task(task, spec, data.train, data.train_targets, tok, recipe)
+            if len(train) < global_batch:
+                raise BitblendError(
+                    f"tasks[{i}]: {len(train)} training examples is fewer than one batch of "
+                    f"{global_batch} (batch_size x train.grad_accum)"
+                )
+            sampler = BatchSampler(train.lengths, global_batch, cfg.seed, i, cfg.group_by_length)
         loss = resolve_loss(task.head, task.loss)
+        batch = _batch_spec(cfg, context, device, tok)
         out.append(TaskRuntime(task, loss, data, train, ev, sampler, tok, batch, micro))
     return out
+
+
+def _batch_spec(cfg: Any, context: Any, device: torch.device, tok: Any) -> BatchSpec:
+    return BatchSpec(
+        context=context,
+        device=device,
+        batch_size=cfg.eval_batch_size,
+        pad_id=int(getattr(tok, "pad_token_id", 0) or 0),
+        multiple=cfg.pad_to_multiple_of,
+        mask_token=getattr(tok, "mask_token_id", None),
+        vocab_size=len(tok) if tok is not None else 0,
+    )

@@ -17,6 +17,7 @@ from rich.console import Console
 from bitblend.config.schema import Recipe
 from bitblend.data.epochs import resolve_epochs
 from bitblend.data.mixture import Mixture
+from bitblend.data.stream_loader import data_errors, pop_data_wait
 from bitblend.errors import BitblendError
 from bitblend.fsutil import crash_point, disk_error, is_disk_error
 from bitblend.models.adapters import checkpoint_filter, save_model
@@ -348,6 +349,8 @@ class Trainer:
             "tokens": res.tokens,
             "tokens_per_s": res.tokens / elapsed,
             "step_time_s": elapsed,
+            # seconds of this step spent waiting for streamed rows (data/stream_loader.py)
+            "data_wait": pop_data_wait([t.sampler for t in self.tasks]),
         }
         if len(self.tasks) > 1:
             record["task_loss"] = {names[i]: v for i, v in res.losses.items()}
@@ -535,6 +538,7 @@ class Trainer:
             summary["epochs_asked"] = self.epochs_asked
         summary["mixture"] = self.mixture_summary()
         summary["tokenizers"] = self.tokenizer_report()
+        summary["data_errors"] = data_errors(self.tasks)  # rows skipped (data_errors: skip)
         summary["distributed"] = {
             **self.dist.describe(),
             "peak_memory_bytes_per_rank": [r["peak_memory_bytes"] for r in ranks],

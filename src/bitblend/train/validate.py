@@ -68,6 +68,13 @@ def validate_recipe(recipe: Recipe) -> Validation:
         labels = f", {len(t.data.label_names)} labels" if t.data.label_names else ""
         longest = int(max(t.train.lengths, default=0))
         tok = " (own WordPiece)" if t.name in task_tokenizers else ""
+        if t.data.stream is not None:  # read lazily: its size is an estimate, lengths unknown
+            n = len(t.data.stream.shards)
+            out.tasks.append(
+                f"{t.name} ({t.cfg.head}): streamed, ~{len(t.train)} train rows in {n} "
+                f"shard(s) / {len(t.eval)} eval examples{tok}"
+            )
+            continue
         out.tasks.append(
             f"{t.name} ({t.cfg.head}): {len(t.train)} train / {len(t.eval)} eval examples"
             f"{labels}, longest {longest} tokens{tok}"
