@@ -68,8 +68,9 @@ def test_corrupt_empty_and_missing_files_are_one_line_errors(tmp_path: Path) -> 
     empty.write_bytes(b"")
     silent = tmp_path / "zero.wav"
     sf.write(silent, np.zeros((0, 1), dtype=np.float32), 16000)
-    for path, why in [(bad, "cannot decode audio"), (empty, "cannot decode audio"),
-                      (silent, "holds no samples"), (tmp_path / "gone.wav", "not found")]:  # fmt: skip
+    cases = [(bad, "cannot decode audio"), (empty, "cannot decode audio"),
+             (silent, "holds no samples"), (tmp_path / "gone.wav", "not found")]  # fmt: skip
+    for path, why in cases:
         with pytest.raises(BitblendError) as err:
             load_audio(path, 16000)
         msg = str(err.value)

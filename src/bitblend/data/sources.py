@@ -1,7 +1,7 @@
 """A task's data: resolve its source, keep the modalities it uses, split, map labels.
 
 Sources are built-ins (`data/builtin.py`), CSV / JSONL / Parquet files (read through
-`datasets`, offline), HF `save_to_disk` directories, image folders and audio folders. The result is a
+`datasets`, offline), HF `save_to_disk` directories, image and audio folders. The result is a
 `TaskData` whose targets are already numbers in the form the task's head needs.
 """
 

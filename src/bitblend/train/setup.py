@@ -135,8 +135,8 @@ def check_positions(recipe: Recipe, backbone: nn.Module, specs: list[HeadSpec]) 
         allowed = (limit - extra) // multiple * multiple
         if text == 0 or allowed < 1:
             raise BitblendError(
-                f"tasks[{i}]: {extra} image/tabular/audio positions exceed the {limit} positions of "
-                f"{recipe.model.backbone}; use fewer features or larger tasks[{i}].patch_size"
+                f"tasks[{i}]: {extra} image/tabular/audio positions exceed the {limit} positions "
+                f"of {recipe.model.backbone}; use fewer features or larger tasks[{i}].patch_size"
             )
         also = f" with {extra} image/tabular/audio positions" if extra else ""
         pad = (
