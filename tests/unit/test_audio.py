@@ -142,3 +142,21 @@ def test_spec_augment_only_while_training() -> None:
     torch.manual_seed(0)
     c, _ = embed(wave, lengths)
     assert not torch.equal(a, c)  # some time/frequency stripes were masked
+
+
+def test_corrupt_clip_in_a_path_column_names_the_file(tmp_path: Path) -> None:
+    """A recipe's CSV whose audio column names a corrupt file: one line naming that file."""
+    from bitblend.config.schema import TaskConfig
+    from bitblend.data.sources import load_task_data
+
+    sf.write(tmp_path / "ok.wav", tone(440.0, 0.2, 8000), 8000)
+    (tmp_path / "bad.wav").write_bytes(b"not audio at all")
+    (tmp_path / "a.csv").write_text("clip,label\nok.wav,a\nbad.wav,b\nok.wav,a\n")
+    task = TaskConfig(name="t", data=str(tmp_path / "a.csv"), modality="audio",
+                      audio_column="clip")  # fmt: skip
+    with pytest.raises(BitblendError) as err:
+        load_task_data(task, 0, 0)
+    assert str(err.value).startswith(f"{tmp_path / 'bad.wav'}: cannot decode audio")
+    (tmp_path / "a.csv").write_text("clip,label\nok.wav,a\nok.wav,b\nok.wav,a\n")
+    data = load_task_data(task, 0, 0)
+    assert data.train.modalities == ["audio"] and data.label_names == ["a", "b"]
