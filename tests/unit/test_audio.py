@@ -160,3 +160,36 @@ def test_corrupt_clip_in_a_path_column_names_the_file(tmp_path: Path) -> None:
     (tmp_path / "a.csv").write_text("clip,label\nok.wav,a\nok.wav,b\nok.wav,a\n")
     data = load_task_data(task, 0, 0)
     assert data.train.modalities == ["audio"] and data.label_names == ["a", "b"]
+
+
+def test_multimodal_row_with_a_blank_audio_cell_is_masked(tmp_path: Path) -> None:
+    """text + audio per row; a blank audio cell is a missing recording: all its patches
+    are masked (length 0), never zero-filled as if it were silence."""
+    from bitblend.config.schema import TaskConfig
+    from bitblend.data.sources import load_task_data
+
+    sf.write(tmp_path / "a.wav", tone(440.0, 0.3, 16000), 16000)
+    (tmp_path / "m.csv").write_text(
+        "text,clip,label\nhello there,a.wav,x\nbye now,,y\nhello again,a.wav,x\nbye,a.wav,y\n"
+    )
+    task = TaskConfig(name="m", data=str(tmp_path / "m.csv"), modality="multimodal",
+                      audio_column="clip", eval_fraction=0.25)  # fmt: skip
+    data = load_task_data(task, 0, 0)
+    assert data.train.modalities == ["text", "audio"]
+    table, targets = (data.train, data.train_targets)
+    if all(len(c) for c in table.audio):  # type: ignore[union-attr]
+        table, targets = (data.eval, data.eval_targets)  # the blank row went to eval
+    split = encode_split(table, "classification", targets, tokenizer=_tok(),
+                         audio=(16000, 16000, 52))  # fmt: skip
+    batch = collate(split, list(range(len(split))), 0, 1)
+    lengths = batch["audio_len"].tolist()
+    assert 0 in lengths and set(lengths) <= {0, 4800}
+    model = _model(16000)
+    _, mask = model.adapters["a"]["audio"](batch["audio"], batch["audio_len"])
+    assert all(bool(m.sum() == 0) == (n == 0) for m, n in zip(mask, lengths, strict=True))
+
+
+def _tok():  # type: ignore[no-untyped-def]
+    from bitblend.models.backbones import load_backbone_with_head
+
+    return load_backbone_with_head("tiny-bert", None, 0.0, 0.0, "torch")[1]
