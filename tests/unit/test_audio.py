@@ -193,3 +193,14 @@ def _tok():  # type: ignore[no-untyped-def]
     from bitblend.models.backbones import load_backbone_with_head
 
     return load_backbone_with_head("tiny-bert", None, 0.0, 0.0, "torch")[1]
+
+
+def test_cost_model_counts_the_audio_adapter_parameters() -> None:
+    """estimate's head/adapter parameter count equals the built model's for an audio task."""
+    from bitblend.estimate.shapes import head_params
+
+    model = _model(16000)
+    built = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("backbone."))
+    width = model.backbone.config.hidden_size
+    total, _, _ = head_params(list(model.specs.values()), width)
+    assert total == built
