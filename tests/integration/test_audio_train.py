@@ -138,3 +138,33 @@ def test_predict_reads_audio_paths(data: dict[str, Path], straight: Path) -> Non
     inp.write_text("".join(json.dumps({"clip": f"clips/{i}.wav"}) + "\n" for i in range(6)))
     preds = predict_file(load_run(straight), inp, "tones")
     assert len(preds) == 6 and all(p["label"] in ("low", "high") for p in preds), preds
+
+
+def test_serve_request_with_base64_audio_equals_predict(
+    data: dict[str, Path], straight: Path
+) -> None:
+    """A `POST /v1/predict` body carrying WAV data URIs parses into the table `predict` reads
+    from paths, batched requests concatenate their clips, and the outputs are the same."""
+    import base64
+
+    from bitblend.runs.load import load_run
+    from bitblend.serve.batcher import concat_tables
+    from bitblend.serve.requests import parse_request
+
+    run = load_run(straight)
+    clips = [data["audio"].parent / "clips" / f"{i}.wav" for i in range(3)]
+    uris = ["data:audio/wav;base64," + base64.b64encode(p.read_bytes()).decode() for p in clips]
+    body = json.dumps([{"task": "tones", "clip": u} for u in uris]).encode()
+    parsed = parse_request(body, run)
+    (group,) = parsed.groups
+    assert group.task == "tones" and group.table.audio is not None and len(group.table) == 3
+    joined = concat_tables([parse_request(json.dumps({"task": "tones", "clip": u}).encode(),
+                                          run).groups[0].table for u in uris])  # fmt: skip
+    assert joined.audio is not None and len(joined.audio) == 3
+    inp = data["audio"].parent / "three.jsonl"
+    inp.write_text("".join(json.dumps({"clip": f"clips/{i}.wav"}) + "\n" for i in range(3)))
+    from bitblend.data.sources import read_inputs
+
+    want = run.outputs("tones", read_inputs(inp, run.task("tones")[1]))
+    np.testing.assert_array_equal(run.outputs("tones", group.table), want)
+    np.testing.assert_array_equal(run.outputs("tones", joined), want)
