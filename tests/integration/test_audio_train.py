@@ -168,3 +168,15 @@ def test_serve_request_with_base64_audio_equals_predict(
     want = run.outputs("tones", read_inputs(inp, run.task("tones")[1]))
     np.testing.assert_array_equal(run.outputs("tones", group.table), want)
     np.testing.assert_array_equal(run.outputs("tones", joined), want)
+
+
+def test_onnx_export_of_an_audio_run_is_a_one_line_error(
+    straight: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not supported yet: one line, exit 2, nothing written (not a traceback from the tracer)."""
+    from bitblend.cli import main
+
+    out = straight.parent / "onnx-out"
+    assert main(["export", str(straight), "--format", "onnx", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "task tones has audio input" in err[0] and not out.exists()
