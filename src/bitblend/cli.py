@@ -211,6 +211,7 @@ def _columns(args: argparse.Namespace) -> dict[str, object]:
         "text_column": getattr(args, "text_column", None),
         "label_column": getattr(args, "label_column", None),
         "image_column": getattr(args, "image_column", None),
+        "audio_column": getattr(args, "audio_column", None),
         "feature_columns": [c.strip() for c in feats.split(",") if c.strip()] if feats else None,
     }
 
@@ -223,6 +224,7 @@ def _column_options(sp: argparse.ArgumentParser, labelled: bool) -> None:
         sp.add_argument("--label-column", metavar="NAME", help="column with the label "
                         "(default: the run's tasks[i].label_column)")  # fmt: skip
     sp.add_argument("--image-column", metavar="NAME", help="column with image file paths")
+    sp.add_argument("--audio-column", metavar="NAME", help="column with audio file paths")
     sp.add_argument(
         "--feature-columns", metavar="A,B,...", help="comma-separated numeric feature columns"
     )

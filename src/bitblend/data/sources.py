@@ -1,7 +1,7 @@
 """A task's data: resolve its source, keep the modalities it uses, split, map labels.
 
 Sources are built-ins (`data/builtin.py`), CSV / JSONL / Parquet files (read through
-`datasets`, offline), HF `save_to_disk` directories and image folders. The result is a
+`datasets`, offline), HF `save_to_disk` directories, image and audio folders. The result is a
 `TaskData` whose targets are already numbers in the form the task's head needs.
 """
 
@@ -124,6 +124,7 @@ COLUMN_OPTIONS = {
     "text_column": "--text-column",
     "label_column": "--label-column",
     "image_column": "--image-column",
+    "audio_column": "--audio-column",
     "feature_columns": "--feature-columns",
 }
 
@@ -164,8 +165,9 @@ def table_from_columns(
             number = where if task.head == "regression" else None
             raise BitblendError(_missing_cell(path, i, task.label_column, number))
     want = _wanted(task, has_text=task.text_column in cols, has_image=task.image_column is not None,
-                   has_tab=task.feature_columns is not None)  # fmt: skip
-    text = image = tabular = None
+                   has_tab=task.feature_columns is not None,
+                   has_audio=task.audio_column is not None)  # fmt: skip
+    text = image = tabular = audio = None
     if "text" in want:
         text = need(task.text_column, "text_column")
         for i, t in enumerate(text):
@@ -188,12 +190,23 @@ def table_from_columns(
         paths = need(task.image_column or "image", "image_column")
         base = Path(path).parent  # relative image paths are relative to the data file
         image = load_images([base / str(p) for p in paths], task.image_size)
+    if "audio" in want:
+        from bitblend.data.audio import load_audios
+
+        clips = need(task.audio_column or "audio", "audio_column")
+        base = Path(path).parent  # relative audio paths are relative to the data file
+        audio = load_audios(
+            [None if is_missing(p) else base / str(p) for p in clips], task.sample_rate
+        )
     if "tabular" in want:
         feats = task.feature_columns or [
-            c for c in names if c not in (task.label_column, task.text_column, task.image_column)
+            c
+            for c in names
+            if c not in (task.label_column, task.text_column, task.image_column, task.audio_column)
         ]
         tabular = numeric_matrix([(c, need(c, "feature_columns")) for c in feats], path)
-    return Table(labels=list(labels), text=text, image=image, tabular=tabular, rows=np.arange(n))
+    return Table(labels=list(labels), text=text, image=image, tabular=tabular, audio=audio,
+                 audio_rate=task.sample_rate, rows=np.arange(n))  # fmt: skip
 
 
 def _missing_cell(path: str, i: int, column: str, number: str | None) -> str:
@@ -229,14 +242,19 @@ def _raw_csv_cell(path: Path, i: int, column: str) -> str | None:
     return None
 
 
-def _wanted(task: TaskConfig, *, has_text: bool, has_image: bool, has_tab: bool) -> set[str]:
+def _wanted(
+    task: TaskConfig, *, has_text: bool, has_image: bool, has_tab: bool, has_audio: bool
+) -> set[str]:
     if task.modality == "text" or task.head in LM_HEADS or task.head == "token_classification":
         return {"text"}
     if task.modality == "image":
         return {"image"}
     if task.modality == "tabular":
         return {"tabular"}
-    found = {m for m, ok in (("text", has_text), ("image", has_image), ("tabular", has_tab)) if ok}
+    if task.modality == "audio":
+        return {"audio"}
+    pairs = (("text", has_text), ("image", has_image), ("tabular", has_tab), ("audio", has_audio))
+    found = {m for m, ok in pairs if ok}
     return found or {"text"}
 
 
@@ -267,6 +285,8 @@ def _select(table: Table, task: TaskConfig, where: str, source: str) -> Table:
         text=table.text if "text" in want else None,
         image=table.image if "image" in want else None,
         tabular=table.tabular if "tabular" in want else None,
+        audio=table.audio if "audio" in want else None,
+        audio_rate=table.audio_rate,
         rows=table.rows,
     )
 
@@ -277,6 +297,10 @@ def _user_source(task: TaskConfig, path: Path, where: str) -> SourceData:
             from bitblend.data.hfdisk import load_hf_disk
 
             return load_hf_disk(path, task.text_column, task.label_column, task.feature_columns)
+        from bitblend.data.audio import is_audio_folder, load_audio_folder
+
+        if is_audio_folder(path):
+            return load_audio_folder(path, task.sample_rate)
         from bitblend.data.images import load_image_folder
 
         return load_image_folder(path, task.image_size)

@@ -16,7 +16,7 @@ import numpy as np
 
 from bitblend.errors import BitblendError, quote
 
-MODALITIES = ("text", "image", "tabular")
+MODALITIES = ("text", "image", "tabular", "audio")
 _F32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -27,6 +27,8 @@ class Table:
     text:    list of strings, or of word lists for token classification
     image:   (n, H, W, C) float32 in [0, 1] (every image of a source has one size)
     tabular: (n, F) float32; NaN marks a missing feature
+    audio:   list of (samples,) float32 mono clips at `audio_rate` Hz, any length (an empty
+             clip marks a missing recording); encoding resamples, cuts and pads them
     labels:  class name/id, number, list of class names (multilabel), list of tags
              (token classification), or None for language-model tasks
     """
@@ -35,6 +37,8 @@ class Table:
     text: list[Any] | None = None
     image: np.ndarray | None = None
     tabular: np.ndarray | None = None
+    audio: list[np.ndarray] | None = None
+    audio_rate: int = 16000  # sample rate of every clip in `audio`
     rows: np.ndarray | None = None  # (n,) 0-based row of each example in its file, for errors
 
     def __post_init__(self) -> None:
@@ -60,6 +64,8 @@ class Table:
             text=None if self.text is None else [self.text[i] for i in ix],
             image=None if self.image is None else self.image[ix],
             tabular=None if self.tabular is None else self.tabular[ix],
+            audio=None if self.audio is None else [self.audio[i] for i in ix],
+            audio_rate=self.audio_rate,
             rows=None if self.rows is None else self.rows[ix],
         )
 

@@ -109,10 +109,15 @@ def head_params(specs: list[Any], width: int) -> tuple[int, int, int]:
             matmul += proj
         if "tabular" in s.modalities:
             total += 2 * s.num_features * width
+        if "audio" in s.modalities:  # spectrogram patch projection + positions
+            proj = s.patch_frames * s.patch_mels * width + width
+            total += proj + s.audio_patches * width
+            matmul += proj
         if s.text_vocab:
             total += s.text_vocab * width
     if any(s.uses_embeds for s in specs):
-        total += 3 * width  # modality-type embedding: text, image, tabular
+        # modality-type embedding: text, image, tabular (+ audio when a task has it)
+        total += (4 if any("audio" in s.modalities for s in specs) else 3) * width
     return total, fp32, matmul
 
 
@@ -270,7 +275,7 @@ def recipe_shapes(
         if uses_text:
             longest = task.max_length or recipe.model.max_length
             seq += math.ceil(longest / cfg.pad_to_multiple_of) * cfg.pad_to_multiple_of
-        seq += spec.num_patches + spec.num_features
+        seq += spec.num_patches + spec.num_features + spec.audio_patches
         cap = cfg.eval_max_examples
         evals = min(len(data.eval), cap) if cap is not None else len(data.eval)
         tasks.append(

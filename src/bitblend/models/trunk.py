@@ -3,7 +3,8 @@
 Text from the backbone's own tokenizer goes in as `input_ids` (the plain HF path). Every
 other input becomes `inputs_embeds`: image patches through a linear projection, tabular
 features as one token each (FT-Transformer style), text of a task with its own vocabulary
-through its own embedding table; the parts are concatenated with a learned modality-type
+through its own embedding table, audio as log-mel time x frequency patches
+(models/audio.py); the parts are concatenated with a learned modality-type
 embedding and one attention mask, so a missing modality is masked, never zero-filled.
 
 `model/` in a run directory is a transformers `save_pretrained` directory (so
@@ -27,6 +28,7 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
 from bitblend.errors import BitblendError
+from bitblend.models.audio import AudioEmbedding, LogMel, audio_patch_grid
 from bitblend.models.backbones import (
     build_lm_head,
     hidden_size,
@@ -37,7 +39,7 @@ from bitblend.models.backbones import (
 
 HEADS_FILE = "heads.safetensors"
 META_FILE = "bitblend.json"
-MODALITY_IDS = {"text": 0, "image": 1, "tabular": 2}
+MODALITY_IDS = {"text": 0, "image": 1, "tabular": 2, "audio": 3}
 POOLED = ("classification", "binary", "multilabel", "regression")
 LM = ("masked_lm", "causal_lm")
 
@@ -54,12 +56,30 @@ class HeadSpec:
     patch_dim: int = 0  # image: values per patch
     num_patches: int = 0  # image: patches per image
     num_features: int = 0  # tabular: features per example
+    # audio: the front end and patch grid (sample rate, samples per clip, mel bands, patch
+    # frames x bands); SpecAugment while training
+    sample_rate: int = 0
+    num_samples: int = 0
+    n_mels: int = 0
+    patch_frames: int = 0
+    patch_mels: int = 0
+    spec_augment: bool = False
     text_vocab: int = 0  # > 0: the task has its own tokenizer and text embedding of this size
     tabular_mean: list[float] = field(default_factory=list)  # training-set statistics,
     tabular_std: list[float] = field(default_factory=list)  # reused at predict time
     # LM heads: the transformers LM class (GPT2LMHeadModel, BertForMaskedLM, ...) whose head,
     # weight tying included, this task uses; "" = a fresh Linear (no head in the checkpoint).
     lm_head: str = ""
+
+    @property
+    def audio_patches(self) -> int:
+        """Spectrogram patches per clip (0 without audio)."""
+        if "audio" not in self.modalities:
+            return 0
+        t, f = audio_patch_grid(
+            self.num_samples, self.sample_rate, self.n_mels, self.patch_frames, self.patch_mels
+        )
+        return t * f
 
     @property
     def uses_embeds(self) -> bool:
@@ -119,7 +139,10 @@ class MultiTaskModel(nn.Module):
         # parameter set). Zero-initialised: adding it leaves a pretrained trunk unchanged.
         self.modality_embed: nn.Embedding | None = None
         if any(s.uses_embeds for s in specs):
-            self.modality_embed = nn.Embedding(len(MODALITY_IDS), width)
+            # Rows for text, image, tabular, and audio only when a task has audio: models
+            # saved before audio existed hold a 3-row table and must still load.
+            rows = len(MODALITY_IDS) if any("audio" in s.modalities for s in specs) else 3
+            self.modality_embed = nn.Embedding(rows, width)
             nn.init.zeros_(self.modality_embed.weight)
         self.adapters = nn.ModuleDict()
         self.heads = nn.ModuleDict()
@@ -129,6 +152,11 @@ class MultiTaskModel(nn.Module):
                 parts["image"] = PatchEmbedding(s.patch_dim, s.num_patches, width)
             if "tabular" in s.modalities:
                 parts["tabular"] = FeatureTokenizer(s.num_features, width)
+            if "audio" in s.modalities:
+                parts["audio"] = AudioEmbedding(
+                    s.sample_rate, s.num_samples, s.n_mels, s.patch_frames, s.patch_mels,
+                    width, s.spec_augment,
+                )  # fmt: skip
             if s.text_vocab:
                 parts["text"] = nn.Embedding(s.text_vocab, width)
             if len(parts):
@@ -149,7 +177,22 @@ class MultiTaskModel(nn.Module):
         Language-model heads (hidden x vocab) are the largest matmul of the model; they
         run in the compute dtype and their logits are upcast for the loss.
         """
-        return [f"heads.{n}" for n, s in self.specs.items() if s.head not in LM]
+        heads = [f"heads.{n}" for n, s in self.specs.items() if s.head not in LM]
+        # The log-mel front ends (no weights) compute in fp32 too: see models/audio.py.
+        return heads + [
+            f"adapters.{n}.audio.frontend" for n, s in self.specs.items() if "audio" in s.modalities
+        ]
+
+    def take_audio_seconds(self) -> float | None:
+        """Wall time the log-mel front ends spent since the last call (reset to 0); None
+        when no task has audio. The trainer logs it beside the step time."""
+        fronts = [m for m in self.modules() if isinstance(m, LogMel)]
+        if not fronts:
+            return None
+        total = sum(m.seconds for m in fronts)
+        for m in fronts:
+            m.seconds = 0.0
+        return total
 
     @property
     def lm_checkpoint_task(self) -> str | None:
@@ -187,6 +230,10 @@ class MultiTaskModel(nn.Module):
         if "tabular" in inputs:
             parts.append(adapters["tabular"](inputs["tabular"]) + self.modality_embed.weight[2])
             masks.append(inputs["tabular_mask"])
+        if "audio" in inputs:
+            tokens, present = adapters["audio"](inputs["audio"], inputs["audio_len"])
+            parts.append(tokens + self.modality_embed.weight[3])
+            masks.append(present)
         embeds = torch.cat([p.to(dtype) for p in parts], dim=1)
         return embeds, torch.cat(masks, dim=1)
 

@@ -62,6 +62,8 @@ def concat_tables(tables: list[Table]) -> Table:
         text=None if first.text is None else [x for t in tables for x in t.text or []],
         image=None if first.image is None else np.concatenate([t.image for t in tables]),
         tabular=None if first.tabular is None else np.concatenate([t.tabular for t in tables]),
+        audio=None if first.audio is None else [c for t in tables for c in t.audio or []],
+        audio_rate=first.audio_rate,
     )
 
 

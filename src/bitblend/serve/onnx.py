@@ -169,6 +169,12 @@ def export_onnx(
     _import_ort()
     if run.serving != "fp32":
         raise BitblendError("export: load the run in fp32 (the graph is exported from it)")
+    audio = [n for n, spec in run.model.specs.items() if "audio" in spec.modalities]
+    if audio:  # the log-mel front end (torch.stft) is not in the exported graphs' inputs
+        raise BitblendError(
+            f"export: task {audio[0]} has audio input, which the ONNX export does not cover "
+            "yet; serve the run with --engine torch"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     tasks: dict[str, Any] = {}
     for cfg in run.tasks:

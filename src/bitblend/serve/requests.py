@@ -1,8 +1,9 @@
 """Request bodies -> per-task tables: the rows `bitblend predict` reads from JSONL.
 
 A body is one JSON object (a row) or a list of them. A row holds the task's input columns
-(text, image, features) and optionally "task" (needed when the run has several). Images
-are base64 data URIs (`data:image/png;base64,...`); file paths only under the server's
+(text, image, features, audio) and optionally "task" (needed when the run has several).
+Images and audio clips are base64 data URIs (`data:image/png;base64,...`,
+`data:audio/wav;base64,...`); file paths only under the server's
 `--image-root` (a client must not make the server open arbitrary files). Every bad input
 is a `RequestError`: a one-line message and an HTTP status, and the server keeps serving.
 """
@@ -90,25 +91,29 @@ def _task_of(run: Predictor, row: dict[str, Any], i: int) -> str:
     return name
 
 
-def _image_file(value: Any, row: int, column: str, tmp: Path, root: Path | None) -> str:
-    """A file path load_images can open: a decoded data URI in `tmp`, or a path in `root`."""
+def _image_file(
+    value: Any, row: int, column: str, tmp: Path, root: Path | None, kind: str = "image"
+) -> str:
+    """A file path load_images (or load_audio: `kind` audio) can open: a decoded data URI
+    in `tmp`, or a path in `root`."""
     where = f"row {row}: {column}"
+    want = f"expected a base64 data URI (data:{kind}/...;base64,...)"
     if not isinstance(value, str) or not value:
-        raise RequestError(f"{where}: expected a base64 data URI (data:image/...;base64,...)")
+        raise RequestError(f"{where}: {want}")
     if value.startswith("data:"):
         head, _, payload = value.partition(",")
         if not head.endswith(";base64"):
-            raise RequestError(f"{where}: expected a base64 data URI (data:image/...;base64,...)")
+            raise RequestError(f"{where}: {want}")
         try:
             raw = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
             raise RequestError(f"{where}: not valid base64") from None
-        path = tmp / f"row-{row}"
+        path = tmp / (f"row-{row}" if kind == "image" else f"row-{row}-{kind}")
         path.write_bytes(raw)
         return str(path)
     if root is None:
         raise RequestError(
-            f"{where}: image file paths are not accepted (start the server with --image-root "
+            f"{where}: {kind} file paths are not accepted (start the server with --image-root "
             "DIR); send a base64 data URI"
         )
     path = (root / value).resolve()
@@ -135,6 +140,12 @@ def parse_request(body: bytes, run: Predictor, image_root: Path | None = None) -
                 cols[image_col] = [
                     _image_file(v, positions[j] + 1, image_col, tmp, image_root)
                     for j, v in enumerate(cols[image_col])
+                ]
+            audio_col = cfg.audio_column
+            if audio_col is not None and audio_col in cols:  # same rules as images
+                cols[audio_col] = [
+                    _image_file(v, positions[j] + 1, audio_col, tmp, image_root, "audio")
+                    for j, v in enumerate(cols[audio_col])
                 ]
             try:
                 table = table_from_columns(cols, cfg, "request", f"the run's tasks[{index}]",

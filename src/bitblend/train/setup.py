@@ -126,7 +126,8 @@ def check_positions(recipe: Recipe, backbone: nn.Module, specs: list[HeadSpec]) 
         return
     multiple = recipe.train.pad_to_multiple_of  # collate pads the text part to this
     for i, (task, spec) in enumerate(zip(recipe.tasks, specs, strict=True)):
-        extra = spec.num_patches + spec.num_features  # appended after the text tokens
+        # appended after the text tokens
+        extra = spec.num_patches + spec.num_features + spec.audio_patches
         text = (task.max_length or recipe.model.max_length) if "text" in spec.modalities else 0
         key = f"tasks[{i}].max_length" if task.max_length else "model.max_length"
         if -(-text // multiple) * multiple + extra <= limit:
@@ -134,10 +135,10 @@ def check_positions(recipe: Recipe, backbone: nn.Module, specs: list[HeadSpec]) 
         allowed = (limit - extra) // multiple * multiple
         if text == 0 or allowed < 1:
             raise BitblendError(
-                f"tasks[{i}]: {extra} image/tabular positions exceed the {limit} positions of "
-                f"{recipe.model.backbone}; use fewer features or larger tasks[{i}].patch_size"
+                f"tasks[{i}]: {extra} image/tabular/audio positions exceed the {limit} positions "
+                f"of {recipe.model.backbone}; use fewer features or larger tasks[{i}].patch_size"
             )
-        also = f" with {extra} image/tabular positions" if extra else ""
+        also = f" with {extra} image/tabular/audio positions" if extra else ""
         pad = (
             f" once padded to train.pad_to_multiple_of {multiple}" if text + extra <= limit else ""
         )
@@ -177,6 +178,9 @@ def encode_task(
         max_length=task.max_length or recipe.model.max_length,
         patch=patch,
         stats=stats,
+        audio=(spec.sample_rate, spec.num_samples, spec.audio_patches)
+        if spec.audio_patches
+        else None,
     )
 
 

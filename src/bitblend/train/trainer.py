@@ -293,6 +293,7 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         """One optimizer step (grad_accum micro-batches); returns its metrics record."""
         cfg = self.recipe.train
+        self.model.take_audio_seconds()  # drop eval's front-end time: only the step's counts
         t0 = time.perf_counter()
         famo_before = dict(self.balancer.prev)  # FAMO compares each task's loss across steps
         mixed = self.recipe.mixing.batches == "mixed"
@@ -352,6 +353,10 @@ class Trainer:
             # seconds of this step spent waiting for streamed rows (data/stream_loader.py)
             "data_wait": pop_data_wait([t.sampler for t in self.tasks]),
         }
+        audio_s = self.model.take_audio_seconds()
+        if audio_s is not None:  # log-mel front end's share of the step (issue #20: < 10%)
+            record["audio_feature_s"] = audio_s
+            record["audio_feature_frac"] = audio_s / elapsed
         if len(self.tasks) > 1:
             record["task_loss"] = {names[i]: v for i, v in res.losses.items()}
             record["mix_target"] = dict(zip(names, self.mixture.targets(), strict=True))
