@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -75,6 +76,27 @@ def test_two_rank_ddp_equals_one_process(reference: Path, tmp_path: Path) -> Non
     # Rank 0 alone wrote the run: one line per step, no duplicates.
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps.count(1) == 1
+
+
+GPT = {"backbone": "tiny-gpt", "max_length": 48, "dropout": 0.0, "head_dropout": 0.0}
+TWEETS = {"name": "tweets", "data": "election_tweets", "head": "causal_lm", "max_examples": 192}
+
+
+@pytest.mark.parametrize("batches", ["homogeneous", "mixed"])
+def test_two_rank_ddp_equals_one_process_for_a_causal_lm(batches: str, tmp_path: Path) -> None:
+    """Token-level loss on tweets of ragged length (the ranks hold different numbers of
+    labelled tokens): each rank divides its token sum by the step's count over all ranks,
+    so 2 ranks == 1 process, with grad_accum 2 (no_sync) and in mixed batches."""
+    sections: dict[str, Any] = {"model": GPT, "tasks": [TWEETS], **ACCUM}
+    if batches == "mixed":
+        bbc = {"name": "bbc", "data": "bbc_news", "max_examples": 192}
+        sections["tasks"] = [TWEETS, bbc]
+        sections["mixing"] = {"strategy": "weights", "weights": {"tweets": 0.7, "bbc": 0.3},
+                              "batches": "mixed"}  # fmt: skip
+    recipe = write_recipe(tmp_path / "r.yaml", **sections)
+    one = train(recipe, tmp_path / "one", None)
+    two = train(recipe, tmp_path / "two", 2)
+    _check_equal(two, one)
 
 
 def test_mixed_batches_with_uncertainty_balancing_under_ddp(tmp_path: Path) -> None:

@@ -148,6 +148,12 @@ class DistContext:
         dist.all_reduce(t)
         return [float(x) for x in t.cpu()]
 
+    def sum_counts(self, values: list[int]) -> list[int]:
+        """Integer counts summed over the ranks (exact in float64 below 2**53)."""
+        if self.world_size == 1:
+            return values
+        return [round(x) for x in self._sum([float(v) for v in values])]
+
     def reduce_step(self, res: StepLosses, n_tasks: int) -> StepLosses:
         """The step's losses, examples and tokens over all ranks (losses example-weighted)."""
         if self.world_size == 1:
