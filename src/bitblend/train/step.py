@@ -193,8 +193,8 @@ def mixed(
     shares = {i: k / n for i, k in counts.items()}
     # DDP/FSDP average gradients over W ranks: a rank's mean loss of task i is scaled by
     # n_i W / k_i (its n_i of the step's k_i examples), so the ranks' average is the mean
-    # over all k_i examples, the one-process loss (per-token heads: the mean of the ranks'
-    # token means). 1.0 in one process.
+    # over all k_i examples, the one-process loss (per-token heads: see below). 1.0 in one
+    # process.
     world = tasks[0].sampler.world_size
     scale = {i: e * world / counts[i] for i, e in out.examples.items()}
     # Token-level heads: the step's labelled tokens over all ranks divide each rank's token
