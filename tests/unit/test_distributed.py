@@ -175,3 +175,17 @@ def test_ddp_all_reduces_once_per_step_whatever_the_accumulation(
     finally:
         distributed.teardown()
     assert reduced and reduced.count(0) == 1, reduced  # one pass over the buckets
+
+
+def test_ranks_draw_their_own_mlm_masks_and_rank_0_keeps_the_one_process_stream() -> None:
+    """Every rank collates its slice with the micro-batch's generator: ranks > 0 need
+    streams of their own, or each rank would mask the same positions of its rows."""
+    from bitblend.train.step import _generator
+
+    def draw(rank: int) -> torch.Tensor:
+        return torch.rand(4, 32, generator=_generator(3, 5, 0, 1, rank))
+
+    one_process = torch.rand(4, 32, generator=_generator(3, 5, 0, 1))
+    assert torch.equal(draw(0), one_process)
+    assert not torch.equal(draw(1), draw(0)) and not torch.equal(draw(2), draw(1))
+    assert torch.equal(draw(1), draw(1))  # still a function of (seed, step, task, micro, rank)

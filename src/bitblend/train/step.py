@@ -67,10 +67,14 @@ class Micro:
     items: int  # labelled tokens (token-level heads) or examples
 
 
-def _generator(seed: int, step: int, task: int, micro: int) -> torch.Generator:
+def _generator(seed: int, step: int, task: int, micro: int, rank: int = 0) -> torch.Generator:
     # MLM masking draws from its own generator, a function of (seed, step, task, micro):
-    # resume reproduces the masks and dropout's global RNG is left alone.
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 131 + task) * 17 + micro)
+    # resume reproduces the masks and dropout's global RNG is left alone. Under torchrun
+    # every rank collates its own slice of the micro-batch: ranks > 0 get streams of their
+    # own, else all ranks would mask the same positions of their rows (rank 0 keeps the
+    # one-process stream).
+    base = ((seed * 1_000_003 + step) * 131 + task) * 17 + micro
+    return torch.Generator().manual_seed(base if rank == 0 else (base * 7919 + rank) % 2**63)
 
 
 def prepare(task: TaskRuntime, i: int, idx: np.ndarray, gen: torch.Generator) -> Micro:
@@ -119,7 +123,7 @@ def homogeneous(
     indices = task.sampler.next()
     out = StepLosses(tokens=int(task.train.lengths[indices].sum()))
     micros = [
-        prepare(task, task_idx, idx, _generator(seed, step, task_idx, m))
+        prepare(task, task_idx, idx, _generator(seed, step, task_idx, m, task.sampler.rank))
         for m, idx in enumerate(np.split(indices, grad_accum))
     ]
     local = sum(m.items for m in micros)
@@ -166,6 +170,10 @@ def mixed(
     empty: list[list[Micro]] = []
     items: dict[int, int] = {}
     counts: dict[int, int] = {}  # the step's examples of each task over all ranks
+
+    def gen(i: int, m: int) -> torch.Generator:
+        return _generator(seed, step, i, m, tasks[i].sampler.rank)
+
     for m in range(grad_accum):
         row, none = [], []
         for i, k in enumerate(allocate(step * grad_accum + m, batch_size)):
@@ -177,11 +185,9 @@ def mixed(
             if len(idx) == 0:
                 # This rank got none of the k: it still runs one example weighted 0, so
                 # every rank's backward touches the same parameters (FSDP2, grad all-reduce).
-                none.append(
-                    prepare(tasks[i], i, np.zeros(1, np.int64), _generator(seed, step, i, m))
-                )
+                none.append(prepare(tasks[i], i, np.zeros(1, np.int64), gen(i, m)))
                 continue
-            row.append(prepare(tasks[i], i, idx, _generator(seed, step, i, m)))
+            row.append(prepare(tasks[i], i, idx, gen(i, m)))
             out.tokens += int(tasks[i].train.lengths[idx].sum())
             out.examples[i] = out.examples.get(i, 0) + len(idx)
             items[i] = items.get(i, 0) + row[-1].items
