@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -22,7 +23,9 @@ from torch import nn
 
 from bitblend.config.schema import DistributedConfig, Recipe
 from bitblend.errors import BitblendError
-from bitblend.train.step import StepLosses
+
+if TYPE_CHECKING:  # the step pulls in models and transformers; a launch needs neither
+    from bitblend.train.step import StepLosses
 
 _CTX: DistContext | None = None  # one process group per process, shared by cli and Trainer
 
@@ -145,10 +148,18 @@ class DistContext:
         dist.all_reduce(t)
         return [float(x) for x in t.cpu()]
 
+    def sum_counts(self, values: list[int]) -> list[int]:
+        """Integer counts summed over the ranks (exact in float64 below 2**53)."""
+        if self.world_size == 1:
+            return values
+        return [round(x) for x in self._sum([float(v) for v in values])]
+
     def reduce_step(self, res: StepLosses, n_tasks: int) -> StepLosses:
         """The step's losses, examples and tokens over all ranks (losses example-weighted)."""
         if self.world_size == 1:
             return res
+        from bitblend.train.step import StepLosses
+
         vec = [0.0] * (2 * n_tasks + 1)
         for i, loss in res.losses.items():
             vec[i] = loss * res.examples[i]
@@ -302,6 +313,42 @@ def default_threads(local_world: int) -> int:
     return max(1, cores // max(1, local_world))
 
 
+def elastic_store(timeout: timedelta, world: int, local_world: int) -> dist.Store | None:
+    """torchrun's shared TCPStore, scoped to this restart round; None: let env:// build it.
+
+    Since torch 2.5 torchrun's c10d rendezvous hosts one TCPStore in the agent and every
+    worker of every restart round connects to it (TORCHELASTIC_USE_AGENT_STORE=True, the
+    same MASTER_PORT each round), and env:// no longer prefixes keys per round
+    (pytorch/pytorch#135712). So after `--max-restarts` restarts the workers, the dead
+    round's gloo addresses (key `default_pg/0//cpu//0/<rank>`) are still in the store: a
+    rank that reaches connectFullMesh before its peer has overwritten its key connects to
+    the dead process's port ("connection refused"/connect timeout). Keys under
+    `attempt_<TORCHELASTIC_RESTART_COUNT>/` are fresh in every round. The count is one
+    agent's own, so it agrees between ranks only when one agent started them all (one
+    machine); several machines must set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every
+    torchrun to get a fresh store per round (docs/distributed.md).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if local_world != world:
+        if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) and os.environ.get("RANK") == "0":
+            print(
+                "bitblend: warning: torchrun --max-restarts on several machines shares one "
+                "store between restart rounds (pytorch/pytorch#135712); set "
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for every torchrun, or a restarted "
+                "round may fail to connect",
+                file=sys.stderr,
+                flush=True,
+            )
+        return None
+    client = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size=world,
+        is_master=False, timeout=timeout,
+    )  # fmt: skip
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"bitblend/attempt_{attempt}", client)
+
+
 def init(cfg: DistributedConfig, device_type: str) -> DistContext:
     """This process's DistContext, creating the process group once (idempotent).
 
@@ -327,7 +374,13 @@ def init(cfg: DistributedConfig, device_type: str) -> DistContext:
         backend = "nccl" if cuda else "gloo"
         timeout = timedelta(seconds=cfg.timeout_s)
         if world > 1 or "RANK" in os.environ:
-            dist.init_process_group(backend, timeout=timeout)  # env:// from torchrun
+            store = elastic_store(timeout, world, local_world)
+            if store is None:
+                dist.init_process_group(backend, timeout=timeout)  # env:// from torchrun
+            else:
+                dist.init_process_group(
+                    backend, store=store, rank=rank, world_size=world, timeout=timeout
+                )
         else:
             dist.init_process_group(
                 backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout

@@ -15,6 +15,8 @@ whole step are held at once (token ids and small tensors; activations stay per m
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +30,22 @@ from bitblend.tasks.balancing import Balancer
 from bitblend.tasks.losses import TOKEN_HEADS, compute_loss, loss_items
 from bitblend.train.jacobian import aggregate_backward
 from bitblend.train.setup import TaskRuntime
+
+# Sums integer counts over the ranks (DistContext.sum_counts); identity in one process.
+Counter = Callable[[list[int]], list[int]]
+
+
+def _local(values: list[int]) -> list[int]:
+    return values
+
+
+def _accumulating(model: Any, last: bool) -> contextlib.AbstractContextManager[Any]:
+    """DDP all-reduces gradients in every backward; accumulation needs the sum only once.
+    All but the last micro-batch of a step run under DDP's `no_sync` (forward and backward:
+    DDP decides in forward), their gradients add up locally and the last backward
+    all-reduces the sum. The bare model (one process, fsdp2, mixed batches) has no no_sync."""
+    no_sync = getattr(model, "no_sync", None)
+    return contextlib.nullcontext() if last or no_sync is None else no_sync()
 
 
 @dataclass
@@ -49,10 +67,14 @@ class Micro:
     items: int  # labelled tokens (token-level heads) or examples
 
 
-def _generator(seed: int, step: int, task: int, micro: int) -> torch.Generator:
+def _generator(seed: int, step: int, task: int, micro: int, rank: int = 0) -> torch.Generator:
     # MLM masking draws from its own generator, a function of (seed, step, task, micro):
-    # resume reproduces the masks and dropout's global RNG is left alone.
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 131 + task) * 17 + micro)
+    # resume reproduces the masks and dropout's global RNG is left alone. Under torchrun
+    # every rank collates its own slice of the micro-batch: ranks > 0 get streams of their
+    # own, else all ranks would mask the same positions of their rows (rank 0 keeps the
+    # one-process stream).
+    base = ((seed * 1_000_003 + step) * 131 + task) * 17 + micro
+    return torch.Generator().manual_seed(base if rank == 0 else (base * 7919 + rank) % 2**63)
 
 
 def prepare(task: TaskRuntime, i: int, idx: np.ndarray, gen: torch.Generator) -> Micro:
@@ -92,24 +114,37 @@ def homogeneous(
     step: int,
     seed: int,
     grad_accum: int,
+    count: Counter = _local,
 ) -> StepLosses:
-    """One task, `grad_accum` equal micro-batches; gradients accumulate in the model."""
+    """One task, `grad_accum` equal micro-batches; gradients accumulate in the model.
+    `count` sums the labelled tokens over the ranks (token-level heads)."""
     balancer.zero_grad()
     task = tasks[task_idx]
     indices = task.sampler.next()
     out = StepLosses(tokens=int(task.train.lengths[indices].sum()))
     micros = [
-        prepare(task, task_idx, idx, _generator(seed, step, task_idx, m))
+        prepare(task, task_idx, idx, _generator(seed, step, task_idx, m, task.sampler.rank))
         for m, idx in enumerate(np.split(indices, grad_accum))
     ]
-    total = sum(m.items for m in micros)
+    local = sum(m.items for m in micros)
+    total, scale = local, 1.0
+    world = task.sampler.world_size
+    if task.cfg.head in TOKEN_HEADS and world > 1:
+        # Ranks hold different numbers of labelled tokens: divide each rank's token sum by
+        # the step's count over all ranks, times W since DDP/FSDP average the W gradients,
+        # so the average is the one-process per-token mean. (Pooled heads: every rank has
+        # the same number of examples, so its own mean is already exact.)
+        total, scale = count([local])[0], float(world)
     parts = []
-    for micro in micros:
-        part = loss_part(model, precision, task, micro, total)
-        fraction = {task_idx: _fraction(micro.items, total)}
-        precision.backward(balancer.combine({task_idx: part}, {task_idx: 1.0}, fraction))
+    for m, micro in enumerate(micros):
+        with _accumulating(model, last=m == len(micros) - 1):
+            part = loss_part(model, precision, task, micro, total) * scale
+            fraction = {task_idx: _fraction(micro.items, local)}
+            precision.backward(balancer.combine({task_idx: part}, {task_idx: 1.0}, fraction))
         parts.append(part.detach())
-    out.losses[task_idx] = float(sum(parts))  # the step's mean (per token: token-level heads)
+    # The step's mean (per token: token-level heads); under W ranks this rank's share x W,
+    # so the example-weighted mean over the (equal) ranks is the step's mean.
+    out.losses[task_idx] = float(sum(parts))
     out.examples[task_idx] = len(indices)
     return out
 
@@ -125,14 +160,20 @@ def mixed(
     batch_size: int,
     grad_accum: int,
     aggregator: Any = None,
+    count: Counter = _local,
 ) -> StepLosses:
-    """Several tasks per micro-batch, as many examples of each as `allocate` says."""
+    """Several tasks per micro-batch, as many examples of each as `allocate` says.
+    `count` sums the labelled tokens over the ranks (token-level heads)."""
     balancer.zero_grad()
     out = StepLosses()
     plan: list[list[Micro]] = []
     empty: list[list[Micro]] = []
     items: dict[int, int] = {}
     counts: dict[int, int] = {}  # the step's examples of each task over all ranks
+
+    def gen(i: int, m: int) -> torch.Generator:
+        return _generator(seed, step, i, m, tasks[i].sampler.rank)
+
     for m in range(grad_accum):
         row, none = [], []
         for i, k in enumerate(allocate(step * grad_accum + m, batch_size)):
@@ -144,11 +185,9 @@ def mixed(
             if len(idx) == 0:
                 # This rank got none of the k: it still runs one example weighted 0, so
                 # every rank's backward touches the same parameters (FSDP2, grad all-reduce).
-                none.append(
-                    prepare(tasks[i], i, np.zeros(1, np.int64), _generator(seed, step, i, m))
-                )
+                none.append(prepare(tasks[i], i, np.zeros(1, np.int64), gen(i, m)))
                 continue
-            row.append(prepare(tasks[i], i, idx, _generator(seed, step, i, m)))
+            row.append(prepare(tasks[i], i, idx, gen(i, m)))
             out.tokens += int(tasks[i].train.lengths[idx].sum())
             out.examples[i] = out.examples.get(i, 0) + len(idx)
             items[i] = items.get(i, 0) + row[-1].items
@@ -160,10 +199,24 @@ def mixed(
     shares = {i: k / n for i, k in counts.items()}
     # DDP/FSDP average gradients over W ranks: a rank's mean loss of task i is scaled by
     # n_i W / k_i (its n_i of the step's k_i examples), so the ranks' average is the mean
-    # over all k_i examples, the one-process loss (per-token heads: the mean of the ranks'
-    # token means). 1.0 in one process.
+    # over all k_i examples, the one-process loss (per-token heads: see below). 1.0 in one
+    # process.
     world = tasks[0].sampler.world_size
     scale = {i: e * world / counts[i] for i, e in out.examples.items()}
+    # Token-level heads: the step's labelled tokens over all ranks divide each rank's token
+    # sum, times W (the gradient average), so the ranks' average is the one-process
+    # per-token mean. `counts` is global, so every rank sums the same list of tasks.
+    totals = dict(items)
+    token_tasks = sorted(i for i in counts if tasks[i].cfg.head in TOKEN_HEADS)
+    if world > 1 and token_tasks:
+        summed = count([items.get(i, 0) for i in token_tasks])
+        for i, n_tok in zip(token_tasks, summed, strict=True):
+            totals[i] = n_tok
+            if i in scale:
+                scale[i] = float(world)
+    # What this rank reports per task: its loss sum's share of the step's mean x k_i / n_i
+    # (1.0 in one process), so reduce_step's example-weighted mean is the step's mean.
+    report = {i: counts[i] / (e * world) for i, e in out.examples.items()}
     # A task with no example on this rank in the whole step: its dummies carry the
     # uncertainty balancer's + s_i term (the one-process step counts it once).
     absent = {p.task for row in empty for p in row} - set(items)
@@ -171,12 +224,12 @@ def mixed(
     sums: dict[int, list[torch.Tensor]] = {}
     for row, none in zip(plan, empty, strict=True):
         losses = {
-            p.task: loss_part(model, precision, tasks[p.task], p, items[p.task]) * scale[p.task]
+            p.task: loss_part(model, precision, tasks[p.task], p, totals[p.task]) * scale[p.task]
             for p in row
         }
         fractions = {p.task: _fraction(p.items, items[p.task]) for p in row}
         for i, part in losses.items():
-            sums.setdefault(i, []).append(part.detach() / scale[i])
+            sums.setdefault(i, []).append(part.detach() * report[i])
         zero: torch.Tensor | None = None
         for p in none:
             z = loss_part(model, precision, tasks[p.task], p, max(p.items, 1)) * 0.0

@@ -302,12 +302,13 @@ class Trainer:
             res = step_fn.mixed(
                 fwd, self.precision, self.balancer, self.tasks, self.mixture.allocate,
                 self.step, cfg.seed, cfg.batch_size, cfg.grad_accum, self.aggregator,
+                count=self.dist.sum_counts,
             )  # fmt: skip
         else:
             task_idx = self.mixture.task_at(self.step)
             res = step_fn.homogeneous(
                 fwd, self.precision, self.balancer, self.tasks, task_idx,
-                self.step, cfg.seed, cfg.grad_accum,
+                self.step, cfg.seed, cfg.grad_accum, count=self.dist.sum_counts,
             )  # fmt: skip
         # -- distributed hook: losses, examples and tokens of all ranks; balancers decide
         # from them and average their own gradients, so every rank holds the same weights.
