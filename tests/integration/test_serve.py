@@ -77,9 +77,14 @@ def test_single_and_list_requests_equal_cli_predict(
 
 
 def test_concurrent_requests_share_a_forward(torch_run: Any) -> None:
-    """16 single-row requests at once are answered from fewer forwards (batch > 1 in the
-    batch-size histogram), each with its own row's prediction."""
-    with running(torch_run, max_wait_ms=300, max_batch=32) as (url, _):
+    """16 single-row requests that arrive while a forward runs are answered from fewer
+    forwards (batch > 1 in the batch-size histogram), each with its own row's prediction.
+    The inference thread is held until all 16 have arrived: a lone request runs at once
+    (no max-wait), so batches form while the model is busy, as they do under load."""
+    with running(torch_run, max_wait_ms=300, max_batch=32) as (url, service):
+        gate = threading.Event()
+        assert service.batcher is not None
+        blocker = service.batcher.executor.submit(gate.wait, 60)  # the model is busy
         with cf.ThreadPoolExecutor(16) as pool:
             futures = [
                 pool.submit(
@@ -87,6 +92,14 @@ def test_concurrent_requests_share_a_forward(torch_run: Any) -> None:
                 )
                 for i in range(16)
             ]
+            # One batch may be handed to the held thread; the rest wait in the queue.
+            _wait_for(
+                lambda: service.metrics.in_flight.value
+                + gauge(httpx.get(f"{url}/metrics").text, "bitblend_queue_depth")
+                >= 15
+            )
+            gate.set()
+            blocker.result()
             answers = [f.result() for f in futures]
         alone = httpx.post(f"{url}/v1/predict", json=[{"text": t} for t in TEXTS]).json()
         hist = histogram(httpx.get(f"{url}/metrics").text, "bitblend_batch_rows")

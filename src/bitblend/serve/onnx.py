@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from bitblend.config.schema import TaskConfig
-from bitblend.data.modalities import POOLED_HEADS
+from bitblend.data.modalities import POOLED_HEADS, EncodedSplit
 from bitblend.data.table import Table
 from bitblend.errors import BitblendError
 from bitblend.numeric import sigmoid, softmax
@@ -73,6 +73,13 @@ def _feeds(
 ) -> tuple[np.ndarray, list[Any]]:
     """Length-sorted batches of a table as input dicts: (order, [(rows, batch dict), ...])."""
     split = run.encode(cfg, table, np.zeros(len(table), dtype=np.float32))
+    return _split_feeds(run, cfg, split, batch_size)
+
+
+def _split_feeds(
+    run: TransformerRun, cfg: TaskConfig, split: EncodedSplit, batch_size: int | None = None
+) -> tuple[np.ndarray, list[Any]]:
+    """Length-sorted batches of an encoded split as input dicts."""
     spec = run.batch_spec(cfg)
     size = batch_size or spec.batch_size
     order = np.argsort(split.lengths, kind="stable")  # length buckets: little padding
@@ -104,9 +111,17 @@ def _session(path: Path) -> Any:
 def _run_session(
     sess: Any, run: TransformerRun, cfg: TaskConfig, table: Table, batch_size: int | None = None
 ) -> np.ndarray:
+    split = run.encode(cfg, table, np.zeros(len(table), dtype=np.float32))
+    return _run_split(sess, run, cfg, split, batch_size)
+
+
+def _run_split(
+    sess: Any, run: TransformerRun, cfg: TaskConfig, split: EncodedSplit,
+    batch_size: int | None = None,
+) -> np.ndarray:  # fmt: skip
     names = [i.name for i in sess.get_inputs()]
-    out = np.zeros((len(table), run.model.specs[cfg.name].num_outputs), dtype=np.float32)
-    _, batches = _feeds(run, cfg, table, batch_size)
+    out = np.zeros((len(split), run.model.specs[cfg.name].num_outputs), dtype=np.float32)
+    _, batches = _split_feeds(run, cfg, split, batch_size)
     for idx, batch in batches:
         feeds = {n: batch[n].cpu().numpy() for n in names if n in batch}
         for i in sess.get_inputs():
@@ -276,3 +291,11 @@ class OnnxRun:
             raise BitblendError(f"task {task}: no ONNX graph (its head is not exported)")
         _, cfg = self.task(task)
         return _run_session(self.sessions[task], self.base, cfg, table)
+
+    def outputs_encoded(self, task: str, split: EncodedSplit) -> np.ndarray:
+        """Logits (n, outputs) of rows the base run has already encoded (the server
+        tokenises a batch once, for its length buckets and the forward)."""
+        if task not in self.sessions:
+            raise BitblendError(f"task {task}: no ONNX graph (its head is not exported)")
+        _, cfg = self.task(task)
+        return _run_split(self.sessions[task], self.base, cfg, split)
