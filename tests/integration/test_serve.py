@@ -94,9 +94,11 @@ def test_concurrent_requests_share_a_forward(torch_run: Any) -> None:
             ]
             # One batch may be handed to the held thread; the rest wait in the queue.
             _wait_for(
-                lambda: service.metrics.in_flight.value
-                + gauge(httpx.get(f"{url}/metrics").text, "bitblend_queue_depth")
-                >= 15
+                lambda: (
+                    service.metrics.in_flight.value
+                    + gauge(httpx.get(f"{url}/metrics").text, "bitblend_queue_depth")
+                    >= 15
+                )
             )
             gate.set()
             blocker.result()
