@@ -78,9 +78,11 @@ def free_port() -> int:
 
 def start_server(run_dir: str, engine: str, precision: str, port: int) -> subprocess.Popen[str]:
     """`bitblend serve` (or the naive anchor) as a subprocess on 127.0.0.1:port."""
-    # Both servers tokenise without the tokenizers' thread pool (what `bitblend serve` sets).
+    # Both servers run with the environment `bitblend serve` sets for itself (no tokenizers
+    # thread pool, passive OpenMP waiting): the anchor's figures then differ by batching
+    # and engine only, not by a spin-waiting pathology on a shared machine.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
-           "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+           "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": "PASSIVE"}  # fmt: skip
     if engine == "naive":
         cmd = [sys.executable, __file__, run_dir, "--naive-server", "--port", str(port)]
     else:

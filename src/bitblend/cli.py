@@ -309,6 +309,20 @@ def cmd_bench_infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_environment() -> None:
+    """Thread settings of `bitblend serve`, set before torch (and tokenizers) load."""
+    # The batcher tokenises many rows at once, which starts the tokenizers' Rust thread
+    # pool; its spinning threads fight torch's for the cores (measured on 2 cores: 12 vs 93
+    # requests/s for the bbc run). Batching already gives the parallelism.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # torch's OpenMP threads busy-wait at every barrier by default; when a core is also
+    # needed by the event loop, the HTTP work or another process, a spinning thread holds
+    # it while its partner waits to be scheduled. Measured on 2 shared cores (load ~20):
+    # MiniLM batch-1 forward 3.2 s with 2 spinning threads, 104 ms with PASSIVE, 137 ms
+    # with 1 thread. OpenMP reads it once, when torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve a finished run over HTTP with dynamic batching (torch or ONNX Runtime)."""
     from bitblend.serve.app import ServeOptions
@@ -321,10 +335,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     root = Path(args.image_root) if args.image_root else None
     if root is not None and not root.is_dir():
         raise BitblendError(f"--image-root {root}: not a directory")
-    # The batcher tokenises many rows at once, which starts the tokenizers' Rust thread
-    # pool; its spinning threads fight torch's for the cores (measured on 2 cores: 12 vs 93
-    # requests/s for the bbc run). Batching already gives the parallelism.
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sock = bind(args.host, args.port)  # before the (slow) load: a taken port fails at once
     run = load_engine(Path(args.run_dir), args.precision, args.engine)
     options = ServeOptions(
@@ -764,6 +774,8 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for `train --nproc`
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.simplefilter("default", UserWarning)
+    if args.func is cmd_serve:
+        _serve_environment()  # before _quiet_libraries imports transformers (and torch)
     _quiet_libraries()
     try:
         return int(args.func(args))

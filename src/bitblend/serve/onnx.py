@@ -101,10 +101,15 @@ def to_probs(head: str, out: np.ndarray) -> np.ndarray:
     return out
 
 
-def _session(path: Path) -> Any:
+def _session(path: Path, *, spin: bool = True) -> Any:
+    """An ONNX Runtime CPU session. `spin=False` (serving): the intra-op threads sleep
+    between runs instead of busy-waiting for the next one, which on a few cores took the
+    CPU from the event loop and the HTTP work between forwards."""
     ort = _import_ort()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
@@ -261,7 +266,9 @@ class OnnxRun:
         manifest = ensure_export(run, int8)
         kind = "int8" if int8 else "fp32"
         out_dir = run.run_dir / "onnx"
-        sessions = {t: _session(out_dir / e[kind]) for t, e in manifest["tasks"].items()}
+        sessions = {
+            t: _session(out_dir / e[kind], spin=False) for t, e in manifest["tasks"].items()
+        }
         return cls(run, sessions, int8, run.run_dir)
 
     @property
