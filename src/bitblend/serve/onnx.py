@@ -41,6 +41,7 @@ CHECK_ROWS = 64
 # Every possible model input in one fixed order (collate's keys, minus labels).
 INPUT_ORDER = ("input_ids", "attention_mask", "image", "image_mask", "tabular", "tabular_mask")
 SEQ_INPUTS = ("input_ids", "attention_mask")
+LABEL_HEADS = ("classification", "binary")  # heads whose eval accuracy the export records
 
 
 def _import_ort() -> Any:
@@ -181,6 +182,22 @@ def _quantize(src: Path, dst: Path) -> None:
         root.setLevel(level)
 
 
+def _accuracy(head: str, out: np.ndarray, targets: np.ndarray) -> float:
+    if head == "binary":
+        return float(np.mean((out[:, 0] > 0) == (np.asarray(targets) > 0.5)))
+    return float(np.mean(out.argmax(1) == np.asarray(targets)))
+
+
+def _eval_accuracy(
+    run: TransformerRun, cfg: TaskConfig, table: Table, targets: np.ndarray, int8: Path
+) -> dict[str, Any]:
+    """Accuracy on the whole eval split of torch fp32 and of the int8 graph."""
+    head = run.head(cfg.name)
+    fp32 = _accuracy(head, run.outputs(cfg.name, table), targets)
+    got = _accuracy(head, _run_session(_session(int8), run, cfg, table), targets)
+    return {"eval_rows": len(table), "fp32_eval_accuracy": fp32, "int8_eval_accuracy": got}
+
+
 def export_onnx(
     run: TransformerRun, out_dir: Path, *, int8: bool = False, check_rows: int = CHECK_ROWS
 ) -> dict[str, Any]:
@@ -195,7 +212,7 @@ def export_onnx(
         head = run.head(cfg.name)
         if head not in POOLED_HEADS:
             continue
-        table, _ = run.eval_split(cfg.name)
+        table, targets = run.eval_split(cfg.name)
         sample = table.take(np.arange(min(len(table), check_rows)))
         ref = run.outputs(cfg.name, sample)
         fp32 = out_dir / f"{cfg.name}.onnx"
@@ -207,6 +224,8 @@ def export_onnx(
             files["int8"] = out_dir / f"{cfg.name}.int8.onnx"
             _quantize(fp32, files["int8"])
             entry["int8"] = files["int8"].name
+            if head in LABEL_HEADS:  # whether int8 may be the default engine (serve/server.py)
+                entry |= _eval_accuracy(run, cfg, table, targets, files["int8"])
         for kind, path in files.items():
             # Batches of the run's eval size and of 1 row: shapes other than the traced
             # one's, so a batch or sequence axis frozen at export would show here.
