@@ -281,32 +281,26 @@ def test_a_gathered_batch_is_padded_by_length_bucket(torch_run: Any) -> None:
 
 
 @pytest.mark.slow
-def test_auto_engine_is_int8_onnx_only_within_the_accuracy_bound(
-    tiny_run: Path, tmp_path: Path
-) -> None:
-    """`--engine auto` serves ONNX Runtime int8 when the export's int8 eval accuracy is
-    within the bound of torch fp32's (recorded in export.json), torch in the run's
-    precision when it is not; both answer like `predict` for their engine."""
-    import shutil
-
-    from bitblend.serve.onnx import MANIFEST
+def test_auto_engine_is_bf16_only_within_the_accuracy_bound(tiny_run: Path, tmp_path: Path) -> None:
+    """`--engine auto` serves torch bf16 when its eval accuracy is within the bound of
+    fp32's (measured at start), torch in the run's precision when it is not; answers equal
+    `predict` in the chosen precision. `export --int8` records both eval accuracies."""
+    from bitblend.runs.load import load_transformer_run
+    from bitblend.serve.onnx import export_onnx
     from bitblend.serve.server import default_engine
 
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run, run)
-    shutil.rmtree(run / "onnx", ignore_errors=True)  # exported here, with the accuracy
-    predictor, engine, precision, why = default_engine(run, bound=1.0)
-    assert (engine, precision) == ("onnxruntime", "int8"), why
-    entry = json.loads((run / "onnx" / MANIFEST).read_text())["tasks"]["bbc"]
-    assert entry["eval_rows"] > 0
-    assert 0.0 <= entry["int8_eval_accuracy"] <= 1.0
-    assert 0.0 <= entry["fp32_eval_accuracy"] <= 1.0
+    predictor, engine, precision, why = default_engine(tiny_run, bound=1.0)
+    assert (engine, precision) == ("torch", "bf16"), why
     rows = [{"text": t} for t in TEXTS]
     with running(predictor) as (url, _):
         got = httpx.post(f"{url}/v1/predict", json=rows, timeout=60).json()
-    np.testing.assert_allclose(
-        probs(got), probs(cli_predict(run, rows, tmp_path, "--precision", "fp32")), atol=5e-2
-    )
-    # A bound no int8 graph can meet (accuracy would have to rise): torch, the run's own.
-    _, engine, precision, why = default_engine(run, bound=-1.0)
+    expected = cli_predict(tiny_run, rows, tmp_path, "--precision", "bf16")
+    np.testing.assert_allclose(probs(got), probs(expected), atol=1e-6)
+    # A bound no engine can meet (accuracy would have to rise): torch, the run's own.
+    _, engine, precision, why = default_engine(tiny_run, bound=-1.0)
     assert (engine, precision) == ("torch", "run") and "points below fp32" in why
+    fp32 = load_transformer_run(tiny_run, "fp32")
+    entry = export_onnx(fp32, tmp_path / "onnx", int8=True, check_rows=8)["tasks"]["bbc"]
+    assert entry["eval_rows"] > 0
+    assert 0.0 <= entry["int8_eval_accuracy"] <= 1.0
+    assert 0.0 <= entry["fp32_eval_accuracy"] <= 1.0

@@ -182,7 +182,8 @@ def _quantize(src: Path, dst: Path) -> None:
         root.setLevel(level)
 
 
-def _accuracy(head: str, out: np.ndarray, targets: np.ndarray) -> float:
+def label_accuracy(head: str, out: np.ndarray, targets: np.ndarray) -> float:
+    """Accuracy of raw outputs (n, outputs) of a classification or binary head."""
     if head == "binary":
         return float(np.mean((out[:, 0] > 0) == (np.asarray(targets) > 0.5)))
     return float(np.mean(out.argmax(1) == np.asarray(targets)))
@@ -193,8 +194,8 @@ def _eval_accuracy(
 ) -> dict[str, Any]:
     """Accuracy on the whole eval split of torch fp32 and of the int8 graph."""
     head = run.head(cfg.name)
-    fp32 = _accuracy(head, run.outputs(cfg.name, table), targets)
-    got = _accuracy(head, _run_session(_session(int8), run, cfg, table), targets)
+    fp32 = label_accuracy(head, run.outputs(cfg.name, table), targets)
+    got = label_accuracy(head, _run_session(_session(int8), run, cfg, table), targets)
     return {"eval_rows": len(table), "fp32_eval_accuracy": fp32, "int8_eval_accuracy": got}
 
 
