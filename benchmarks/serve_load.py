@@ -12,6 +12,11 @@ per request in Starlette's thread pool (what a plain sync endpoint does), no bat
 
     .venv/bin/python benchmarks/serve_load.py RUN_DIR [--configs torch:fp32,onnxruntime:int8]
         [--seconds 10] [--clients 32] [--eval-rows 200] [--json OUT]
+    .venv/bin/python benchmarks/serve_load.py RUN_DIR --interleave [--window 4 --cycles 3]
+
+`--interleave` starts every server at once and alternates between them (batch-1 requests
+one by one, throughput windows in turn): on a shared machine whose load swings between
+minutes, ratios between configs then come from the same conditions.
 
 The load generator shares the machine's cores with the server: on a 2-core machine its
 own work is part of every figure; compare ratios measured in one run.
@@ -78,9 +83,11 @@ def free_port() -> int:
 
 def start_server(run_dir: str, engine: str, precision: str, port: int) -> subprocess.Popen[str]:
     """`bitblend serve` (or the naive anchor) as a subprocess on 127.0.0.1:port."""
-    # Both servers tokenise without the tokenizers' thread pool (what `bitblend serve` sets).
+    # Both servers run with the environment `bitblend serve` sets for itself (no tokenizers
+    # thread pool, passive OpenMP waiting): the anchor's figures then differ by batching
+    # and engine only, not by a spin-waiting pathology on a shared machine.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
-           "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+           "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": "PASSIVE"}  # fmt: skip
     if engine == "naive":
         cmd = [sys.executable, __file__, run_dir, "--naive-server", "--port", str(port)]
     else:
@@ -218,6 +225,62 @@ async def measure(args: argparse.Namespace, engine: str, precision: str, texts: 
     return row
 
 
+async def interleaved(args: argparse.Namespace, specs: list[str],
+                      texts: list[str]) -> list[dict[str, Any]]:  # fmt: skip
+    """Every server up at once; batch-1 requests alternate between them and throughput
+    windows (`--window` s each) cycle through them `--cycles` times, so each sees the same
+    machine load: the ratios hold on a shared machine whose speed swings between minutes."""
+    import httpx
+
+    servers = []
+    for spec in specs:
+        engine, precision = spec.split(":")
+        port = free_port()
+        servers.append((spec, f"http://127.0.0.1:{port}",
+                        start_server(args.run_dir, engine, precision, port)))  # fmt: skip
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
+    rows: dict[str, dict[str, Any]] = {s: {"config": s, "b1": [], "done": 0, "wall": 0.0}
+                                       for s in specs}  # fmt: skip
+    try:
+        async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+            for _, url, proc in servers:
+                await wait_ready(client, url, proc, args.ready_timeout)
+            load = os.getloadavg()[0]
+            for i in range(args.unloaded + 2):  # 2 warm-up rounds
+                for spec, url, _ in servers:
+                    lat, code, _ = await one(client, url, texts[i % len(texts)])
+                    if i >= 2 and code == 200:
+                        rows[spec]["b1"].append(lat)
+            for _ in range(args.cycles):
+                for spec, url, _ in servers:
+                    t0 = time.perf_counter()
+                    rps = await saturate(client, url, texts, args.clients, args.window,
+                                         args.max_requests)  # fmt: skip
+                    wall = time.perf_counter() - t0
+                    rows[spec]["done"] += rps * wall
+                    rows[spec]["wall"] += wall
+    finally:
+        for _, _, proc in servers:
+            proc.send_signal(signal.SIGTERM)
+        for _, _, proc in servers:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    out = []
+    for spec in specs:
+        r = rows[spec]
+        out.append({"config": spec, "b1_p50_ms": pct(r["b1"], 50), "b1_p99_ms": pct(r["b1"], 99),
+                    "max_rps": r["done"] / max(r["wall"], 1e-9), "load_avg_1m": load})  # fmt: skip
+    ref = {r["config"]: r for r in out}
+    for r in out:
+        if "torch:fp32" in ref:
+            r["b1_vs_torch_fp32"] = r["b1_p50_ms"] / ref["torch:fp32"]["b1_p50_ms"]
+        if "naive:run" in ref:
+            r["rps_vs_naive"] = r["max_rps"] / ref["naive:run"]["max_rps"]
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("run_dir")
@@ -229,6 +292,14 @@ def main() -> int:
     p.add_argument("--eval-rows", type=int, default=200, help="eval rows for accuracy")
     p.add_argument("--ready-timeout", type=float, default=600.0)
     p.add_argument("--json", help="write the rows here")
+    p.add_argument(
+        "--interleave",
+        action="store_true",
+        help="all servers at once: alternating batch-1 requests and throughput "
+        "windows (ratios on a shared machine); no open-loop or accuracy phase",
+    )
+    p.add_argument("--window", type=float, default=4.0, help="--interleave: seconds per window")
+    p.add_argument("--cycles", type=int, default=3, help="--interleave: windows per server")
     p.add_argument("--naive-server", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -239,6 +310,13 @@ def main() -> int:
                     log_level="warning")  # fmt: skip
         return 0
     texts, labels = eval_rows(args.run_dir, args.eval_rows)
+    if args.interleave:
+        rows = asyncio.run(interleaved(args, args.configs.split(","), texts))
+        for row in rows:
+            print(json.dumps(row), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        return 0
     rows = []
     for spec in args.configs.split(","):
         engine, precision = spec.split(":")

@@ -311,10 +311,24 @@ def cmd_bench_infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_environment() -> None:
+    """Thread settings of `bitblend serve`, set before torch (and tokenizers) load."""
+    # The batcher tokenises many rows at once, which starts the tokenizers' Rust thread
+    # pool; its spinning threads fight torch's for the cores (measured on 2 cores: 12 vs 93
+    # requests/s for the bbc run). Batching already gives the parallelism.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # torch's OpenMP threads busy-wait at every barrier by default; when a core is also
+    # needed by the event loop, the HTTP work or another process, a spinning thread holds
+    # it while its partner waits to be scheduled. Measured on 2 shared cores (load ~20):
+    # MiniLM batch-1 forward 3.2 s with 2 spinning threads, 104 ms with PASSIVE, 137 ms
+    # with 1 thread. OpenMP reads it once, when torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve a finished run over HTTP with dynamic batching (torch or ONNX Runtime)."""
     from bitblend.serve.app import ServeOptions
-    from bitblend.serve.server import bind, load_engine, serve
+    from bitblend.serve.server import bind, default_engine, load_engine, serve
 
     if min(args.max_batch, args.max_queue, args.max_body_kib) < 1 or args.max_wait_ms < 0:
         raise BitblendError(
@@ -323,18 +337,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     root = Path(args.image_root) if args.image_root else None
     if root is not None and not root.is_dir():
         raise BitblendError(f"--image-root {root}: not a directory")
-    # The batcher tokenises many rows at once, which starts the tokenizers' Rust thread
-    # pool; its spinning threads fight torch's for the cores (measured on 2 cores: 12 vs 93
-    # requests/s for the bbc run). Batching already gives the parallelism.
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sock = bind(args.host, args.port)  # before the (slow) load: a taken port fails at once
-    run = load_engine(Path(args.run_dir), args.precision, args.engine)
+    engine, precision, why = args.engine, args.precision, ""
+    if engine == "auto" and precision == "run":
+        run, engine, precision, why = default_engine(Path(args.run_dir))
+        why = f"; auto: {why}"
+    else:
+        run = load_engine(Path(args.run_dir), args.precision, args.engine)
     options = ServeOptions(
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         max_body_bytes=args.max_body_kib * 1024, image_root=root,
     )  # fmt: skip
     host, port = sock.getsockname()[:2]
-    note = f"serving {args.run_dir} ({args.engine}, {args.precision}) on http://{host}:{port}"
+    engine = "torch" if engine == "auto" else engine
+    note = f"serving {args.run_dir} ({engine}, {precision}{why}) on http://{host}:{port}"
     return serve(run, sock, options, note)
 
 
@@ -631,8 +647,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("run_dir", help="a run directory or an ensemble spec")
     sv.add_argument("--precision", default="run", choices=["run", "fp32", "bf16", "int8"],
                     help="serving precision (onnxruntime: run/fp32 or int8)")  # fmt: skip
-    sv.add_argument("--engine", default="torch", choices=["torch", "onnxruntime"],
-                    help="torch or onnxruntime (exports to RUN_DIR/onnx/ if missing)")  # fmt: skip
+    sv.add_argument("--engine", default="auto", choices=["auto", "torch", "onnxruntime"],
+                    help="auto (torch bf16 when its eval accuracy is within 0.5 points of "
+                         "fp32, else torch in the run's precision), torch or onnxruntime "
+                         "(exports to RUN_DIR/onnx/ if missing)")  # fmt: skip
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on")
     sv.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
     sv.add_argument("--max-batch", type=int, default=32, help="rows per forward at most")
@@ -766,6 +784,8 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for `train --nproc`
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.simplefilter("default", UserWarning)
+    if args.func is cmd_serve:
+        _serve_environment()  # before _quiet_libraries imports transformers (and torch)
     _quiet_libraries()
     try:
         return int(args.func(args))

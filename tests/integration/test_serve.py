@@ -77,9 +77,14 @@ def test_single_and_list_requests_equal_cli_predict(
 
 
 def test_concurrent_requests_share_a_forward(torch_run: Any) -> None:
-    """16 single-row requests at once are answered from fewer forwards (batch > 1 in the
-    batch-size histogram), each with its own row's prediction."""
-    with running(torch_run, max_wait_ms=300, max_batch=32) as (url, _):
+    """16 single-row requests that arrive while a forward runs are answered from fewer
+    forwards (batch > 1 in the batch-size histogram), each with its own row's prediction.
+    The inference thread is held until all 16 have arrived: a lone request runs at once
+    (no max-wait), so batches form while the model is busy, as they do under load."""
+    with running(torch_run, max_wait_ms=300, max_batch=32) as (url, service):
+        gate = threading.Event()
+        assert service.batcher is not None
+        blocker = service.batcher.executor.submit(gate.wait, 60)  # the model is busy
         with cf.ThreadPoolExecutor(16) as pool:
             futures = [
                 pool.submit(
@@ -87,6 +92,16 @@ def test_concurrent_requests_share_a_forward(torch_run: Any) -> None:
                 )
                 for i in range(16)
             ]
+            # One batch may be handed to the held thread; the rest wait in the queue.
+            _wait_for(
+                lambda: (
+                    service.metrics.in_flight.value
+                    + gauge(httpx.get(f"{url}/metrics").text, "bitblend_queue_depth")
+                    >= 15
+                )
+            )
+            gate.set()
+            blocker.result()
             answers = [f.result() for f in futures]
         alone = httpx.post(f"{url}/v1/predict", json=[{"text": t} for t in TEXTS]).json()
         hist = histogram(httpx.get(f"{url}/metrics").text, "bitblend_batch_rows")
@@ -263,3 +278,29 @@ def test_a_gathered_batch_is_padded_by_length_bucket(torch_run: Any) -> None:
         hook.remove()
     assert len(seqs[:2]) == 2 and max(seqs[:2]) > 16 >= min(seqs[:2]), seqs
     np.testing.assert_allclose(out, np.concatenate(alone), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_auto_engine_is_bf16_only_within_the_accuracy_bound(tiny_run: Path, tmp_path: Path) -> None:
+    """`--engine auto` serves torch bf16 when its eval accuracy is within the bound of
+    fp32's (measured at start), torch in the run's precision when it is not; answers equal
+    `predict` in the chosen precision. `export --int8` records both eval accuracies."""
+    from bitblend.runs.load import load_transformer_run
+    from bitblend.serve.onnx import export_onnx
+    from bitblend.serve.server import default_engine
+
+    predictor, engine, precision, why = default_engine(tiny_run, bound=1.0)
+    assert (engine, precision) == ("torch", "bf16"), why
+    rows = [{"text": t} for t in TEXTS]
+    with running(predictor) as (url, _):
+        got = httpx.post(f"{url}/v1/predict", json=rows, timeout=60).json()
+    expected = cli_predict(tiny_run, rows, tmp_path, "--precision", "bf16")
+    np.testing.assert_allclose(probs(got), probs(expected), atol=1e-6)
+    # A bound no engine can meet (accuracy would have to rise): torch, the run's own.
+    _, engine, precision, why = default_engine(tiny_run, bound=-1.0)
+    assert (engine, precision) == ("torch", "run") and "points below fp32" in why
+    fp32 = load_transformer_run(tiny_run, "fp32")
+    entry = export_onnx(fp32, tmp_path / "onnx", int8=True, check_rows=8)["tasks"]["bbc"]
+    assert entry["eval_rows"] > 0
+    assert 0.0 <= entry["int8_eval_accuracy"] <= 1.0
+    assert 0.0 <= entry["fp32_eval_accuracy"] <= 1.0

@@ -1,10 +1,12 @@
 """Dynamic batching: concurrent requests gathered into one forward pass.
 
-Requests wait in one bounded FIFO. The worker takes the oldest request and, until it has
-`max_batch` rows of the same kind (task, modalities, image shape) or the oldest has waited
-`max_wait_ms`, lets more arrive; then it runs them as one table on the inference thread.
-While that forward runs, new requests queue up, so under load the next batch is ready at
-once and batches grow with the load without any added wait.
+Requests wait in one bounded FIFO. The worker takes the oldest request and runs it, with
+every queued request of the same kind (task, modalities, image shape) up to `max_batch`
+rows, as one table on the inference thread. It waits (at most `max_wait_ms` after the
+oldest arrived) only while the queue can still grow from requests the server already holds:
+ones being read or parsed (`expect` / `arrived`). A lone request is never held back for
+requests that may never come; while a forward runs, new requests queue up, so under load
+the next batch is ready at once and batches grow with the load without any added wait.
 
 One inference thread: the model work (tokenising, padding, forward) runs off the event loop,
 and torch / ONNX Runtime parallelise each forward over every core with their own intra-op
@@ -18,16 +20,19 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from bitblend.data.table import Table
 from bitblend.serve.metrics import ServeMetrics
 
-Infer = Callable[[str, Table], np.ndarray]  # (task, table) -> raw outputs (n, outputs)
+# (task, table) -> one result per row, in row order: raw outputs (n, outputs), or the
+# service's rendered rows; the batcher only slices it per request.
+Infer = Callable[[str, Table], Sequence[Any]]
 
 
 class QueueFull(Exception):
@@ -42,7 +47,7 @@ class Closed(Exception):
 class _Item:
     task: str
     table: Table
-    future: asyncio.Future[np.ndarray]
+    future: asyncio.Future[Sequence[Any]]
     enqueued: float = field(default_factory=time.perf_counter)
 
     @property
@@ -87,6 +92,8 @@ class Batcher:
         self._queue: deque[_Item] = deque()
         self._wakeup = asyncio.Event()
         self._closing = False
+        self._expected = 0  # requests accepted but not queued yet (body read, parse)
+        self.last_wait = 0.0  # seconds the last batch's oldest request waited to run
         self._worker: asyncio.Task[None] | None = None
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="bitblend-infer")
 
@@ -98,8 +105,18 @@ class Batcher:
         """Run `fn` on the inference thread (warm-up uses it), awaited from the loop."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
 
-    async def submit(self, task: str, table: Table) -> np.ndarray:
-        """Queue a table of one task; its raw outputs (n, outputs) once its batch has run."""
+    def expect(self) -> None:
+        """A request is on its way (being read or parsed): a batch may wait for it."""
+        self._expected += 1
+
+    def arrived(self) -> None:
+        """An `expect`ed request is queued, or will not come (bad input)."""
+        self._expected = max(0, self._expected - 1)
+        self._wakeup.set()
+
+    def enqueue(self, task: str, table: Table) -> asyncio.Future[Sequence[Any]]:
+        """Queue a table of one task (synchronously, on the loop); the future holds its
+        rows' results once its batch has run."""
         if self._closing:
             raise Closed
         if len(self._queue) >= self.max_queue:
@@ -108,7 +125,11 @@ class Batcher:
         self._queue.append(item)
         self.metrics.queue_depth.value = len(self._queue)
         self._wakeup.set()
-        return await item.future
+        return item.future
+
+    async def submit(self, task: str, table: Table) -> Sequence[Any]:
+        """Queue a table of one task and await its rows' results."""
+        return await self.enqueue(task, table)
 
     async def close(self) -> None:
         """Drain: answer every queued request, then stop the worker and the thread."""
@@ -137,11 +158,20 @@ class Batcher:
                 await self._wakeup.wait()
                 continue
             first = self._queue[0]
-            while not self._closing and self._rows_ready(first.key) < self.max_batch:
+            # Wait only while requests the server holds may still join this batch; with none
+            # on the way the queue cannot grow, and waiting would only add latency (a lone
+            # request used to sit out the whole max-wait).
+            while (
+                not self._closing
+                and self._expected > 0
+                and self._rows_ready(first.key) < self.max_batch
+            ):
                 left = first.enqueued + self.max_wait - time.perf_counter()
                 if left <= 0:
                     break
                 await self._wait(left)
+            self.last_wait = time.perf_counter() - first.enqueued
+            self.metrics.batch_wait.observe(self.last_wait)
             await self._execute(self._take(first.key))
 
     def _take(self, key: Hashable) -> list[_Item]:

@@ -131,12 +131,18 @@ class ServeMetrics:
             "bitblend_inference_seconds", "model time per batch", LATENCY_BUCKETS
         )
     )
+    batch_wait: Histogram = field(
+        default_factory=lambda: Histogram(
+            "bitblend_batch_wait_seconds",
+            "time a batch's oldest request waited in the queue before its batch ran",
+            LATENCY_BUCKETS,
+        )
+    )
 
     def render(self) -> str:
         """The whole exposition text."""
         lines: list[str] = []
         for m in (self.requests, self.rows, self.batch_rows, self.queue_depth, self.in_flight,
-                  self.latency,
-                  self.inference):  # fmt: skip
+                  self.latency, self.inference, self.batch_wait):  # fmt: skip
             lines += m.render()
         return "\n".join(lines) + "\n"

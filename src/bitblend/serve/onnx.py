@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from bitblend.config.schema import TaskConfig
-from bitblend.data.modalities import POOLED_HEADS
+from bitblend.data.modalities import POOLED_HEADS, EncodedSplit
 from bitblend.data.table import Table
 from bitblend.errors import BitblendError
 from bitblend.numeric import sigmoid, softmax
@@ -41,6 +41,7 @@ CHECK_ROWS = 64
 # Every possible model input in one fixed order (collate's keys, minus labels).
 INPUT_ORDER = ("input_ids", "attention_mask", "image", "image_mask", "tabular", "tabular_mask")
 SEQ_INPUTS = ("input_ids", "attention_mask")
+LABEL_HEADS = ("classification", "binary")  # heads whose eval accuracy the export records
 
 
 def _import_ort() -> Any:
@@ -73,6 +74,13 @@ def _feeds(
 ) -> tuple[np.ndarray, list[Any]]:
     """Length-sorted batches of a table as input dicts: (order, [(rows, batch dict), ...])."""
     split = run.encode(cfg, table, np.zeros(len(table), dtype=np.float32))
+    return _split_feeds(run, cfg, split, batch_size)
+
+
+def _split_feeds(
+    run: TransformerRun, cfg: TaskConfig, split: EncodedSplit, batch_size: int | None = None
+) -> tuple[np.ndarray, list[Any]]:
+    """Length-sorted batches of an encoded split as input dicts."""
     spec = run.batch_spec(cfg)
     size = batch_size or spec.batch_size
     order = np.argsort(split.lengths, kind="stable")  # length buckets: little padding
@@ -94,19 +102,32 @@ def to_probs(head: str, out: np.ndarray) -> np.ndarray:
     return out
 
 
-def _session(path: Path) -> Any:
+def _session(path: Path, *, spin: bool = True) -> Any:
+    """An ONNX Runtime CPU session. `spin=False` (serving): the intra-op threads sleep
+    between runs instead of busy-waiting for the next one, which on a few cores took the
+    CPU from the event loop and the HTTP work between forwards."""
     ort = _import_ort()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def _run_session(
     sess: Any, run: TransformerRun, cfg: TaskConfig, table: Table, batch_size: int | None = None
 ) -> np.ndarray:
+    split = run.encode(cfg, table, np.zeros(len(table), dtype=np.float32))
+    return _run_split(sess, run, cfg, split, batch_size)
+
+
+def _run_split(
+    sess: Any, run: TransformerRun, cfg: TaskConfig, split: EncodedSplit,
+    batch_size: int | None = None,
+) -> np.ndarray:  # fmt: skip
     names = [i.name for i in sess.get_inputs()]
-    out = np.zeros((len(table), run.model.specs[cfg.name].num_outputs), dtype=np.float32)
-    _, batches = _feeds(run, cfg, table, batch_size)
+    out = np.zeros((len(split), run.model.specs[cfg.name].num_outputs), dtype=np.float32)
+    _, batches = _split_feeds(run, cfg, split, batch_size)
     for idx, batch in batches:
         feeds = {n: batch[n].cpu().numpy() for n in names if n in batch}
         for i in sess.get_inputs():
@@ -161,6 +182,23 @@ def _quantize(src: Path, dst: Path) -> None:
         root.setLevel(level)
 
 
+def label_accuracy(head: str, out: np.ndarray, targets: np.ndarray) -> float:
+    """Accuracy of raw outputs (n, outputs) of a classification or binary head."""
+    if head == "binary":
+        return float(np.mean((out[:, 0] > 0) == (np.asarray(targets) > 0.5)))
+    return float(np.mean(out.argmax(1) == np.asarray(targets)))
+
+
+def _eval_accuracy(
+    run: TransformerRun, cfg: TaskConfig, table: Table, targets: np.ndarray, int8: Path
+) -> dict[str, Any]:
+    """Accuracy on the whole eval split of torch fp32 and of the int8 graph."""
+    head = run.head(cfg.name)
+    fp32 = label_accuracy(head, run.outputs(cfg.name, table), targets)
+    got = label_accuracy(head, _run_session(_session(int8), run, cfg, table), targets)
+    return {"eval_rows": len(table), "fp32_eval_accuracy": fp32, "int8_eval_accuracy": got}
+
+
 def export_onnx(
     run: TransformerRun, out_dir: Path, *, int8: bool = False, check_rows: int = CHECK_ROWS
 ) -> dict[str, Any]:
@@ -181,7 +219,7 @@ def export_onnx(
         head = run.head(cfg.name)
         if head not in POOLED_HEADS:
             continue
-        table, _ = run.eval_split(cfg.name)
+        table, targets = run.eval_split(cfg.name)
         sample = table.take(np.arange(min(len(table), check_rows)))
         ref = run.outputs(cfg.name, sample)
         fp32 = out_dir / f"{cfg.name}.onnx"
@@ -193,6 +231,8 @@ def export_onnx(
             files["int8"] = out_dir / f"{cfg.name}.int8.onnx"
             _quantize(fp32, files["int8"])
             entry["int8"] = files["int8"].name
+            if head in LABEL_HEADS:  # whether int8 may be the default engine (serve/server.py)
+                entry |= _eval_accuracy(run, cfg, table, targets, files["int8"])
         for kind, path in files.items():
             # Batches of the run's eval size and of 1 row: shapes other than the traced
             # one's, so a batch or sequence axis frozen at export would show here.
@@ -252,7 +292,9 @@ class OnnxRun:
         manifest = ensure_export(run, int8)
         kind = "int8" if int8 else "fp32"
         out_dir = run.run_dir / "onnx"
-        sessions = {t: _session(out_dir / e[kind]) for t, e in manifest["tasks"].items()}
+        sessions = {
+            t: _session(out_dir / e[kind], spin=False) for t, e in manifest["tasks"].items()
+        }
         return cls(run, sessions, int8, run.run_dir)
 
     @property
@@ -282,3 +324,11 @@ class OnnxRun:
             raise BitblendError(f"task {task}: no ONNX graph (its head is not exported)")
         _, cfg = self.task(task)
         return _run_session(self.sessions[task], self.base, cfg, table)
+
+    def outputs_encoded(self, task: str, split: EncodedSplit) -> np.ndarray:
+        """Logits (n, outputs) of rows the base run has already encoded (the server
+        tokenises a batch once, for its length buckets and the forward)."""
+        if task not in self.sessions:
+            raise BitblendError(f"task {task}: no ONNX graph (its head is not exported)")
+        _, cfg = self.task(task)
+        return _run_split(self.sessions[task], self.base, cfg, split)

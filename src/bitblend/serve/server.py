@@ -17,18 +17,57 @@ import uvicorn
 
 from bitblend.errors import BitblendError
 from bitblend.runs.base import Predictor
-from bitblend.runs.load import load_run, load_transformer_run
+from bitblend.runs.load import load_run, load_transformer_run, run_kind
 from bitblend.serve.app import ServeOptions, build_app
 
-ENGINES = ("torch", "onnxruntime")
+ENGINES = ("auto", "torch", "onnxruntime")
 ONNX_PRECISIONS = ("run", "fp32", "int8")
+# `--engine auto` serves the fastest engine only when its eval accuracy trails torch
+# fp32's by at most this (the issue's bound: 0.5 points), on every task.
+ACCURACY_BOUND = 0.005
+AUTO_PRECISION = "bf16"  # the `auto` engine's candidate: torch bf16 (docs/serving.md figures)
+
+
+def default_engine(run_dir: Path, bound: float = ACCURACY_BOUND) -> tuple[Predictor, str, str, str]:
+    """(predictor, engine, precision, why) for `--engine auto`: torch bf16, measured the
+    fastest engine here both at batch 1 and under load (docs/serving.md), when the run is
+    a transformer run whose tasks all have label heads and bf16's accuracy on each eval
+    split is within `bound` of fp32's (measured now); otherwise torch in the run's precision."""
+    from bitblend.serve.onnx import LABEL_HEADS, label_accuracy
+
+    if run_kind(run_dir) != "transformer":
+        return load_run(run_dir, "run"), "torch", "run", "not a transformer run"
+    fast = load_transformer_run(run_dir, AUTO_PRECISION, needed_by="--engine auto")
+    heads = {t.name: fast.head(t.name) for t in fast.tasks}
+    odd = [name for name, head in heads.items() if head not in LABEL_HEADS]
+    if odd:
+        why = f"task {odd[0]}: no accuracy to bound {AUTO_PRECISION} by"
+        return load_run(run_dir, "run"), "torch", "run", why
+    ref = load_transformer_run(run_dir, "fp32", needed_by="--engine auto")
+    worst = -1.0
+    for name, head in heads.items():
+        table, targets = ref.eval_split(name)
+        acc32 = label_accuracy(head, ref.outputs(name, table), targets)
+        acc = label_accuracy(head, fast.outputs(name, table), targets)
+        worst = max(worst, acc32 - acc)
+    del ref
+    if worst > bound:
+        why = f"{AUTO_PRECISION} eval accuracy {worst * 100:.2f} points below fp32"
+        return load_run(run_dir, "run"), "torch", "run", why
+    why = f"{AUTO_PRECISION} eval accuracy within {max(worst, 0.0) * 100:.2f} points of fp32"
+    return fast, "torch", AUTO_PRECISION, why
 
 
 def load_engine(run_dir: Path, precision: str = "run", engine: str = "torch") -> Predictor:
     """The run as a Predictor in `engine`: torch in any serving precision (any kind of run),
-    or ONNX Runtime in fp32 / int8 (transformer runs; exported into RUN_DIR/onnx/ if missing)."""
+    or ONNX Runtime in fp32 / int8 (transformer runs; exported into RUN_DIR/onnx/ if missing).
+    `auto` is `default_engine` for precision `run`, torch for any other precision."""
     if engine not in ENGINES:
         raise BitblendError(f"--engine {engine}: expected one of {', '.join(ENGINES)}")
+    if engine == "auto":
+        if precision == "run":
+            return default_engine(run_dir)[0]
+        engine = "torch"
     if engine == "torch":
         return load_run(run_dir, precision)
     if precision not in ONNX_PRECISIONS:
