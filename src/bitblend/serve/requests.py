@@ -125,9 +125,11 @@ def _image_file(
 
 
 def needs_thread(body: bytes, run: Predictor) -> bool:
-    """Whether parsing `body` is worth a thread hop: image decoding, or a large body. A
+    """Whether parsing `body` is worth a thread hop: image / audio decoding, or a large body. A
     small text/feature row parses in ~0.1 ms, less than handing it to a thread costs."""
-    return len(body) > INLINE_PARSE_BYTES or any(t.image_column for t in run.tasks)
+    return len(body) > INLINE_PARSE_BYTES or any(
+        t.image_column or t.audio_column for t in run.tasks
+    )
 
 
 def parse_request(body: bytes, run: Predictor, image_root: Path | None = None) -> ParsedRequest:
@@ -146,17 +148,17 @@ def parse_request(body: bytes, run: Predictor, image_root: Path | None = None) -
             keys = list(dict.fromkeys(k for i in positions for k in rows[i] if k != TASK_KEY))
             cols = {k: [rows[i].get(k) for i in positions] for k in keys}
             image_col = cfg.image_column
+            audio_col = cfg.audio_column
+            if tmp is None and any(c is not None and c in cols for c in (image_col, audio_col)):
+                tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bitblend-req-")))
             if image_col is not None and image_col in cols:
-                if tmp is None:
-                    tmp = Path(
-                        stack.enter_context(tempfile.TemporaryDirectory(prefix="bitblend-req-"))
-                    )
+                assert tmp is not None
                 cols[image_col] = [
                     _image_file(v, positions[j] + 1, image_col, tmp, image_root)
                     for j, v in enumerate(cols[image_col])
                 ]
-            audio_col = cfg.audio_column
             if audio_col is not None and audio_col in cols:  # same rules as images
+                assert tmp is not None
                 cols[audio_col] = [
                     _image_file(v, positions[j] + 1, audio_col, tmp, image_root, "audio")
                     for j, v in enumerate(cols[audio_col])
