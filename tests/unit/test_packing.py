@@ -96,8 +96,12 @@ def _bert(attn: str) -> torch.nn.Module:
     return BertModel(cfg, add_pooling_layer=False)
 
 
-@pytest.mark.parametrize("attn", [attention.NAME, "sdpa", "eager"])
-@pytest.mark.parametrize(("build", "causal"), [(_llama, True), (_gpt2, True), (_bert, False)])
+@pytest.mark.parametrize(
+    ("build", "causal", "attn"),
+    [(_llama, True, attention.NAME), (_llama, True, "sdpa"), (_llama, True, "eager"),
+     (_gpt2, True, attention.NAME), (_gpt2, True, "sdpa"),
+     (_bert, False, attention.NAME), (_bert, False, "sdpa")],
+)  # fmt: skip
 def test_packed_row_equals_each_document_alone(build, causal: bool, attn: str) -> None:  # type: ignore[no-untyped-def]
     """Hidden states and parameter gradients of a packed batch (two rows, one padded) equal
     those of its documents run one by one."""

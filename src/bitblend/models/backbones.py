@@ -263,11 +263,11 @@ def load_backbone_with_head(
     `saved_tokenizer` when that directory holds one)."""
     attn = attention.NAME if kernels == "auto" else "sdpa"
     if name in LLAMA_ALIASES:
-        model, tok, (arch, module) = build_llama(
+        trunk, llama_tok, (arch, module) = build_llama(
             name, attention_dropout if attention_dropout is not None else dropout, attn,
             vocab_size, texts, saved_tokenizer,
         )  # fmt: skip
-        return model, tok, PretrainedLMHead(arch, module) if lm == "causal_lm" else None
+        return trunk, llama_tok, PretrainedLMHead(arch, module) if lm == "causal_lm" else None
     if name == "minilm":
         return _from_dir(minilm_path(), dropout, attention_dropout, attn, lm)
     if name == "tiny-bert":

@@ -116,13 +116,12 @@ def llama_config(size: str, vocab_size: int, tokenizer: Any, dropout: float, att
         num_key_value_heads=s.kv_heads,
         max_position_embeddings=MAX_POSITIONS,
         rms_norm_eps=1e-5,
-        rope_theta=10000.0,
         attention_dropout=dropout,
         tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        attn_implementation=attn,
+        attn_implementation=attn,  # type: ignore[call-arg]
     )
 
 
