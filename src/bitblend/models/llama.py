@@ -10,7 +10,7 @@ trainer stores it in the run directory (`tokenizer/`) and a resumed run reuses t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +75,23 @@ def _train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=PAD, unk_token=EOS
     )
+
+
+TOKENIZER_CHARS_PER_TASK = 4_000_000  # BPE statistics settle long before this; bounds the time
+
+
+def tokenizer_corpus(columns: list[list[Any]]) -> Iterator[str]:
+    """The text the BPE is trained on: each task's training texts in order, at most
+    TOKENIZER_CHARS_PER_TASK characters of each, so every domain (the small ones too) is in
+    the vocabulary and a huge task does not make training slow."""
+    for texts in columns:
+        budget = TOKENIZER_CHARS_PER_TASK
+        for t in texts:
+            text = str(t)
+            if budget <= 0:
+                break
+            budget -= len(text)
+            yield text
 
 
 def check_vocab(vocab_size: int) -> None:

@@ -28,6 +28,7 @@ from bitblend.errors import BitblendError
 from bitblend.models.attention import use_fast_dropout
 from bitblend.models.backbones import is_decoder, load_backbone_with_head, seed_everything
 from bitblend.models.fused_qkv import fuse_qkv
+from bitblend.models.llama import tokenizer_corpus
 from bitblend.models.trunk import HeadSpec, MultiTaskModel
 from bitblend.precision.base import Precision
 from bitblend.tasks.losses import resolve_loss
@@ -76,7 +77,7 @@ def build_model(
         recipe.model.attention_dropout,
         recipe.model.kernels,
         vocab_size=recipe.model.vocab_size,
-        texts=lambda: (str(t) for d in datas if d.train.text is not None for t in d.train.text),
+        texts=lambda: tokenizer_corpus([d.train.text for d in datas if d.train.text is not None]),
         saved_tokenizer=saved_tokenizer,
     )
     task_tokenizers: dict[str, Any] = {}
