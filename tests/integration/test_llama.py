@@ -126,17 +126,6 @@ def test_local_causal_lm_directory_fine_tunes(llama_run: Path, tmp_path: Path) -
     assert (tmp_path / "ft" / "model" / "config.json").is_file()
 
 
-@pytest.mark.parametrize(
-    ("override", "expected"),
-    [("model.vocab_size=100", "model.vocab_size: 100 is smaller than"),
-     ("model.max_length=4096", "model.max_length: 4096 text positions exceed the 2048")],
-)  # fmt: skip
-def test_bad_llama_input_is_one_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture, override: str, expected: str
-) -> None:
-    code = main(["train", "tiny-gpt", "--out", str(tmp_path / "r"), "--quiet",
-                 "--set", "model.backbone=llama-tiny", "--set", override])  # fmt: skip
-    assert code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and expected in err[0], err
-    assert not (tmp_path / "r").exists()
+# Bad input (a vocabulary below the special tokens, max_length past 2048 positions, generate's
+# options): tests/error_catalogue.py cases train-llama-vocab, train-llama-positions,
+# generate-no-causal-task, generate-top-p.
