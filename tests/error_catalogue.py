@@ -176,6 +176,8 @@ CASES: list[Case] = [
            ["tiny", "--set", "model.max_length=512", "--set", "train.pad_to_multiple_of=100"]),
     _train("train-causal-on-encoder", "recipe", "a causal_lm head on a BERT backbone",
            ["tiny", "--set", "tasks.0.head=causal_lm"]),
+    _train("train-packing-pooled", "recipe", "packing on a classification task",
+           ["tiny", "--set", "tasks.0.packing=true"]),
     _train("train-llama-vocab", "recipe", "a llama BPE vocabulary smaller than its special tokens",
            ["tiny-gpt", "--set", "model.backbone=llama-tiny", "--set", "model.vocab_size=100"]),
     _train("train-llama-positions", "recipe", "a max_length beyond a llama's 2048 positions",
