@@ -32,6 +32,7 @@ import argparse
 import copy
 import json
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +41,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+# Run as a script, benchmarks/ is sys.path[0]: its peft.py would shadow the peft package
+# that transformers.Trainer imports.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
 
 
 def _recipe(args: argparse.Namespace) -> Any:

@@ -102,12 +102,16 @@ def test_cli_generate_and_its_bad_input(llama_run: Path, capsys: pytest.CaptureF
 @pytest.mark.slow
 def test_resume_reuses_the_stored_tokenizer(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    Trainer(_recipe("llama-tiny", "train.steps=3"), run, show_progress=False).fit()
+    bf16 = ("train.steps=3", "precision.recipe=bf16-true")
+    Trainer(_recipe("llama-tiny", *bf16), run, show_progress=False).fit()
+    # A bf16-true run (bf16 trunk, fp32 heads on disk) samples too.
+    text, ids = generate(run, "The", Sampling(max_new_tokens=4, temperature=0.0))
+    assert len(ids) >= 1 and isinstance(text, str)
     # Replace the stored tokenizer with a different one: a resume must read it, not retrain.
     other = llama_tokenizer(lambda: ["zzzz yyyy"] * 50, 300)
     (run / TOKENIZER_DIR / "tokenizer.json").unlink()
     other.save_pretrained(run / TOKENIZER_DIR)
-    resumed = Trainer(_recipe("llama-tiny", "train.steps=3"), run, resume=True,
+    resumed = Trainer(_recipe("llama-tiny", *bf16), run, resume=True,
                       show_progress=False)  # fmt: skip
     assert resumed.tokenizer.get_vocab() == other.get_vocab()
 

@@ -73,7 +73,9 @@ def generate(
     if not model_dir.is_dir():
         raise BitblendError(f"{run_dir}: no model/ directory (is it a finished run?)")
     model, tokenizer, _ = load_model(model_dir)
-    model.eval()
+    # fp32 whatever the run trained in: a bf16-true run saves a bf16 trunk beside fp32
+    # heads, and sampling a few tokens on a CPU gains nothing from low precision.
+    model.float().eval()
     name = _lm_task(model, run_dir, task)
     config = model.backbone.config
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 0)
