@@ -178,6 +178,12 @@ CASES: list[Case] = [
            ["tiny", "--set", "model.max_length=512", "--set", "train.pad_to_multiple_of=100"]),
     _train("train-causal-on-encoder", "recipe", "a causal_lm head on a BERT backbone",
            ["tiny", "--set", "tasks.0.head=causal_lm"]),
+    _train("train-packing-pooled", "recipe", "packing on a classification task",
+           ["tiny", "--set", "tasks.0.packing=true"]),
+    _train("train-llama-vocab", "recipe", "a llama BPE vocabulary smaller than its special tokens",
+           ["tiny-gpt", "--set", "model.backbone=llama-tiny", "--set", "model.vocab_size=100"]),
+    _train("train-llama-positions", "recipe", "a max_length beyond a llama's 2048 positions",
+           ["tiny-gpt", "--set", "model.backbone=llama-tiny", "--set", "model.max_length=4096"]),
     # -- data files ------------------------------------------------------------------------
     _data("data-not-found", "a data path that does not exist", {}),
     *[  # streamed shards (data/streaming.py): a directory `d` of shards, the bad one named
@@ -270,6 +276,11 @@ CASES: list[Case] = [
     # -- finished runs: eval, predict, ensemble, merge, report ----------------------------
     Case("eval-not-a-run", "finished runs", "eval of a directory that is not a run",
          ["eval", "stuff"], {"stuff/notes.txt": "hi\n"}),
+    Case("generate-no-causal-task", "finished runs",
+         "generate with a run that has no causal_lm task",
+         ["generate", RUN, "--prompt", "hi"], needs_run=True),
+    Case("generate-top-p", "finished runs", "`--top-p 0` for generate",
+         ["generate", RUN, "--top-p", "0"], needs_run=True),
     Case("eval-unfinished-run", "finished runs", "eval of a run without model/", ["eval", "half"],
          {"half/recipe.yaml": TASK}),
     Case("eval-unknown-task", "finished runs", "`--task` the run does not have",

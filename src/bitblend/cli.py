@@ -275,6 +275,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Sample text from a finished run's causal_lm head."""
+    from bitblend.runs.generate import Sampling, generate
+
+    sampling = Sampling(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    text, _ = generate(Path(args.run_dir), args.prompt, sampling, args.task)
+    print(args.prompt + text)
+    return 0
+
+
 def cmd_bench_infer(args: argparse.Namespace) -> int:
     """Latency p50/p99, throughput and accuracy of a run per serving precision."""
     from rich.console import Console
@@ -633,6 +648,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _column_options(pr, labelled=False)
     pr.set_defaults(func=cmd_predict)
+
+    g = sub.add_parser("generate", help="sample text from a run's causal_lm head")
+    g.add_argument("run_dir")
+    g.add_argument("--prompt", default="", help="text to continue (default: a new document)")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to add at most")
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
+    g.add_argument("--seed", type=int, default=0, help="same seed, same text")
+    g.add_argument("--task", help="causal_lm task name (default: the first)")
+    g.set_defaults(func=cmd_generate)
 
     bi = sub.add_parser("bench-infer", help="inference latency/throughput per precision")
     bi.add_argument("run_dir")

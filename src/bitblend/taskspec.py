@@ -12,6 +12,7 @@ from typing import Any
 
 from bitblend.config.schema import Recipe, TaskConfig
 from bitblend.data.modalities import TabularStats
+from bitblend.data.packing import PACKABLE_HEADS
 from bitblend.data.sources import LM_HEADS, TaskData, load_task_data
 from bitblend.errors import BitblendError
 from bitblend.models.trunk import HeadSpec
@@ -61,6 +62,10 @@ def head_spec(
 ) -> HeadSpec:
     """The adapters and head a task needs, from its data and tokenizer."""
     mods = data.train.modalities
+    if task.packing and task.head not in PACKABLE_HEADS:
+        raise BitblendError(
+            f"tasks[{i}].packing: true needs a causal_lm or masked_lm head, not {task.head}"
+        )
     if (task.head in LM_HEADS or task.head == "token_classification") and mods != ["text"]:
         raise BitblendError(f"tasks[{i}].head: {task.head} needs text data only")
     outputs = {

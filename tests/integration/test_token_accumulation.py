@@ -73,6 +73,8 @@ def _pad_cat(batches: list[dict[str, torch.Tensor]], pad: int) -> dict[str, torc
     """One batch holding the rows of `batches` (right-padded to the longest)."""
     seq = max(b["input_ids"].shape[1] for b in batches)
     fill = {"input_ids": pad, "attention_mask": 0, "labels": IGNORE}
+    if "segment_ids" in batches[0]:  # packed rows: padding is segment 0 at position 0
+        fill.update(segment_ids=0, position_ids=0)
     return {
         k: torch.cat([F.pad(b[k], (0, seq - b[k].shape[1]), value=v) for b in batches])
         for k, v in fill.items()
@@ -81,15 +83,19 @@ def _pad_cat(batches: list[dict[str, torch.Tensor]], pad: int) -> dict[str, torc
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("head", "backbone"),
-    [("causal_lm", "tiny-gpt"), ("masked_lm", "tiny-bert"), ("token_classification", "tiny-bert")],
-)
+    ("head", "backbone", "packing"),
+    [("causal_lm", "tiny-gpt", False), ("masked_lm", "tiny-bert", False),
+     ("token_classification", "tiny-bert", False),
+     ("causal_lm", "llama-tiny", True), ("masked_lm", "tiny-bert", True)],
+)  # fmt: skip
 def test_accumulated_step_is_the_gradient_of_one_batch(
-    files: dict[str, Path], tmp_path: Path, head: str, backbone: str
+    files: dict[str, Path], tmp_path: Path, head: str, backbone: str, packing: bool
 ) -> None:
     """Two micro-batches (their own MLM masks) give the gradient and the logged loss of one
-    forward over both, with the per-token mean taken over all their labelled tokens."""
-    recipe = _recipe([_task(head, files)], backbone, "train.batch_size=4", "train.grad_accum=2")
+    forward over both, with the per-token mean taken over all their labelled tokens; packed
+    rows too (documents per row differ, so labelled tokens per micro-batch do)."""
+    recipe = _recipe([_task(head, files)], backbone, "train.batch_size=4", "train.grad_accum=2",
+                     f"tasks.0.packing={str(packing).lower()}", "model.vocab_size=300")  # fmt: skip
     trainer = Trainer(recipe, tmp_path / "r", show_progress=False)  # type: ignore[arg-type]
     model, task = trainer.model, trainer.tasks[0]
     seed = recipe.train.seed  # type: ignore[attr-defined]

@@ -47,7 +47,7 @@ def test_builtin_sizes_classes_and_modality(
 def test_every_builtin_is_registered_consistently() -> None:
     assert set(BUILTINS) == {
         "bbc_news", "election_tweets", "reuters_r8", "20newsgroups", "chinese_reviews",
-        "digits", "breast_cancer", "diabetes", "fraud", "spoken_words",
+        "python_stdlib", "digits", "breast_cancer", "diabetes", "fraud", "spoken_words",
     }  # fmt: skip
     for name, spec in BUILTINS.items():
         assert spec.name == name and spec.package and "\n" not in spec.description
@@ -196,3 +196,16 @@ def test_fraud_each_modality_helps_and_together_they_help_most() -> None:
     for modality in ("text", "image", "tabular"):
         assert auc[modality] > 0.62, auc  # better than chance (0.5) alone
     assert auc["all"] > max(auc["text"], auc["image"], auc["tabular"]) + 0.08, auc
+
+
+def test_python_stdlib_is_this_pythons_source_code_as_written() -> None:
+    import sysconfig
+
+    a, b = load_builtin("python_stdlib"), load_builtin("python_stdlib")
+    assert a.train.text == b.train.text and a.train.labels == b.train.labels  # stable order
+    assert len(a.train.text) > 100
+    root = Path(sysconfig.get_paths()["stdlib"])
+    # Indentation and newlines kept (code, not one line); json/decoder.py is one of them.
+    expected = (root / "json" / "decoder.py").read_text(encoding="utf-8")
+    assert expected in a.train.text
+    assert a.train.labels[a.train.text.index(expected)] == "json"

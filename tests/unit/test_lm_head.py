@@ -30,6 +30,7 @@ from bitblend.models.backbones import (
     load_backbone_with_head,
     minilm_path,
 )
+from bitblend.models.packed import document_mask
 from bitblend.models.trunk import HEADS_FILE, load_model
 from bitblend.tasks.losses import IGNORE
 from bitblend.taskspec import load_data
@@ -94,9 +95,12 @@ def _hf_token_loss(lm: Any, trainer: Trainer) -> float:
         batch = task.batch.collate(task.eval, idx[i : i + task.batch.batch_size], gen)
         labels = batch["labels"].masked_fill(batch["labels"] == IGNORE, -100)
         k = int((labels[:, 1:] != -100).sum())
+        extra: dict[str, Any] = {"attention_mask": batch["attention_mask"]}
+        if "segment_ids" in batch:  # packed rows (causal_lm's default): the same 4D mask
+            extra = {"attention_mask": document_mask(batch["segment_ids"], causal=True),
+                     "position_ids": batch["position_ids"]}  # fmt: skip
         with torch.no_grad():
-            out = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     labels=labels)  # fmt: skip
+            out = lm(input_ids=batch["input_ids"], labels=labels, **extra)
         total += float(out.loss) * k
         count += k
     return total / count

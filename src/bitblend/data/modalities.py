@@ -17,6 +17,7 @@ import torch
 from bitblend.config.schema import IGNORE
 from bitblend.data.audio import fit_clips
 from bitblend.data.images import patchify
+from bitblend.data.packing import pack, packed_labels, segment_positions
 from bitblend.data.table import Table
 
 POOLED_HEADS = ("classification", "binary", "multilabel", "regression")
@@ -36,6 +37,8 @@ class EncodedSplit:
     patches: np.ndarray | None = None  # (n, P, patch_dim) float32; NaN rows = missing image
     tabular: np.ndarray | None = None  # (n, F) float32 standardised, NaN = missing feature
     audio: np.ndarray | None = None  # (n, samples) float32 at the task's rate, NaN = padding
+    # Packed LM rows (data/packing.py): each token's document within its row, 1-based.
+    segments: list[list[int]] | None = None
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -127,6 +130,22 @@ def encode_split(
     return split
 
 
+def encode_packed(
+    tokenizer: Any, texts: list[str], head: str, max_length: int, targets: np.ndarray
+) -> EncodedSplit:
+    """Tokenise whole documents (no truncation: long ones continue in the next row) and
+    pack them; the split's examples are the packed rows."""
+    # verbose=False: documents longer than the tokenizer's model_max_length are expected.
+    enc = tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)
+    eos = tokenizer.sep_token_id if head == "masked_lm" else tokenizer.eos_token_id
+    ids, segments = [], []
+    for row, seg in pack((list(x) for x in enc["input_ids"]), max_length, eos):
+        ids.append(row)
+        segments.append(seg)
+    lengths = np.fromiter((len(r) for r in ids), dtype=np.int64, count=len(ids))
+    return EncodedSplit(head=head, targets=targets[:0], lengths=lengths, ids=ids, segments=segments)
+
+
 def collate(
     split: EncodedSplit,
     indices: np.ndarray | list[int],
@@ -157,6 +176,8 @@ def collate(
             input_ids[j, : len(r)] = torch.tensor(r, dtype=torch.long)
             mask[j, : len(r)] = 1
         batch["input_ids"], batch["attention_mask"] = input_ids, mask
+        if split.segments is not None:
+            return _collate_packed(split, idx, batch, mask_token, vocab_size, generator)
         if split.head == "token_classification":
             labels = torch.full((len(rows), seq), IGNORE, dtype=torch.long)
             for j, i in enumerate(idx):
@@ -187,6 +208,38 @@ def collate(
     return batch
 
 
+def _collate_packed(
+    split: EncodedSplit,
+    idx: np.ndarray,
+    batch: dict[str, torch.Tensor],
+    mask_token: int | None,
+    vocab_size: int,
+    generator: torch.Generator | None,
+) -> dict[str, torch.Tensor]:
+    """Packed rows: `segment_ids` (batch, seq; 0 = padding) and per-document
+    `position_ids`, from which the trunk builds the block-diagonal mask; labels never
+    cross a document boundary and padding carries none."""
+    input_ids = batch["input_ids"]
+    segments = torch.zeros_like(input_ids)
+    for j, i in enumerate(idx):
+        seg = split.segments[i]  # type: ignore[index]
+        segments[j, : len(seg)] = torch.tensor(seg, dtype=torch.long)
+    batch["segment_ids"] = segments
+    batch["position_ids"] = segment_positions(segments)
+    if split.head == "causal_lm":
+        batch["labels"] = packed_labels(input_ids, segments)
+    else:  # masked_lm: never mask a document's first ([CLS]) or last ([SEP]) token
+        pos = batch["position_ids"]
+        last = torch.ones_like(segments, dtype=torch.bool)
+        last[:, :-1] = segments[:, 1:] != segments[:, :-1]
+        eligible = (segments > 0) & (pos > 0) & ~last
+        batch["input_ids"], batch["labels"] = mask_tokens(
+            input_ids, batch["attention_mask"], mask_token, vocab_size, generator,
+            eligible=eligible,
+        )  # fmt: skip
+    return batch
+
+
 def mask_tokens(
     input_ids: torch.Tensor,
     mask: torch.Tensor,
@@ -194,16 +247,19 @@ def mask_tokens(
     vocab_size: int,
     generator: torch.Generator | None,
     prob: float = 0.15,
+    eligible: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking: 15% of real tokens are predicted; of those 80% [MASK], 10% random, 10% kept.
 
-    The first and last real tokens ([CLS]/[SEP]) are never chosen.
+    The first and last real tokens ([CLS]/[SEP]) are never chosen; `eligible` (batch, seq)
+    bool overrides which positions may be (packed rows: each document's inner tokens).
     """
     if mask_token is None:
         raise ValueError("masked_lm needs a tokenizer with a mask token")
-    lengths = mask.sum(dim=1)
-    pos = torch.arange(input_ids.shape[1]).unsqueeze(0)
-    eligible = (pos > 0) & (pos < (lengths - 1).unsqueeze(1))
+    if eligible is None:
+        lengths = mask.sum(dim=1)
+        pos = torch.arange(input_ids.shape[1]).unsqueeze(0)
+        eligible = (pos > 0) & (pos < (lengths - 1).unsqueeze(1))
     draw = torch.rand(input_ids.shape, generator=generator)
     chosen = eligible & (draw < prob)
     labels = input_ids.masked_fill(~chosen, IGNORE)

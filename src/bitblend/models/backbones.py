@@ -8,6 +8,7 @@ no download (MiniLM's WordPiece vocabulary for tiny-bert, a byte-level BPE for t
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,10 +32,12 @@ from transformers import (
 
 from bitblend.errors import BitblendError
 from bitblend.models import attention
+from bitblend.models.llama import ALIASES as LLAMA_ALIASES
+from bitblend.models.llama import build_llama
 
 attention.register()
 
-ALIASES = ("minilm", "tiny-bert", "tiny-gpt", "small-gpt")
+ALIASES = ("minilm", "tiny-bert", "tiny-gpt", "small-gpt", *LLAMA_ALIASES)
 
 
 def minilm_path() -> Path:
@@ -247,11 +250,24 @@ def load_backbone_with_head(
     dropout: float | None = None,
     attention_dropout: float | None = None,
     kernels: str = "auto",
+    *,
+    vocab_size: int = 8192,
+    texts: Callable[[], Iterable[str]] | None = None,
+    saved_tokenizer: Path | None = None,
 ) -> tuple[nn.Module, Any, PretrainedLMHead | None]:
     """`load_backbone`, plus the checkpoint's own LM head when `lm` (causal_lm | masked_lm)
     is asked for and a local checkpoint has all of that head's weights (tied ones
-    included). The aliases are random-init or head-less (MiniLM): no head for them."""
+    included). The tiny aliases are random-init or head-less (MiniLM): no head for them.
+    llama-<size> (models/llama.py) comes with its LlamaForCausalLM head for causal_lm, its
+    BPE tokenizer trained on `texts` with `vocab_size` tokens (or read from
+    `saved_tokenizer` when that directory holds one)."""
     attn = attention.NAME if kernels == "auto" else "sdpa"
+    if name in LLAMA_ALIASES:
+        trunk, llama_tok, (arch, module) = build_llama(
+            name, attention_dropout if attention_dropout is not None else dropout, attn,
+            vocab_size, texts, saved_tokenizer,
+        )  # fmt: skip
+        return trunk, llama_tok, PretrainedLMHead(arch, module) if lm == "causal_lm" else None
     if name == "minilm":
         return _from_dir(minilm_path(), dropout, attention_dropout, attn, lm)
     if name == "tiny-bert":

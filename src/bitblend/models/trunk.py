@@ -36,6 +36,7 @@ from bitblend.models.backbones import (
     load_lm_pretrained,
     save_lm_pretrained,
 )
+from bitblend.models.packed import backbone_mask
 
 HEADS_FILE = "heads.safetensors"
 META_FILE = "bitblend.json"
@@ -263,6 +264,15 @@ class MultiTaskModel(nn.Module):
         if spec.uses_embeds:
             embeds, mask = self._embed(spec, inputs)
             out = self.backbone(inputs_embeds=embeds, attention_mask=mask)
+        elif "segment_ids" in inputs:  # packed rows (data/packing.py)
+            mask = inputs["attention_mask"]
+            out = self.backbone(
+                input_ids=inputs["input_ids"],
+                attention_mask=backbone_mask(
+                    self.backbone, inputs["segment_ids"], is_decoder(self.backbone)
+                ),
+                position_ids=inputs["position_ids"],
+            )
         else:
             mask = inputs["attention_mask"]
             out = self.backbone(input_ids=inputs["input_ids"], attention_mask=mask)

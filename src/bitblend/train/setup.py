@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,8 @@ import torch
 from torch import nn
 
 from bitblend.config.schema import Recipe, TaskConfig
-from bitblend.data.modalities import EncodedSplit, TabularStats, encode_split
+from bitblend.data.modalities import EncodedSplit, TabularStats, encode_packed, encode_split
+from bitblend.data.packing import packing_enabled
 from bitblend.data.sampler import BatchSampler
 from bitblend.data.sources import LM_HEADS, TaskData
 
@@ -26,6 +28,7 @@ from bitblend.errors import BitblendError
 from bitblend.models.attention import use_fast_dropout
 from bitblend.models.backbones import is_decoder, load_backbone_with_head, seed_everything
 from bitblend.models.fused_qkv import fuse_qkv
+from bitblend.models.llama import tokenizer_corpus
 from bitblend.models.trunk import HeadSpec, MultiTaskModel
 from bitblend.precision.base import Precision
 from bitblend.tasks.losses import resolve_loss
@@ -56,9 +59,12 @@ class TaskRuntime:
 
 
 def build_model(
-    recipe: Recipe, datas: list[TaskData]
+    recipe: Recipe, datas: list[TaskData], saved_tokenizer: Path | None = None
 ) -> tuple[MultiTaskModel, Any, dict[str, Any]]:
-    """Trunk, adapters and heads (seeded), the backbone tokenizer, and per-task tokenizers."""
+    """Trunk, adapters and heads (seeded), the backbone tokenizer, and per-task tokenizers.
+
+    `saved_tokenizer`: a resumed run's tokenizer directory (llama-<size> reuses it rather
+    than training its BPE again)."""
     seed_everything(recipe.train.seed)
     # A language-model task on a checkpoint that has its own LM head starts from that head
     # (and its weight tying), not from a random one: fine-tuning a pretrained GPT / BERT
@@ -70,6 +76,9 @@ def build_model(
         recipe.model.dropout,
         recipe.model.attention_dropout,
         recipe.model.kernels,
+        vocab_size=recipe.model.vocab_size,
+        texts=lambda: tokenizer_corpus([d.train.text for d in datas if d.train.text is not None]),
+        saved_tokenizer=saved_tokenizer,
     )
     task_tokenizers: dict[str, Any] = {}
     specs = []
@@ -164,6 +173,10 @@ def encode_task(
     """Encode one split of one task with its tokenizer, patch size and tabular statistics."""
     import numpy as np
 
+    if packing_enabled(task) and table.text is not None and spec.modalities == ["text"]:
+        texts = ["" if t is None else str(t) for t in table.text]
+        length = task.max_length or recipe.model.max_length
+        return encode_packed(tokenizer, texts, task.head, length, np.asarray(targets))
     stats = None
     if spec.num_features:
         stats = TabularStats(np.asarray(spec.tabular_mean), np.asarray(spec.tabular_std))

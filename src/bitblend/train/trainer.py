@@ -22,6 +22,7 @@ from bitblend.errors import BitblendError
 from bitblend.fsutil import crash_point, disk_error, is_disk_error
 from bitblend.models.adapters import checkpoint_filter, save_model
 from bitblend.models.backbones import count_parameters
+from bitblend.models.llama import TOKENIZER_DIR, save_trained_tokenizer
 from bitblend.optim.build import build_optimizer, build_schedule, param_roles
 from bitblend.optim.lowbit import export_state, import_state
 from bitblend.precision.health import NonFiniteSteps
@@ -100,7 +101,9 @@ class Trainer:
             self.precision.describe()["recipe"], recipe.precision.stuck_steps
         )
         datas = load_data(recipe)
-        self.model, self.tokenizer, self.task_tokenizers = build_model(recipe, datas)
+        self.model, self.tokenizer, self.task_tokenizers = build_model(
+            recipe, datas, run_dir / TOKENIZER_DIR if resume else None
+        )
         self.tasks = build_tasks(
             recipe,
             datas,
@@ -398,6 +401,7 @@ class Trainer:
     def _prepare_dir(self) -> None:
         if self.dist.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_trained_tokenizer(self.tokenizer, self.run_dir)  # llama-<size>: once per run
         if self.resume:
             step = self.restore_latest()
             steps = self.recipe.train.steps
