@@ -221,11 +221,6 @@ def estimate_recipe(
         )
         if spec.name == "16-mixed" and dev.type == "cpu":
             row.warnings.append("fp16 matmuls on CPU run ~400x slower than fp32")
-        if recipe.model.adapter.kind != "none":  # docs/peft.md: not modelled yet
-            row.warnings.append(
-                "model.adapter: priced as a full fine-tune (LoRA and a frozen low-bit base "
-                "are not modelled: the run's summary.json measures its model state)"
-            )
         rows.append(row)
     est = Estimate(
         recipe=recipe,
