@@ -8,8 +8,9 @@ One module per concern: shapes.py (the model's sizes, from its config), memory.p
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,10 @@ class Estimate:
     def total_bytes(self, row: Row, checkpointed: bool = False) -> int:
         """What the process will hold at its peak: runtime + tensors (+ CPU allocator slack)."""
         tensors = row.memory.peak_checkpointed if checkpointed else row.memory.peak
+        return self.process_bytes(tensors)
+
+    def process_bytes(self, tensors: int) -> int:
+        """A process holding `tensors` live bytes at its peak (one rank's, under --ranks)."""
         if self.device != "cpu":
             return tensors  # CUDA allocator peak: tensors only
         return self.runtime_bytes + round(tensors * (1 + CPU_ALLOCATOR_SLACK))
@@ -214,7 +219,7 @@ def estimate_recipe(
             flops=step_flops(shape, task, accum),
             time=times[worst],
             mean_time=sum(s * t.total for s, t in zip(shares, times, strict=True)),
-            ranks=per_rank(shape, spec, per_task[worst], ranks),
+            ranks=_per_rank(shape, task, spec, states, dev.type, fused, ranks, accum),
             eval_time=sum(eval_seconds(t) for t in tasks),
             evals=evals,
             steps=steps,
@@ -238,6 +243,22 @@ def estimate_recipe(
     )
     _add_notes(est)
     return est
+
+
+def _per_rank(
+    shape: ModelShape,
+    task: TaskShape,
+    spec: PrecisionSpec,
+    states: int,
+    device: str,
+    fused: bool,
+    ranks: int,
+    accum: int,
+) -> list[RankBytes]:
+    """DDP and FSDP2 per rank: each rank runs ceil(batch / N) of the global micro-batch."""
+    local = replace(task, batch=max(1, math.ceil(task.batch / ranks)))
+    base = peak_bytes(shape, local, spec, states, device, fused)
+    return per_rank(shape, spec, base, ranks, accum, local.batch)
 
 
 def _eval_acts(

@@ -444,28 +444,68 @@ def peak_bytes(
 
 @dataclass
 class RankBytes:
-    """Per-rank memory under data parallelism (the recipe's micro-batch on every rank)."""
+    """One rank's memory and traffic under data parallelism: `train.batch_size` is the
+    global batch, so each of the N ranks runs its slice of it (batch / N)."""
 
     strategy: str
     ranks: int
     peak: int
     peak_checkpointed: int
     note: str
+    comm_bytes: int = 0  # bytes each rank sends per optimizer step (ring collectives)
+    batch: int = 0  # examples of the worst task's micro-batch on this rank
+
+
+def ring_factor(ranks: int) -> float:
+    """(N-1)/N: the share of a buffer each rank sends in a ring all-gather or
+    reduce-scatter (an all-reduce is both: twice that)."""
+    return (ranks - 1) / ranks
+
+
+def gather_bytes(spec: PrecisionSpec) -> int:
+    """Width of FSDP2's all-gathered parameters: bf16 under bf16-mixed (its
+    MixedPrecisionPolicy's param_dtype, precision/fsdp.py), the stored width otherwise."""
+    bf16_policy = spec.autocast and spec.compute_dtype == "bfloat16" and spec.weight_bytes == FP32
+    return spec.compute_bytes if bf16_policy else spec.weight_bytes
+
+
+def comm_bytes(
+    shape: ModelShape, spec: PrecisionSpec, grads: int, ranks: int, grad_accum: int = 1
+) -> dict[str, int]:
+    """Bytes each rank sends per optimizer step. DDP all-reduces the gradients after every
+    micro-batch's backward: 2(N-1)/N x gradient bytes. FSDP2 all-gathers every unit's
+    parameters in forward and again in backward (2 x (N-1)/N x parameter bytes at the
+    gather width; fp32-kept units at 4) and reduce-scatters the gradients ((N-1)/N x
+    gradient bytes, in fp32 under bf16-mixed)."""
+    f = ring_factor(ranks)
+    params = shape.fp32_params * FP32 + (shape.params - shape.fp32_params) * gather_bytes(spec)
+    return {
+        "ddp": round(2 * f * grads * grad_accum),
+        "fsdp2": round((2 * f * params + f * grads) * grad_accum),
+    }
 
 
 def per_rank(
-    shape: ModelShape, spec: PrecisionSpec, base: PeakBytes, ranks: int
+    shape: ModelShape,
+    spec: PrecisionSpec,
+    base: PeakBytes,
+    ranks: int,
+    grad_accum: int = 1,
+    batch: int = 0,
 ) -> list[RankBytes]:
-    """DDP and FSDP2 per-rank peaks for `ranks` processes.
+    """DDP and FSDP2 per-rank peaks for `ranks` processes; `base` is one rank's step (its
+    slice of the global batch), `batch` that slice's size.
 
     DDP keeps a full replica on every rank plus flat gradient buckets (a second gradient-
     sized buffer unless gradient_as_bucket_view). FSDP2 shards weights, grads, masters and
-    states N ways, all-gathers one block at a time (two with prefetch) in the weight dtype
-    and reduce-scatters each block's gradients from a full-size buffer.
+    states N ways, all-gathers one block at a time (two with prefetch) at the gather width
+    (bf16 under bf16-mixed, which then needs no autocast weight copies) and reduce-scatters
+    each block's gradients from a full-size buffer.
     """
     if ranks < 1:
         raise ValueError("ranks must be >= 1")
     st = base.static
+    comm = comm_bytes(shape, spec, st.grads, ranks, grad_accum) if ranks > 1 else {}
     buckets = st.grads if ranks > 1 else 0
     ddp = RankBytes(
         "ddp",
@@ -473,23 +513,32 @@ def per_rank(
         base.peak + buckets,
         base.peak_checkpointed + buckets,
         "full replica + gradient buckets",
+        comm.get("ddp", 0),
+        batch,
     )
+    if ranks == 1:
+        fsdp = RankBytes("fsdp2", 1, base.peak, base.peak_checkpointed, "one rank", 0, batch)
+        return [ddp, fsdp]
     # The root unit (embeddings, heads, final norm) is gathered like a block.
     root = max(shape.params - shape.layers * shape.layer_params, 0)
-    gathered = (max(2 * shape.layer_params, root) * spec.weight_bytes) if ranks > 1 else 0
-    reduce_buf = (max(shape.layer_params, root) * spec.grad_bytes) if ranks > 1 else 0
+    width = gather_bytes(spec)
+    gathered = max(2 * shape.layer_params, root) * width
+    reduce_buf = max(shape.layer_params, root) * spec.grad_bytes
+    temporary = base.temporary_total
+    if width == spec.compute_bytes:  # gathered bf16 weights: autocast casts nothing
+        temporary -= base.temporary.get("autocast weight copies", 0)
     shard = base.resident / ranks
     step = (base.resident + st.grads + base.step_extra) / ranks
     # Sharded gradients accumulate during backward; at its start none exists.
-    backward = shard + base.activations + base.temporary_total + gathered + reduce_buf
-    backward_ckpt = (
-        shard + base.activations_checkpointed + base.temporary_total + gathered + reduce_buf
-    )
+    backward = shard + base.activations + temporary + gathered + reduce_buf
+    backward_ckpt = shard + base.activations_checkpointed + temporary + gathered + reduce_buf
     fsdp = RankBytes(
         "fsdp2",
         ranks,
         round(max(backward, step)),
         round(max(backward_ckpt, step)),
         f"sharded {ranks} ways, <= 2 blocks gathered",
+        comm["fsdp2"],
+        batch,
     )
     return [ddp, fsdp]

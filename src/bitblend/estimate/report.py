@@ -84,7 +84,7 @@ def row_json(est: Estimate, row: Row) -> dict[str, Any]:
         "mean_time_per_step_s": row.mean_time,
         "eval_time_s": row.eval_time,
         "run": {"steps": row.steps, "evals": row.evals, "time_s": row.run_time},
-        "per_rank": [asdict(r) for r in row.ranks],
+        "per_rank": [{**asdict(r), "process_peak": est.process_bytes(r.peak)} for r in row.ranks],
         "warnings": row.warnings,
     }
 
@@ -255,6 +255,16 @@ def render(est: Estimate, console: Console) -> None:
             + ", ".join(f"{_name(r)} {human_seconds(r.mean_time)}" for r in est.rows[:4])
         )
     for r in [r for r in est.rows if r.selected][:1] or est.rows[:1]:
+        if est.ranks > 1:
+            parts = [
+                f"{k.strategy.upper()} peak {short_bytes(k.peak)} (process "
+                f"{short_bytes(est.process_bytes(k.peak))}), sends {short_bytes(k.comm_bytes)}"
+                for k in r.ranks
+            ]
+            console.print(
+                f"per rank ({_name(r)}, {est.ranks} ranks, {r.ranks[0].batch} example(s) of "
+                f"the global micro-batch each): " + "; ".join(parts) + " per step"
+            )
         console.print(
             f"whole run ({_name(r)}): {r.steps} steps x {human_seconds(r.mean_time)} + "
             f"{r.evals} eval(s) x {human_seconds(r.eval_time)} = {human_seconds(r.run_time)} "
