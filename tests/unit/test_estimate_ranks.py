@@ -72,3 +72,16 @@ def test_one_rank_sends_nothing_and_holds_the_single_process_peak() -> None:
     row = est.rows[0]
     assert {r.comm_bytes for r in row.ranks} == {0}
     assert {r.peak for r in row.ranks} == {row.memory.peak}
+
+
+@pytest.mark.slow
+def test_measured_runtime_holds_what_train_imports_and_tokenises() -> None:
+    """The runtime child (train's imports, data, tokenisation) holds more than python +
+    torch + transformers, and more than this process's own RSS said before it."""
+    from bitblend.estimate import process_resident_bytes
+
+    recipe = make_recipe()
+    own = estimate_recipe(recipe, precision="recipe", device=CPU).runtime_bytes
+    est = estimate_recipe(recipe, precision="recipe", device=CPU, runtime="measure")
+    assert est.runtime_bytes > 200 * 2**20
+    assert est.runtime_bytes > 0.9 * min(own, process_resident_bytes())

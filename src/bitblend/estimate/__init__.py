@@ -172,8 +172,13 @@ def estimate_recipe(
     ranks: int = 1,
     device: torch.device | None = None,
     peaks: Peaks | None = None,
+    runtime: str = "self",
 ) -> Estimate:
-    """Estimate memory, FLOPs and time per step of `recipe` under each precision."""
+    """Estimate memory, FLOPs and time per step of `recipe` under each precision.
+
+    `runtime` is how the CPU process figure gets its resident runtime: "measure" runs a
+    child that imports, loads and tokenises as `train` does (estimate/runtime.py; what the
+    CLI does), "self" takes this process's RSS (quick, low: fewer imports, no encodings)."""
     if ranks < 1:
         raise BitblendError(f"--ranks {ranks}: expected an integer >= 1")
     dev = device or pick_device(recipe.train.device)
@@ -237,12 +242,23 @@ def estimate_recipe(
         peaks=peaks,
         states=states,
         rows=rows,
-        runtime_bytes=process_resident_bytes() if dev.type == "cpu" else 0,
+        runtime_bytes=_runtime_bytes(recipe, dev, runtime, ranks),
         available_bytes=available_memory(dev),
         ranks=ranks,
     )
     _add_notes(est)
     return est
+
+
+def _runtime_bytes(recipe: Recipe, device: torch.device, how: str, ranks: int) -> int:
+    """The CPU process's resident bytes before the model (0 on GPUs: tensors only count)."""
+    if device.type != "cpu":
+        return 0
+    if how == "measure":
+        from bitblend.estimate.runtime import measure_runtime
+
+        return measure_runtime(recipe, ranks)
+    return process_resident_bytes()
 
 
 def _per_rank(
