@@ -198,13 +198,16 @@ def child_user(name: str, what: str) -> dict[str, Any]:
             from bitblend.estimate import estimate_recipe
             from bitblend.estimate.report import to_json
 
-            est = estimate_recipe(recipe, precision="recipe")
+            # the runtime measured as the CLI does (a child importing, loading, tokenising)
+            est = estimate_recipe(recipe, precision="recipe", runtime="measure")
             row = to_json(est)["rows"][0]
             return {
                 "process_peak": row["memory"]["process_peak"],
                 "run": row["run"],
                 "eval_time_s": row["eval_time_s"],
                 "step_s": row["mean_time_per_step_s"],
+                "runtime_bytes": est.runtime_bytes,
+                "tensor_peak": row["memory"]["peak"],
             }
         from bitblend.train.trainer import Trainer
 
@@ -253,6 +256,8 @@ def main_user(json_out: str | None, measured: str | None = None) -> None:
         else {}
     )
     for name in USER_CASES:
+        if runs and name not in runs:
+            continue  # --measured: only the cases that file measured
         run = runs.get(name) or run_child(["--user-child", name, "train"])
         est = run_child(["--user-child", name, "estimate"])
         row = {
