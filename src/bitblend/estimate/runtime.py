@@ -49,13 +49,13 @@ def measure_runtime(recipe: Recipe, ranks: int = 1, timeout: float = 900.0) -> i
 
 def _child(recipe_path: str, ranks: int) -> int:
     """In the child: train's imports, data and tokenisation; returns peak RSS in bytes."""
+    import logging
+    import warnings
+
     from bitblend.config.load import load_recipe
     from bitblend.data.wordpiece import train_wordpiece
     from bitblend.estimate.shapes import backbone_config
     from bitblend.taskspec import head_spec, load_data
-
-    import logging
-    import warnings
 
     warnings.simplefilter("ignore")  # the parent reads stdout's last line only
     logging.disable(logging.WARNING)
