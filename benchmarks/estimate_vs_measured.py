@@ -55,9 +55,9 @@ MIN_SECONDS = 2.0
 MAX_STEPS = 60
 # Users' recipes (--user): name -> (backbone, steps, eval_every); their data in user_files().
 USER_CASES = {
-    "large-eval-file": ("minilm", 30, 10),
-    "own-vocab-chinese": ("minilm", 30, 10),
-    "four-task-mixture": ("minilm", 40, 20),
+    "large-eval-file": ("minilm", 12, 6),
+    "own-vocab-chinese": ("minilm", 12, 6),
+    "four-task-mixture": ("minilm", 16, 8),
 }
 
 
@@ -156,10 +156,10 @@ def user_recipe(name: str, root: Path) -> dict[str, Any]:
     backbone, steps, eval_every = USER_CASES[name]
     bbc = load_builtin("bbc_news").train
     rows = list(zip(bbc.text or [], map(str, bbc.labels), strict=True))
-    # A large eval file: 400 articles to train on, the other ~1,800 evaluated every time.
+    # A large eval file: 400 articles to train on, 900 others evaluated every time.
     train_csv = _write_csv(root / "bbc_train.csv", ["text", "label"], rows[::5][:400])
     eval_csv = _write_csv(
-        root / "bbc_eval.csv", ["text", "label"], [r for i, r in enumerate(rows) if i % 5]
+        root / "bbc_eval.csv", ["text", "label"], [r for i, r in enumerate(rows) if i % 5][:900]
     )
     zh = load_builtin("chinese_reviews").train
     zh_rows = list(zip(zh.text or [], map(str, zh.labels), strict=True))[::4]
@@ -198,21 +198,41 @@ def child_user(name: str, what: str) -> dict[str, Any]:
             from bitblend.estimate import estimate_recipe
             from bitblend.estimate.report import to_json
 
-            est = estimate_recipe(recipe, precision="recipe")
+            # the runtime measured as the CLI does (a child importing, loading, tokenising)
+            est = estimate_recipe(recipe, precision="recipe", runtime="measure")
             row = to_json(est)["rows"][0]
             return {
                 "process_peak": row["memory"]["process_peak"],
                 "run": row["run"],
                 "eval_time_s": row["eval_time_s"],
                 "step_s": row["mean_time_per_step_s"],
+                "runtime_bytes": est.runtime_bytes,
+                "tensor_peak": row["memory"]["peak"],
             }
         from bitblend.train.trainer import Trainer
 
+        imports_rss = _maxrss()
         t0 = time.perf_counter()
-        summary = Trainer(recipe, Path(tmp) / "run", show_progress=False).fit()
+        trainer = Trainer(recipe, Path(tmp) / "run", show_progress=False)
+        setup_rss, setup_s = _maxrss(), time.perf_counter() - t0
+        eval_s: list[float] = []
+        evaluate = trainer.evaluate
+
+        def timed_evaluate() -> Any:  # each evaluation's wall time, for the eval model
+            e0 = time.perf_counter()
+            out = evaluate()
+            eval_s.append(time.perf_counter() - e0)
+            return out
+
+        trainer.evaluate = timed_evaluate  # type: ignore[method-assign]
+        summary = trainer.fit()
         wall = time.perf_counter() - t0
     return {
-        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss": _maxrss(),
+        "imports_rss": imports_rss,  # python, torch, transformers, bitblend
+        "setup_rss": setup_rss,  # + data, tokenisation, model, optimizer (no step yet)
+        "setup_s": setup_s,
+        "eval_s": eval_s,
         "wall_s": wall,
         "train_time_s": summary["train_time_s"],
         "steps": summary["steps"],
@@ -220,12 +240,26 @@ def child_user(name: str, what: str) -> dict[str, Any]:
     }
 
 
-def main_user(json_out: str | None) -> None:
-    """Run the users' recipes: estimate and train each in its own process; print a table."""
+def _maxrss() -> int:
+    """This process's peak RSS so far, bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def main_user(json_out: str | None, measured: str | None = None) -> None:
+    """Run the users' recipes: estimate and train each in its own process; print a table.
+    `measured`: a --json file of an earlier --user run whose training runs are reused (the
+    estimates are made again)."""
     rows = []
+    runs = (
+        {r["case"]: r["run"] for r in json.loads(Path(measured).read_text())["user"]}
+        if (measured)
+        else {}
+    )
     for name in USER_CASES:
+        if runs and name not in runs:
+            continue  # --measured: only the cases that file measured
+        run = runs.get(name) or run_child(["--user-child", name, "train"])
         est = run_child(["--user-child", name, "estimate"])
-        run = run_child(["--user-child", name, "train"])
         row = {
             "case": name,
             "measured_rss": run["peak_rss"],
@@ -239,6 +273,9 @@ def main_user(json_out: str | None) -> None:
             "estimated_train_s": est["run"]["steps"] * est["step_s"],
             "estimated_evals": est["run"]["evals"],
             "estimated_eval_s": est["eval_time_s"],
+            "measured_eval_s": run.get("eval_s"),
+            "run": run,
+            "estimate": est,
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -258,8 +295,10 @@ def main_user(json_out: str | None) -> None:
 def run_child(args: list[str]) -> dict[str, Any]:
     """Run this file as a child with `args`; its last stdout line is JSON."""
     cmd = [sys.executable, __file__, *args]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def estimate_case(
@@ -336,13 +375,14 @@ def main() -> None:
     p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     p.add_argument("--baseline", nargs=4, help=argparse.SUPPRESS)
     p.add_argument("--user", action="store_true", help="users' recipes: whole runs on files")
+    p.add_argument("--measured", help="--user: reuse the training runs of this --json file")
     p.add_argument("--user-child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.user_child:
         print(json.dumps(child_user(*args.user_child)))
         return
     if args.user:
-        main_user(args.json)
+        main_user(args.json, args.measured)
         return
     if args.clock == "cpu" and args.threads != 1:
         p.error("--clock cpu needs --threads 1 (CPU seconds of several threads add up)")

@@ -8,6 +8,7 @@ their ratios come from one machine state; compare ratios, not absolute numbers.
 
     .venv/bin/python benchmarks/peft.py [--steps 80] [--batch 32] [--seq 128]
         [--eval-max 0] [--variants full,lora-bf16,lora-int8,lora-nf4] [--json OUT]
+        [--estimate]   # also `bitblend estimate` each variant: predicted peak vs measured
 
 LoRA: r 16, alpha 32, dropout 0.05 on query and value (the recipe defaults), lr 5e-4
 (`--lora-lr`); the full fine-tune keeps the recipe's 1e-4.
@@ -58,7 +59,9 @@ def run_variant(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any
     summary = json.loads((out / "summary.json").read_text())
     ev = summary["eval"]["bbc_news"]
     trainable = _trainable(out)
+    est = _estimate(sets) if args.estimate else {}
     return {
+        **est,
         "variant": name,
         "accuracy": ev["accuracy"],
         "macro_f1": ev["macro_f1"],
@@ -71,6 +74,21 @@ def run_variant(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any
         "wall_s": time.perf_counter() - t0,
         "sets": sets,
     }
+
+
+def _estimate(sets: list[str]) -> dict[str, Any]:
+    """`bitblend estimate` of the same recipe in a fresh process (its runtime is a user's):
+    the process peak it predicts and the model state it counts."""
+    cmd = [sys.executable, "-m", "bitblend.cli", "estimate", "bbc", "--json", "--precision",
+           "recipe"]  # fmt: skip
+    for s in sets:
+        cmd += ["--set", s]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"estimate failed:\n{proc.stderr[-3000:]}")
+    m = json.loads(proc.stdout)["rows"][0]["memory"]
+    state = m["weights"] + m["grads"] + m["master"] + m["optimizer_states"]
+    return {"estimated_peak_gib": m["process_peak"] / 2**30, "estimated_state_mib": state / 2**20}
 
 
 def _trainable(run: Path) -> int | None:
@@ -101,6 +119,9 @@ def main() -> None:
     ap.add_argument("--lora-lr", type=float, default=5e-4)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--json", type=Path)
+    ap.add_argument(
+        "--estimate", action="store_true", help="also run `bitblend estimate` of each variant"
+    )
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -112,13 +133,21 @@ def main() -> None:
         f"{'variant':<10} {'acc':>6} {'tok/s':>7} {'B/param':>8} {'state MiB':>9} "
         f"{'peak GiB':>8} {'trainable':>10}"
     )
+    if args.estimate:
+        head += f" {'est GiB':>8} {'error':>7} {'est state':>9}"
     print(head)
     for r in rows:
-        print(
+        line = (
             f"{r['variant']:<10} {r['accuracy']:>6.3f} {r['tokens_per_s']:>7.0f} "
             f"{r['model_state_bytes_per_param']:>8.2f} {r['model_state_mib']:>9.1f} "
             f"{r['peak_memory_gib']:>8.2f} {r['trainable'] or 0:>10}"
         )
+        if args.estimate:
+            err = r["estimated_peak_gib"] / r["peak_memory_gib"] - 1
+            line += (
+                f" {r['estimated_peak_gib']:>8.2f} {err:>+7.1%} {r['estimated_state_mib']:>9.1f}"
+            )
+        print(line)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

@@ -522,7 +522,12 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         torch.set_num_threads(recipe.train.threads)  # the probe measures what train will use
     device = pick_device(recipe.train.device)
     peaks = get_peaks(device, refresh=args.reprobe)
-    est = estimate_recipe(recipe, precision=args.precision, ranks=args.ranks, peaks=peaks)
+    # the runtime a train process holds before its model, measured in a child (estimate/
+    # runtime.py); BITBLEND_ESTIMATE_RUNTIME=self takes this process's RSS instead
+    how = os.environ.get("BITBLEND_ESTIMATE_RUNTIME", "measure")
+    est = estimate_recipe(
+        recipe, precision=args.precision, ranks=args.ranks, peaks=peaks, runtime=how
+    )
     if args.json:
         print(_json(to_json(est)))
     else:

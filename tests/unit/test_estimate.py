@@ -51,6 +51,7 @@ FAKE = Peaks(
 def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A private probe cache holding known peaks: no test pays for (or races on) a probe."""
     monkeypatch.setenv("BITBLEND_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("BITBLEND_ESTIMATE_RUNTIME", "self")  # no runtime child per CLI call
     for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.setenv(key, "1")
     save_peaks(CPU, FAKE)

@@ -22,6 +22,7 @@ CPU = torch.device("cpu")
 @pytest.fixture(autouse=True)
 def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BITBLEND_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("BITBLEND_ESTIMATE_RUNTIME", "self")  # no runtime child per CLI call
     rates = {"float32": 1e11, "bfloat16": 2.5e11, "float16": 3e8}
     save_peaks(CPU, Peaks(device="fake", threads=2, matmul_flops=rates, bandwidth=2e10,
                           rng=5e8, op_overhead=2e-5))  # fmt: skip

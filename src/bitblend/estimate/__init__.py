@@ -8,8 +8,9 @@ One module per concern: shapes.py (the model's sizes, from its config), memory.p
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,10 @@ class Estimate:
     def total_bytes(self, row: Row, checkpointed: bool = False) -> int:
         """What the process will hold at its peak: runtime + tensors (+ CPU allocator slack)."""
         tensors = row.memory.peak_checkpointed if checkpointed else row.memory.peak
+        return self.process_bytes(tensors)
+
+    def process_bytes(self, tensors: int) -> int:
+        """A process holding `tensors` live bytes at its peak (one rank's, under --ranks)."""
         if self.device != "cpu":
             return tensors  # CUDA allocator peak: tensors only
         return self.runtime_bytes + round(tensors * (1 + CPU_ALLOCATOR_SLACK))
@@ -167,8 +172,13 @@ def estimate_recipe(
     ranks: int = 1,
     device: torch.device | None = None,
     peaks: Peaks | None = None,
+    runtime: str = "self",
 ) -> Estimate:
-    """Estimate memory, FLOPs and time per step of `recipe` under each precision."""
+    """Estimate memory, FLOPs and time per step of `recipe` under each precision.
+
+    `runtime` is how the CPU process figure gets its resident runtime: "measure" runs a
+    child that imports, loads and tokenises as `train` does (estimate/runtime.py; what the
+    CLI does), "self" takes this process's RSS (quick, low: fewer imports, no encodings)."""
     if ranks < 1:
         raise BitblendError(f"--ranks {ranks}: expected an integer >= 1")
     dev = device or pick_device(recipe.train.device)
@@ -214,18 +224,13 @@ def estimate_recipe(
             flops=step_flops(shape, task, accum),
             time=times[worst],
             mean_time=sum(s * t.total for s, t in zip(shares, times, strict=True)),
-            ranks=per_rank(shape, spec, per_task[worst], ranks),
+            ranks=_per_rank(shape, task, spec, states, dev.type, fused, ranks, accum),
             eval_time=sum(eval_seconds(t) for t in tasks),
             evals=evals,
             steps=steps,
         )
         if spec.name == "16-mixed" and dev.type == "cpu":
             row.warnings.append("fp16 matmuls on CPU run ~400x slower than fp32")
-        if recipe.model.adapter.kind != "none":  # docs/peft.md: not modelled yet
-            row.warnings.append(
-                "model.adapter: priced as a full fine-tune (LoRA and a frozen low-bit base "
-                "are not modelled: the run's summary.json measures its model state)"
-            )
         rows.append(row)
     est = Estimate(
         recipe=recipe,
@@ -237,12 +242,39 @@ def estimate_recipe(
         peaks=peaks,
         states=states,
         rows=rows,
-        runtime_bytes=process_resident_bytes() if dev.type == "cpu" else 0,
+        runtime_bytes=_runtime_bytes(recipe, dev, runtime, ranks),
         available_bytes=available_memory(dev),
         ranks=ranks,
     )
     _add_notes(est)
     return est
+
+
+def _runtime_bytes(recipe: Recipe, device: torch.device, how: str, ranks: int) -> int:
+    """The CPU process's resident bytes before the model (0 on GPUs: tensors only count)."""
+    if device.type != "cpu":
+        return 0
+    if how == "measure":
+        from bitblend.estimate.runtime import measure_runtime
+
+        return measure_runtime(recipe, ranks)
+    return process_resident_bytes()
+
+
+def _per_rank(
+    shape: ModelShape,
+    task: TaskShape,
+    spec: PrecisionSpec,
+    states: int,
+    device: str,
+    fused: bool,
+    ranks: int,
+    accum: int,
+) -> list[RankBytes]:
+    """DDP and FSDP2 per rank: each rank runs ceil(batch / N) of the global micro-batch."""
+    local = replace(task, batch=max(1, math.ceil(task.batch / ranks)))
+    base = peak_bytes(shape, local, spec, states, device, fused)
+    return per_rank(shape, spec, base, ranks, accum, local.batch)
 
 
 def _eval_acts(

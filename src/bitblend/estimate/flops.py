@@ -59,6 +59,10 @@ def forward_flops(shape: ModelShape, task: TaskShape) -> dict[str, int]:
         # both compute it whole (a causal mask only zeroes half of it).
         "attention": L * 2 * b * linear_flops(s, s, h),
     }
+    ad = shape.adapter
+    if ad is not None:
+        # each wrapped layer's A (in -> r) and B (r -> out ~ in) on every token
+        out["lora"] = L * 2 * linear_flops(t, ad.r, ad.lora_in_per_layer)
     rows = t if task.per_token else b
     out["head"] = linear_flops(rows, task.outputs, h)
     return out
@@ -90,7 +94,12 @@ def step_flops(shape: ModelShape, task: TaskShape, grad_accum: int = 1) -> StepF
     fwd = sum(parts.values()) * grad_accum
     # Recomputation reruns the blocks' forward, not the head's.
     blocks = (fwd - parts["head"] * grad_accum) if shape.layers else 0
-    return StepFlops(forward=fwd, backward=2 * fwd, recompute=blocks, parts=parts)
+    backward = 2 * fwd
+    if shape.adapter is not None:
+        # A frozen projection's backward computes the input gradient only, no weight one.
+        frozen = parts["qkv + output projections"] + parts["mlp"]
+        backward -= frozen * grad_accum
+    return StepFlops(forward=fwd, backward=backward, recompute=blocks, parts=parts)
 
 
 def tokens_flops(shape: ModelShape, tokens: int, examples: int, lm_tokens: int = 0) -> int:

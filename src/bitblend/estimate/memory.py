@@ -142,14 +142,19 @@ class StaticBytes:
 
 
 def static_bytes(shape: ModelShape, spec: PrecisionSpec, states: int) -> StaticBytes:
-    """Per-parameter bytes of the whole model, fp32-kept parameters counted at 4 bytes."""
-    low = shape.params - shape.fp32_params if spec.weight_bytes < FP32 else 0
-    high = shape.params - low
+    """Per-parameter bytes of the whole model, fp32-kept parameters counted at 4 bytes.
+
+    A LoRA run's frozen backbone holds weights only (in precision.base_bits' format where
+    set): no gradient, no master copy, no optimizer state."""
+    trainable, trainable_fp32 = shape.trainable
+    low = trainable - trainable_fp32 if spec.weight_bytes < FP32 else 0
+    high = trainable - low
+    frozen = shape.adapter.frozen_bytes(spec.weight_bytes) if shape.adapter else 0
     # The optimizer steps fp32 tensors (fp32-kept params, master copies) or, without a
     # master, the low-precision weights themselves; state width follows spec.state_bits.
-    state_elems = states * shape.params
+    state_elems = states * trainable
     return StaticBytes(
-        weights=low * spec.weight_bytes + high * FP32,
+        weights=low * spec.weight_bytes + high * FP32 + frozen,
         grads=low * spec.grad_bytes + high * FP32,
         master=low * FP32 if spec.master else low * spec.comp_bytes,
         states=round(state_elems * state_bytes_per_element(spec.state_bits)),
@@ -201,6 +206,9 @@ def fast_dropout(shape: ModelShape, device: str) -> bool:
 def fused_qkv(shape: ModelShape, spec: PrecisionSpec) -> bool:
     """One q/k/v matmul per block (models/fused_qkv.py, model.kernels=auto, any device);
     GPT-2's c_attn is fused already, and fp8 recipes' converted layers stay separate."""
+    ad = shape.adapter  # peft-wrapped or low-bit q/k/v are not plain Linear layers
+    if ad is not None and (ad.qkv_targeted or ad.base_bits is not None):
+        return False
     return shape.kernels == "auto" and shape.family != "gpt2" and not spec.name.startswith("fp8")
 
 
@@ -267,6 +275,8 @@ def activation_bytes(
     emb = ids + t * h * FP32 + 2 * t * FP32
     if shape.hidden_dropout > 0:
         emb += t * h * (1 if fast else w)
+    if shape.adapter is not None:
+        emb = _lora_layer(shape, task, spec, layer, emb, fast, a)
     head = _head_bytes(shape, task, spec, fast)
     return ActivationBytes(
         per_layer=layer,
@@ -276,6 +286,44 @@ def activation_bytes(
         layer_input=t * h * w,
         attention=backend,
     )
+
+
+def _lora_layer(
+    shape: ModelShape,
+    task: TaskShape,
+    spec: PrecisionSpec,
+    layer: dict[str, int],
+    emb: int,
+    fast: bool,
+    a: int,
+) -> int:
+    """A LoRA run's saved tensors (in place in `layer`); returns the embeddings' part.
+
+    A frozen projection saves no input (no weight gradient to compute; the low-bit ones
+    keep nothing at all, plain ones under autocast their 16-bit weight copy, counted with
+    autocast's copies). Each adapter saves its input after its dropout (and the dropout
+    mask) and its (T, r) middle. GELU's output only fed the frozen second projection. A
+    frozen embedding table saves nothing, and nothing before the first block needs a
+    gradient, so the first block keeps neither its adapters' dropout masks, nor q when
+    the key projection has no adapter, nor (GPT-2) its first norm's input."""
+    ad = shape.adapter
+    assert ad is not None
+    t, h, c = task.tokens, shape.hidden, spec.compute_bytes
+    mask = (1 if fast else c) if ad.dropout > 0 else 0
+    per_layer_masks = ad.lora_in_per_layer * t * mask
+    layer["matmul inputs"] = t * (ad.lora_in_per_layer + ad.lora_layers_per_layer * ad.r) * c
+    layer["lora dropout masks"] = per_layer_masks
+    layer.pop("fused qkv weight", None)
+    saves = 5 if shape.act == "gelu_new" else 2
+    layer["mlp activation"] = (saves - 1) * t * shape.intermediate * c
+    if shape.trainable_inputs:
+        return emb
+    first = per_layer_masks + (0 if ad.key_targeted else t * h * a)
+    if shape.family == "gpt2":
+        first += t * h * FP32 + 2 * t * FP32  # ln_1 of the first block
+    layer["first block (no input gradient)"] = -round(first / max(shape.layers, 1))
+    # GPT-2's final ln_f (filed with the embeddings) still saves its input.
+    return t * h * FP32 + 2 * t * FP32 if shape.family == "gpt2" else 0
 
 
 def _head_bytes(shape: ModelShape, task: TaskShape, spec: PrecisionSpec, fast: bool) -> int:
@@ -298,10 +346,22 @@ def temporary_bytes(
 ) -> dict[str, int]:
     """Transient buffers at the backward peak, beyond saved activations."""
     b, s, t, h, i = task.batch, task.seq, task.tokens, shape.hidden, shape.intermediate
+    c = spec.compute_bytes
     out: dict[str, int] = {}
+    ad = shape.adapter
     if spec.autocast:
-        # Autocast caches one 16-bit copy of each matmul weight and bias for the step.
-        out["autocast weight copies"] = shape.matmul_params * spec.compute_bytes
+        # Autocast caches one 16-bit copy of each matmul weight and bias for the step (a
+        # frozen fp32 one is cast anew per use, and saved for backward: the same bytes).
+        matmul = shape.matmul_params
+        if ad is not None:
+            matmul += ad.lora_params
+            if ad.base_bits is not None:  # low-bit frozen layers keep no 16-bit copy
+                linears = 4 * (h * h + h) + (h * i + i) + (i * h + h)
+                matmul -= shape.layers * linears
+        out["autocast weight copies"] = matmul * spec.compute_bytes
+    if ad is not None and ad.base_bits is not None and (ad.base_bits < 16 or c == FP32):
+        # one frozen weight dequantised at a time, in the compute dtype
+        out["dequantised weight"] = ad.largest_frozen * spec.compute_bytes
     # Backward of one op holds the incoming gradient and the outgoing one: the biggest pair
     # is the attention probs (fp32 in math SDPA, the compute dtype in bitblend's kernel) or
     # the MLP activation; plus the residual gradient.
@@ -374,37 +434,78 @@ def peak_bytes(
     # A master copy needs fp32 gradients converted from the bf16 ones; non-fused (foreach)
     # optimizers allocate about one parameter-sized temporary.
     extra = 0
+    trainable, trainable_fp32 = shape.trainable
     if spec.master:
-        extra += (shape.params - shape.fp32_params) * FP32
+        extra += (trainable - trainable_fp32) * FP32
     if not fused_optimizer and states:
-        extra += shape.params * FP32
+        extra += trainable * FP32
     return PeakBytes(st, acts.total, acts.checkpointed, temp, extra)
 
 
 @dataclass
 class RankBytes:
-    """Per-rank memory under data parallelism (the recipe's micro-batch on every rank)."""
+    """One rank's memory and traffic under data parallelism: `train.batch_size` is the
+    global batch, so each of the N ranks runs its slice of it (batch / N)."""
 
     strategy: str
     ranks: int
     peak: int
     peak_checkpointed: int
     note: str
+    comm_bytes: int = 0  # bytes each rank sends per optimizer step (ring collectives)
+    batch: int = 0  # examples of the worst task's micro-batch on this rank
+
+
+def ring_factor(ranks: int) -> float:
+    """(N-1)/N: the share of a buffer each rank sends in a ring all-gather or
+    reduce-scatter (an all-reduce is both: twice that)."""
+    return (ranks - 1) / ranks
+
+
+def gather_bytes(spec: PrecisionSpec) -> int:
+    """Width of FSDP2's all-gathered parameters: bf16 under bf16-mixed (its
+    MixedPrecisionPolicy's param_dtype, precision/fsdp.py), the stored width otherwise."""
+    bf16_policy = spec.autocast and spec.compute_dtype == "bfloat16" and spec.weight_bytes == FP32
+    return spec.compute_bytes if bf16_policy else spec.weight_bytes
+
+
+def comm_bytes(
+    shape: ModelShape, spec: PrecisionSpec, grads: int, ranks: int, grad_accum: int = 1
+) -> dict[str, int]:
+    """Bytes each rank sends per optimizer step. DDP all-reduces the gradients after every
+    micro-batch's backward: 2(N-1)/N x gradient bytes. FSDP2 all-gathers every unit's
+    parameters in forward and again in backward (2 x (N-1)/N x parameter bytes at the
+    gather width; fp32-kept units at 4) and reduce-scatters the gradients ((N-1)/N x
+    gradient bytes, in fp32 under bf16-mixed)."""
+    f = ring_factor(ranks)
+    params = shape.fp32_params * FP32 + (shape.params - shape.fp32_params) * gather_bytes(spec)
+    return {
+        "ddp": round(2 * f * grads * grad_accum),
+        "fsdp2": round((2 * f * params + f * grads) * grad_accum),
+    }
 
 
 def per_rank(
-    shape: ModelShape, spec: PrecisionSpec, base: PeakBytes, ranks: int
+    shape: ModelShape,
+    spec: PrecisionSpec,
+    base: PeakBytes,
+    ranks: int,
+    grad_accum: int = 1,
+    batch: int = 0,
 ) -> list[RankBytes]:
-    """DDP and FSDP2 per-rank peaks for `ranks` processes.
+    """DDP and FSDP2 per-rank peaks for `ranks` processes; `base` is one rank's step (its
+    slice of the global batch), `batch` that slice's size.
 
     DDP keeps a full replica on every rank plus flat gradient buckets (a second gradient-
     sized buffer unless gradient_as_bucket_view). FSDP2 shards weights, grads, masters and
-    states N ways, all-gathers one block at a time (two with prefetch) in the weight dtype
-    and reduce-scatters each block's gradients from a full-size buffer.
+    states N ways, all-gathers one block at a time (two with prefetch) at the gather width
+    (bf16 under bf16-mixed, which then needs no autocast weight copies) and reduce-scatters
+    each block's gradients from a full-size buffer.
     """
     if ranks < 1:
         raise ValueError("ranks must be >= 1")
     st = base.static
+    comm = comm_bytes(shape, spec, st.grads, ranks, grad_accum) if ranks > 1 else {}
     buckets = st.grads if ranks > 1 else 0
     ddp = RankBytes(
         "ddp",
@@ -412,23 +513,32 @@ def per_rank(
         base.peak + buckets,
         base.peak_checkpointed + buckets,
         "full replica + gradient buckets",
+        comm.get("ddp", 0),
+        batch,
     )
+    if ranks == 1:
+        fsdp = RankBytes("fsdp2", 1, base.peak, base.peak_checkpointed, "one rank", 0, batch)
+        return [ddp, fsdp]
     # The root unit (embeddings, heads, final norm) is gathered like a block.
     root = max(shape.params - shape.layers * shape.layer_params, 0)
-    gathered = (max(2 * shape.layer_params, root) * spec.weight_bytes) if ranks > 1 else 0
-    reduce_buf = (max(shape.layer_params, root) * spec.grad_bytes) if ranks > 1 else 0
+    width = gather_bytes(spec)
+    gathered = max(2 * shape.layer_params, root) * width
+    reduce_buf = max(shape.layer_params, root) * spec.grad_bytes
+    temporary = base.temporary_total
+    if width == spec.compute_bytes:  # gathered bf16 weights: autocast casts nothing
+        temporary -= base.temporary.get("autocast weight copies", 0)
     shard = base.resident / ranks
     step = (base.resident + st.grads + base.step_extra) / ranks
     # Sharded gradients accumulate during backward; at its start none exists.
-    backward = shard + base.activations + base.temporary_total + gathered + reduce_buf
-    backward_ckpt = (
-        shard + base.activations_checkpointed + base.temporary_total + gathered + reduce_buf
-    )
+    backward = shard + base.activations + temporary + gathered + reduce_buf
+    backward_ckpt = shard + base.activations_checkpointed + temporary + gathered + reduce_buf
     fsdp = RankBytes(
         "fsdp2",
         ranks,
         round(max(backward, step)),
         round(max(backward_ckpt, step)),
         f"sharded {ranks} ways, <= 2 blocks gathered",
+        comm["fsdp2"],
+        batch,
     )
     return [ddp, fsdp]

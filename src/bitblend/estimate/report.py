@@ -54,7 +54,7 @@ def row_json(est: Estimate, row: Row) -> dict[str, Any]:
         "selected": row.selected,
         "hypothetical": spec.hypothetical,
         "note": spec.note,
-        "bytes_per_param": bytes_per_param(spec, est.states),
+        "bytes_per_param": _per_param(est, row),
         "dtypes": {
             "weight_bytes": spec.weight_bytes,
             "grad_bytes": spec.grad_bytes,
@@ -84,7 +84,7 @@ def row_json(est: Estimate, row: Row) -> dict[str, Any]:
         "mean_time_per_step_s": row.mean_time,
         "eval_time_s": row.eval_time,
         "run": {"steps": row.steps, "evals": row.evals, "time_s": row.run_time},
-        "per_rank": [asdict(r) for r in row.ranks],
+        "per_rank": [{**asdict(r), "process_peak": est.process_bytes(r.peak)} for r in row.ranks],
         "warnings": row.warnings,
     }
 
@@ -103,6 +103,8 @@ def to_json(est: Estimate) -> dict[str, Any]:
             "trunk_parameters": shape.trunk_params,
             "head_parameters": shape.head_params,
             "own_embedding_parameters": shape.own_embedding_params,
+            "trainable_parameters": shape.trainable[0],
+            "adapter": asdict(shape.adapter) if shape.adapter else None,
             "fp32_kept_parameters": shape.fp32_params,
             "hidden": shape.hidden,
             "layers": shape.layers,
@@ -147,6 +149,14 @@ def _name(row: Row) -> str:
     return ("*" if row.selected else "") + row.spec.name + ("?" if row.spec.hypothetical else "")
 
 
+def _per_param(est: Estimate, row: Row) -> float:
+    """Model-state bytes per parameter: the recipe's per-parameter figure, or for a LoRA
+    run (frozen base without grads or states) the whole model state over every parameter."""
+    if est.shape.adapter is None:
+        return bytes_per_param(row.spec, est.states)
+    return row.memory.static.total / max(est.shape.params, 1)
+
+
 def short_bytes(n: float) -> str:
     """Compact binary units for narrow tables: 3.9M, 86M, 1.2G, 0."""
     if n == 0:
@@ -171,6 +181,14 @@ def render(est: Estimate, console: Console) -> None:
         f"adapters {shape.head_params:,}{own_text}), {est.recipe.optimizer.name} "
         f"({est.states} states/param), {est.device}"
     )
+    ad = shape.adapter
+    if ad is not None:
+        base = "as the recipe's weights" if ad.base_bits is None else f"in {ad.base_bits} bits"
+        console.print(
+            f"LoRA r {ad.r} ({ad.adapters} adapter(s), {ad.lora_params:,} params): "
+            f"{shape.trainable[0]:,} trainable, {ad.frozen_params:,} frozen (no grads or "
+            f"optimizer state), frozen base stored {base}"
+        )
     console.print(
         f"worst step: task {worst.name}, batch {worst.batch} x seq {worst.seq} "
         f"x {est.recipe.train.grad_accum} micro-batch(es), {attention}"
@@ -195,7 +213,7 @@ def render(est: Estimate, console: Console) -> None:
         m = row.memory
         mem.add_row(
             _name(row),
-            f"{bytes_per_param(row.spec, est.states):.1f}",
+            f"{_per_param(est, row):.1f}",
             *(
                 short_bytes(x)
                 for x in (
@@ -237,6 +255,16 @@ def render(est: Estimate, console: Console) -> None:
             + ", ".join(f"{_name(r)} {human_seconds(r.mean_time)}" for r in est.rows[:4])
         )
     for r in [r for r in est.rows if r.selected][:1] or est.rows[:1]:
+        if est.ranks > 1:
+            parts = [
+                f"{k.strategy.upper()} peak {short_bytes(k.peak)} (process "
+                f"{short_bytes(est.process_bytes(k.peak))}), sends {short_bytes(k.comm_bytes)}"
+                for k in r.ranks
+            ]
+            console.print(
+                f"per rank ({_name(r)}, {est.ranks} ranks, {r.ranks[0].batch} example(s) of "
+                f"the global micro-batch each): " + "; ".join(parts) + " per step"
+            )
         console.print(
             f"whole run ({_name(r)}): {r.steps} steps x {human_seconds(r.mean_time)} + "
             f"{r.evals} eval(s) x {human_seconds(r.eval_time)} = {human_seconds(r.run_time)} "

@@ -9,7 +9,7 @@ with train's one-line errors.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -18,6 +18,7 @@ import torch
 
 from bitblend.config.schema import Recipe
 from bitblend.errors import BitblendError
+from bitblend.estimate.adapters import AdapterShape, adapter_shape
 from bitblend.models.attention import resolve_dropouts
 from bitblend.taskspec import head_spec, load_data
 
@@ -48,11 +49,26 @@ class ModelShape:
     # Own-vocabulary (tokenizer: wordpiece) text embedding tables: an input embedding, not a
     # head, so they are counted apart from head_params (a 3M-parameter table is no "head").
     own_embedding_params: int = 0
+    # model.adapter: LoRA over a frozen backbone (estimate/adapters.py); None trains it all
+    adapter: AdapterShape | None = None
+    # Heads-side input layers that train (own-vocabulary tables, patch / feature adapters):
+    # with them the embeddings' output needs gradients even over a frozen backbone.
+    trainable_inputs: bool = False
 
     @property
     def params(self) -> int:
         """Every parameter of the model."""
-        return self.trunk_params + self.head_params + self.own_embedding_params
+        lora = self.adapter.lora_params if self.adapter else 0
+        return self.trunk_params + self.head_params + self.own_embedding_params + lora
+
+    @property
+    def trainable(self) -> tuple[int, int]:
+        """(parameters with gradients, of those kept in fp32): all of them, or without
+        the frozen backbone of a LoRA run."""
+        if self.adapter is None:
+            return self.params, self.fp32_params
+        ad = self.adapter
+        return self.params - ad.frozen_params, self.fp32_params - ad.frozen_fp32_params
 
     @property
     def causal(self) -> bool:
@@ -178,6 +194,9 @@ def shape_from_config(
         matmul_params=L * linears + heads_matmul,
         layer_params=layer,
         kernels=kernels,
+        trainable_inputs=any(
+            s.text_vocab or "image" in s.modalities or "tabular" in s.modalities for s in specs
+        ),
     )
 
 
@@ -284,6 +303,8 @@ def recipe_shapes(
             )
         )
     shape = shape_from_config(config, specs, m.dropout, m.attention_dropout, m.kernels)
+    if m.adapter.kind != "none":
+        shape = replace(shape, adapter=adapter_shape(recipe, config, specs))
     for i, t in enumerate(tasks):
         if shape.positions and t.seq > shape.positions and shape.family != "generic":
             raise BitblendError(

@@ -197,10 +197,13 @@ def _rebuild(entry: dict[str, Any]) -> torch.Tensor:
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes the optimizer's per-parameter states occupy (quantised codes + scales)."""
+    """Bytes the optimizer's per-parameter states occupy on this process (quantised codes +
+    scales; an FSDP2-sharded state counts its local shard)."""
     seen: dict[tuple[int, int], int] = {}  # bitsandbytes shares one quantisation map
     for per_param in optimizer.state.values():
         for value in per_param.values():
+            if hasattr(value, "to_local"):  # DTensor: this rank's shard
+                value = value.to_local()
             if _is_subclass_state(value):
                 names, _ = value.__tensor_flatten__()
                 for n in names:

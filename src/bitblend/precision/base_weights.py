@@ -251,11 +251,27 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")  # transformers' GPT-2
 
 
-def freeze_base(model: nn.Module, bits: int | None, prefix: str = "backbone.") -> list[str]:
-    """Store every frozen Linear / Conv1D under `prefix` in `bits` bits, in place; returns
-    their names. A no-op for `bits` None. Adapter layers (peft's lora_*) are never taken."""
-    if bits is None:
-        return []
+def stored_weight_bytes(kind: str, rows: int, cols: int, bits: int, source_bytes: int = 4) -> int:
+    """Bytes a frozen (rows, cols) weight takes in `bits` bits, by the formats above (bias
+    aside): `kind` "linear" ((out, in): bf16, int8 + a row scale, NF4) or "embedding"
+    ((rows, dim): bf16, or int8 + a row scale for 8 and 4). NF4 keeps its factors, mean and
+    code table in the source weight's dtype (`source_bytes` wide). The cost model's
+    formula; tests check it against `stored_bytes()` of the real modules."""
+    n = rows * cols
+    if bits == 16:
+        return 2 * n
+    if bits == 8 or kind == "embedding":
+        return n + 4 * rows  # int8 codes + one fp32 absmax scale per row
+    # NF4 (torchao): 4-bit codes, one int8 block scale per 64 weights, one fp32 factor per
+    # double-quantisation block of those, a mean and the 16-entry code table.
+    blocks = n // NF4_BLOCK
+    factors = blocks // _scaler_block(blocks)
+    return n // 2 + blocks + source_bytes * (factors + 1 + 16)
+
+
+def base_modules(model: nn.Module, prefix: str = "backbone.") -> list[tuple[str, nn.Module]]:
+    """The frozen Linear / Conv1D / Embedding layers under `prefix` that `freeze_base`
+    stores in low bits: not peft's lora_* layers, not a weight shared with another module."""
     chosen = []
     for name, module in model.named_modules():
         if not name.startswith(prefix) or any(
@@ -271,7 +287,15 @@ def freeze_base(model: nn.Module, bits: int | None, prefix: str = "backbone.") -
     for module in model.modules():
         for p in module.parameters(recurse=False):
             owners[id(p)] = owners.get(id(p), 0) + 1
-    chosen = [(n, m) for n, m in chosen if owners.get(id(m.weight), 0) == 1]
+    return [(n, m) for n, m in chosen if owners.get(id(m.weight), 0) == 1]
+
+
+def freeze_base(model: nn.Module, bits: int | None, prefix: str = "backbone.") -> list[str]:
+    """Store every frozen Linear / Conv1D / Embedding under `prefix` (`base_modules`) in
+    `bits` bits, in place; returns their names. A no-op for `bits` None."""
+    if bits is None:
+        return []
+    chosen = base_modules(model, prefix)
     if bits == 4:
         for name, module in chosen:
             if type(module) is not nn.Embedding and _tensor(module.weight).numel() % NF4_BLOCK:

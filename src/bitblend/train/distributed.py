@@ -253,13 +253,14 @@ class DistContext:
         return torch.as_tensor(rng["torch"])
 
     def local_state_bytes(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-        """Bytes this rank holds of weights, gradients and optimizer states (shards only)."""
+        """Bytes this rank holds of weights, gradients and optimizer states (shards only;
+        the states counted by optim/lowbit.py's `state_bytes`, as the precision does)."""
+        from bitblend.optim.lowbit import state_bytes
+
         total = 0
         for p in model.parameters():
             total += _local_nbytes(p) + (_local_nbytes(p.grad) if p.grad is not None else 0)
-        for per_param in optimizer.state.values():
-            total += sum(_local_nbytes(v) for v in per_param.values() if torch.is_tensor(v))
-        return total
+        return total + state_bytes(optimizer)
 
 
 def _local_nbytes(t: torch.Tensor) -> int:
