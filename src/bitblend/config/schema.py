@@ -272,6 +272,14 @@ class TrainConfig:
         "CPU on Linux: keep freed activation memory mapped between steps (glibc mallopt) "
         "instead of re-faulting it every step; MALLOC_* variables in the environment win",
     )
+    baselines: Literal["auto", "off"] = doc(
+        "auto",
+        "auto: at the end, fit each task's simple scikit-learn baseline (TF-IDF + logistic "
+        "regression for text, logistic regression / gradient-boosted trees for tabular, "
+        "logistic regression on pixels for images, ridge for regression) on the run's own "
+        "train split, score it on the rows the run evaluates, and show it beside the task's "
+        "metric; off: skip",
+    )
 
 
 @dataclass(kw_only=True)

@@ -33,8 +33,14 @@ def make_progress(console: Console, disable: bool = False) -> Progress:
     )
 
 
-def metrics_table(title: str, results: dict[str, dict[str, float]]) -> Table:
-    """One row per task with its metrics."""
+def metrics_table(
+    title: str,
+    results: dict[str, dict[str, float]],
+    baselines: dict[str, dict[str, Any]] | None = None,
+) -> Table:
+    """One row per task with its metrics; with `baselines` (train/baselines.py results) a
+    `baseline` column beside them: the simple model's value of the task's main metric and
+    its name, or "-" and the reason when the task's kind has none."""
     table = Table(title=title)
     table.add_column("task")
     keys: list[str] = []
@@ -44,9 +50,23 @@ def metrics_table(title: str, results: dict[str, dict[str, float]]) -> Table:
                 keys.append(k)
     for k in keys:
         table.add_column(k, justify="right")
+    if baselines is not None:
+        table.add_column("baseline", justify="right")
     for task, metrics in results.items():
-        table.add_row(task, *[_fmt(metrics.get(k)) for k in keys])
+        cells = [_fmt(metrics.get(k)) for k in keys]
+        if baselines is not None:
+            cells.append(baseline_cell(baselines.get(task)))
+        table.add_row(task, *cells)
     return table
+
+
+def baseline_cell(result: dict[str, Any] | None) -> str:
+    """`0.9722 accuracy (logreg)`, or `- (reason)` for a task without a baseline."""
+    if not result:
+        return "-"
+    if result.get("model") is None:
+        return f"- ({result.get('reason', 'none')})"
+    return f"{_fmt(result.get('value'))} {result.get('metric')} ({result['model']})"
 
 
 def _fmt(value: Any) -> str:
