@@ -145,6 +145,12 @@ class TaskConfig:
     batch_size: int | None = doc(None, "this task's batch size (homogeneous batches)")
     max_length: int | None = doc(None, "this task's max tokens (default: model.max_length)")
     max_examples: int | None = doc(None, "use at most this many training examples (seeded)")
+    shortcut: bool = doc(
+        False,
+        "image / tabular tasks with a pooled head: add a linear model on the raw pixels / "
+        "features to the head's logits (wide & deep), so a small task the mixture gives few "
+        "steps starts from logistic regression's readout (docs/mixing.md)",
+    )
     adapter: Literal["shared", "own"] = doc(
         "shared",
         "with model.adapter.kind lora: shared = this task trains the one shared adapter; own = "
