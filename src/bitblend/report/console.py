@@ -48,25 +48,32 @@ def metrics_table(
         for k in metrics:
             if k not in keys:
                 keys.append(k)
-    for k in keys:
-        table.add_column(k, justify="right")
+    # The baseline column sits right after the metric it is compared on.
+    at = len(keys)
     if baselines is not None:
+        at = next((keys.index(k) + 1 for k in ("accuracy", "mse") if k in keys), len(keys))
+    for j, k in enumerate(keys):
+        if j == at and baselines is not None:
+            table.add_column("baseline", justify="right")
+        table.add_column(k, justify="right")
+    if at == len(keys) and baselines is not None:
         table.add_column("baseline", justify="right")
     for task, metrics in results.items():
         cells = [_fmt(metrics.get(k)) for k in keys]
         if baselines is not None:
-            cells.append(baseline_cell(baselines.get(task)))
+            cells.insert(at, baseline_cell(baselines.get(task)))
         table.add_row(task, *cells)
     return table
 
 
 def baseline_cell(result: dict[str, Any] | None) -> str:
-    """`0.9722 accuracy (logreg)`, or `- (reason)` for a task without a baseline."""
+    """`0.9722 (logreg)`: the value of the task's main metric (accuracy; mse for
+    regression), or `- (reason)` for a task without a baseline."""
     if not result:
         return "-"
     if result.get("model") is None:
         return f"- ({result.get('reason', 'none')})"
-    return f"{_fmt(result.get('value'))} {result.get('metric')} ({result['model']})"
+    return f"{_fmt(result.get('value'))} ({result['model']})"
 
 
 def _fmt(value: Any) -> str:
