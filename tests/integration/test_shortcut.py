@@ -58,6 +58,7 @@ def test_shortcut_trains_and_resumes_bitwise(tmp_path: Path, precision: str) -> 
     assert set(model.shortcuts) == {"digits", "cancer"}
 
 
+@pytest.mark.slow
 def test_shortcut_starts_as_the_plain_head() -> None:
     """Zero-initialised: at step 0 a shortcut model's logits equal the one without."""
     on, off = recipe_from_dict(_recipe("32-true")), recipe_from_dict(_recipe("32-true", False))
@@ -69,6 +70,7 @@ def test_shortcut_starts_as_the_plain_head() -> None:
     assert torch.equal(m_on("digits", **batch), m_off("digits", **batch))
 
 
+@pytest.mark.slow
 def test_shortcut_on_text_is_one_line_error() -> None:
     data = _recipe("32-true")
     data["tasks"] = [{"name": "bbc", "data": "bbc_news", "shortcut": True, "max_examples": 50}]
