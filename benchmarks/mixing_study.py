@@ -1,11 +1,14 @@
-"""Single-task vs mixture strategies on the demo tasks, and the sampler's share of step time.
+"""Single-task vs mixture strategies vs simple baselines on the demo tasks, and the sampler's
+share of step time.
 
-Every run trains MiniLM-L6 (auto precision) for the same number of steps; the single-task
-baselines train each demo task alone for that many steps. Reported per strategy: each
+At equal total compute: each single-task model trains its demo task alone for `--steps`
+steps (MiniLM-L6, auto precision); each mixture trains one model on all k tasks for
+k x `--steps` steps, the sum of the single-task budgets. Beside them, each task's
+scikit-learn baseline (train.baselines) on the same split. Reported per strategy: each
 task's main metric (accuracy; AUC-free so every task is comparable), their mean and the
 worst task. Then the mixture + sampler cost per step against the measured step time.
 
-    .venv/bin/python benchmarks/mixing_study.py [--steps 150] [--json OUT]
+    .venv/bin/python benchmarks/mixing_study.py [--steps 150] [--set KEY=VALUE] [--json OUT]
 """
 
 from __future__ import annotations
@@ -59,45 +62,59 @@ def sampler_cost(steps: int = 10_000) -> float:
 def main() -> None:
     """Run the study and print the table."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--steps", type=int, default=150, help="steps of each single-task run")
     p.add_argument("--eval", type=int, default=300, help="eval examples per task")
+    p.add_argument("--strategies", default=",".join(STRATEGIES))
+    p.add_argument("--set", action="append", default=[], help="recipe override for every run")
     p.add_argument("--json")
     args = p.parse_args()
-    common = [f"train.steps={args.steps}", f"train.eval_max_examples={args.eval}",
-              "train.eval_every=0", "mixing.dynamic_every=25"]  # fmt: skip
+    common = [f"train.eval_max_examples={args.eval}", "train.eval_every=0",
+              "mixing.dynamic_every=25", *args.set]  # fmt: skip
     results: dict[str, dict[str, float]] = {}
+    baselines: dict[str, str] = {}
     step_times: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
-        from bitblend.config.load import load_recipe
+        from bitblend.config.load import apply_overrides, load_recipe, recipe_to_dict
 
-        tasks = [t.name for t in load_recipe("demo").tasks]
+        # The demo with the --set overrides applied: its tasks are the study's tasks.
+        demo = recipe_to_dict(load_recipe("demo"))
+        tasks_cfg = apply_overrides(demo, list(args.set))["tasks"]
+        tasks = [t["name"] for t in tasks_cfg]
         single: dict[str, float] = {}
         for i, name in enumerate(tasks):
-            keep = [f"tasks={json.dumps([load_recipe('demo').tasks[i].__dict__])}"]
+            keep = [f"train.steps={args.steps}", f"tasks={json.dumps([tasks_cfg[i]])}"]
             s = run(common + keep, Path(tmp) / f"single-{name}")
             single[name] = s["eval"][name]["accuracy"]
+            base = s.get("baselines", {}).get("tasks", {}).get(name, {})
+            baselines[name] = f"{base['value']:.4f} ({base['model']})" if base.get("model") else "-"
             step_times.append(s["train_time_s"] / s["steps"])
-            print(f"single {name}: {single[name]:.4f}", flush=True)
+            print(f"single {name}: {single[name]:.4f}  baseline {baselines[name]}", flush=True)
         results["single-task"] = single
-        for strategy in STRATEGIES:
-            s = run([*common, f"mixing.strategy={strategy}"], Path(tmp) / strategy)
+        # Equal total compute: one mixture gets the sum of the single-task budgets.
+        mix_steps = args.steps * len(tasks)
+        for strategy in args.strategies.split(","):
+            sets = [*common, f"train.steps={mix_steps}", f"mixing.strategy={strategy}"]
+            s = run(sets, Path(tmp) / strategy)
             results[strategy] = {n: s["eval"][n]["accuracy"] for n in tasks}
             step_times.append(s["train_time_s"] / s["steps"])
             print(f"{strategy}: {results[strategy]}", flush=True)
     cost = sampler_cost()
     step = statistics.median(step_times)
-    print(f"\naccuracy after {args.steps} steps (single-task: each task alone, same steps)")
+    print(f"\naccuracy: single-task {args.steps} steps each, mixtures {mix_steps} steps "
+          "(the sum: equal total compute); baseline = scikit-learn on the same split")  # fmt: skip
     print(f"{'run':<13}" + "".join(f"{n[:14]:>15}" for n in tasks) + f"{'mean':>8}{'worst':>8}")
     for run_name, res in results.items():
         vals = [res[n] for n in tasks]
         print(f"{run_name:<13}" + "".join(f"{v:15.4f}" for v in vals)
               + f"{np.mean(vals):8.4f}{min(vals):8.4f}")  # fmt: skip
+    print(f"{'baseline':<13}" + "".join(f"{baselines[n][:14]:>15}" for n in tasks))
     print(
         f"\nsampler + mixture: {cost * 1e6:.1f} us/step; median step {step:.3f} s; "
         f"share {cost / step:.5%}"
     )
     if args.json:
-        out = {"results": results, "sampler_s": cost, "step_s": step, "steps": args.steps}
+        out = {"results": results, "baselines": baselines, "sampler_s": cost, "step_s": step,
+               "steps": args.steps, "mixture_steps": mix_steps}  # fmt: skip
         Path(args.json).write_text(json.dumps(out, indent=2))
 
 

@@ -90,4 +90,14 @@ def head_spec(
         audio_spec(task, spec, i)
     if own_vocab:
         spec.text_vocab = len(tokenizer)
+    if task.shortcut:
+        if task.head not in ("classification", "binary", "multilabel", "regression") or (
+            "text" in mods
+        ):
+            raise BitblendError(
+                f"tasks[{i}].shortcut: needs image or tabular inputs (no text) and a "
+                f"classification, binary, multilabel or regression head; {task.name} has "
+                f"{'+'.join(mods)} inputs and a {task.head} head"
+            )
+        spec.shortcut = True
     return spec

@@ -37,6 +37,7 @@ RESUMABLE = (
     "train.log_every",
     "train.threads",
     "train.cpu_heap",
+    "train.baselines",
 )
 
 

@@ -176,6 +176,12 @@ class TaskConfig:
         "attention and positions kept within each document (docs/packing.md); null = on for "
         "causal_lm, off otherwise",
     )
+    shortcut: bool = doc(
+        False,
+        "image / tabular tasks with a pooled head: add a linear model on the raw pixels / "
+        "features to the head's logits (wide & deep), so a small task the mixture gives few "
+        "steps starts from logistic regression's readout (docs/mixing.md)",
+    )
     adapter: Literal["shared", "own"] = doc(
         "shared",
         "with model.adapter.kind lora: shared = this task trains the one shared adapter; own = "
@@ -329,6 +335,14 @@ class TrainConfig:
         True,
         "CPU on Linux: keep freed activation memory mapped between steps (glibc mallopt) "
         "instead of re-faulting it every step; MALLOC_* variables in the environment win",
+    )
+    baselines: Literal["auto", "off"] = doc(
+        "auto",
+        "auto: at the end, fit each task's simple scikit-learn baseline (TF-IDF + logistic "
+        "regression for text, logistic regression / gradient-boosted trees for tabular, "
+        "logistic regression on pixels for images, ridge for regression) on the run's own "
+        "train split, score it on the rows the run evaluates, and show it beside the task's "
+        "metric; off: skip",
     )
 
 

@@ -463,6 +463,8 @@ def load_task_data(task: TaskConfig, index: int, seed: int) -> TaskData:
     full = _select(src.train, task, where, task.data)
     if len(full) == 0:
         raise BitblendError(f"{task.data}: the dataset is empty")
+    if full.rows is None:  # built-ins: the position in the source is the row id, so a split
+        full.rows = np.arange(len(full))  # says which source rows it holds (baselines check it)
     rng = np.random.default_rng([seed, 7919])  # split RNG: independent of the training order
     if task.eval_data is not None:
         ev_src = _user_source(task, Path(task.eval_data), f"{where}.eval_data")

@@ -71,6 +71,14 @@ class HeadSpec:
     # LM heads: the transformers LM class (GPT2LMHeadModel, BertForMaskedLM, ...) whose head,
     # weight tying included, this task uses; "" = a fresh Linear (no head in the checkpoint).
     lm_head: str = ""
+    # A linear model on the raw image pixels / tabular features added to the head's logits
+    # (wide & deep): see LinearShortcut.
+    shortcut: bool = False
+
+    @property
+    def raw_width(self) -> int:
+        """Values per example of the non-text inputs (image pixels + tabular features)."""
+        return self.num_patches * self.patch_dim + self.num_features
 
     @property
     def audio_patches(self) -> int:
@@ -118,6 +126,34 @@ class PatchEmbedding(nn.Module):
         return x + self.position[: x.shape[1]]
 
 
+class LinearShortcut(nn.Module):
+    """Logits of a linear model on the raw non-text inputs, added to the head's (wide &
+    deep). Why: a small image or tabular task gets a few dozen steps in a mixture, and the
+    trunk needs many more to learn a pixel/feature readout through new adapters (8x8
+    digits: .61 after 45 steps of 32 alone) while logistic regression on the same inputs
+    reaches .96; the shortcut gives the task that linear model from the first steps, and
+    the trunk learns what is left. Zero-initialised: at step 0 the logits are the head's.
+    (B, P, D) patches and/or (B, F) features -> (B, outputs)."""
+
+    def __init__(self, in_features: int, outputs: int) -> None:
+        super().__init__()
+        # Zeros built directly: no draw from the RNG, so every other module of the model
+        # gets the same init as without the shortcut.
+        self.weight = nn.Parameter(torch.zeros(outputs, in_features))
+        self.bias = nn.Parameter(torch.zeros(outputs))
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Masked (missing = 0) pixels and features, flattened, through one Linear."""
+        parts = []
+        if "image" in inputs:
+            img = inputs["image"] * inputs["image_mask"].unsqueeze(-1)
+            parts.append(img.flatten(1))
+        if "tabular" in inputs:
+            parts.append(inputs["tabular"] * inputs["tabular_mask"])
+        x = torch.cat(parts, dim=1).to(self.weight.dtype)
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
 class MultiTaskModel(nn.Module):
     """Backbone + per-task adapters and heads; `forward(task, **batch)` returns logits."""
 
@@ -147,7 +183,10 @@ class MultiTaskModel(nn.Module):
             nn.init.zeros_(self.modality_embed.weight)
         self.adapters = nn.ModuleDict()
         self.heads = nn.ModuleDict()
+        self.shortcuts = nn.ModuleDict()  # task -> LinearShortcut (HeadSpec.shortcut)
         for s in specs:
+            if s.shortcut:
+                self.shortcuts[s.task] = LinearShortcut(s.raw_width, s.num_outputs)
             parts = nn.ModuleDict()
             if "image" in s.modalities:
                 parts["image"] = PatchEmbedding(s.patch_dim, s.num_patches, width)
@@ -180,9 +219,15 @@ class MultiTaskModel(nn.Module):
         """
         heads = [f"heads.{n}" for n, s in self.specs.items() if s.head not in LM]
         # The log-mel front ends (no weights) compute in fp32 too: see models/audio.py.
-        return heads + [
-            f"adapters.{n}.audio.frontend" for n, s in self.specs.items() if "audio" in s.modalities
-        ]
+        return (
+            heads
+            + [f"shortcuts.{n}" for n in self.shortcuts]
+            + [
+                f"adapters.{n}.audio.frontend"
+                for n, s in self.specs.items()
+                if "audio" in s.modalities
+            ]
+        )
 
     def take_audio_seconds(self) -> float | None:
         """Wall time the log-mel front ends spent since the last call (reset to 0); None
@@ -278,7 +323,10 @@ class MultiTaskModel(nn.Module):
             out = self.backbone(input_ids=inputs["input_ids"], attention_mask=mask)
         hidden = out.last_hidden_state
         if spec.head in POOLED:
-            return self.heads[task](self.pool(hidden, mask))
+            logits = self.heads[task](self.pool(hidden, mask))
+            if task in self.shortcuts:
+                logits = logits + self.shortcuts[task](inputs).to(logits.dtype)
+            return logits
         return self.heads[task](hidden)
 
     # -- persistence -------------------------------------------------------------------

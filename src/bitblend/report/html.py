@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bitblend.errors import BitblendError
+from bitblend.report.console import baseline_cell
 from bitblend.report.rundata import RunData, eval_points, load_run, num, run_labels
 
 if TYPE_CHECKING:  # matplotlib loads only once there is something to draw
@@ -128,6 +129,10 @@ def summary_rows(runs: list[RunData]) -> list[tuple[str, list[str]]]:
         for metric in metrics:
             kind = "int" if metric == "examples" else ""
             rows.append((metric, [_fmt(f.get(task, {}).get(metric), kind) for f in finals]))
+        if any(isinstance(get(r, "baselines", "tasks", task), dict) for r in runs):
+            # The task's simple scikit-learn model on the same rows (train/baselines.py).
+            cells = [baseline_cell(get(r, "baselines", "tasks", task)) for r in runs]
+            rows.append(("baseline (same split)", cells))
     if any(r.notes for r in runs):
         rows.append(("notes", ["; ".join(r.notes) or "-" for r in runs]))
     return rows

@@ -35,6 +35,7 @@ from bitblend.taskspec import load_data
 from bitblend.train import checkpoint as ckpt
 from bitblend.train import distributed
 from bitblend.train import step as step_fn
+from bitblend.train.baselines import run_baselines
 from bitblend.train.cpu_heap import tune_cpu_heap
 from bitblend.train.evaluate import evaluate_split
 from bitblend.train.jacobian import make_aggregator
@@ -532,7 +533,14 @@ class Trainer:
         )  # fmt: skip
         if plain is None:
             return {"rank": self.dist.rank, "steps": self.step}
-        write_json(self.run_dir / "eval.json", {"step": self.step, "tasks": evals})
+        # Each task's simple scikit-learn model on the same rows (train/baselines.py).
+        base = (
+            run_baselines(self.tasks, cfg.eval_max_examples, cfg.seed)
+            if cfg.baselines == "auto"
+            else None
+        )
+        extra = {"baselines": base["tasks"]} if base else {}
+        write_json(self.run_dir / "eval.json", {"step": self.step, "tasks": evals, **extra})
         save_model(  # models/adapters.py: model.save, plus adapter/ for LoRA runs
             plain,
             self.run_dir / "model",
@@ -546,6 +554,11 @@ class Trainer:
             summary["segment"] = self.progress.segment()
         if self.epochs_asked is not None:
             summary["epochs_asked"] = self.epochs_asked
+        if base:
+            summary["baselines"] = {
+                **base,
+                "share_of_wall": base["seconds"] / summary["wall_time_s"],
+            }
         summary["mixture"] = self.mixture_summary()
         summary["tokenizers"] = self.tokenizer_report()
         summary["data_errors"] = data_errors(self.tasks)  # rows skipped (data_errors: skip)
@@ -563,7 +576,11 @@ class Trainer:
             write_report([self.run_dir])
         except Exception as exc:
             log.warning("report.html not written for %s: %s", self.run_dir, exc)
-        self.console.print(metrics_table(f"{self.recipe.name}: eval at step {self.step}", evals))
+        self.console.print(
+            metrics_table(
+                f"{self.recipe.name}: eval at step {self.step}", evals, extra.get("baselines")
+            )
+        )
         self.console.print(
             f"{summary['tokens_per_s']:.0f} tokens/s, peak memory "
             f"{summary['peak_memory_bytes'] / 2**30:.2f} GiB, {self.skipped} skipped step(s), "

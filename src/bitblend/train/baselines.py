@@ -1,0 +1,60 @@
+"""Fit every task's simple baseline (tasks/baselines.py) on exactly the run's splits.
+
+The train split is the one the task's sampler draws from; the eval split is the first
+`train.eval_max_examples` rows of the task's eval split, the rows `evaluate_split` scores,
+in the same order. Each result carries a digest of those row ids so a reader (and the
+tests) can check that the baseline saw the run's rows and no others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+import numpy as np
+
+from bitblend.data.sources import TaskData
+from bitblend.data.table import Table
+from bitblend.tasks.baselines import SplitInputs, fit_baseline
+
+
+def rows_digest(table: Table) -> str:
+    """sha256 (first 16 hex digits) of a split's source row ids, in order."""
+    rows = np.arange(len(table)) if table.rows is None else table.rows
+    return hashlib.sha256(np.ascontiguousarray(rows, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+def _inputs(table: Table, targets: np.ndarray) -> SplitInputs:
+    return SplitInputs(
+        targets=np.asarray(targets),
+        text=None if table.text is None else [str(t) for t in table.text],
+        image=table.image,
+        tabular=table.tabular,
+    )
+
+
+def task_baseline(head: str, data: TaskData, limit: int | None, seed: int) -> dict[str, Any]:
+    """One task's baseline result, with the row digests of the splits it used."""
+    n = len(data.eval) if limit is None else min(limit, len(data.eval))
+    eval_table = data.eval.take(np.arange(n))
+    out = fit_baseline(
+        head,
+        _inputs(data.train, data.train_targets),
+        _inputs(eval_table, data.eval_targets[:n]),
+        seed,
+    )
+    if out["model"] is not None:
+        out["train_rows_sha256"] = rows_digest(data.train)
+        out["eval_rows_sha256"] = rows_digest(eval_table)
+    return out
+
+
+def run_baselines(tasks: list[Any], limit: int | None, seed: int) -> dict[str, Any]:
+    """{task name: result} for a trainer's tasks (TaskRuntime: .cfg.head, .data), plus
+    `_seconds`, the time all of them took (summary.json reports it against the wall time)."""
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {
+        t.cfg.name: task_baseline(t.cfg.head, t.data, limit, seed) for t in tasks
+    }
+    return {"tasks": out, "seconds": time.perf_counter() - t0}
