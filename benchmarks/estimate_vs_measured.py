@@ -77,7 +77,7 @@ def overrides(
 
 def _quiet() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from bitblend.cli import _quiet_libraries
+    from bitblend.commands.common import quiet_libraries as _quiet_libraries
 
     _quiet_libraries()
 

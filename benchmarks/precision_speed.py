@@ -30,7 +30,7 @@ def measure(sets: list[str], steps: int, warmup: int, batch: int, seq: int) -> d
 
     import torch
 
-    from bitblend.cli import _quiet_libraries
+    from bitblend.commands.common import quiet_libraries as _quiet_libraries
     from bitblend.config.load import load_recipe
     from bitblend.train.trainer import Trainer
 

@@ -48,7 +48,7 @@ def naive_app(run_dir: str) -> Any:
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    from bitblend.cli import _quiet_libraries
+    from bitblend.commands.common import quiet_libraries as _quiet_libraries
     from bitblend.data.table import Table
     from bitblend.runs.evaluate import predictions
     from bitblend.runs.load import load_run
@@ -183,7 +183,7 @@ async def accuracy(client: Any, url: str, texts: list[str], labels: list[str]) -
 
 
 def eval_rows(run_dir: str, limit: int) -> tuple[list[str], list[str]]:
-    from bitblend.cli import _quiet_libraries
+    from bitblend.commands.common import quiet_libraries as _quiet_libraries
     from bitblend.runs.load import load_run
 
     _quiet_libraries()

@@ -478,7 +478,7 @@ def run_profile(args: argparse.Namespace, system: str) -> dict[str, Any]:
 
 def child(args: argparse.Namespace) -> dict[str, Any]:
     """Dispatch one measurement in this (child) process."""
-    from bitblend.cli import _quiet_libraries
+    from bitblend.commands.common import quiet_libraries as _quiet_libraries
 
     _quiet_libraries()
     kind = args.child

@@ -10,7 +10,8 @@ import pytest
 import torch
 import yaml
 
-from bitblend.cli import _strip_nproc, main
+from bitblend.cli import main
+from bitblend.commands.train import _strip_nproc
 from bitblend.errors import BitblendError
 from bitblend.models.backbones import load_backbone
 from bitblend.train import distributed
