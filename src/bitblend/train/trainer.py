@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import resource
 import sys
 import time
 from pathlib import Path
@@ -51,15 +50,14 @@ from bitblend.train.resume import (
 )
 from bitblend.train.run_dir import write_json
 from bitblend.train.setup import build_model, build_tasks, convert_model, pick_device
+from bitblend.train.summary import (
+    mixture_summary,
+    peak_memory_bytes,
+    run_summary,
+    tokenizer_report,
+)
 
 log = logging.getLogger(__name__)
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory of this run: CUDA allocator peak on GPU, process peak RSS on CPU."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
 
 class Trainer:
@@ -549,7 +547,7 @@ class Trainer:
             extra={"precision": desc["recipe"], "max_length": self.recipe.model.max_length},
             adapter=self.recipe.model.adapter,
         )
-        summary = self._summary(evals, time.perf_counter() - wall0)
+        summary = run_summary(self, evals, time.perf_counter() - wall0)
         if self.progress.start:  # resumed: this process's steps, their tokens and time
             summary["segment"] = self.progress.segment()
         if self.epochs_asked is not None:
@@ -559,8 +557,8 @@ class Trainer:
                 **base,
                 "share_of_wall": base["seconds"] / summary["wall_time_s"],
             }
-        summary["mixture"] = self.mixture_summary()
-        summary["tokenizers"] = self.tokenizer_report()
+        summary["mixture"] = mixture_summary(self)
+        summary["tokenizers"] = tokenizer_report(self)
         summary["data_errors"] = data_errors(self.tasks)  # rows skipped (data_errors: skip)
         summary["distributed"] = {
             **self.dist.describe(),
@@ -605,41 +603,6 @@ class Trainer:
 
         return dcp.gather_replica(self.dist, self.model, build)
 
-    def tokenizer_report(self) -> dict[str, dict[str, float]]:
-        """[UNK] rate on each own-vocabulary task's eval text: the backbone's vs its own."""
-        from bitblend.data.wordpiece import unk_rate
-
-        out = {}
-        for t in self.tasks:
-            own = self.task_tokenizers.get(t.name)
-            if own is None or t.data.eval.text is None:
-                continue
-            texts = [str(x) for x in t.data.eval.text[:1000]]
-            out[t.name] = {
-                "backbone_unk_rate": unk_rate(self.tokenizer, texts),
-                "own_unk_rate": unk_rate(own, texts),
-                "own_vocab": len(own),
-            }
-            self.console.print(
-                f"{t.name}: [UNK] rate {out[t.name]['backbone_unk_rate']:.1%} with the backbone's "
-                f"tokenizer, {out[t.name]['own_unk_rate']:.2%} with its own WordPiece"
-            )
-        return out
-
-    def mixture_summary(self) -> dict[str, Any]:
-        """Target vs realised shares, examples and epochs per task (summary.json)."""
-        names = [t.name for t in self.tasks]
-        return {
-            "strategy": self.recipe.mixing.strategy,
-            "batches": self.recipe.mixing.batches,
-            "balancing": self.recipe.mixing.balancing,
-            "target": dict(zip(names, self.mixture.targets(), strict=True)),
-            "realised": dict(zip(names, self.mixture.realised(), strict=True)),
-            "examples": dict(zip(names, self.task_examples, strict=True)),
-            "epochs": {t.name: t.sampler.epochs_completed for t in self.tasks},
-            "synthetic": [t.name for t in self.tasks if t.data.synthetic],
-        }
-
     def _log_eval(self, sink: JsonlSink, tb: TensorBoardSink) -> dict[str, dict[str, float]]:
         evals = self.evaluate()
         for name, metrics in evals.items():
@@ -650,46 +613,3 @@ class Trainer:
         if progress is not None:
             progress.evaluated(self.step, evals)
         return evals
-
-    def _summary(self, evals: dict[str, dict[str, float]], wall: float) -> dict[str, Any]:
-        # Achieved FLOP/s and MFU: model FLOPs of the real tokens processed (from the config,
-        # once, here) against this machine's probed peak of the compute dtype (cached under
-        # ~/.cache/bitblend; a first run probes for about a second). Never fails the run.
-        from bitblend.estimate import run_performance
-
-        examples = sum(self.task_examples)
-        lm = sum(k for t, k in zip(self.tasks, self.task_examples, strict=True)
-                 if t.cfg.head in ("masked_lm", "causal_lm"))  # fmt: skip
-        perf: dict[str, Any] = {"flops_per_s": None, "mfu": None, "peak_flops_per_s": None}
-        try:
-            perf = run_performance(
-                self.model, self.tokens, examples, round(self.tokens * lm / max(examples, 1)),
-                self.train_time, self.device, self.precision.describe()["compute_dtype"],
-                self.progress.best_tokens_per_s,
-            )  # fmt: skip
-        except Exception as exc:  # a cost-model gap must not lose a finished run's summary
-            log.warning("achieved FLOP/s not computed: %s", exc)
-        return {
-            **perf,
-            "recipe": self.recipe.name,
-            "steps": self.step,
-            "skipped_steps": self.skipped,
-            "tokens": self.tokens,
-            "tokens_per_s": self.tokens / self.train_time if self.train_time else 0.0,
-            "train_time_s": self.train_time,
-            "wall_time_s": wall,
-            "peak_memory_bytes": peak_memory_bytes(self.device),
-            # weights + gradients + masters + Kahan buffers + optimizer states, at rest
-            "model_state_bytes": self.model_state_bytes,
-            "model_state_bytes_per_param": self.model_state_bytes
-            / max(1, count_parameters(self.model)),
-            "step_transient_bytes": self.precision.transient_bytes,
-            "precision": self.precision.describe(),
-            "parameters": count_parameters(self.model),
-            "device": str(self.device),
-            "threads": torch.get_num_threads(),
-            "cpu_heap": self.cpu_heap,
-            "torch": torch.__version__,
-            "task_steps": dict(zip([t.name for t in self.tasks], self.task_steps, strict=True)),
-            "eval": evals,
-        }
