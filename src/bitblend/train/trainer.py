@@ -60,6 +60,10 @@ from bitblend.train.summary import (
 log = logging.getLogger(__name__)
 
 
+def _untimed(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in result.items() if k != "seconds"}
+
+
 class Trainer:
     """Trains a recipe into a run directory; `fit()` returns the summary."""
 
@@ -537,7 +541,9 @@ class Trainer:
             if cfg.baselines == "auto"
             else None
         )
-        extra = {"baselines": base["tasks"]} if base else {}
+        # eval.json holds results only (a resumed or repeated run writes the same file);
+        # the baselines' fitting times go to summary.json beside the wall time.
+        extra = {"baselines": {n: _untimed(r) for n, r in base["tasks"].items()}} if base else {}
         write_json(self.run_dir / "eval.json", {"step": self.step, "tasks": evals, **extra})
         save_model(  # models/adapters.py: model.save, plus adapter/ for LoRA runs
             plain,
