@@ -1,9 +1,11 @@
 """The scale beside the `speech` recipe: log-mel statistics + logistic regression on
 `spoken_words`, trained on the training voices and scored on the held-out voices.
 
-Features per clip: bitblend's own batched log-mel front end (models/audio.py, 64 bands,
-1 s clips at 16 kHz, per-clip standardised), then per band the mean over each quarter of
-the clip's frames and the standard deviation over all of them (64 x 5 = 320 numbers);
+Features per clip (train/baselines.audio_statistics: the features a run's
+`train.baselines` fits for an audio task): bitblend's own batched log-mel front end
+(models/audio.py, 64 bands, 1 s clips at 16 kHz, per-clip standardised), then per band the
+mean over each quarter of the clip's frames and the standard deviation over all of them
+(64 x 5 = 320 numbers);
 scikit-learn's LogisticRegression on standardised features. No CNN, no transformer.
 
     .venv/bin/python benchmarks/speech_baseline.py [--c 1.0]
@@ -16,28 +18,9 @@ import json
 import time
 
 import numpy as np
-import torch
 
-from bitblend.data.audio import fit_clips
 from bitblend.data.builtin import load_builtin
-from bitblend.models.audio import LogMel
-
-
-def features(clips: list[np.ndarray], rate: int, front: LogMel) -> np.ndarray:
-    """(n, 5 * n_mels): quarter-clip band means and whole-clip band deviations."""
-    wave = fit_clips(clips, rate, 16000, 16000)
-    out = []
-    for s in range(0, len(wave), 256):
-        x = torch.from_numpy(wave[s : s + 256])
-        lengths = (~torch.isnan(x)).sum(dim=1)
-        mel, frames = front(torch.nan_to_num(x), lengths)  # (b, T, M)
-        rows = []
-        for b in range(mel.shape[0]):
-            m = mel[b, : max(1, int(frames[b]))]
-            parts = [q.mean(dim=0) for q in torch.tensor_split(m, 4)]
-            rows.append(torch.cat([*parts, m.std(dim=0, unbiased=False)]))
-        out.append(torch.stack(rows).numpy())
-    return np.concatenate(out)
+from bitblend.train.baselines import audio_statistics
 
 
 def main() -> None:
@@ -52,10 +35,8 @@ def main() -> None:
     t0 = time.perf_counter()
     src = load_builtin("spoken_words")
     assert src.eval is not None and src.train.audio is not None and src.eval.audio is not None
-    front = LogMel(16000, 64)
-    with torch.no_grad():
-        xtr = features(src.train.audio, src.train.audio_rate, front)
-        xev = features(src.eval.audio, src.eval.audio_rate, front)
+    xtr = audio_statistics(src.train.audio, src.train.audio_rate, 16000, 1.0, 64)
+    xev = audio_statistics(src.eval.audio, src.eval.audio_rate, 16000, 1.0, 64)
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=args.c, max_iter=2000))
     clf.fit(xtr, src.train.labels)
     acc = float(np.mean(clf.predict(xev) == np.asarray(src.eval.labels)))

@@ -11,7 +11,7 @@ from bitblend.config.schema import TaskConfig
 from bitblend.data.sources import load_task_data
 from bitblend.report.console import baseline_cell, metrics_table
 from bitblend.tasks.baselines import SplitInputs, fit_baseline, no_baseline_reason
-from bitblend.train.baselines import rows_digest, task_baseline
+from bitblend.train.baselines import audio_statistics, rows_digest, task_baseline
 
 
 def _split(x: np.ndarray, y: np.ndarray, n: int, kind: str) -> tuple[SplitInputs, SplitInputs]:
@@ -55,6 +55,25 @@ def test_text_and_regression_baselines() -> None:
     target = (x @ np.array([1.0, -2.0, 0.5])).astype(np.float32)
     res = fit_baseline("regression", *_split(x, target, 50, "tabular"))
     assert res["model"] == "ridge" and res["metric"] == "mse" and res["value"] < 0.05
+
+
+def test_audio_baseline_is_logistic_regression_on_log_mel_statistics() -> None:
+    """Tones of two pitches in noise, clips of varying length at another rate: the log-mel
+    statistics separate them, and a split without any input column says so."""
+    rng = np.random.default_rng(0)
+    rate, clips, labels = 8000, [], []
+    for i in range(120):
+        label = i % 2
+        t = np.arange(int(rate * rng.uniform(0.3, 0.5))) / rate
+        tone = np.sin(2 * np.pi * (300 if label else 1200) * t)
+        clips.append((tone + rng.normal(0, 0.5, t.shape)).astype(np.float32))
+        labels.append(label)
+    feats = audio_statistics(clips, rate, 16000, 0.5, 32)
+    assert feats.shape == (120, 5 * 32) and np.isfinite(feats).all()
+    y = np.array(labels)
+    res = fit_baseline("classification", *_split(feats, y, 40, "audio"))
+    assert res["model"] == "logreg" and res["value"] >= 0.95
+    assert no_baseline_reason("classification", []) == "no input column this baseline reads"
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,9 @@ eval split (the rows the run evaluates, in its order):
   HistGradientBoosting; both are reported, and the headline is the better of the two on the
   eval split (so it is an optimistic bar: harder for the run to reach, never easier)
 - image / tabular regression: ridge on the standardised inputs
+- audio: logistic regression (ridge for regression) on standardised log-mel statistics
+  (per band: the mean over each quarter of the clip and the deviation over all of it),
+  which train/baselines.py computes with the run's own log-mel front end
 
 Anything else (token classification, language modelling, multilabel, inputs that mix
 modalities) has no baseline here and says so with a reason instead of inventing one.
@@ -43,17 +46,20 @@ class SplitInputs:
     text: list[str] | None = None
     image: np.ndarray | None = None  # (n, H, W, C) float32
     tabular: np.ndarray | None = None  # (n, F) float32, NaN = missing
+    audio: np.ndarray | None = None  # (n, F) float32 log-mel statistics per clip
 
     @property
     def modalities(self) -> list[str]:
         """Names of the input columns present."""
-        return [m for m in ("text", "image", "tabular") if getattr(self, m) is not None]
+        return [m for m in ("text", "image", "tabular", "audio") if getattr(self, m) is not None]
 
 
 def no_baseline_reason(head: str, modalities: list[str]) -> str | None:
     """Why a task gets no baseline (None when it gets one)."""
     if head not in MAIN_METRIC:
         return f"no simple baseline for a {head} head"
+    if not modalities:
+        return "no input column this baseline reads"
     if len(modalities) != 1:
         return f"no simple baseline for {'+'.join(modalities)} inputs together"
     return None
@@ -98,8 +104,9 @@ def _features(split: SplitInputs, modality: str) -> Any:
     if modality == "image":
         assert split.image is not None
         return split.image.reshape(len(split.image), -1).astype(np.float64)
-    assert split.tabular is not None
-    return split.tabular.astype(np.float64)
+    values = split.audio if modality == "audio" else split.tabular
+    assert values is not None
+    return values.astype(np.float64)
 
 
 def _score(head: str, model: Any, x: Any, gold: np.ndarray) -> dict[str, float]:
