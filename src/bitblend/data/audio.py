@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bitblend.data.folders import class_folder
 from bitblend.data.table import SourceData, Table
 from bitblend.errors import BitblendError, cut
 
@@ -63,27 +64,15 @@ def load_audios(paths: list[Path | None], rate: int) -> list[np.ndarray]:
 
 def load_audio_folder(path: Path, rate: int) -> SourceData:
     """`path/<class>/<clip>` -> audio table labelled by sub-folder name (sorted, stable)."""
-    classes = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
-    files: list[Path | None] = []
-    labels: list[str] = []
-    for d in classes:
-        for f in sorted(d.iterdir()):
-            if f.is_file() and f.suffix.lower() in EXTENSIONS and not f.name.startswith("."):
-                files.append(f)
-                labels.append(d.name)
-    if not files:
-        raise BitblendError(
-            f"{path}: no audio found; expected one sub-folder per class holding "
-            f"{', '.join(sorted(EXTENSIONS))} files"
-        )
-    found = sorted(set(labels))
-    if len(found) < 2:
-        raise BitblendError(
-            f"{path}: audio of {len(found)} class ({', '.join(found)}); expected at least 2 "
-            "sub-folders, one per class"
-        )
+    files, labels, found = class_folder(
+        path,
+        EXTENSIONS,
+        "audio",
+        "no audio found; expected one sub-folder per class holding "
+        f"{', '.join(sorted(EXTENSIONS))} files",
+    )
     return SourceData(
-        Table(labels=labels, audio=load_audios(files, rate), audio_rate=rate),
+        Table(labels=labels, audio=load_audios(list(files), rate), audio_rate=rate),
         label_names=found,
         description=f"audio folder {path.name}",
     )

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bitblend.data.folders import class_folder
 from bitblend.data.table import SourceData, Table
 from bitblend.errors import BitblendError
 
@@ -61,25 +62,13 @@ def load_image_folder(path: Path, size: int | None) -> SourceData:
     """`path/<class>/<image>` -> image table labelled by sub-folder name (sorted, stable)."""
     if not path.is_dir():
         raise BitblendError(f"{path}: not a directory; expected one sub-folder per class")
-    classes = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
-    files: list[Path] = []
-    labels: list[str] = []
-    for d in classes:
-        for f in sorted(d.iterdir()):
-            if f.is_file() and f.suffix.lower() in EXTENSIONS and not f.name.startswith("."):
-                files.append(f)
-                labels.append(d.name)
-    if not files:
-        raise BitblendError(
-            f"{path}: no images found; expected one sub-folder per class holding image files "
-            f"({', '.join(sorted(EXTENSIONS))})"
-        )
-    found = sorted(set(labels))
-    if len(found) < 2:
-        raise BitblendError(
-            f"{path}: images of {len(found)} class ({', '.join(found)}); expected at least 2 "
-            "sub-folders, one per class"
-        )
+    files, labels, found = class_folder(
+        path,
+        EXTENSIONS,
+        "images",
+        "no images found; expected one sub-folder per class holding image files "
+        f"({', '.join(sorted(EXTENSIONS))})",
+    )
     return SourceData(
         Table(labels=labels, image=load_images(files, size)),
         label_names=found,
