@@ -160,11 +160,14 @@ def test_ddp_all_reduces_once_per_step_whatever_the_accumulation(
 
     recipe = make_recipe("distributed.strategy=ddp", f"train.grad_accum={accum}", "train.steps=1")
     reduced: list[int] = []
+    views: list[bool] = []
 
     # Unannotated: DDP checks a hook's annotation against dist.GradBucket itself, and this
     # module's annotations are strings (from __future__ import annotations).
     def count(state, bucket):  # type: ignore[no-untyped-def]
         reduced.append(bucket.index())
+        home = bucket.buffer().untyped_storage().data_ptr()
+        views.extend(p.grad.untyped_storage().data_ptr() == home for p in bucket.parameters())
         fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
         fut.set_result(bucket.buffer())  # a group of one: the sum is the buffer itself
         return fut
@@ -176,6 +179,8 @@ def test_ddp_all_reduces_once_per_step_whatever_the_accumulation(
     finally:
         distributed.teardown()
     assert reduced and reduced.count(0) == 1, reduced  # one pass over the buckets
+    # gradient_as_bucket_view: the gradients live in the buckets (no second buffer, no copy)
+    assert views and all(views), views
 
 
 def test_ranks_draw_their_own_mlm_masks_and_rank_0_keeps_the_one_process_stream() -> None:

@@ -496,23 +496,22 @@ def per_rank(
     """DDP and FSDP2 per-rank peaks for `ranks` processes; `base` is one rank's step (its
     slice of the global batch), `batch` that slice's size.
 
-    DDP keeps a full replica on every rank plus flat gradient buckets (a second gradient-
-    sized buffer unless gradient_as_bucket_view). FSDP2 shards weights, grads, masters and
-    states N ways, all-gathers one block at a time (two with prefetch) at the gather width
-    (bf16 under bf16-mixed, which then needs no autocast weight copies) and reduce-scatters
-    each block's gradients from a full-size buffer.
+    DDP keeps a full replica on every rank; its flat all-reduce buckets hold the gradients
+    themselves (bitblend wraps with gradient_as_bucket_view), so no second buffer. FSDP2
+    shards weights, grads, masters and states N ways, all-gathers one block at a time (two
+    with prefetch) at the gather width (bf16 under bf16-mixed, which then needs no autocast
+    weight copies) and reduce-scatters each block's gradients from a full-size buffer.
     """
     if ranks < 1:
         raise ValueError("ranks must be >= 1")
     st = base.static
     comm = comm_bytes(shape, spec, st.grads, ranks, grad_accum) if ranks > 1 else {}
-    buckets = st.grads if ranks > 1 else 0
     ddp = RankBytes(
         "ddp",
         ranks,
-        base.peak + buckets,
-        base.peak_checkpointed + buckets,
-        "full replica + gradient buckets",
+        base.peak,
+        base.peak_checkpointed,
+        "full replica, gradients in the all-reduce buckets",
         comm.get("ddp", 0),
         batch,
     )
