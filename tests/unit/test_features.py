@@ -39,10 +39,10 @@ def test_piecewise_encoding_is_the_bin_fractions() -> None:
     want = [[0, 0, 0], [0.5, 0, 0], [1, 0.5, 0], [1, 1, 1]]
     assert torch.equal(enc, torch.tensor(want, dtype=torch.float32))
     assert emb(x).shape == (4, 1, 4)
-    # a buffer, saved with the model, never trained
-    assert {"lower", "span"} <= set(emb.state_dict()) and "lower" not in dict(
-        emb.named_parameters()
-    )
+    # The edges are neither trained nor cast: a bf16 model keeps them exact in fp32.
+    assert set(emb.state_dict()) == {"linear.weight", "linear.bias"}
+    emb.to(torch.bfloat16)
+    assert emb.lower.dtype == torch.float32 and torch.equal(emb.lower[0], torch.tensor([0, 1, 3.0]))
 
 
 def test_periodic_and_factory_shapes() -> None:

@@ -98,16 +98,18 @@ class PiecewiseLinearFeatures(nn.Module):
     def __init__(self, edges: list[list[float]], width: int) -> None:
         super().__init__()
         e = torch.tensor(edges, dtype=torch.float32)  # (F, T + 1)
-        # Buffers, not parameters: fixed by the training split; saved with the model.
-        self.register_buffer("lower", e[:, :-1].contiguous())
-        self.register_buffer("span", (e[:, 1:] - e[:, :-1]).contiguous())
+        # Plain fp32 tensors, neither parameters nor buffers: fixed by the training split
+        # and rebuilt from HeadSpec.tabular_bins (saved in bitblend.json). A buffer would
+        # go through bf16 when bf16-true casts the model (even for modules it then keeps in
+        # fp32: model.to(bf16) runs first), rounding the edges to 3 significant digits.
+        self.lower = e[:, :-1].contiguous()  # (F, T)
+        self.span = (e[:, 1:] - e[:, :-1]).contiguous()  # (F, T), > 0
         self.linear = _PerFeatureLinear(e.shape[0], e.shape[1] - 1, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, features) standardised values -> (batch, features, width)."""
-        lower: torch.Tensor = self.lower  # type: ignore[assignment]
-        span: torch.Tensor = self.span  # type: ignore[assignment]
-        enc = ((x.unsqueeze(-1).to(lower.dtype) - lower) / span).clamp(0.0, 1.0)
+        lower, span = self.lower.to(x.device), self.span.to(x.device)  # no-op on CPU
+        enc = ((x.unsqueeze(-1).float() - lower) / span).clamp(0.0, 1.0)  # (B, F, T)
         return torch.relu(self.linear(enc))
 
 
