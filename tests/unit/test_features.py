@@ -89,3 +89,12 @@ def test_cost_model_counts_the_feature_embedding(kind: str) -> None:
     head = sum(p.numel() for n, p in params.items() if n.startswith("heads."))
     assert fp32 == head + (0 if kind == "linear" else tab)
     assert ("adapters.t.tabular" in model.fp32_module_names) == (kind != "linear")
+
+
+def test_unknown_feature_embedding_is_one_line_error() -> None:
+    from bitblend.config.load import recipe_from_dict
+    from bitblend.errors import BitblendError
+
+    task = {"name": "c", "data": "breast_cancer", "head": "binary", "feature_embedding": "ple"}
+    with pytest.raises(BitblendError, match=r"tasks\[0\]\.feature_embedding: expected one of"):
+        recipe_from_dict({"name": "x", "tasks": [task]})
