@@ -15,6 +15,7 @@ from bitblend.data.modalities import TabularStats
 from bitblend.data.packing import PACKABLE_HEADS
 from bitblend.data.sources import LM_HEADS, TaskData, load_task_data
 from bitblend.errors import BitblendError
+from bitblend.models.features import quantile_edges
 from bitblend.models.trunk import HeadSpec
 
 
@@ -86,6 +87,9 @@ def head_spec(
         stats = TabularStats.fit(data.train.tabular)
         spec.num_features = data.train.tabular.shape[1]
         spec.tabular_mean, spec.tabular_std = stats.mean.tolist(), stats.std.tolist()
+        spec.feature_embedding = task.feature_embedding
+        if task.feature_embedding == "piecewise":
+            spec.tabular_bins = quantile_edges(stats.apply(data.train.tabular))
     if data.train.audio is not None:
         audio_spec(task, spec, i)
     if own_vocab:

@@ -182,6 +182,13 @@ class TaskConfig:
         "features to the head's logits (wide & deep), so a small task the mixture gives few "
         "steps starts from logistic regression's readout (docs/mixing.md)",
     )
+    feature_embedding: Literal["linear", "periodic", "piecewise"] = doc(
+        "linear",
+        "tabular features -> tokens: linear (x * W_f + b_f), periodic (sin/cos of 16 "
+        "trainable frequencies per feature, Linear, ReLU) or piecewise (piecewise-linear "
+        "encoding over 16 quantile bins of the training split, Linear, ReLU); "
+        "docs/mixing.md",
+    )
     adapter: Literal["shared", "own"] = doc(
         "shared",
         "with model.adapter.kind lora: shared = this task trains the one shared adapter; own = "

@@ -20,6 +20,7 @@ from bitblend.config.schema import Recipe
 from bitblend.errors import BitblendError
 from bitblend.estimate.adapters import AdapterShape, adapter_shape
 from bitblend.models.attention import resolve_dropouts
+from bitblend.models.features import PERIODIC_FREQUENCIES, PIECEWISE_BINS
 from bitblend.taskspec import head_spec, load_data
 
 BERT_LIKE = ("bert", "roberta", "xlm-roberta")
@@ -124,7 +125,14 @@ def head_params(specs: list[Any], width: int) -> tuple[int, int, int]:
             total += proj + max(1, s.num_patches) * width
             matmul += proj
         if "tabular" in s.modalities:
-            total += 2 * s.num_features * width
+            kind = getattr(s, "feature_embedding", "linear")
+            d = {"periodic": 2 * PERIODIC_FREQUENCIES, "piecewise": PIECEWISE_BINS}.get(kind, 1)
+            tab = s.num_features * (d * width + width)  # per-feature Linear(d -> width)
+            if kind == "periodic":
+                tab += s.num_features * PERIODIC_FREQUENCIES  # the frequencies
+            total += tab
+            if kind != "linear":
+                fp32 += tab  # kept in fp32 (MultiTaskModel.fp32_module_names)
         if "audio" in s.modalities:  # spectrogram patch projection + positions
             proj = s.patch_frames * s.patch_mels * width + width
             total += proj + s.audio_patches * width

@@ -36,6 +36,7 @@ from bitblend.models.backbones import (
     load_lm_pretrained,
     save_lm_pretrained,
 )
+from bitblend.models.features import feature_embedding
 from bitblend.models.packed import backbone_mask
 
 HEADS_FILE = "heads.safetensors"
@@ -74,6 +75,10 @@ class HeadSpec:
     # A linear model on the raw image pixels / tabular features added to the head's logits
     # (wide & deep): see LinearShortcut.
     shortcut: bool = False
+    # How tabular features become tokens (models/features.py) and, for piecewise, the
+    # per-feature bin edges (F lists of T + 1) on the standardised training features.
+    feature_embedding: str = "linear"
+    tabular_bins: list[list[float]] = field(default_factory=list)
 
     @property
     def raw_width(self) -> int:
@@ -94,20 +99,6 @@ class HeadSpec:
     def uses_embeds(self) -> bool:
         """Whether inputs go through `inputs_embeds` rather than the backbone's ids path."""
         return self.modalities != ["text"] or self.text_vocab > 0
-
-
-class FeatureTokenizer(nn.Module):
-    """Tabular features -> one token each: x_f * W_f + b_f (FT-Transformer). (B,F)->(B,F,H)."""
-
-    def __init__(self, num_features: int, width: int) -> None:
-        super().__init__()
-        bound = width**-0.5
-        self.weight = nn.Parameter(torch.empty(num_features, width).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(num_features, width).uniform_(-bound, bound))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(batch, features) standardised values -> (batch, features, width)."""
-        return x.unsqueeze(-1).to(self.weight.dtype) * self.weight + self.bias
 
 
 class PatchEmbedding(nn.Module):
@@ -191,7 +182,9 @@ class MultiTaskModel(nn.Module):
             if "image" in s.modalities:
                 parts["image"] = PatchEmbedding(s.patch_dim, s.num_patches, width)
             if "tabular" in s.modalities:
-                parts["tabular"] = FeatureTokenizer(s.num_features, width)
+                parts["tabular"] = feature_embedding(
+                    s.feature_embedding, s.num_features, width, s.tabular_bins
+                )
             if "audio" in s.modalities:
                 parts["audio"] = AudioEmbedding(
                     s.sample_rate, s.num_samples, s.n_mels, s.patch_frames, s.patch_mels,
@@ -222,6 +215,13 @@ class MultiTaskModel(nn.Module):
         return (
             heads
             + [f"shortcuts.{n}" for n in self.shortcuts]
+            # sin(2 pi c x) and bin fractions lose their resolution in bf16 (8 bits of
+            # mantissa); these adapters are a few hundred thousand parameters.
+            + [
+                f"adapters.{n}.tabular"
+                for n, s in self.specs.items()
+                if s.num_features and s.feature_embedding != "linear"
+            ]
             + [
                 f"adapters.{n}.audio.frontend"
                 for n, s in self.specs.items()
