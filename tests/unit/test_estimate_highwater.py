@@ -108,5 +108,6 @@ def test_save_bytes_equal_the_real_dequantised_state_dict(bits: int) -> None:
 
 def test_gpu_peaks_do_not_stack_the_build() -> None:
     hw = HighWater(build=100, eval=50, save=10)
-    assert hw.process(80, runtime=1000, slack=0.25, cpu=False) == 110
+    assert hw.process(80, runtime=1000, slack=0.25, cpu=False) == 100  # the conversion
+    assert hw.process(120, runtime=1000, slack=0.25, cpu=False) == 120  # the step
     assert hw.process(80, runtime=1000, slack=0.25, cpu=True) == 1000 + 100 + 100 + 10

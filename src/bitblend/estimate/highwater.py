@@ -36,11 +36,12 @@ class HighWater:
     save: int  # fresh bytes while checkpoints and model/ are written (dequantised base)
 
     def process(self, step_tensors: int, runtime: int, slack: float, cpu: bool) -> int:
-        """The run's peak: the worse of the step and the evaluation, over the build's
-        leftovers, plus the save's fresh bytes (CPU: RSS with allocator slack; GPU: live
-        tensors, where conversion and saving are transient and do not stack)."""
+        """The run's peak. CPU (RSS): the worse of the step and the evaluation with
+        allocator slack, over the build's leftovers, plus the save's fresh bytes. GPU (live
+        tensors; nothing stacks): the step, the conversion, or the resident state (within
+        `eval`) with an evaluation's or a save's transient, whichever is largest."""
         if not cpu:
-            return max(step_tensors, self.eval, self.build) + self.save
+            return max(step_tensors, self.eval + self.save, self.build)
         live = max(step_tensors, self.eval)
         return runtime + self.build + round(live * (1 + slack)) + self.save
 
