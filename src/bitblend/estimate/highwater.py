@@ -15,8 +15,8 @@ MiniLM / BBC News (benchmarks/estimate_vs_measured.py --phases, docs/estimate.md
   whole eval split kept for scoring.
 - saving: checkpoints and the final model/ read the frozen base's state_dict, which a
   low-bit base (8 or 4 bits) hands back dequantised to fp32: the whole base once more,
-  fresh memory (its largest table is above glibc's mmap threshold) on top of the run's
-  high-water (+59-104 MiB measured at save_model for an int8 base; the model says 87).
+  which the heap the steps left does not absorb (measured: it lands on top of the run's
+  high-water) (+59-104 MiB measured at save_model for an int8 base; the model says 87).
 """
 
 from __future__ import annotations
