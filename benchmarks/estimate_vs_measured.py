@@ -16,6 +16,9 @@ rounds; medians are reported. Accelerate's `estimate-memory` is compared on Mini
         [--threads 0 --clock wall]   # all cores, wall time: only on an otherwise idle machine
     .venv/bin/python benchmarks/estimate_vs_measured.py --user [--json OUT]
         # users' recipes: whole runs (train + evals) on files, own vocabularies, a mixture
+    .venv/bin/python benchmarks/estimate_vs_measured.py --phases bbc --set K=V ...
+        # one whole `train` (a built-in recipe, or user:CASE), peak RSS and malloc's live
+        # bytes per phase: setup parts, steps, evals, checkpoints, save, report
 
 The `--user` cases are recipes as a user writes them (#22): files written from packaged data
 (BBC News with a large eval file; Chinese reviews with Chinese column names and an
@@ -240,6 +243,81 @@ def child_user(name: str, what: str) -> dict[str, Any]:
     }
 
 
+def child_phases(target: str, sets: list[str]) -> None:
+    """One whole run with a sampler thread: peak RSS and glibc's live bytes (mallinfo2:
+    in-use heap + mmapped blocks) per phase. Samples every 2 ms, so a short spike can be
+    missed (ru_maxrss at the end is the exact overall peak)."""
+    import ctypes
+    import threading
+
+    class MallInfo2(ctypes.Structure):
+        names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+        _fields_ = [(n, ctypes.c_size_t) for n in names.split()]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+    page = os.sysconf("SC_PAGE_SIZE")
+    phase, peaks = ["imports"], {}
+
+    def sample() -> None:
+        while True:
+            rss = int(Path("/proc/self/statm").read_text().split()[1]) * page
+            info = libc.mallinfo2()
+            old = peaks.get(phase[0], (0, 0))
+            peaks[phase[0]] = (max(old[0], rss), max(old[1], info.uordblks + info.hblkhd))
+            time.sleep(0.002)
+
+    threading.Thread(target=sample, daemon=True).start()
+    _quiet()
+    import bitblend.models.adapters as adapters
+    import bitblend.report.html as html
+    import bitblend.train.setup as setup
+    import bitblend.train.trainer as trainer
+    from bitblend.config.load import load_recipe, recipe_from_dict
+
+    def wrap(owner: Any, name: str, label: str) -> None:
+        fn = getattr(owner, name)
+
+        def timed(*a: Any, **k: Any) -> Any:
+            before, phase[0] = phase[0], label
+            try:
+                return fn(*a, **k)
+            finally:
+                phase[0] = before
+
+        setattr(owner, name, timed)
+
+    for owner, name in [(trainer, "load_data"), (trainer, "build_model"),
+                        (setup, "load_backbone_with_head"), (adapters, "add_lora"),
+                        (trainer, "build_tasks"), (trainer, "convert_model"),
+                        (trainer.Trainer, "evaluate"), (trainer.Trainer, "save_checkpoint"),
+                        (trainer, "run_baselines"), (trainer, "save_model"),
+                        (html, "write_report")]:  # fmt: skip
+        wrap(owner, name, name)
+    step = trainer.Trainer.train_step
+
+    def train_step(self: Any) -> Any:
+        phase[0] = "train_step"
+        try:
+            return step(self)
+        finally:
+            phase[0] = "between"
+
+    trainer.Trainer.train_step = train_step  # type: ignore[method-assign]
+    with tempfile.TemporaryDirectory() as tmp:
+        if target.startswith("user:"):
+            recipe = recipe_from_dict(user_recipe(target[5:], Path(tmp)))
+        else:
+            recipe = load_recipe(target, sets)
+        phase[0] = "setup (other)"
+        summary = trainer.Trainer(recipe, Path(tmp) / "run", show_progress=False).fit()
+    time.sleep(0.01)
+    for name, (rss, live) in peaks.items():
+        print(f"{name:24} peak RSS {rss / 2**20:7.0f} MiB, malloc live {live / 2**20:7.0f} MiB")
+    print(f"ru_maxrss {_maxrss() / 2**20:.0f} MiB, summary.json peak "
+          f"{summary['peak_memory_bytes'] / 2**20:.0f} MiB")  # fmt: skip
+
+
 def _maxrss() -> int:
     """This process's peak RSS so far, bytes (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -377,7 +455,12 @@ def main() -> None:
     p.add_argument("--user", action="store_true", help="users' recipes: whole runs on files")
     p.add_argument("--measured", help="--user: reuse the training runs of this --json file")
     p.add_argument("--user-child", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--phases", help="a recipe (or user:CASE): RSS per phase of one run")
+    p.add_argument("--set", action="append", default=[], help="--phases: recipe overrides")
     args = p.parse_args()
+    if args.phases:
+        child_phases(args.phases, args.set)
+        return
     if args.user_child:
         print(json.dumps(child_user(*args.user_child)))
         return

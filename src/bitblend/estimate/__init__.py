@@ -27,6 +27,7 @@ from bitblend.estimate.flops import (
     step_time,
     tokens_flops,
 )
+from bitblend.estimate.highwater import HighWater, high_water
 from bitblend.estimate.memory import (
     CPU_ALLOCATOR_SLACK,
     RECIPES,
@@ -68,6 +69,8 @@ class Row:
     eval_time: float = 0.0  # one evaluation of every task (forward passes only)
     evals: int = 0  # evaluations of a run: every train.eval_every steps, and at the end
     steps: int = 0  # train.steps (train.epochs resolved from the data sizes)
+    # the run's phases beyond the step: build/conversion, evaluation, saving (highwater.py)
+    high_water: HighWater = field(default_factory=lambda: HighWater(0, 0, 0))
 
     @property
     def run_time(self) -> float:
@@ -94,9 +97,12 @@ class Estimate:
     notes: list[str] = field(default_factory=list)
 
     def total_bytes(self, row: Row, checkpointed: bool = False) -> int:
-        """What the process will hold at its peak: runtime + tensors (+ CPU allocator slack)."""
+        """What the process will hold at its peak: runtime + the worse of the step's and an
+        evaluation's tensors (+ CPU allocator slack), over what the build left, plus the
+        save's fresh bytes (estimate/highwater.py)."""
         tensors = row.memory.peak_checkpointed if checkpointed else row.memory.peak
-        return self.process_bytes(tensors)
+        cpu = self.device == "cpu"
+        return row.high_water.process(tensors, self.runtime_bytes, CPU_ALLOCATOR_SLACK, cpu)
 
     def process_bytes(self, tensors: int) -> int:
         """A process holding `tensors` live bytes at its peak (one rank's, under --ranks)."""
@@ -228,6 +234,9 @@ def estimate_recipe(
             eval_time=sum(eval_seconds(t) for t in tasks),
             evals=evals,
             steps=steps,
+            high_water=high_water(
+                shape, tasks, spec, per_task[worst], recipe.train.eval_batch_size, dev.type
+            ),
         )
         if spec.name == "16-mixed" and dev.type == "cpu":
             row.warnings.append("fp16 matmuls on CPU run ~400x slower than fp32")

@@ -73,6 +73,10 @@ def row_json(est: Estimate, row: Row) -> dict[str, Any]:
             "optimizer_step_extra": m.step_extra,
             "peak": m.peak,
             "peak_checkpointed": m.peak_checkpointed,
+            # beyond the step: conversion leftovers, an evaluation's peak, the save
+            "build": row.high_water.build,
+            "eval_peak": row.high_water.eval,
+            "save": row.high_water.save,
             "process_peak": est.total_bytes(row),
             "process_peak_checkpointed": est.total_bytes(row, checkpointed=True),
         },
@@ -273,7 +277,8 @@ def render(est: Estimate, console: Console) -> None:
     if est.device == "cpu":
         console.print(
             f"process = resident runtime ({short_bytes(est.runtime_bytes)}: python, torch, "
-            f"transformers, data) + peak x {1 + CPU_ALLOCATOR_SLACK:.2f} (blocks malloc keeps)"
+            f"transformers, data) + the worse of step and eval peak x "
+            f"{1 + CPU_ALLOCATOR_SLACK:.2f} (blocks malloc keeps) + base conversion + save"
         )
     for row in est.rows:
         for w in row.warnings:

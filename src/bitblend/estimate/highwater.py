@@ -1,0 +1,121 @@
+"""High-water marks of a run outside its training step: the model's build and conversion,
+evaluation, and saving. Arithmetic on sizes only, like memory.py.
+
+A CPU process's peak RSS is a high-water mark: glibc keeps freed heap blocks, so what a
+phase leaves in the heap stays resident below the phases after it. Measured per phase on
+MiniLM / BBC News (benchmarks/estimate_vs_measured.py --phases, docs/estimate.md):
+
+- build: a LoRA run builds its backbone in fp32 and converts the frozen base to
+  `precision.base_bits` after the data is encoded, so the conversion's live bytes (the
+  fp32 base and its stored copy, both alive while each layer is converted) land above the
+  setup's high-water and stay there under the training steps (+125 MiB measured for a bf16
+  base, +113-136 MiB for int8: the model says 130 and 109).
+- evaluation: a no-grad forward of `train.eval_batch_size` examples (64 by default, four
+  times a typical train batch) over the resident model state, plus the outputs of the
+  whole eval split kept for scoring.
+- saving: checkpoints and the final model/ read the frozen base's state_dict, which a
+  low-bit base (8 or 4 bits) hands back dequantised to fp32: the whole base once more,
+  which the heap the steps left does not absorb (measured: it lands on top of the run's
+  high-water) (+59-104 MiB measured at save_model for an int8 base; the model says 87).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bitblend.estimate.memory import FP32, INT64, PeakBytes, PrecisionSpec, attention_backend
+from bitblend.estimate.shapes import ModelShape, TaskShape
+
+
+@dataclass(frozen=True)
+class HighWater:
+    """Bytes a run holds beyond one training step's live tensors, by phase."""
+
+    build: int  # left in the heap by the frozen base's conversion (CPU: below every step)
+    eval: int  # live tensor bytes at an evaluation's peak: resident state + one batch
+    save: int  # fresh bytes while checkpoints and model/ are written (dequantised base)
+
+    def process(self, step_tensors: int, runtime: int, slack: float, cpu: bool) -> int:
+        """The run's peak. CPU (RSS): the worse of the step and the evaluation with
+        allocator slack, over the build's leftovers, plus the save's fresh bytes. GPU (live
+        tensors; nothing stacks): the step, the conversion, or the resident state (within
+        `eval`) with an evaluation's or a save's transient, whichever is largest."""
+        if not cpu:
+            return max(step_tensors, self.eval + self.save, self.build)
+        live = max(step_tensors, self.eval)
+        return runtime + self.build + round(live * (1 + slack)) + self.save
+
+
+def build_bytes(shape: ModelShape, spec: PrecisionSpec) -> int:
+    """The frozen base's conversion: its fp32 build plus the stored copy (0 without a
+    LoRA base stored narrower than fp32)."""
+    ad = shape.adapter
+    if ad is None:
+        return 0
+    fp32 = ad.frozen_params * FP32
+    stored = ad.frozen_bytes(spec.weight_bytes)
+    return fp32 + stored if stored < fp32 else 0
+
+
+def save_bytes(shape: ModelShape) -> int:
+    """A low-bit frozen base (8 or 4 bits) dequantised to fp32 by its state_dict."""
+    ad = shape.adapter
+    if ad is None or ad.base_bits is None or ad.base_bits >= 16:
+        return 0
+    return ad.quantised_params * FP32
+
+
+def eval_live_bytes(
+    shape: ModelShape,
+    task: TaskShape,
+    spec: PrecisionSpec,
+    eval_batch: int,
+    device: str = "cpu",
+) -> dict[str, int]:
+    """Transient bytes of evaluating `task` (no grad, dropout off), beyond the resident
+    model state: one batch's forward buffers and the split's kept outputs."""
+    n = task.eval_examples or eval_batch
+    b, s, h, i = min(eval_batch, n), task.seq, shape.hidden, shape.intermediate
+    t, c = b * s, spec.compute_bytes
+    backend = attention_backend(shape, device)
+    # attention scores and probs (b, heads, s, s): fp32 in CPU math SDPA, the compute
+    # dtype in bitblend's kernel, none kept by flash attention
+    a = FP32 if device == "cpu" and backend == "math" else c
+    probs = b * shape.heads * s * s * a if backend != "flash" else 0
+    out = {
+        # the biggest op's input and output (probs or the MLP's (t, i) activation), plus
+        # the block's input, residual and output hidden states (t, h) in fp32
+        "eval forward buffers": 2 * max(probs, t * i * c) + 3 * t * h * FP32,
+    }
+    if spec.autocast:
+        # autocast's cast copies of the matmul weights live for the forward, as in a step
+        out["eval autocast weight copies"] = shape.matmul_params * c
+    if task.per_token:
+        lm = task.head in ("masked_lm", "causal_lm")
+        # logits (t, outputs) in their dtype, the loss's fp32 copy and log_softmax output
+        out["eval logits"] = t * task.outputs * ((c if lm else FP32) + 2 * FP32)
+        if not lm:  # token predictions and gold labels kept for the split: int64 each
+            out["eval kept outputs"] = 2 * n * s * INT64
+    else:
+        # predict_outputs keeps (examples, outputs) fp32 scores of the whole split
+        out["eval kept outputs"] = n * task.outputs * FP32
+    return out
+
+
+def high_water(
+    shape: ModelShape,
+    tasks: list[TaskShape],
+    spec: PrecisionSpec,
+    step: PeakBytes,
+    eval_batch: int,
+    device: str = "cpu",
+) -> HighWater:
+    """The run's phases beyond the step of `step` (the worst task's): the build, the worst
+    task's evaluation over the resident state (weights, master, optimizer states: gradients
+    are None between steps), and the save."""
+    evals = [sum(eval_live_bytes(shape, t, spec, eval_batch, device).values()) for t in tasks]
+    return HighWater(
+        build=build_bytes(shape, spec),
+        eval=step.resident + max(evals, default=0),
+        save=save_bytes(shape),
+    )
