@@ -87,6 +87,26 @@ def test_generate_is_deterministic_with_a_seed(llama_run: Path) -> None:
 
 
 @pytest.mark.slow
+def test_run_writes_greedy_samples_and_lm_report_sections(llama_run: Path) -> None:
+    """samples.json: the start of the eval document continued greedily, the very text
+    `bitblend generate --temperature 0` gives; report.html shows it and per-domain
+    perplexity (sections a classification run's report does not have)."""
+    data = json.loads((llama_run / "samples.json").read_text())
+    assert data["sampling"]["temperature"] == 0.0 and data["step"] == 6
+    (sample,) = data["samples"]
+    assert sample["task"] == "news" and sample["prompt"]
+    text, _ = generate(llama_run, sample["prompt"], Sampling(max_new_tokens=32, temperature=0.0))
+    assert sample["text"] == text
+    page = (llama_run / "report.html").read_text()
+    assert '<section id="perplexity"><h2>Validation perplexity per domain</h2>\n<img' in page
+    assert (llama_run / "plots" / "perplexity.png").is_file()
+    assert '<section id="samples"><h2>Generated samples</h2>' in page
+    import html
+
+    assert html.escape(sample["text"]) in page
+
+
+@pytest.mark.slow
 def test_cli_generate_and_its_bad_input(llama_run: Path, capsys: pytest.CaptureFixture) -> None:
     args = ["generate", str(llama_run), "--prompt", "Shares", "--max-new-tokens", "5"]
     assert main([*args, "--seed", "1"]) == 0
