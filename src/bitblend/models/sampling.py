@@ -3,12 +3,13 @@ nucleus (top-p) sampling drawn from one seeded generator, so the same seed gives
 text. Used by `bitblend generate` (runs/generate.py) and by the samples a finished
 causal-LM run writes for its report (train/samples.py).
 
-Each new token reruns the whole context (no KV cache): simple and exact for the model
-sizes bitblend trains on a CPU.
+Decoding keeps the backbone's KV cache (transformers' past_key_values), so each new token
+runs one position through the model instead of the whole context.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,19 +57,53 @@ def position_limit(model: Any) -> int:
     return int(limit or 0)
 
 
+def _cache_arg(backbone: Any) -> str:
+    """The cache's keyword: `cache` in recent transformers (5.2x deprecates the older
+    `past_key_values`, which earlier releases alone take)."""
+    params = inspect.signature(backbone.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 @torch.no_grad()
 def sample_ids(
-    model: Any, task: str, ids: list[int], sampling: Sampling, eos_id: int | None
+    model: Any,
+    task: str,
+    ids: list[int],
+    sampling: Sampling,
+    eos_id: int | None,
+    cache: bool = True,
 ) -> list[int]:
     """New token ids after the prompt `ids` from `model`'s causal_lm head `task` (a
-    MultiTaskModel in eval mode), stopping at `eos_id` or `max_new_tokens`."""
+    MultiTaskModel in eval mode), stopping at `eos_id` or `max_new_tokens`.
+
+    With `cache`, the backbone keeps its keys and values (transformers' past_key_values)
+    and each step runs only the newest token; without, every step reruns the whole
+    context. Both give the same tokens. Once the context outgrows the backbone's
+    positions it is cut to the last `limit` tokens, whose positions all shift: from then
+    on every step reruns the cut context, cache or not.
+    """
     limit = position_limit(model)
     gen = torch.Generator().manual_seed(sampling.seed)
+    # Only a plain text trunk can reuse its cache (inputs_embeds tasks mix modalities).
+    cache = cache and not model.specs[task].uses_embeds
+    past: Any = None  # the backbone's cache over `context[:-1]`, or None
     new: list[int] = []
     for _ in range(sampling.max_new_tokens):
-        context = (ids + new)[-limit:] if limit else ids + new
-        x = torch.tensor([context])
-        logits = model(task, input_ids=x, attention_mask=torch.ones_like(x))[0, -1]
+        context = ids + new
+        if limit and len(context) > limit:
+            context, past = context[-limit:], None
+        if cache:
+            x = torch.tensor([context if past is None else context[-1:]])
+            mask = torch.ones(1, len(context), dtype=torch.long)  # (1, cached + new)
+            out = model.backbone(input_ids=x, attention_mask=mask, use_cache=True,
+                                 **{_cache_arg(model.backbone): past})  # fmt: skip
+            past = out.get("cache", None)
+            if past is None:  # transformers before `cache`
+                past = out.get("past_key_values", None)
+            logits = model.heads[task](out.last_hidden_state[:, -1:])[0, -1]
+        else:
+            x = torch.tensor([context])
+            logits = model(task, input_ids=x, attention_mask=torch.ones_like(x))[0, -1]
         token = next_token(logits, sampling, gen)
         if token == eos_id:
             break
