@@ -87,6 +87,47 @@ def test_generate_is_deterministic_with_a_seed(llama_run: Path) -> None:
 
 
 @pytest.mark.slow
+def test_kv_cache_gives_the_tokens_of_full_recompute(llama_run: Path) -> None:
+    """Decoding with past_key_values picks the same tokens as rerunning the whole context,
+    greedy and sampled, also once the context outgrows the positions (cut window)."""
+    from bitblend.models.sampling import sample_ids
+    from bitblend.models.trunk import load_model
+
+    model, tok, _ = load_model(llama_run / "model")
+    model.float().eval()
+    ids = tok("The market", add_special_tokens=False)["input_ids"]
+    for sampling in (Sampling(max_new_tokens=12, temperature=0.0),
+                     Sampling(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=5)):  # fmt: skip
+        cached = sample_ids(model, "news", list(ids), sampling, None, cache=True)
+        full = sample_ids(model, "news", list(ids), sampling, None, cache=False)
+        assert cached == full and len(cached) == 12
+    model.backbone.config.max_position_embeddings = 8  # RoPE: any window of 8 works
+    greedy = Sampling(max_new_tokens=8, temperature=0.0)
+    cut = sample_ids(model, "news", list(ids), greedy, None, cache=True)
+    assert cut == sample_ids(model, "news", list(ids), greedy, None, cache=False)
+
+
+@pytest.mark.slow
+def test_run_writes_greedy_samples_and_lm_report_sections(llama_run: Path) -> None:
+    """samples.json: the start of the eval document continued greedily, the very text
+    `bitblend generate --temperature 0` gives; report.html shows it and per-domain
+    perplexity (sections a classification run's report does not have)."""
+    data = json.loads((llama_run / "samples.json").read_text())
+    assert data["sampling"]["temperature"] == 0.0 and data["step"] == 6
+    (sample,) = data["samples"]
+    assert sample["task"] == "news" and sample["prompt"]
+    text, _ = generate(llama_run, sample["prompt"], Sampling(max_new_tokens=32, temperature=0.0))
+    assert sample["text"] == text
+    page = (llama_run / "report.html").read_text()
+    assert '<section id="perplexity"><h2>Validation perplexity per domain</h2>\n<img' in page
+    assert (llama_run / "plots" / "perplexity.png").is_file()
+    assert '<section id="samples"><h2>Generated samples</h2>' in page
+    import html
+
+    assert html.escape(sample["text"]) in page
+
+
+@pytest.mark.slow
 def test_cli_generate_and_its_bad_input(llama_run: Path, capsys: pytest.CaptureFixture) -> None:
     args = ["generate", str(llama_run), "--prompt", "Shares", "--max-new-tokens", "5"]
     assert main([*args, "--seed", "1"]) == 0

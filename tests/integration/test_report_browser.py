@@ -89,3 +89,38 @@ def test_report_renders_in_chromium(tmp_path: Path) -> None:
     severe = [entry for entry in logs if entry.get("level") == "SEVERE"]
     assert not severe, severe
     assert shot.stat().st_size > 10_000
+
+
+def test_language_model_report_renders_in_chromium(tmp_path: Path) -> None:
+    """A causal-LM run's extra sections: per-domain perplexity decodes as an image, and the
+    generated samples table shows its text."""
+    _need_browser()
+    data = {
+        "name": "lm-report",
+        "model": {"backbone": "llama-tiny", "max_length": 32, "vocab_size": 300},
+        "tasks": [
+            {"name": "news", "data": "bbc_news", "head": "causal_lm", "max_examples": 32},
+            {"name": "code", "data": "python_stdlib", "head": "causal_lm", "max_examples": 32},
+        ],
+        "precision": {"recipe": "32-true"},
+        "train": {"steps": 2, "batch_size": 4, "eval_every": 1, "eval_max_examples": 4,
+                  "threads": 2},
+    }  # fmt: skip
+    run = tmp_path / "run"
+    Trainer(recipe_from_dict(data), run, console=Console(quiet=True), show_progress=False).fit()
+    driver = _driver()
+    try:
+        driver.get((run / "report.html").resolve().as_uri())
+        images = driver.execute_script(
+            "return Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth]);"
+        )
+        headings = [h.text for h in driver.find_elements("css selector", "h2")]
+        cells = [c.text for c in driver.find_elements("css selector", "#samples td")]
+        logs = driver.get_log("browser")
+    finally:
+        driver.quit()
+    assert headings[-2:] == ["Validation perplexity per domain", "Generated samples"]
+    assert images[-1][:2] == ["Validation perplexity per domain", True]
+    assert images[-1][2] > 0
+    assert cells[0::3] == ["news", "code"] and all(cells[1::3])
+    assert not [entry for entry in logs if entry.get("level") == "SEVERE"]

@@ -71,6 +71,7 @@ def test_streamed_resume_equals_straight_run_bitwise(tmp_path: Path) -> None:
         (cut / name).unlink()
     state = (cut / "checkpoints/step-4/state.json").read_text()
     assert '["kind", "stream"]' in state and '["consumed", 32]' in state  # stream position
+    assert '"packer"' in state  # causal_lm streams are packed: the partial row is saved
     recipe = recipe_from_dict(read_yaml(cut / "recipe.yaml"))
     Trainer(recipe, cut, resume=True, show_progress=False).fit()
 

@@ -130,16 +130,25 @@ def encode_split(
     return split
 
 
+def encode_documents(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of whole documents for packing: special tokens added, never truncated."""
+    # verbose=False: documents longer than the tokenizer's model_max_length are expected.
+    enc = tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)
+    return [list(x) for x in enc["input_ids"]]
+
+
+def pack_eos(tokenizer: Any, head: str) -> int | None:
+    """The separator packing puts after each document: [SEP] for masked_lm, else EOS."""
+    return tokenizer.sep_token_id if head == "masked_lm" else tokenizer.eos_token_id
+
+
 def encode_packed(
     tokenizer: Any, texts: list[str], head: str, max_length: int, targets: np.ndarray
 ) -> EncodedSplit:
     """Tokenise whole documents (no truncation: long ones continue in the next row) and
     pack them; the split's examples are the packed rows."""
-    # verbose=False: documents longer than the tokenizer's model_max_length are expected.
-    enc = tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)
-    eos = tokenizer.sep_token_id if head == "masked_lm" else tokenizer.eos_token_id
     ids, segments = [], []
-    for row, seg in pack((list(x) for x in enc["input_ids"]), max_length, eos):
+    for row, seg in pack(encode_documents(tokenizer, texts), max_length, pack_eos(tokenizer, head)):
         ids.append(row)
         segments.append(seg)
     lengths = np.fromiter((len(r) for r in ids), dtype=np.int64, count=len(ids))

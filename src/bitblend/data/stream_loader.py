@@ -10,6 +10,17 @@ Position. `StreamSampler` counts the global rows consumed by all ranks together 
 the same on every rank after every step) and keeps the cursor of the last row this rank took.
 A resume restarts every rank's reader after rank 0's cursor and drops rows below `consumed`,
 so it reads exactly what the uninterrupted run would have read next.
+
+Packing (`tasks[i].packing`, data/packing.py). A packed task's rows are packed rows, not
+documents: every rank reads and tokenises *every* document (its workers split them, the
+d-th document read to worker d mod K), feeds them in order to its own `Packer` on the
+training thread (list slicing only) and keeps the packed rows P = r, r + W, ... So the
+packed stream is the in-memory packer's rows over the same documents whatever the number
+of ranks and workers (the price: each rank tokenises the whole stream). Every `take` feeds
+documents until the global batch's last row is complete, so all ranks end a step in the
+same state; the checkpoint holds the last document's cursor, the packer's partial row and
+the full rows completed beyond the batch (a long document fills several), and a resume
+continues filling that partial row: the same tokens, bit for bit.
 """
 
 from __future__ import annotations
@@ -25,7 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bitblend.data.modalities import EncodedSplit, encode_texts
+from bitblend.data.modalities import EncodedSplit, encode_documents, encode_texts, pack_eos
+from bitblend.data.packing import Packer
 from bitblend.data.streaming import Cursor, StreamSource
 from bitblend.errors import BitblendError
 
@@ -69,10 +81,15 @@ class ConsumerRows(torch.utils.data.IterableDataset[Item]):
         first_g: int,
         rank: int,
         world: int,
+        packed: bool = False,
     ) -> None:
         self.source, self.tokenizer, self.max_length = source, tokenizer, max_length
         self.after, self.skipped, self.first_g = after, skipped, first_g
         self.rank, self.world = rank, world
+        # Packed: every document from first_g on, whole (the rank's packer splits rows).
+        self.packed = packed
+        if packed:
+            self.rank, self.world = 0, 1
 
     def __iter__(self) -> Iterator[Item]:
         info = torch.utils.data.get_worker_info()
@@ -97,7 +114,10 @@ class ConsumerRows(torch.utils.data.IterableDataset[Item]):
         if not rows:
             return
         texts = [str(r.row[self.source.column]) for r in rows]
-        ids = encode_texts(self.tokenizer, texts, self.max_length)
+        if self.packed:
+            ids = encode_documents(self.tokenizer, texts)
+        else:
+            ids = encode_texts(self.tokenizer, texts, self.max_length)
         for r, x in zip(rows, ids, strict=True):
             yield Item(r.g, r.cursor.as_list(), x, r.skipped, r.note)
 
@@ -150,6 +170,7 @@ class StreamSampler:
         batch_size: int,
         workers: int,
         seed: int,
+        packed: bool = False,
     ) -> None:
         self.split, self.source = split, source
         self.tokenizer, self.max_length = tokenizer, max_length
@@ -164,13 +185,19 @@ class StreamSampler:
         self.wait = 0.0  # seconds the training thread waited for rows since `pop_wait`
         self._it: Any = None
         self._loader: Any = None
+        # Packing: `consumed` counts packed rows; `last` is the last document fed.
+        self.packer = Packer(max_length, pack_eos(tokenizer, split.head)) if packed else None
+        self.ready: list[tuple[list[int], list[int]]] = []  # full rows consumed, consumed + 1, ...
 
     # -- reading -------------------------------------------------------------------------
     def _start(self) -> None:
         after = self.last or self.anchor
         skipped = self.skipped if self.last is not None else self.anchor_skipped
+        first = self.consumed
+        if self.packer is not None:  # documents: the one after the last fed
+            first = after.g + 1 if after is not None else 0
         rows = ConsumerRows(self.source, self.tokenizer, self.max_length, after, skipped,
-                            self.consumed, self.rank, self.world_size)  # fmt: skip
+                            first, self.rank, self.world_size, self.packer is not None)  # fmt: skip
         if self.workers == 0:
             self._it = _Thread(rows)
             return
@@ -186,8 +213,9 @@ class StreamSampler:
         )  # fmt: skip
         self._it = iter(self._loader)
 
-    def _pull(self, n: int, first: int) -> list[Item]:
-        """This rank's next `n` rows; the first must be global row `first`."""
+    def _pull(self, n: int, first: int, stride: int = 0) -> list[Item]:
+        """This rank's next `n` rows; the first must be global row `first`, the others
+        `stride` (default: the world size) apart."""
         if n and self._it is None:
             self._start()
         t0 = time.perf_counter()
@@ -200,7 +228,7 @@ class StreamSampler:
             out.append(item)
         self.wait += time.perf_counter() - t0
         for i, item in enumerate(out):
-            want = first + i * self.world_size
+            want = first + i * (stride or self.world_size)
             if item.g != want:  # a reader that lost its place must never train silently
                 raise RuntimeError(f"stream {self.source.label}: row {item.g}, expected {want}")
         if out:
@@ -211,6 +239,27 @@ class StreamSampler:
             if self.first_note is None:
                 self.first_note = next((x.note for x in out if x.note), None)
         return out
+
+    def _take_packed(self, k: int) -> np.ndarray:
+        """Packed: feed documents until the next `k` global rows are full; keep this rank's."""
+        assert self.packer is not None
+        t0, waited = time.perf_counter(), self.wait
+        while len(self.ready) < k:
+            after = self.last or self.anchor
+            (doc,) = self._pull(1, after.g + 1 if after is not None else 0, stride=1)
+            self.ready.extend(self.packer.feed(doc.ids or []))
+        # Packing runs on the training thread: its time is data wait too.
+        self.wait = waited + time.perf_counter() - t0
+        mine = [
+            self.ready[i] for i in range(k) if (self.consumed + i) % self.world_size == self.rank
+        ]
+        del self.ready[:k]
+        self.consumed += k
+        self.split.ids = [ids for ids, _ in mine]
+        self.split.segments = [seg for _, seg in mine]
+        self.split.lengths = np.asarray([len(x) for x in self.split.ids], dtype=np.int64)
+        self.split.targets = np.zeros(len(mine), dtype=np.float32)
+        return np.arange(len(mine))
 
     def _fill(self, items: list[Item]) -> np.ndarray:
         ids = [x.ids or [] for x in items]
@@ -232,6 +281,8 @@ class StreamSampler:
         """This rank's part of the stream's next `k` rows (k counts all ranks together)."""
         if k < 0:
             raise ValueError(f"take({k}): expected k >= 0")
+        if self.packer is not None:
+            return self._take_packed(k)
         n, first = self._mine(k)
         items = self._pull(n, first)
         self.consumed += k
@@ -279,6 +330,9 @@ class StreamSampler:
             "shuffle_buffer": self.source.shuffle_buffer,
             "skipped": self.skipped,
             "first_note": self.first_note,
+            # Packed: the partial row and the full rows after `consumed` (see the module doc).
+            "packer": self.packer.state_dict() if self.packer is not None else None,
+            "ready": [[ids, seg] for ids, seg in self.ready],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -301,6 +355,15 @@ class StreamSampler:
         self.anchor_skipped = self.skipped = int(state["skipped"])
         self.first_note = state.get("first_note")
         self.last = None
+        if (self.packer is not None) != (state.get("packer") is not None):
+            now = "packs" if self.packer is not None else "does not pack"
+            raise BitblendError(
+                f"{self.source.label}: the task {now} its rows but the checkpoint did not; "
+                "resume with the same tasks[i].packing"
+            )
+        if self.packer is not None:
+            self.packer.load_state_dict(state["packer"])
+            self.ready = [(list(ids), list(seg)) for ids, seg in state["ready"]]
 
 
 def pop_data_wait(samplers: list[Any]) -> float:

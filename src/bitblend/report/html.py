@@ -37,6 +37,8 @@ th, td { border: 1px solid #ddd; padding: 0.3em 0.7em; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
 thead th { background: #f3f3f3; }
 tr.group td { background: #fafafa; font-weight: 600; text-align: left; }
+td.text { text-align: left; white-space: pre-wrap; font-family: ui-monospace, monospace;
+          max-width: 60em; }
 img { max-width: 100%; height: auto; display: block; margin: 0.5em 0; }
 """
 
@@ -139,6 +141,33 @@ def summary_rows(runs: list[RunData]) -> list[tuple[str, list[str]]]:
 
 
 # -- the page ---------------------------------------------------------------------------
+SAMPLES_TITLE = "Generated samples"
+
+
+def _samples(runs: list[RunData]) -> str:
+    """Causal-LM runs' samples.json: a row per (run, task) with its prompt and greedy text."""
+    esc = html.escape
+    several = len(runs) > 1
+    head = ("<th>run</th>" if several else "") + "<th>task</th><th>prompt</th><th>generated</th>"
+    body = []
+    for run in runs:
+        for s in run.samples:
+            cell = f"<td>{esc(run.label)}</td>" if several else ""
+            body.append(
+                f'<tr>{cell}<td>{esc(s["task"])}</td><td class="text">{esc(s["prompt"])}</td>'
+                f'<td class="text">{esc(s["text"])}</td></tr>'
+            )
+    note = (
+        "Greedy continuations (temperature 0, 32 new tokens at most) of the start of each "
+        "causal-LM task's first eval document, from the saved model/ (`bitblend generate "
+        "RUN_DIR --prompt PROMPT --temperature 0 --max-new-tokens 32` gives the same text)."
+    )
+    return (
+        f'<section id="samples"><h2>{SAMPLES_TITLE}</h2><table><thead><tr>{head}</tr></thead>'
+        f'<tbody>{"".join(body)}</tbody></table><p class="note">{esc(note)}</p></section>'
+    )
+
+
 def _table(runs: list[RunData]) -> str:
     esc = html.escape
     head = "".join(f"<th>{esc(r.label)}</th>" for r in runs)
@@ -157,10 +186,10 @@ def render_html(runs: list[RunData], plots: list[Plot]) -> str:
     """The whole page as a string: summary table first, then one section per plot."""
     esc = html.escape
     names = ", ".join(r.label for r in runs)
-    nav = " ".join(
-        f'<a href="#{k}">{esc(t)}</a>'
-        for k, t in [("summary", "Summary"), *((p.key, p.title) for p in plots)]
-    )
+    sections = [("summary", "Summary"), *((p.key, p.title) for p in plots)]
+    if any(r.samples for r in runs):
+        sections.append(("samples", SAMPLES_TITLE))
+    nav = " ".join(f'<a href="#{k}">{esc(t)}</a>' for k, t in sections)
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -182,6 +211,8 @@ def render_html(runs: list[RunData], plots: list[Plot]) -> str:
         if p.note:
             parts.append(f'<p class="note">{esc(p.note)}</p>')
         parts.append("</section>")
+    if any(r.samples for r in runs):
+        parts.append(_samples(runs))
     parts.append("</body></html>\n")
     return "\n".join(parts)
 

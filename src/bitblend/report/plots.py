@@ -34,6 +34,8 @@ TITLES = {
     "throughput": "Throughput (tokens/s)",
     "memory": "Peak memory",
 }
+# Sections only language-model runs have (absent from other reports, not a note there).
+LM_TITLES = {"perplexity": "Validation perplexity per domain"}
 
 
 @dataclass
@@ -440,15 +442,60 @@ SECTIONS: list[Callable[[list[RunData]], Plot]] = [
 ]
 
 
+def _perplexities(run: RunData) -> Points:
+    return eval_points(run).get("perplexity", {})
+
+
+def plot_perplexity(runs: list[RunData]) -> Plot | None:
+    """Validation perplexity vs step, one subplot per causal-LM task (domain), one line per
+    run, log scale (a model from scratch starts near the vocabulary size); None when no run
+    has a perplexity."""
+    per_run = [_perplexities(r) for r in runs]
+    tasks = list(dict.fromkeys(t for pts in per_run for t in pts))
+    if not tasks:
+        return None
+    key, title = "perplexity", LM_TITLES["perplexity"]
+    fig, axes = _panels(min(len(tasks), MAX_PANELS), title)
+    for ax, task in zip(axes, tasks, strict=False):
+        for i, (run, pts) in enumerate(zip(runs, per_run, strict=True)):
+            if task in pts:
+                xs, ys = pts[task]
+                ax.plot(xs, ys, color=_color(i), marker="o", markersize=4, linewidth=1.2,
+                        label=run.label)  # fmt: skip
+        if any(v > 0 for pts in per_run for v in pts.get(task, ([], []))[1]):
+            ax.set_yscale("log")
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("perplexity")
+        ax.grid(alpha=0.3, which="both")
+        if len(runs) > 1:
+            _legend(ax)
+    note = " ".join(
+        x
+        for x in (
+            _missing(runs, lambda r: bool(_perplexities(r)), "validation perplexity"),
+            _left_out(tasks, "domains"),
+        )
+        if x
+    )
+    return Plot(key, title, _png(fig), note)
+
+
+LM_SECTIONS: list[Callable[[list[RunData]], Plot | None]] = [plot_perplexity]
+
+
 def all_plots(runs: list[RunData]) -> list[Plot]:
-    """Every section's plot; a section that fails on odd data becomes a note, not an error."""
+    """Every section's plot (and the language-model sections where a run has them); a
+    section that fails on odd data becomes a note, not an error."""
     plots = []
-    for fn in SECTIONS:
+    for fn in [*SECTIONS, *LM_SECTIONS]:
         try:
-            plots.append(fn(runs))
+            plot = fn(runs)
         except Exception as exc:  # odd values we did not foresee must not lose the report
             log.warning("report section %s skipped: %s", fn.__name__, exc)
             key = fn.__name__.removeprefix("plot_")
             note = f"Not drawn: {exc.__class__.__name__}: {exc}"
-            plots.append(Plot(key, TITLES[key], None, note))
+            plot = Plot(key, {**TITLES, **LM_TITLES}[key], None, note)
+        if plot is not None:
+            plots.append(plot)
     return plots

@@ -30,6 +30,8 @@ class RunData:
     eval_json: dict[str, Any] | None = None
     summary: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    # Generated text of causal_lm tasks (samples.json: task, prompt, text), if the run has it.
+    samples: list[dict[str, str]] = field(default_factory=list)
 
 
 def _read_json(path: Path, notes: list[str]) -> dict[str, Any] | None:
@@ -88,7 +90,21 @@ def load_run(path: Path, label: str | None = None) -> RunData:
     run.evals = [r for r in records if r.get("split") == "eval"]
     run.eval_json = _read_json(path / "eval.json", run.notes)
     run.summary = _read_json(path / "summary.json", run.notes)
+    run.samples = _samples(_read_json(path / "samples.json", run.notes))
     return run
+
+
+def _samples(data: dict[str, Any] | None) -> list[dict[str, str]]:
+    """The well-formed entries of samples.json (odd ones are left out, never an error)."""
+    items = (data or {}).get("samples")
+    if not isinstance(items, list):
+        return []
+    keys = ("task", "prompt", "text")
+    return [
+        {k: str(x[k]) for k in keys}
+        for x in items
+        if isinstance(x, dict) and all(isinstance(x.get(k), str) for k in keys)
+    ]
 
 
 def run_labels(paths: list[Path]) -> list[str]:

@@ -220,11 +220,17 @@ def build_tasks(
         if data.stream is not None:  # data/stream_loader.py: rows tokenised ahead, lazily
             from bitblend.data.stream_loader import StreamedSplit, StreamSampler
 
-            train = StreamedSplit(task.head, np.zeros(0, np.float32), np.zeros(0, np.int64),
-                                  estimate=data.stream.estimate)  # fmt: skip
             length = task.max_length or recipe.model.max_length
+            packed = packing_enabled(task)
+            estimate = data.stream.estimate
+            if packed:  # rows per epoch = documents x packed rows per document of the sample
+                sample = encode_task(task, spec, data.train, data.train_targets, tok, recipe)
+                estimate = max(1, round(estimate * len(sample) / max(1, len(data.train))))
+            train = StreamedSplit(task.head, np.zeros(0, np.float32), np.zeros(0, np.int64),
+                                  estimate=estimate)  # fmt: skip
             sampler = StreamSampler(train, data.stream, tok, length, global_batch,
-                                    cfg.stream_workers, cfg.seed * 1_000_003 + i)  # fmt: skip
+                                    cfg.stream_workers, cfg.seed * 1_000_003 + i,
+                                    packed)  # fmt: skip
         else:
             train = encode_task(task, spec, data.train, data.train_targets, tok, recipe)
             if len(train) < global_batch:

@@ -49,6 +49,7 @@ from bitblend.train.resume import (
     stop_requested,
 )
 from bitblend.train.run_dir import write_json
+from bitblend.train.samples import write_samples
 from bitblend.train.setup import build_model, build_tasks, convert_model, pick_device
 from bitblend.train.summary import (
     mixture_summary,
@@ -574,6 +575,10 @@ class Trainer:
         write_json(self.run_dir / "summary.json", summary)
         sink.close()
         tb.close()
+        try:  # greedy samples of causal_lm tasks (samples.json, for the report)
+            write_samples(self.run_dir, self.tasks, self.step)
+        except Exception as exc:  # like the report: never fail a finished run
+            log.warning("samples.json not written for %s: %s", self.run_dir, exc)
         try:  # report.html + plots/; a plotting problem must never fail a finished run
             from bitblend.report.html import write_report
 
