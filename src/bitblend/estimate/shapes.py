@@ -125,9 +125,9 @@ def head_params(specs: list[Any], width: int) -> tuple[int, int, int]:
             matmul += proj
         if "tabular" in s.modalities:
             total += 2 * s.num_features * width
-        if "audio" in s.modalities:  # spectrogram patch projection + positions
+        if "audio" in s.modalities:  # spectrogram patch projection, its norm, positions
             proj = s.patch_frames * s.patch_mels * width + width
-            total += proj + s.audio_patches * width
+            total += proj + 2 * width + s.audio_patches * width
             matmul += proj
         if s.text_vocab:
             total += s.text_vocab * width
