@@ -56,6 +56,7 @@ def audio_spec(task: TaskConfig, spec: HeadSpec, i: int) -> None:
     spec.num_samples = max(1, round(task.clip_seconds * task.sample_rate))
     spec.patch_frames, spec.patch_mels = task.patch_frames, task.patch_mels
     spec.spec_augment = task.spec_augment
+    spec.audio_norm = task.audio_norm
 
 
 def head_spec(

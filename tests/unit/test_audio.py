@@ -15,7 +15,7 @@ from bitblend.data.table import Table
 from bitblend.errors import BitblendError
 from bitblend.models.audio import AudioEmbedding, LogMel, hz_to_mel, mel_to_hz
 from bitblend.models.backbones import load_backbone_with_head
-from bitblend.models.trunk import HeadSpec, MultiTaskModel
+from bitblend.models.trunk import HeadSpec, MultiTaskModel, embedding_rms
 
 
 def tone(freq: float, seconds: float, rate: int, amp: float = 0.5) -> np.ndarray:
@@ -204,3 +204,57 @@ def test_cost_model_counts_the_audio_adapter_parameters() -> None:
     width = model.backbone.config.hidden_size
     total, _, _ = head_params(list(model.specs.values()), width)
     assert total == built
+
+
+@pytest.mark.parametrize("norm", ["clip", "band"])
+def test_log_mel_norm_over_the_clip_frames_only(norm: str) -> None:
+    """`clip` standardises a clip over all its frames and bands, `band` each mel band over
+    the clip's frames (CMVN: a voice's spectral tilt drops out); padding changes nothing."""
+    rng = np.random.default_rng(0)
+    clip = tone(600.0, 0.5, 16000) + rng.normal(0, 0.05, 8000).astype(np.float32)
+    wave = torch.zeros(2, 16000)
+    wave[0, :8000] = torch.from_numpy(clip)
+    wave[1, :8000] = torch.from_numpy(clip)
+    wave[1, 8000:] = 5.0  # junk past the clip's end
+    front = LogMel(16000, 32, norm)
+    mel, frames = front(wave, torch.tensor([8000, 8000]))
+    n = int(frames[0])
+    assert n == 50 and torch.equal(mel[0], mel[1])
+    assert mel[0, n:].abs().max() == 0  # frames of padding are zero
+    valid = mel[0, :n].double()
+    if norm == "band":
+        assert float(valid.mean(0).abs().max()) < 1e-5  # every band: mean 0 ...
+        assert float((valid.std(0, correction=0) - 1).abs().max()) < 5e-3  # ... and std 1
+    else:
+        assert abs(float(valid.mean())) < 1e-5 and abs(float(valid.std(correction=0)) - 1) < 1e-3
+        assert float(valid.mean(0).std()) > 0.3  # the spectral shape (band means) is kept
+
+
+def test_log_mel_band_norm_removes_a_fixed_spectral_tilt() -> None:
+    """A voice through a fixed filter (here: a first-difference pre-emphasis, +/- 20 dB
+    across the band) shifts each band's log energy by ~a constant: band norm gives nearly
+    the same features, clip norm does not."""
+    rng = np.random.default_rng(1)
+    envelope = np.repeat(rng.uniform(0.2, 1.0, 20), 800)  # loudness changing every 50 ms
+    clip = (rng.normal(0, 0.1, 16000) * envelope).astype(np.float32)
+    tilted = np.append(clip[:1], clip[1:] - 0.95 * clip[:-1]).astype(np.float32)
+    wave = torch.from_numpy(np.stack([clip, tilted]))
+    lengths = torch.tensor([16000, 16000])
+    band, _ = LogMel(16000, 32, "band")(wave, lengths)
+    whole, _ = LogMel(16000, 32, "clip")(wave, lengths)
+    moved = float((band[0] - band[1]).abs().mean())
+    assert moved < 0.1 and float((whole[0] - whole[1]).abs().mean()) > 3 * moved
+
+
+def test_audio_tokens_start_at_the_trunk_embedding_scale() -> None:
+    """Projected patches pass a norm whose gain is the trunk's embedding RMS: unnormed they
+    were ~20x larger than the trunk's own tokens and drowned the position embeddings."""
+    model = _model(16000)
+    embed = model.adapters["a"]["audio"]
+    scale = embedding_rms(model.backbone)
+    wave = torch.from_numpy(np.stack([tone(500, 1.0, 16000), tone(900, 1.0, 16000)]))
+    with torch.no_grad():
+        tokens, _ = embed(wave, torch.tensor([16000, 16000]))
+        content = tokens - embed.position[: tokens.shape[1]]
+    rms = float(content.square().mean().sqrt())
+    assert abs(rms / scale - 1) < 0.05, (rms, scale)

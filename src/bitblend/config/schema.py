@@ -163,6 +163,11 @@ class TaskConfig:
         "audio: SpecAugment while training (never in eval): two time masks of up to 10% of "
         "the frames and two frequency masks of up to n_mels / 8 bands, set to the clip mean",
     )
+    audio_norm: Literal["clip", "band"] = doc(
+        "clip",
+        "audio: standardise each clip's log-mels over all frames and bands (clip), or each "
+        "mel band over the clip's frames (band: per-utterance mean/variance normalisation)",
+    )
     tokenizer: Literal["backbone", "wordpiece"] = doc(
         "backbone", "backbone's tokenizer, or a WordPiece vocabulary trained on this task's text"
     )

@@ -133,9 +133,9 @@ def head_params(specs: list[Any], width: int) -> tuple[int, int, int]:
             total += tab
             if kind != "linear":
                 fp32 += tab  # kept in fp32 (MultiTaskModel.fp32_module_names)
-        if "audio" in s.modalities:  # spectrogram patch projection + positions
+        if "audio" in s.modalities:  # spectrogram patch projection, its norm, positions
             proj = s.patch_frames * s.patch_mels * width + width
-            total += proj + s.audio_patches * width
+            total += proj + 2 * width + s.audio_patches * width
             matmul += proj
         if s.text_vocab:
             total += s.text_vocab * width

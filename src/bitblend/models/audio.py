@@ -20,6 +20,7 @@ from torch import nn
 
 WINDOW_S = 0.025  # analysis window: 25 ms
 HOP_S = 0.010  # frame step: 10 ms
+NORMS = ("clip", "band")  # LogMel standardisation: per clip, or per clip and mel band
 
 
 def hz_to_mel(hz: torch.Tensor) -> torch.Tensor:
@@ -51,12 +52,19 @@ class LogMel(nn.Module):
     (batch, samples) + lengths (batch,) -> (batch, frames, n_mels) and the number of
     frames of each clip that hold signal (batch,). Samples past a clip's length are zeroed
     first, so whatever padding a batch carries, a clip's features are the same.
+    `norm`: "clip" standardises each clip over all its frames and bands at once (gain drops
+    out); "band" standardises each mel band of a clip over its frames (per-utterance
+    cepstral mean and variance normalisation: a voice's or channel's spectral tilt drops
+    out too, which a classifier of held-out voices must ignore).
     """
 
-    def __init__(self, sample_rate: int, n_mels: int) -> None:
+    def __init__(self, sample_rate: int, n_mels: int, norm: str = "clip") -> None:
         super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"norm: expected one of {', '.join(NORMS)}, got {norm!r}")
         self.sample_rate = sample_rate
         self.n_mels = n_mels
+        self.norm = norm
         self.win = max(8, round(WINDOW_S * sample_rate))
         self.hop = max(1, round(HOP_S * sample_rate))
         self.n_fft = 1 << (self.win - 1).bit_length()  # next power of two >= the window
@@ -94,10 +102,13 @@ class LogMel(nn.Module):
         mel = torch.log(power.transpose(1, 2) @ bank + 1e-6)  # (batch, frames, n_mels)
         frames = self.valid_frames(lengths)
         valid = (torch.arange(mel.shape[1], device=mel.device) < frames.unsqueeze(1)).unsqueeze(2)
-        # Standardise each clip over its own frames only (loudness and gain drop out).
-        count = (frames.clamp(min=1) * self.n_mels).to(mel.dtype).view(-1, 1, 1)
-        mean = (mel * valid).sum(dim=(1, 2), keepdim=True) / count
-        var = ((mel - mean).square() * valid).sum(dim=(1, 2), keepdim=True) / count
+        # Standardise each clip over its own frames only (loudness and gain drop out):
+        # over frames and bands ("clip") or over frames, band by band ("band").
+        dims = (1, 2) if self.norm == "clip" else (1,)
+        per = self.n_mels if self.norm == "clip" else 1
+        count = (frames.clamp(min=1) * per).to(mel.dtype).view(-1, 1, 1)
+        mean = (mel * valid).sum(dim=dims, keepdim=True) / count
+        var = ((mel - mean).square() * valid).sum(dim=dims, keepdim=True) / count
         out = ((mel - mean) / torch.sqrt(var + 1e-5)) * valid
         if out.device.type == "cuda":  # honest timing of asynchronous kernels
             torch.cuda.synchronize(out.device)
@@ -143,6 +154,12 @@ class AudioEmbedding(nn.Module):
     Patches are `patch_frames` x `patch_mels`, time-major (all bands of the first frames
     first); a patch is masked when its first frame lies past the clip's signal, so a clip
     padded to any length gives the trunk the same unmasked tokens.
+
+    The projected patches pass a LayerNorm whose gain starts at `token_scale` (the RMS of
+    the trunk's word embeddings): a plain projection of standardised log-mels makes
+    tokens ~20x the size of the trunk's own embeddings, so the position embeddings added
+    to them (the patch table here, the trunk's own) vanish in the trunk's embedding
+    LayerNorm and the trunk starts from a bag of patches that does not know time order.
     """
 
     def __init__(
@@ -154,13 +171,17 @@ class AudioEmbedding(nn.Module):
         patch_mels: int,
         width: int,
         augment: bool = False,
+        norm: str = "clip",
+        token_scale: float = 1.0,
     ) -> None:
         super().__init__()
-        self.frontend = LogMel(sample_rate, n_mels)
+        self.frontend = LogMel(sample_rate, n_mels, norm)
         self.patch_frames, self.patch_mels = patch_frames, patch_mels
         self.augment = augment
         t, f = audio_patch_grid(num_samples, sample_rate, n_mels, patch_frames, patch_mels)
         self.proj = nn.Linear(patch_frames * patch_mels, width)
+        self.token_norm = nn.LayerNorm(width)
+        nn.init.constant_(self.token_norm.weight, token_scale)
         self.position = nn.Parameter(torch.randn(t * f, width) * 0.02)
 
     def forward(
@@ -179,5 +200,6 @@ class AudioEmbedding(nn.Module):
         x = x.reshape(b, nt * nf, pt * pm)  # (B, P, pt*pm), time-major
         starts = torch.arange(nt, device=wave.device) * pt  # first frame of each time patch
         present = (starts.unsqueeze(0) < frames.unsqueeze(1)).repeat_interleave(nf, dim=1)
-        tokens = self.proj(x.to(self.proj.weight.dtype)) + self.position[: nt * nf]
+        tokens = self.token_norm(self.proj(x.to(self.proj.weight.dtype)))
+        tokens = tokens + self.position[: nt * nf].to(tokens.dtype)
         return tokens, present.long()

@@ -66,6 +66,7 @@ class HeadSpec:
     patch_frames: int = 0
     patch_mels: int = 0
     spec_augment: bool = False
+    audio_norm: str = "clip"  # LogMel standardisation: "clip" or "band"
     text_vocab: int = 0  # > 0: the task has its own tokenizer and text embedding of this size
     tabular_mean: list[float] = field(default_factory=list)  # training-set statistics,
     tabular_std: list[float] = field(default_factory=list)  # reused at predict time
@@ -145,6 +146,13 @@ class LinearShortcut(nn.Module):
         return nn.functional.linear(x, self.weight, self.bias)
 
 
+def embedding_rms(backbone: nn.Module) -> float:
+    """RMS of the trunk's input-embedding table (MiniLM: 0.056): the scale new modality
+    tokens start at, so that they look to the trunk like the tokens it was trained on."""
+    table = backbone.get_input_embeddings()  # type: ignore[operator]
+    return float(table.weight.detach().float().square().mean().sqrt())
+
+
 class MultiTaskModel(nn.Module):
     """Backbone + per-task adapters and heads; `forward(task, **batch)` returns logits."""
 
@@ -188,7 +196,7 @@ class MultiTaskModel(nn.Module):
             if "audio" in s.modalities:
                 parts["audio"] = AudioEmbedding(
                     s.sample_rate, s.num_samples, s.n_mels, s.patch_frames, s.patch_mels,
-                    width, s.spec_augment,
+                    width, s.spec_augment, s.audio_norm, embedding_rms(backbone),
                 )  # fmt: skip
             if s.text_vocab:
                 parts["text"] = nn.Embedding(s.text_vocab, width)
