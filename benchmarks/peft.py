@@ -25,6 +25,7 @@ its own BPE, then fine-tunes that run's `model/` (a local LlamaForCausalLM
 directory) on another domain, the 2016 election tweets, as each variant: validation
 perplexity on held-out tweets, tokens/s, model-state bytes per parameter and peak memory.
 The pre-trained base's own perplexity on the tweets (no fine-tune) is the reference row.
+`--dec-state` measures only the decoder's model-state bytes per LoRA variant (no data).
 """
 
 from __future__ import annotations
@@ -224,6 +225,51 @@ def decoder_leg(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def decoder_state(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Model-state bytes of `--dec-backbone` with a causal_lm head, LoRA r 16 over each base
+    (bf16-mixed, one AdamW step on a tiny batch): deterministic, no data, seconds."""
+    # Run as a script, this file's folder leads sys.path and `import peft` would find it.
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from bitblend.config.schema import AdapterConfig, OptimizerConfig, PrecisionConfig
+    from bitblend.models.adapters import add_lora
+    from bitblend.models.llama import _SizedTokenizer, llama_config
+    from bitblend.models.trunk import HeadSpec, MultiTaskModel
+    from bitblend.optim.build import build_optimizer, param_roles
+    from bitblend.precision.recipes import build_precision
+
+    size, vocab, rows = args.dec_backbone.removeprefix("llama-"), args.dec_vocab, []
+    for targets in ("all-linear", ["q_proj", "v_proj"]):
+        for bits in (16, 8, 4):
+            torch.manual_seed(0)
+            lm = LlamaForCausalLM(llama_config(size, vocab, _SizedTokenizer(vocab), 0.0, "sdpa"))
+            spec = HeadSpec("lm", "causal_lm", vocab, lm_head="LlamaForCausalLM")
+            model = MultiTaskModel(lm.model, [spec], head_dropout=0.0)
+            add_lora(model, AdapterConfig(kind="lora", r=16, alpha=32, dropout=0.0,
+                                          targets=targets))  # fmt: skip
+            cfg = PrecisionConfig(recipe="bf16-mixed", base_bits=bits)  # type: ignore[arg-type]
+            precision = build_precision(cfg, torch.device("cpu"))
+            precision.convert_module(model)
+            opt = build_optimizer(precision.optimizer_parameters(model), OptimizerConfig(),
+                                  param_roles(model))  # fmt: skip
+            x = torch.randint(0, vocab, (1, 8))
+            with precision.forward_context():
+                out = model("lm", input_ids=x, attention_mask=torch.ones_like(x))
+            precision.backward(out.float().logsumexp(-1).mean())
+            precision.optimizer_step(opt, 1.0)
+            n = sum(p.numel() for p in model.parameters())
+            state = precision.model_state_bytes(model, opt)
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            rows.append({"targets": targets, "base_bits": bits, "parameters": n,
+                         "trainable": trainable, "model_state_mib": state / 2**20,
+                         "bytes_per_param": state / n})  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     """Run the variants and print a table (and JSON with --json)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -249,7 +295,11 @@ def main() -> None:
     ap.add_argument("--dec-lora-lr", type=float, default=2e-3)
     ap.add_argument("--dec-targets", default="all-linear", help="all-linear or [q_proj,v_proj]")
     ap.add_argument("--dec-variants", default=",".join(VARIANTS))
+    ap.add_argument("--dec-state", action="store_true", help="only the decoder's model state")
     args = ap.parse_args()
+    if args.dec_state:
+        decoder_state(args)
+        return
     if args.decoder:
         with tempfile.TemporaryDirectory() as tmp:
             dec = decoder_leg(args, Path(tmp))
