@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from bitblend.config.load import read_yaml, recipe_from_dict
 from bitblend.ensemble.merge import MergeOptions, run_merge
+from bitblend.models.adapters import peft_model
 from bitblend.runs.load import load_run
 from bitblend.runs.transformer import TransformerRun
 from bitblend.train.trainer import Trainer
@@ -238,3 +239,66 @@ def test_fp32_serving_of_an_nf4_run_uses_the_saved_weights(lora_run: tuple[Path,
     assert isinstance(fp32, TransformerRun)
     assert fp32.precision.describe()["base_bits"] is None
     assert not any("FrozenBase" in type(m).__name__ for m in fp32.model.modules())
+
+
+def test_llama_causal_lm_lora_resumes_bitwise_and_generates_with_its_adapter(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """llama-tiny on a packed causal_lm task, LoRA on q_proj / v_proj over an NF4 base:
+    adapter-only checkpoints resume bit for bit, model/ is a LlamaForCausalLM checkpoint
+    plus adapter/, `generate` runs the adapter model (it once reloaded the bare base) and
+    `eval` reports perplexity."""
+    from bitblend.runs.generate import Sampling, generate, load_lm
+
+    data = {
+        "name": "llama-lora",
+        "model": {"backbone": "llama-tiny", "max_length": 32, "vocab_size": 300,
+                  "adapter": {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0,
+                              "targets": ["q_proj", "v_proj"]}},
+        "tasks": [{"name": "news", "data": "bbc_news", "head": "causal_lm", "max_examples": 24}],
+        "precision": {"recipe": "bf16-mixed", "base_bits": 4},
+        "optimizer": {"name": "adamw", "lr": 2e-2},
+        "train": {"steps": 4, "batch_size": 2, "eval_max_examples": 4, "threads": 2,
+                  "checkpoint_every": 2, "keep_checkpoints": 0},
+    }  # fmt: skip
+    recipe = recipe_from_dict(data)
+    straight = tmp_path / "straight"
+    trainer = _train(recipe, straight)
+    cut = tmp_path / "cut"
+    shutil.copytree(straight, cut)
+    for name in ("model", "checkpoints/step-4"):
+        shutil.rmtree(cut / name)
+    for name in ("eval.json", "summary.json"):
+        (cut / name).unlink()
+    Trainer(recipe_from_dict(read_yaml(cut / "recipe.yaml")), cut, resume=True,
+            show_progress=False).fit()  # fmt: skip
+    a, b = _losses(straight), _losses(cut)
+    assert [a[s] for s in (3, 4)] == [b[s] for s in (3, 4)]
+    wa, wb = _weights(straight, 4), _weights(cut, 4)
+    assert set(wa) == set(wb) and all("lora_" in n or n.startswith("heads.") for n in wa)
+    assert any("q_proj.lora_B" in n for n in wa) and not any("mlp" in n for n in wa)
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+
+    config = json.loads((straight / "model/config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert (straight / "model/adapter/adapter_model.safetensors").is_file()
+    model, tok = load_lm(straight)
+    x = torch.tensor([tok("The market rose")["input_ids"]])
+    live = trainer.model.eval()
+    with torch.no_grad():
+        ref = live("news", input_ids=x, attention_mask=torch.ones_like(x))
+        got = model("news", input_ids=x, attention_mask=torch.ones_like(x))
+        with peft_model(trainer.model).disable_adapter():
+            bare = live("news", input_ids=x, attention_mask=torch.ones_like(x))
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)  # NF4 base saved dequantised
+    assert (bare - ref).abs().max() > 1e-3  # the adapter matters, so the check above bites
+    greedy = Sampling(max_new_tokens=4, temperature=0.0)
+    ids = generate(straight, "The market", greedy)[1]
+    assert ids and ids == generate(cut, "The market", greedy)[1]
+
+    data_file = tmp_path / "lm.jsonl"
+    data_file.write_text('{"text": "shares fell on the stock market today"}\n')
+    code, out, err = run_cli(["eval", str(straight), "--data", str(data_file), "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["news"]["perplexity"] > 1.0

@@ -428,3 +428,60 @@ def test_a_tied_table_keeps_its_format_and_multimodal_inputs_still_embed() -> No
     tied.backbone.head.weight = tied.backbone.wte.weight
     tied.requires_grad_(False)
     assert freeze_base(tied, 8) == []  # table and head read the very same tensor
+
+
+@pytest.mark.parametrize(
+    ("bits", "targets"),
+    [(16, ["q_proj", "v_proj"]), (8, "all-linear"), (4, "all-linear")],
+)
+def test_llama_causal_lm_adapter_run_saves_its_lm_head_and_reloads(
+    tmp_path, bits: int, targets: list[str] | str
+) -> None:
+    """A Llama decoder with a causal_lm head, LoRA over a 16/8/4-bit base, one step: only
+    adapters and the LM head learn, and model/ reloads (as a LlamaForCausalLM checkpoint
+    plus adapter/) to the trained logits. The adapter save once wrote a bare LlamaModel
+    over the LM checkpoint, so the reload got a freshly initialised lm_head."""
+    import json
+
+    from bitblend.models.adapters import load_adapter, save_model
+    from bitblend.models.backbones import _byte_level_tokenizer
+    from bitblend.models.trunk import load_model
+
+    torch.manual_seed(0)
+    spec = HeadSpec("lm", "causal_lm", 300, lm_head="LlamaForCausalLM")
+    model = MultiTaskModel(_llama(), [spec], head_dropout=0.0)
+    cfg = AdapterConfig(kind="lora", r=4, alpha=8, dropout=0.0, targets=targets)
+    add_lora(model, cfg)
+    precision = build_precision(
+        PrecisionConfig(recipe="bf16-mixed", base_bits=bits),  # type: ignore[arg-type]
+        torch.device("cpu"),
+    )
+    precision.convert_module(model)
+    optimizer = build_optimizer(
+        precision.optimizer_parameters(model), OptimizerConfig(lr=1e-2), param_roles(model)
+    )
+    batch = _batch(300)
+    model.train()
+    with precision.forward_context():
+        loss = model("lm", **batch).float().logsumexp(-1).mean()
+    precision.backward(loss)
+    learnt = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert learnt and all("lora_" in n or n.startswith("heads.lm.") for n in learnt)
+    if targets == "all-linear":  # the MLP projections too, never the frozen token table
+        assert any("mlp.down_proj.lora_B" in n for n in learnt)
+    else:
+        assert not any("mlp" in n or "o_proj" in n for n in learnt)
+    assert precision.optimizer_step(optimizer, 1.0).stepped
+    model.eval()
+    with torch.no_grad():
+        trained = model("lm", **batch)  # fp32 compute over the dequantised base
+    save_model(model, tmp_path, _byte_level_tokenizer(), adapter=cfg)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    loaded, _, meta = load_model(tmp_path)
+    assert torch.equal(loaded.heads["lm"].weight, model.heads["lm"].weight.detach())
+    assert load_adapter(loaded, tmp_path, meta)
+    loaded.float().eval()
+    with torch.no_grad():
+        again = loaded("lm", **batch)
+    torch.testing.assert_close(again, trained, atol=1e-5, rtol=1e-5)

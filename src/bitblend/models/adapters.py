@@ -29,6 +29,7 @@ from torch import nn
 
 from bitblend.config.schema import AdapterConfig
 from bitblend.errors import BitblendError
+from bitblend.models.backbones import save_lm_pretrained
 from bitblend.models.trunk import MultiTaskModel
 
 ADAPTER_DIR = "adapter"  # model/adapter/: peft's save_pretrained layout
@@ -203,11 +204,33 @@ def save_model(
     settings["own"] = list(model.__dict__.get(_OWN, []))  # tasks with their own adapter
     info = {"adapter": settings}
     model.save(directory, tokenizer, task_tokenizers, {**(extra or {}), **info})
-    # Overwrite the trunk model.save wrote (LoRA keys inside) with the plain base.
-    model.backbone.save_pretrained(directory, state_dict=base_state_dict(model.backbone))  # type: ignore[operator]
+    # Overwrite the trunk model.save wrote (LoRA keys inside) with the plain base; a run
+    # with an LM head saves it in the same checkpoint class model.save used (a bare
+    # backbone checkpoint there would drop the trained head: from_pretrained re-initialises it).
+    base = base_state_dict(model.backbone)
+    lm_task = model.lm_checkpoint_task
+    if lm_task is not None:
+        head, arch = model.heads[lm_task], model.specs[lm_task].lm_head
+        save_lm_pretrained(directory, model.backbone, head, arch, base_state=base)
+    else:
+        model.backbone.save_pretrained(directory, state_dict=base)  # type: ignore[operator]
+    _record_widest_dtype(directory, [*base.values(), *model.heads.parameters()])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         wrapped.save_pretrained(str(directory / ADAPTER_DIR))
+
+
+def _record_widest_dtype(directory: Path, tensors: Sequence[torch.Tensor]) -> None:
+    """Set config.json's dtype to the widest float format saved. save_pretrained records
+    the model's first parameter's, and from_pretrained loads every weight in it: a frozen
+    bf16 token table (base_bits 16) would round the fp32 norms and LM head saved beside it."""
+    from transformers import AutoConfig
+
+    widest = max((t.dtype for t in tensors if t.is_floating_point()), key=lambda d: d.itemsize)
+    config = AutoConfig.from_pretrained(directory)
+    if config.dtype != widest:
+        config.dtype = widest
+        config.save_pretrained(directory)
 
 
 def load_adapter(model: MultiTaskModel, directory: Path, meta: dict[str, Any]) -> bool:

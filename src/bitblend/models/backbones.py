@@ -339,9 +339,16 @@ def _set_param(module: nn.Module, name: str, param: nn.Parameter) -> None:
     setattr(module.get_submodule(owner) if owner else module, leaf, param)
 
 
-def save_lm_pretrained(directory: Path, backbone: nn.Module, head: nn.Module, arch: str) -> None:
+def save_lm_pretrained(
+    directory: Path,
+    backbone: nn.Module,
+    head: nn.Module,
+    arch: str,
+    base_state: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Save backbone + head as one transformers `arch` checkpoint (AutoModelForCausalLM /
-    AutoModelForMaskedLM load it as the fine-tuned LM; AutoModel as its base model)."""
+    AutoModelForMaskedLM load it as the fine-tuned LM; AutoModel as its base model).
+    `base_state` replaces the backbone's own state_dict (a LoRA run's plain frozen base)."""
     cls = _lm_class(arch)
     with torch.device("meta"):
         lm = cls(copy.deepcopy(backbone.config))
@@ -350,7 +357,11 @@ def save_lm_pretrained(directory: Path, backbone: nn.Module, head: nn.Module, ar
     # Swap in the live modules: the meta placeholders are never saved.
     setattr(lm, lm.base_model_prefix, backbone)
     setattr(lm, attr, head)
-    lm.save_pretrained(directory)
+    state = None
+    if base_state is not None:
+        state = {f"{lm.base_model_prefix}.{k}": v for k, v in base_state.items()}
+        state.update({f"{attr}.{k}": v.detach() for k, v in head.state_dict().items()})
+    lm.save_pretrained(directory, state_dict=state)
 
 
 def load_lm_pretrained(directory: Path, arch: str) -> tuple[nn.Module, nn.Module]:

@@ -8,6 +8,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from bitblend.models.adapters import load_adapter
 from bitblend.models.sampling import Sampling, sample_ids
 from bitblend.models.trunk import load_model
 from bitblend.train.run_dir import write_json
@@ -35,7 +36,8 @@ def write_samples(run_dir: Path, tasks: list[Any], step: int) -> Path | None:
     lm = [t for t in tasks if t.cfg.head == "causal_lm"]
     if not lm:
         return None
-    model, tokenizer, _ = load_model(run_dir / "model")
+    model, tokenizer, meta = load_model(run_dir / "model")
+    load_adapter(model, run_dir / "model", meta)  # a LoRA run samples through its adapter
     model.float().eval()  # as `bitblend generate` does: fp32, whatever the run trained in
     out = []
     for t in lm:
