@@ -3,6 +3,8 @@ on tiny BERT, GPT-2 and Llama backbones."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
@@ -430,27 +432,16 @@ def test_a_tied_table_keeps_its_format_and_multimodal_inputs_still_embed() -> No
     assert freeze_base(tied, 8) == []  # table and head read the very same tensor
 
 
-@pytest.mark.parametrize(
-    ("bits", "targets"),
-    [(16, ["q_proj", "v_proj"]), (8, "all-linear"), (4, "all-linear")],
-)
-def test_llama_causal_lm_adapter_run_saves_its_lm_head_and_reloads(
-    tmp_path, bits: int, targets: list[str] | str
-) -> None:
-    """A Llama decoder with a causal_lm head, LoRA over a 16/8/4-bit base, one step: only
-    adapters and the LM head learn, and model/ reloads (as a LlamaForCausalLM checkpoint
-    plus adapter/) to the trained logits. The adapter save once wrote a bare LlamaModel
-    over the LM checkpoint, so the reload got a freshly initialised lm_head."""
-    import json
-
-    from bitblend.models.adapters import load_adapter, save_model
-    from bitblend.models.backbones import _byte_level_tokenizer
-    from bitblend.models.trunk import load_model
-
+def _llama_lm_step(
+    bits: int, targets: list[str] | str, train_head: bool
+) -> tuple[MultiTaskModel, AdapterConfig, Any, torch.optim.Optimizer, dict[str, torch.Tensor]]:
+    """A tiny Llama decoder with its checkpoint-class causal_lm head, LoRA over a `bits`
+    base, one bf16-mixed AdamW step: (model, adapter config, precision, optimizer, batch)."""
     torch.manual_seed(0)
     spec = HeadSpec("lm", "causal_lm", 300, lm_head="LlamaForCausalLM")
     model = MultiTaskModel(_llama(), [spec], head_dropout=0.0)
-    cfg = AdapterConfig(kind="lora", r=4, alpha=8, dropout=0.0, targets=targets)
+    cfg = AdapterConfig(kind="lora", r=4, alpha=8, dropout=0.0, targets=targets,
+                        train_lm_head=train_head)  # fmt: skip
     add_lora(model, cfg)
     precision = build_precision(
         PrecisionConfig(recipe="bf16-mixed", base_bits=bits),  # type: ignore[arg-type]
@@ -465,13 +456,45 @@ def test_llama_causal_lm_adapter_run_saves_its_lm_head_and_reloads(
     with precision.forward_context():
         loss = model("lm", **batch).float().logsumexp(-1).mean()
     precision.backward(loss)
+    assert precision.optimizer_step(optimizer, 1.0).stepped
+    return model, cfg, precision, optimizer, batch
+
+
+@pytest.mark.parametrize(
+    ("bits", "targets", "train_head"),
+    [(16, ["q_proj", "v_proj"], True), (16, ["q_proj", "v_proj"], False),
+     (8, "all-linear", False), (4, "all-linear", False), (4, "all-linear", True)],
+)  # fmt: skip
+def test_llama_causal_lm_adapter_run_saves_its_lm_head_and_reloads(
+    tmp_path, bits: int, targets: list[str] | str, train_head: bool
+) -> None:
+    """A Llama decoder with a causal_lm head, LoRA over a 16/8/4-bit base, one step: only
+    adapters (and the LM head with train_lm_head) learn, and model/ reloads (as a
+    LlamaForCausalLM checkpoint plus adapter/) to the trained logits. The adapter save once
+    wrote a bare LlamaModel over the LM checkpoint, so the reload got a freshly initialised
+    lm_head. A frozen head (the default, as in peft / QLoRA) has no gradient and no
+    optimizer state, is stored bf16 / int8 rows, and is saved dequantised."""
+    import json
+
+    from bitblend.models.adapters import load_adapter, save_model
+    from bitblend.models.backbones import _byte_level_tokenizer
+    from bitblend.models.trunk import load_model
+
+    model, cfg, _, optimizer, batch = _llama_lm_step(bits, targets, train_head)
     learnt = {n for n, p in model.named_parameters() if p.grad is not None}
     assert learnt and all("lora_" in n or n.startswith("heads.lm.") for n in learnt)
+    assert any(n.startswith("heads.lm.") for n in learnt) == train_head
     if targets == "all-linear":  # the MLP projections too, never the frozen token table
         assert any("mlp.down_proj.lora_B" in n for n in learnt)
     else:
         assert not any("mlp" in n or "o_proj" in n for n in learnt)
-    assert precision.optimizer_step(optimizer, 1.0).stepped
+    head = model.heads["lm"]
+    stepped = {id(p) for p in optimizer.state}
+    assert all((id(p) in stepped) == train_head for p in head.parameters())
+    if not train_head:  # frozen: in the base's format, int8 rows where the base is NF4
+        assert isinstance(head, FrozenBaseLinear) and head.bits == (16 if bits == 16 else 8)
+        assert not any(p.requires_grad for p in head.parameters())
+    head_weight = head.state_dict()["weight"]  # a frozen head hands back its dequantised W
     model.eval()
     with torch.no_grad():
         trained = model("lm", **batch)  # fp32 compute over the dequantised base
@@ -479,9 +502,23 @@ def test_llama_causal_lm_adapter_run_saves_its_lm_head_and_reloads(
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]
     loaded, _, meta = load_model(tmp_path)
-    assert torch.equal(loaded.heads["lm"].weight, model.heads["lm"].weight.detach())
+    assert torch.equal(loaded.heads["lm"].weight, head_weight)
     assert load_adapter(loaded, tmp_path, meta)
+    assert loaded.heads["lm"].weight.requires_grad == train_head
     loaded.float().eval()
     with torch.no_grad():
         again = loaded("lm", **batch)
     torch.testing.assert_close(again, trained, atol=1e-5, rtol=1e-5)
+
+
+def test_a_frozen_lm_head_cuts_the_model_state_of_a_4_bit_lora_run() -> None:
+    """Model-state bytes (weights + grads + optimizer states) of the tiny Llama, LoRA over
+    NF4: freezing the LM head drops its fp32 weight, gradient and two Adam moments (16
+    bytes per weight) for int8 rows (1 byte + a scale per row)."""
+    sizes = {}
+    for train_head in (True, False):
+        model, _, precision, optimizer, _ = _llama_lm_step(4, "all-linear", train_head)
+        sizes[train_head] = precision.model_state_bytes(model, optimizer)
+    vocab, width = 300, 64
+    trained = 16 * vocab * width + 4  # + AdamW's fp32 step counter of the head
+    assert sizes[True] - sizes[False] == trained - (vocab * width + 4 * vocab)

@@ -65,6 +65,15 @@ class AdapterConfig:
         "lora: layers to adapt, by module name suffix; query / key / value also name q_proj "
         "(Llama), q_lin (DistilBERT) and c_attn (GPT-2's fused q/k/v); or all-linear",
     )
+    train_lm_head: bool = doc(
+        False,
+        "lora: also train the checkpoint's own LM head (causal_lm / masked_lm tasks on a "
+        "backbone that comes with one: llama-<size>, a local LlamaForCausalLM / GPT-2 / "
+        "BertForMaskedLM directory); false freezes it with the base, as peft and QLoRA do "
+        "(no gradient, no optimizer state; stored bf16 for base_bits 16, int8 rows for 8 and "
+        "4). A head tied to the token table (GPT-2) is that table: true trains the table. A "
+        "fresh LM head (none in the checkpoint: tiny-gpt, MiniLM) trains either way",
+    )
 
 
 @dataclass(kw_only=True)

@@ -131,8 +131,25 @@ def add_lora(model: MultiTaskModel, cfg: AdapterConfig, own: Sequence[str] = ())
             if any(part.startswith("lora_") for part in name.split(".")):
                 p.requires_grad_(True)
     model.__dict__[_PEFT] = wrapped
+    set_lm_heads_trainable(model, cfg.train_lm_head)
     _route(model, own)
     return wrapped
+
+
+def checkpoint_lm_heads(model: MultiTaskModel) -> list[str]:
+    """Tasks whose head is the checkpoint's own LM head (HeadSpec.lm_head), which
+    `model.adapter.train_lm_head` governs; fresh heads always train."""
+    return [task for task, spec in model.specs.items() if spec.lm_head]
+
+
+def set_lm_heads_trainable(model: MultiTaskModel, train: bool) -> None:
+    """Freeze (or unfreeze) the checkpoint's LM heads. peft freezes only the backbone it
+    wraps; bitblend's LM head lives outside it, and training it costs a full-precision
+    weight, gradient and two Adam states per vocab x width weight: on llama-15m the head
+    alone held more model state than the NF4 base and its adapters together. A head tied
+    to the token table shares that tensor, so `train` there trains the table too."""
+    for task in checkpoint_lm_heads(model):
+        model.heads[task].requires_grad_(train)
 
 
 def _route(model: MultiTaskModel, own: Sequence[str]) -> None:
@@ -167,12 +184,16 @@ def peft_model(model: nn.Module) -> Any | None:
 
 def checkpoint_filter(model: nn.Module) -> Callable[[str], bool] | None:
     """Which state_dict keys a checkpoint must hold: with adapters, the trainable parameters
-    and everything outside the backbone (the frozen base is rebuilt from the recipe); None
-    (everything) without."""
+    and everything outside the backbone but frozen parameters (the frozen base and a frozen
+    LM head are rebuilt from the recipe); None (everything) without."""
     if peft_model(model) is None:
         return None
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    return lambda name: name in trainable or not name.startswith("backbone.")
+    named = list(model.named_parameters(remove_duplicate=False))  # a tied head under both names
+    trainable = {n for n, p in named if p.requires_grad}
+    # Frozen parameters outside the backbone (a frozen LM head) are rebuilt from the recipe
+    # like the base: saving them would also round-trip them through their low-bit format.
+    frozen = {n for n, p in named if not p.requires_grad}
+    return lambda name: name in trainable or not (name.startswith("backbone.") or name in frozen)
 
 
 def base_state_dict(backbone: nn.Module) -> dict[str, torch.Tensor]:
@@ -250,6 +271,10 @@ def load_adapter(model: MultiTaskModel, directory: Path, meta: dict[str, Any]) -
             name = adapter_name(task)
             wrapped.load_adapter(str(path / name), adapter_name=name)
     model.__dict__[_PEFT] = wrapped
+    if "train_lm_head" in meta["adapter"]:  # older runs trained every head
+        # A frozen head is stored in the base's format again when the run is served in its
+        # training precision (freeze_base takes frozen layers), as it was in training.
+        set_lm_heads_trainable(model, bool(meta["adapter"]["train_lm_head"]))
     _route(model, own)
     return True
 

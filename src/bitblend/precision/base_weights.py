@@ -19,6 +19,14 @@ only the rows it reads. In an encoder like MiniLM the word table is half the par
 leaving it at 4 bytes would dominate the model state. A table tied to another module (an LM
 head reading the same tensor) keeps its format.
 
+A frozen LM head (`model.adapter.train_lm_head: false`: the checkpoint's own head, outside
+the backbone under `heads.`) becomes a FrozenBaseLinear too, in bf16 for 16 and int8 rows
+with one fp32 absmax scale per vocabulary row for 8 and 4, never NF4: the head's output is
+the logits themselves, with no later layer or adapter to absorb its error. QLoRA leaves it
+unquantised for that reason (bitsandbytes / transformers skip `lm_head`); an int8 row keeps
+each logit's weights within half a step of that row's absmax / 127, and the head is the
+token table's twin at the output end, which 4-bit runs already keep in int8 rows.
+
 `state_dict()` of a FrozenBaseLinear / FrozenBaseEmbedding gives the dequantised weight in
 the original layout and dtype (what a plain transformers model loads), and loading one
 quantises again: checkpoints, `save_pretrained` and merging see an ordinary model.
@@ -253,14 +261,15 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 def stored_weight_bytes(kind: str, rows: int, cols: int, bits: int, source_bytes: int = 4) -> int:
     """Bytes a frozen (rows, cols) weight takes in `bits` bits, by the formats above (bias
-    aside): `kind` "linear" ((out, in): bf16, int8 + a row scale, NF4) or "embedding"
-    ((rows, dim): bf16, or int8 + a row scale for 8 and 4). NF4 keeps its factors, mean and
+    aside): `kind` "linear" ((out, in): bf16, int8 + a row scale, NF4), "embedding"
+    ((rows, dim)) or "head" (a frozen LM head, (vocab, width)): bf16, or int8 + a row scale
+    for 8 and 4. NF4 keeps its factors, mean and
     code table in the source weight's dtype (`source_bytes` wide). The cost model's
     formula; tests check it against `stored_bytes()` of the real modules."""
     n = rows * cols
     if bits == 16:
         return 2 * n
-    if bits == 8 or kind == "embedding":
+    if bits == 8 or kind in ("embedding", "head"):
         return n + 4 * rows  # int8 codes + one fp32 absmax scale per row
     # NF4 (torchao): 4-bit codes, one int8 block scale per 64 weights, one fp32 factor per
     # double-quantisation block of those, a mean and the 16-entry code table.
@@ -290,12 +299,29 @@ def base_modules(model: nn.Module, prefix: str = "backbone.") -> list[tuple[str,
     return [(n, m) for n, m in chosen if owners.get(id(m.weight), 0) == 1]
 
 
+HEADS_PREFIX = "heads."  # MultiTaskModel's task heads
+
+
+def head_bits(bits: int) -> int:
+    """The format of a frozen LM head for `precision.base_bits` (module docstring): bf16
+    for 16, int8 rows for 8 and 4."""
+    return 16 if bits == 16 else 8
+
+
+def frozen_heads(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The frozen Linear layers of task heads (a frozen LM head) that `freeze_base` stores
+    in `head_bits`; tied ones (the token table's tensor) keep their format."""
+    return [(n, m) for n, m in base_modules(model, HEADS_PREFIX) if type(m) is nn.Linear]
+
+
 def freeze_base(model: nn.Module, bits: int | None, prefix: str = "backbone.") -> list[str]:
     """Store every frozen Linear / Conv1D / Embedding under `prefix` (`base_modules`) in
-    `bits` bits, in place; returns their names. A no-op for `bits` None."""
+    `bits` bits, and every frozen head Linear (`frozen_heads`) in `head_bits(bits)`, in
+    place; returns their names. A no-op for `bits` None."""
     if bits is None:
         return []
     chosen = base_modules(model, prefix)
+    heads = frozen_heads(model)
     if bits == 4:
         for name, module in chosen:
             if type(module) is not nn.Embedding and _tensor(module.weight).numel() % NF4_BLOCK:
@@ -314,7 +340,10 @@ def freeze_base(model: nn.Module, bits: int | None, prefix: str = "backbone.") -
         else:
             low = FrozenBaseLinear(module, bits, transposed=_is_conv1d(module))
         setattr(parent, child, low)
-    return [name for name, _ in chosen]
+    for name, module in heads:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, FrozenBaseLinear(module, head_bits(bits)))
+    return [name for name, _ in chosen + heads]
 
 
 def weight_bytes(model: nn.Module) -> int:
