@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from bitblend.config.load import read_yaml, recipe_from_dict
 from bitblend.ensemble.merge import MergeOptions, run_merge
 from bitblend.models.adapters import peft_model
+from bitblend.precision.base_weights import FrozenBaseLinear
 from bitblend.runs.load import load_run
 from bitblend.runs.transformer import TransformerRun
 from bitblend.train.trainer import Trainer
@@ -247,7 +248,8 @@ def test_llama_causal_lm_lora_resumes_bitwise_and_generates_with_its_adapter(
     """llama-tiny on a packed causal_lm task, LoRA on q_proj / v_proj over an NF4 base:
     adapter-only checkpoints resume bit for bit, model/ is a LlamaForCausalLM checkpoint
     plus adapter/, `generate` runs the adapter model (it once reloaded the bare base) and
-    `eval` reports perplexity."""
+    `eval` reports perplexity. The LM head stays frozen (train_lm_head: false, the
+    default) in int8 rows, out of the checkpoints, and model/ holds it dequantised."""
     from bitblend.runs.generate import Sampling, generate, load_lm
 
     data = {
@@ -275,7 +277,9 @@ def test_llama_causal_lm_lora_resumes_bitwise_and_generates_with_its_adapter(
     a, b = _losses(straight), _losses(cut)
     assert [a[s] for s in (3, 4)] == [b[s] for s in (3, 4)]
     wa, wb = _weights(straight, 4), _weights(cut, 4)
-    assert set(wa) == set(wb) and all("lora_" in n or n.startswith("heads.") for n in wa)
+    assert set(wa) == set(wb) and all("lora_" in n for n in wa)  # no base, no frozen head
+    head = trainer.model.heads["news"]
+    assert isinstance(head, FrozenBaseLinear) and head.bits == 8
     assert any("q_proj.lora_B" in n for n in wa) and not any("mlp" in n for n in wa)
     for name in wa:
         assert torch.equal(wa[name], wb[name]), name
