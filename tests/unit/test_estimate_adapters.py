@@ -66,6 +66,35 @@ def test_lora_weights_grads_and_trainable_params_match_the_built_model(
     assert static.states == 2 * 4 * sum(p.numel() for p in trainable)
 
 
+@pytest.mark.parametrize(("bits", "train_head"), [(4, False), (4, True)])
+def test_a_llama_lm_head_counts_as_frozen_base_unless_it_trains(
+    bits: int, train_head: bool
+) -> None:
+    """llama-tiny with its checkpoint-class causal_lm head under LoRA: the estimate's
+    parameters, weights as stored (the frozen head in int8 rows over NF4), gradients and
+    states equal the built model's, with or without model.adapter.train_lm_head; a frozen
+    head also skips its weight-gradient matmul."""
+    flag = f"model.adapter.train_lm_head={str(train_head).lower()}"
+    recipe = make_recipe("model.backbone=llama-tiny", "tasks.0.head=causal_lm", LORA,
+                         f"precision.base_bits={bits}", flag)  # fmt: skip
+    shape, tasks, _ = recipe_shapes(recipe)
+    model, _ = _model(recipe, "bf16-mixed")
+    assert shape.params == sum(p.numel() for p in model.parameters())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert shape.trainable[0] == sum(p.numel() for p in trainable)
+    assert shape.adapter is not None and bool(shape.adapter.frozen_heads) != train_head
+    static = static_bytes(shape, precision_spec("bf16-mixed"), states=2)
+    assert static.weights == weight_bytes(model)
+    assert static.grads == sum(p.numel() * p.element_size() for p in trainable)
+    assert static.states == 2 * 4 * sum(p.numel() for p in trainable)
+    other = make_recipe("model.backbone=llama-tiny", "tasks.0.head=causal_lm", LORA,
+                        f"precision.base_bits={bits}",
+                        f"model.adapter.train_lm_head={str(not train_head).lower()}")  # fmt: skip
+    flops = {train_head: step_flops(shape, tasks[0]).backward,
+             not train_head: step_flops(recipe_shapes(other)[0], tasks[0]).backward}  # fmt: skip
+    assert flops[False] < flops[True]
+
+
 def test_the_frozen_base_shrinks_with_base_bits() -> None:
     """Per frozen base parameter: fp32 (null, 32-true) > bf16 > int8 > NF4 (~0.5 B)."""
     sizes = {}

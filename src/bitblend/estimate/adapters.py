@@ -5,7 +5,9 @@ The model is built as `train` builds it, on the meta device (no weights, no memo
 backbone, bitblend's heads, then peft's adapters by models/adapters.py's own `add_lora`
 (same targets, same per-task adapters). The frozen layers that precision/base_weights.py
 would store in 16, 8 or 4 bits are listed by its own `base_modules`, and their bytes come
-from its `stored_weight_bytes` (tested against the real modules' `stored_bytes()`).
+from its `stored_weight_bytes` (tested against the real modules' `stored_bytes()`). A frozen
+LM head (the checkpoint's, `model.adapter.train_lm_head: false`) counts as frozen base in
+`head_bits`' format.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from torch import nn
 
 from bitblend.config.schema import Recipe
-from bitblend.models.adapters import TARGET_ALIASES, add_lora
+from bitblend.models.adapters import TARGET_ALIASES, add_lora, checkpoint_lm_heads
 from bitblend.models.trunk import MultiTaskModel
 from bitblend.precision.base_weights import base_modules, stored_weight_bytes
 
@@ -45,6 +47,9 @@ class AdapterShape:
     key_targeted: bool  # the key projection carries an adapter (its input needs gradients)
     qkv_targeted: bool  # query, key or value carries one (bitblend cannot fuse q/k/v then)
     largest_frozen: int  # elements of the largest frozen Linear weight (dequantised per use)
+    # tasks whose LM head is the checkpoint's and stays frozen (model.adapter.train_lm_head
+    # false): counted in frozen_params and `quantised` ("head"), no gradient or state
+    frozen_heads: tuple[str, ...] = ()
 
     @property
     def quantised_params(self) -> int:
@@ -91,6 +96,9 @@ def adapter_shape(recipe: Recipe, config: Any, specs: list[Any]) -> AdapterShape
         model = MultiTaskModel(backbone, specs, recipe.model.pooling, recipe.model.head_dropout)
         add_lora(model, cfg, own)
     params = dict(model.backbone.named_parameters())
+    # Specs of checkpoint LM heads carry lm_head (recipe_shapes), so add_lora froze them
+    # as it does in train unless model.adapter.train_lm_head.
+    heads = [t for t in checkpoint_lm_heads(model) if not model.heads[t].weight.requires_grad]
     lora = {n: p for n, p in params.items() if ".lora_" in n}
     frozen = {n: p for n, p in params.items() if not p.requires_grad}
     norms = {
@@ -109,6 +117,11 @@ def adapter_shape(recipe: Recipe, config: Any, specs: list[Any]) -> AdapterShape
             rows, cols = (w.shape[1], w.shape[0]) if type(mod).__name__ == "Conv1D" else w.shape
             quantised.append(("linear", int(rows), int(cols)))
             largest = max(largest, int(w.numel()))
+    head_frozen = 0
+    for task in heads:
+        w = model.heads[task].weight
+        quantised.append(("head", int(w.shape[0]), int(w.shape[1])))  # (vocab, width)
+        head_frozen += sum(p.numel() for p in model.heads[task].parameters())
     wrapped = [
         (name, mod)
         for name, mod in model.backbone.named_modules()
@@ -123,7 +136,7 @@ def adapter_shape(recipe: Recipe, config: Any, specs: list[Any]) -> AdapterShape
         base_bits=recipe.precision.base_bits,
         adapters=1 + len(own),
         lora_params=sum(p.numel() for p in lora.values()),
-        frozen_params=sum(p.numel() for p in frozen.values()),
+        frozen_params=sum(p.numel() for p in frozen.values()) + head_frozen,
         frozen_fp32_params=sum(p.numel() for n, p in frozen.items() if n in norms),
         quantised=tuple(quantised),
         lora_in_per_layer=in_widths // layers,
@@ -131,7 +144,25 @@ def adapter_shape(recipe: Recipe, config: Any, specs: list[Any]) -> AdapterShape
         key_targeted=bool(leaves & set(TARGET_ALIASES["key"])),  # GPT-2: c_attn is q, k, v
         qkv_targeted=bool(leaves & {a for k in QKV for a in TARGET_ALIASES[k]}),
         largest_frozen=largest,
+        frozen_heads=tuple(heads),
     )
+
+
+def checkpoint_lm_tasks(recipe: Recipe, config: Any) -> dict[str, str]:
+    """Tasks whose LM head comes from the checkpoint, as train/setup.py finds it, with the
+    transformers LM class it comes from: llama-<size> with causal_lm, or a local directory
+    saved as its LM class (e.g. a LlamaForCausalLM run's model/). Such a head has the
+    config's vocab_size outputs and no bias. Tied heads (GPT-2: the output matrix is the
+    token table) are left out: the cost model counts their task a fresh head, as before."""
+    from bitblend.models.llama import ALIASES as LLAMA_ALIASES
+
+    if getattr(config, "tie_word_embeddings", False):
+        return {}
+    if recipe.model.backbone in LLAMA_ALIASES:
+        return {t.name: "LlamaForCausalLM" for t in recipe.tasks if t.head == "causal_lm"}
+    arches = [str(a) for a in (getattr(config, "architectures", None) or [])]
+    causal = [a for a in arches if a.endswith("ForCausalLM")]
+    return {t.name: causal[0] for t in recipe.tasks if t.head == "causal_lm" and causal}
 
 
 def _in_features(module: nn.Module) -> int:

@@ -98,6 +98,8 @@ def step_flops(shape: ModelShape, task: TaskShape, grad_accum: int = 1) -> StepF
     if shape.adapter is not None:
         # A frozen projection's backward computes the input gradient only, no weight one.
         frozen = parts["qkv + output projections"] + parts["mlp"]
+        if task.name in shape.adapter.frozen_heads:  # a frozen LM head: input gradient only
+            frozen += parts["head"]
         backward -= frozen * grad_accum
     return StepFlops(forward=fwd, backward=backward, recompute=blocks, parts=parts)
 

@@ -334,7 +334,10 @@ def _head_bytes(shape: ModelShape, task: TaskShape, spec: PrecisionSpec, fast: b
         # LM heads run in the compute dtype; token-classification heads stay fp32. The loss
         # upcasts the logits and log_softmax saves its (T, outputs) fp32 result.
         width = spec.compute_bytes if lm else FP32
-        return t * h * width + t * task.outputs * FP32 + t * INT64
+        # A frozen LM head (model.adapter.train_lm_head false) computes no weight gradient,
+        # so it saves no copy of its input.
+        frozen = shape.adapter is not None and task.name in shape.adapter.frozen_heads
+        return (0 if frozen else t * h * width) + t * task.outputs * FP32 + t * INT64
     # pooling mask (b, s, 1), head dropout mask (bool with bitblend's dropout) and head
     # input (b, h) in fp32
     mask = 1 if fast else FP32

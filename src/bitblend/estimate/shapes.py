@@ -18,7 +18,7 @@ import torch
 
 from bitblend.config.schema import Recipe
 from bitblend.errors import BitblendError
-from bitblend.estimate.adapters import AdapterShape, adapter_shape
+from bitblend.estimate.adapters import AdapterShape, adapter_shape, checkpoint_lm_tasks
 from bitblend.models.attention import resolve_dropouts
 from bitblend.models.features import PERIODIC_FREQUENCIES, PIECEWISE_BINS
 from bitblend.taskspec import head_spec, load_data
@@ -114,7 +114,8 @@ def head_params(specs: list[Any], width: int) -> tuple[int, int, int]:
     MultiTaskModel: a Linear head per task, patch/feature/text adapters, modality table)."""
     total = fp32 = matmul = 0
     for s in specs:
-        head = width * s.num_outputs + s.num_outputs
+        # A checkpoint's untied LM head (Llama's lm_head) has no bias; bitblend's own do.
+        head = width * s.num_outputs + (0 if s.lm_head else s.num_outputs)
         total += head
         if s.head in LM_HEADS:
             matmul += head  # LM heads run in the compute dtype
@@ -274,6 +275,7 @@ def recipe_shapes(
     config, tokenizer = backbone_config(m.backbone, m.dropout, m.attention_dropout)
     decoder = is_decoder(cast(Any, SimpleNamespace(config=config)))
     cfg = recipe.train
+    lm_tasks = checkpoint_lm_tasks(recipe, config)
     specs, tasks = [], []
     for i, (task, data) in enumerate(zip(recipe.tasks, datas, strict=True)):
         # The same checks, with the same words, as train/setup.py's build_model/build_tasks.
@@ -291,6 +293,8 @@ def recipe_shapes(
         tok = _SizedVocab(task.wordpiece_vocab) if own else tokenizer
         uses_text = data.train.text is not None
         spec = head_spec(task, data, tok if uses_text else None, own, i)
+        if task.name in lm_tasks and not own:  # the checkpoint's head, as train/setup.py
+            spec.lm_head, spec.num_outputs = lm_tasks[task.name], int(config.vocab_size)
         specs.append(spec)
         micro = task.batch_size or cfg.batch_size
         if len(data.train) < micro * cfg.grad_accum:
