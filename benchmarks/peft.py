@@ -25,7 +25,9 @@ its own BPE, then fine-tunes that run's `model/` (a local LlamaForCausalLM
 directory) on another domain, the 2016 election tweets, as each variant: validation
 perplexity on held-out tweets, tokens/s, model-state bytes per parameter and peak memory.
 The pre-trained base's own perplexity on the tweets (no fine-tune) is the reference row.
-`--dec-state` measures only the decoder's model-state bytes per LoRA variant (no data).
+`--dec-state` measures only the decoder's model-state bytes per variant (no data, seconds
+each): full fine-tune, LoRA over each base with the LM head frozen (the default) or trained,
+and where the bytes sit (adapters, LM head, token table, projections).
 """
 
 from __future__ import annotations
@@ -225,9 +227,62 @@ def decoder_leg(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
     return rows
 
 
+# --dec-state variants: (name, adapter targets or None for the full fine-tune, base_bits,
+# train the LM head, precision recipe, extra PrecisionConfig fields).
+DEC_STATE: list[tuple[str, Any, int | None, bool, str, dict[str, Any]]] = [
+    ("full", None, None, True, "bf16-mixed", {}),
+    ("bf16 all-linear", "all-linear", 16, False, "bf16-mixed", {}),
+    ("int8 all-linear", "all-linear", 8, False, "bf16-mixed", {}),
+    ("nf4 all-linear", "all-linear", 4, False, "bf16-mixed", {}),
+    ("nf4 all-linear +head", "all-linear", 4, True, "bf16-mixed", {}),
+    ("bf16 q/v", ["q_proj", "v_proj"], 16, False, "bf16-mixed", {}),
+    ("int8 q/v", ["q_proj", "v_proj"], 8, False, "bf16-mixed", {}),
+    ("nf4 q/v", ["q_proj", "v_proj"], 4, False, "bf16-mixed", {}),
+    ("nf4 q/v +head", ["q_proj", "v_proj"], 4, True, "bf16-mixed", {}),
+    # What the adapters themselves cost: 8-bit Adam states, then bf16 adapter weights and
+    # gradients with stochastic rounding (no fp32 master).
+    ("nf4 all-linear 8-bit", "all-linear", 4, False, "bf16-mixed", {"state_bits": 8}),
+    ("nf4 all-linear bf16-true 8-bit", "all-linear", 4, False, "bf16-true",
+     {"state_bits": 8, "master_weights": False, "rounding": "stochastic"}),
+]  # fmt: skip
+
+
+def _state_parts(model: Any, total: int) -> dict[str, int]:
+    """Model-state bytes by part: the weights as stored of the token table, the frozen
+    projections, the LM head, the adapters and the rest (norms), then everything training
+    adds on top (gradients, optimizer states, masters: `total` minus the weights), which
+    belongs to what trains (the adapters, plus the head with +head)."""
+    from bitblend.precision.base_weights import FrozenBaseEmbedding, FrozenBaseLinear
+
+    def part(name: str) -> str:
+        name = name.replace(".base_layer", "")
+        if ".lora_" in name:
+            return "adapters w"
+        if name.startswith("heads."):
+            return "lm head w"
+        if "embed_tokens" in name:
+            return "token table w"
+        return "projections w" if "_proj" in name else "rest w"
+
+    out: dict[str, int] = {}
+    low: set[int] = set()
+    for name, mod in model.named_modules():
+        if isinstance(mod, FrozenBaseLinear | FrozenBaseEmbedding):
+            out[part(name)] = out.get(part(name), 0) + mod.stored_bytes()
+            low.update(id(p) for p in mod.parameters())
+    for name, p in model.named_parameters():
+        if id(p) not in low:
+            out[part(name)] = out.get(part(name), 0) + p.numel() * p.element_size()
+    out["grads+optimizer"] = total - sum(out.values())
+    return out
+
+
 def decoder_state(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Model-state bytes of `--dec-backbone` with a causal_lm head, LoRA r 16 over each base
-    (bf16-mixed, one AdamW step on a tiny batch): deterministic, no data, seconds."""
+    """Model-state bytes of `--dec-backbone` with its causal_lm head (the checkpoint's
+    LlamaForCausalLM lm_head): the full fine-tune and LoRA r 16 over each base, the LM head
+    frozen (model.adapter.train_lm_head false, the default) or trained (+head); one AdamW
+    step on a tiny batch: deterministic, no data. B/param divides by the base's parameters
+    (adapters left out); `parts` says where the bytes are."""
     # Run as a script, this file's folder leads sys.path and `import peft` would find it.
     here = Path(__file__).resolve().parent
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
@@ -242,31 +297,42 @@ def decoder_state(args: argparse.Namespace) -> list[dict[str, Any]]:
     from bitblend.precision.recipes import build_precision
 
     size, vocab, rows = args.dec_backbone.removeprefix("llama-"), args.dec_vocab, []
-    for targets in ("all-linear", ["q_proj", "v_proj"]):
-        for bits in (16, 8, 4):
-            torch.manual_seed(0)
-            lm = LlamaForCausalLM(llama_config(size, vocab, _SizedTokenizer(vocab), 0.0, "sdpa"))
-            spec = HeadSpec("lm", "causal_lm", vocab, lm_head="LlamaForCausalLM")
-            model = MultiTaskModel(lm.model, [spec], head_dropout=0.0)
+    wanted = args.dec_state_variants.split(",") if args.dec_state_variants else None
+    for name, targets, bits, train_head, recipe, extra in DEC_STATE:
+        if wanted is not None and name not in wanted:
+            continue
+        torch.manual_seed(0)
+        lm = LlamaForCausalLM(llama_config(size, vocab, _SizedTokenizer(vocab), 0.0, "sdpa"))
+        spec = HeadSpec("lm", "causal_lm", vocab, lm_head="LlamaForCausalLM")
+        model = MultiTaskModel(lm.model, [spec], head_dropout=0.0)
+        model.heads["lm"].load_state_dict(lm.lm_head.state_dict())
+        base = sum(p.numel() for p in model.parameters())
+        if targets is not None:
             add_lora(model, AdapterConfig(kind="lora", r=16, alpha=32, dropout=0.0,
-                                          targets=targets))  # fmt: skip
-            cfg = PrecisionConfig(recipe="bf16-mixed", base_bits=bits)  # type: ignore[arg-type]
-            precision = build_precision(cfg, torch.device("cpu"))
-            precision.convert_module(model)
-            opt = build_optimizer(precision.optimizer_parameters(model), OptimizerConfig(),
-                                  param_roles(model))  # fmt: skip
-            x = torch.randint(0, vocab, (1, 8))
-            with precision.forward_context():
-                out = model("lm", input_ids=x, attention_mask=torch.ones_like(x))
-            precision.backward(out.float().logsumexp(-1).mean())
-            precision.optimizer_step(opt, 1.0)
-            n = sum(p.numel() for p in model.parameters())
-            state = precision.model_state_bytes(model, opt)
-            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            rows.append({"targets": targets, "base_bits": bits, "parameters": n,
-                         "trainable": trainable, "model_state_mib": state / 2**20,
-                         "bytes_per_param": state / n})  # fmt: skip
-            print(json.dumps(rows[-1]), flush=True)
+                                          targets=targets, train_lm_head=train_head))  # fmt: skip
+        cfg = PrecisionConfig(recipe=recipe, base_bits=bits, **extra)  # type: ignore[arg-type]
+        precision = build_precision(cfg, torch.device("cpu"))
+        precision.convert_module(model)
+        roles = param_roles(model, model.is_new_parameter)
+        opt = build_optimizer(precision.optimizer_parameters(model), OptimizerConfig(), roles,
+                              cfg.state_bits)  # fmt: skip
+        x = torch.randint(0, vocab, (1, 8))
+        with precision.forward_context():
+            out = model("lm", input_ids=x, attention_mask=torch.ones_like(x))
+        precision.backward(out.float().logsumexp(-1).mean())
+        precision.optimizer_step(opt, 1.0)
+        state = precision.model_state_bytes(model, opt)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        parts = {k: round(v / base, 3) for k, v in _state_parts(model, state).items()}
+        rows.append({"variant": name, "precision": recipe, "base_parameters": base,
+                     "trainable": trainable, "model_state_mib": state / 2**20,
+                     "bytes_per_param": state / base, "parts_b_per_param": parts})  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    print(f"{'variant':<32} {'B/param':>8} {'state MiB':>9} {'trainable':>10}  by part (B/param)")
+    for r in rows:
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in r["parts_b_per_param"].items())
+        print(f"{r['variant']:<32} {r['bytes_per_param']:>8.2f} {r['model_state_mib']:>9.1f} "
+              f"{r['trainable']:>10}  {parts}")  # fmt: skip
     return rows
 
 
@@ -296,9 +362,14 @@ def main() -> None:
     ap.add_argument("--dec-targets", default="all-linear", help="all-linear or [q_proj,v_proj]")
     ap.add_argument("--dec-variants", default=",".join(VARIANTS))
     ap.add_argument("--dec-state", action="store_true", help="only the decoder's model state")
+    ap.add_argument(
+        "--dec-state-variants", default="", help="--dec-state: comma-separated names (all)"
+    )
     args = ap.parse_args()
     if args.dec_state:
-        decoder_state(args)
+        state = decoder_state(args)
+        if args.json:
+            args.json.write_text(json.dumps(state, indent=2) + "\n")
         return
     if args.decoder:
         with tempfile.TemporaryDirectory() as tmp:
