@@ -522,3 +522,32 @@ def test_a_frozen_lm_head_cuts_the_model_state_of_a_4_bit_lora_run() -> None:
     vocab, width = 300, 64
     trained = 16 * vocab * width + 4  # + AdamW's fp32 step counter of the head
     assert sizes[True] - sizes[False] == trained - (vocab * width + 4 * vocab)
+
+
+@pytest.mark.parametrize("train_head", [False, True])
+def test_a_tied_gpt2_lm_head_is_the_token_table_frozen_or_trained_with_it(
+    train_head: bool,
+) -> None:
+    """GPT-2's checkpoint head is tied to its token table: frozen by default with the rest of
+    the backbone (and left in its format by freeze_base: two modules read it), trained as
+    that very table with train_lm_head; the tie holds either way and a step runs."""
+    backbone, vocab = _backbone("tiny-gpt")
+    spec = HeadSpec("lm", "causal_lm", vocab, lm_head="GPT2LMHeadModel")
+    model = MultiTaskModel(backbone, [spec], head_dropout=0.0)
+    table = backbone.get_input_embeddings().weight
+    add_lora(model, AdapterConfig(kind="lora", r=4, dropout=0.0, train_lm_head=train_head))
+    precision = build_precision(
+        PrecisionConfig(recipe="32-true", base_bits=4),  # type: ignore[arg-type]
+        torch.device("cpu"),
+    )
+    precision.convert_module(model)
+    head = model.heads["lm"]
+    assert type(head) is nn.Linear and head.weight is table  # still tied, not quantised
+    assert table.requires_grad == train_head
+    optimizer = build_optimizer(
+        precision.optimizer_parameters(model), OptimizerConfig(lr=1e-2), param_roles(model)
+    )
+    before = table.detach().clone()
+    precision.backward(model("lm", **_batch(vocab)).logsumexp(-1).mean())
+    assert precision.optimizer_step(optimizer, 1.0).stepped
+    assert torch.equal(table.detach(), before) != train_head
