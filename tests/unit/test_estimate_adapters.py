@@ -72,11 +72,12 @@ def test_a_llama_lm_head_counts_as_frozen_base_unless_it_trains(
 ) -> None:
     """llama-tiny with its checkpoint-class causal_lm head under LoRA: the estimate's
     parameters, weights as stored (the frozen head in int8 rows over NF4), gradients and
-    states equal the built model's, with or without model.adapter.train_lm_head; a frozen
-    head also skips its weight-gradient matmul."""
+    states equal the built model's, with or without model.adapter.train_lm_head (and at
+    the recipe's model.vocab_size, not llama's default 8192); a frozen head also skips its
+    weight-gradient matmul."""
     flag = f"model.adapter.train_lm_head={str(train_head).lower()}"
-    recipe = make_recipe("model.backbone=llama-tiny", "tasks.0.head=causal_lm", LORA,
-                         f"precision.base_bits={bits}", flag)  # fmt: skip
+    llama = ("model.backbone=llama-tiny", "model.vocab_size=512", "tasks.0.head=causal_lm")
+    recipe = make_recipe(*llama, LORA, f"precision.base_bits={bits}", flag)
     shape, tasks, _ = recipe_shapes(recipe)
     model, _ = _model(recipe, "bf16-mixed")
     assert shape.params == sum(p.numel() for p in model.parameters())
@@ -87,8 +88,7 @@ def test_a_llama_lm_head_counts_as_frozen_base_unless_it_trains(
     assert static.weights == weight_bytes(model)
     assert static.grads == sum(p.numel() * p.element_size() for p in trainable)
     assert static.states == 2 * 4 * sum(p.numel() for p in trainable)
-    other = make_recipe("model.backbone=llama-tiny", "tasks.0.head=causal_lm", LORA,
-                        f"precision.base_bits={bits}",
+    other = make_recipe(*llama, LORA, f"precision.base_bits={bits}",
                         f"model.adapter.train_lm_head={str(not train_head).lower()}")  # fmt: skip
     flops = {train_head: step_flops(shape, tasks[0]).backward,
              not train_head: step_flops(recipe_shapes(other)[0], tasks[0]).backward}  # fmt: skip

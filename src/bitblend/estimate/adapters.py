@@ -73,12 +73,14 @@ def _meta_backbone(recipe: Recipe, config: Any) -> nn.Module:
     """The backbone's modules without weights, as models/backbones.py builds them."""
     from transformers import AutoModel
 
-    from bitblend.models.backbones import ALIASES, load_backbone
+    from bitblend.models.backbones import ALIASES, load_backbone_with_head
 
     m = recipe.model
     with torch.device("meta"):
         if m.backbone in ALIASES and m.backbone != "minilm":
-            return load_backbone(m.backbone, m.dropout, m.attention_dropout)[0]
+            return load_backbone_with_head(
+                m.backbone, None, m.dropout, m.attention_dropout, vocab_size=m.vocab_size
+            )[0]
         kwargs = {"add_pooling_layer": False} if config.model_type in ("bert", "roberta") else {}
         backbone: nn.Module = AutoModel.from_config(config, **kwargs)
         return backbone

@@ -69,7 +69,7 @@ def _child(recipe_path: str, ranks: int) -> int:
         importlib.import_module("torch.nn.parallel")
     encode_task = importlib.import_module("bitblend.train.setup").encode_task
     m = recipe.model
-    _, tokenizer = backbone_config(m.backbone, m.dropout, m.attention_dropout)
+    _, tokenizer = backbone_config(m.backbone, m.dropout, m.attention_dropout, m.vocab_size)
     for i, (task, data) in enumerate(zip(recipe.tasks, load_data(recipe), strict=True)):
         tok = tokenizer
         own = task.tokenizer == "wordpiece" and data.train.text is not None

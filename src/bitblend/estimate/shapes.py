@@ -229,18 +229,24 @@ class _SizedVocab:
 
 
 def backbone_config(
-    name: str, dropout: float | None, attention_dropout: float | None = None
+    name: str,
+    dropout: float | None,
+    attention_dropout: float | None = None,
+    vocab_size: int = 8192,
 ) -> tuple[Any, Any]:
-    """(transformers config, tokenizer) of a backbone alias or directory, without weights."""
+    """(transformers config, tokenizer) of a backbone alias or directory, without weights;
+    `vocab_size` is model.vocab_size (llama-<size>: its token table and LM head rows)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from bitblend.models.backbones import ALIASES, load_backbone, minilm_path
+    from bitblend.models.backbones import ALIASES, load_backbone_with_head, minilm_path
 
     if name in ALIASES and name != "minilm":
         # The tiny models are defined in code: build them on the meta device (no memory,
         # no init) and read their config.
         with torch.device("meta"):
-            model, tokenizer = load_backbone(name, dropout, attention_dropout)
+            model, tokenizer, _ = load_backbone_with_head(
+                name, None, dropout, attention_dropout, vocab_size=vocab_size
+            )
         return model.config, tokenizer
     path = minilm_path() if name == "minilm" else Path(name)
     if not (path / "config.json").is_file():
@@ -272,7 +278,7 @@ def recipe_shapes(
 
     datas = load_data(recipe) if datas is None else datas
     m = recipe.model
-    config, tokenizer = backbone_config(m.backbone, m.dropout, m.attention_dropout)
+    config, tokenizer = backbone_config(m.backbone, m.dropout, m.attention_dropout, m.vocab_size)
     decoder = is_decoder(cast(Any, SimpleNamespace(config=config)))
     cfg = recipe.train
     lm_tasks = checkpoint_lm_tasks(recipe, config)
