@@ -66,33 +66,48 @@ def test_lora_weights_grads_and_trainable_params_match_the_built_model(
     assert static.states == 2 * 4 * sum(p.numel() for p in trainable)
 
 
-@pytest.mark.parametrize(("bits", "train_head"), [(4, False), (4, True)])
-def test_a_llama_lm_head_counts_as_frozen_base_unless_it_trains(
-    bits: int, train_head: bool
-) -> None:
-    """llama-tiny with its checkpoint-class causal_lm head under LoRA: the estimate's
-    parameters, weights as stored (the frozen head in int8 rows over NF4), gradients and
-    states equal the built model's, with or without model.adapter.train_lm_head (and at
-    the recipe's model.vocab_size, not llama's default 8192); a frozen head also skips its
-    weight-gradient matmul."""
-    flag = f"model.adapter.train_lm_head={str(train_head).lower()}"
+def test_a_llama_lm_head_counts_as_frozen_base_unless_it_trains() -> None:
+    """llama-tiny with its checkpoint-class causal_lm head under LoRA over NF4: the
+    estimate's parameters, weights as stored (the frozen head in int8 rows), gradients and
+    states equal the built model's, at the recipe's model.vocab_size (not llama's default
+    8192); with model.adapter.train_lm_head the head's vocab x width weights (no bias)
+    train instead, and a frozen head skips its weight-gradient matmul."""
     llama = ("model.backbone=llama-tiny", "model.vocab_size=512", "tasks.0.head=causal_lm")
-    recipe = make_recipe(*llama, LORA, f"precision.base_bits={bits}", flag)
+    recipe = make_recipe(*llama, LORA, "precision.base_bits=4")
     shape, tasks, _ = recipe_shapes(recipe)
     model, _ = _model(recipe, "bf16-mixed")
     assert shape.params == sum(p.numel() for p in model.parameters())
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert shape.trainable[0] == sum(p.numel() for p in trainable)
-    assert shape.adapter is not None and bool(shape.adapter.frozen_heads) != train_head
+    assert shape.adapter is not None and shape.adapter.frozen_heads == (tasks[0].name,)
     static = static_bytes(shape, precision_spec("bf16-mixed"), states=2)
     assert static.weights == weight_bytes(model)
     assert static.grads == sum(p.numel() * p.element_size() for p in trainable)
     assert static.states == 2 * 4 * sum(p.numel() for p in trainable)
-    other = make_recipe(*llama, LORA, f"precision.base_bits={bits}",
-                        f"model.adapter.train_lm_head={str(not train_head).lower()}")  # fmt: skip
-    flops = {train_head: step_flops(shape, tasks[0]).backward,
-             not train_head: step_flops(recipe_shapes(other)[0], tasks[0]).backward}  # fmt: skip
-    assert flops[False] < flops[True]
+    trained = recipe_shapes(make_recipe(*llama, LORA, "model.adapter.train_lm_head=true"))[0]
+    assert trained.adapter is not None and not trained.adapter.frozen_heads
+    assert trained.trainable[0] == shape.trainable[0] + 512 * shape.hidden
+    flops = step_flops(shape, tasks[0]).backward
+    assert flops < step_flops(trained, tasks[0]).backward
+
+
+@pytest.mark.slow
+def test_a_frozen_llama_lm_head_saves_neither_its_input_nor_a_weight_copy() -> None:
+    """What freezing the LM head takes off a bf16-mixed step's saved tensors (its bf16
+    input and autocast's bf16 copy of its weight: an int8 head is dequantised again in
+    backward) equals what the estimate takes off activations + autocast copies."""
+    spec, got, est = precision_spec("bf16-mixed"), {}, {}
+    for train_head in (False, True):
+        recipe = make_recipe("model.backbone=llama-tiny", "model.vocab_size=512",
+                             "tasks.0.head=causal_lm", LORA, "precision.base_bits=8",
+                             f"model.adapter.train_lm_head={str(train_head).lower()}")  # fmt: skip
+        shape, tasks, _ = recipe_shapes(recipe)
+        task = TaskShape(tasks[0].name, "causal_lm", tasks[0].outputs, batch=4, seq=32)
+        acts = activation_bytes(shape, task, spec)
+        copies = temporary_bytes(shape, task, spec, acts).get("autocast weight copies", 0)
+        est[train_head] = acts.total + copies
+        got[train_head] = _saved_bytes(*_model(recipe, "bf16-mixed"), "causal_lm", 4, 32)
+    assert est[True] - est[False] == got[True] - got[False] > 0
 
 
 def test_the_frozen_base_shrinks_with_base_bits() -> None:

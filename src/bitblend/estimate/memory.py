@@ -361,6 +361,8 @@ def temporary_bytes(
             if ad.base_bits is not None:  # low-bit frozen layers keep no 16-bit copy
                 linears = 4 * (h * h + h) + (h * i + i) + (i * h + h)
                 matmul -= shape.layers * linears
+                # nor does a frozen LM head stored in the base's format
+                matmul -= sum(r * c for kind, r, c in ad.quantised if kind == "head")
         out["autocast weight copies"] = matmul * spec.compute_bytes
     if ad is not None and ad.base_bits is not None and (ad.base_bits < 16 or c == FP32):
         # one frozen weight dequantised at a time, in the compute dtype
