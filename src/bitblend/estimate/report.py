@@ -88,7 +88,7 @@ def row_json(est: Estimate, row: Row) -> dict[str, Any]:
         "mean_time_per_step_s": row.mean_time,
         "eval_time_s": row.eval_time,
         "run": {"steps": row.steps, "evals": row.evals, "time_s": row.run_time},
-        "per_rank": [{**asdict(r), "process_peak": est.process_bytes(r.peak)} for r in row.ranks],
+        "per_rank": [{**asdict(r), "process_peak": est.rank_bytes(row, r)} for r in row.ranks],
         "warnings": row.warnings,
     }
 
@@ -262,7 +262,7 @@ def render(est: Estimate, console: Console) -> None:
         if est.ranks > 1:
             parts = [
                 f"{k.strategy.upper()} peak {short_bytes(k.peak)} (process "
-                f"{short_bytes(est.process_bytes(k.peak))}), sends {short_bytes(k.comm_bytes)}"
+                f"{short_bytes(est.rank_bytes(r, k))}), sends {short_bytes(k.comm_bytes)}"
                 for k in r.ranks
             ]
             console.print(
