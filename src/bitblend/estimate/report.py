@@ -278,7 +278,9 @@ def render(est: Estimate, console: Console) -> None:
         console.print(
             f"process = resident runtime ({short_bytes(est.runtime_bytes)}: python, torch, "
             f"transformers, data) + the worse of step and eval peak x "
-            f"{1 + CPU_ALLOCATOR_SLACK:.2f} (blocks malloc keeps) + base conversion + save"
+            f"{1 + CPU_ALLOCATOR_SLACK:.2f} (blocks malloc keeps) + base conversion + save; "
+            "LoRA runs and ranks: resident state once, a step's transient bytes x2 "
+            "(x3 under FSDP2), the heap's layouts (docs/estimate.md)"
         )
     for row in est.rows:
         for w in row.warnings:
