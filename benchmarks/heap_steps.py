@@ -26,6 +26,7 @@ import argparse
 import ctypes
 import logging
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -129,6 +130,9 @@ def main() -> None:
     args = p.parse_args()
     warnings.simplefilter("ignore")
     logging.disable(logging.WARNING)
+    # this script's folder is sys.path[0], and benchmarks/peft.py would shadow peft
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
     probe = Probe(args.only_steps)
     import bitblend.train.trainer as trainer
     from bitblend.config.load import load_recipe
