@@ -271,6 +271,8 @@ def child_phases(target: str, sets: list[str]) -> None:
     _quiet()
     import bitblend.models.adapters as adapters
     import bitblend.report.html as html
+    import bitblend.train.dcp as dcp
+    import bitblend.train.distributed as distributed
     import bitblend.train.setup as setup
     import bitblend.train.trainer as trainer
     from bitblend.config.load import load_recipe, recipe_from_dict
@@ -292,7 +294,8 @@ def child_phases(target: str, sets: list[str]) -> None:
                         (trainer, "build_tasks"), (trainer, "convert_model"),
                         (trainer.Trainer, "evaluate"), (trainer.Trainer, "save_checkpoint"),
                         (trainer, "run_baselines"), (trainer, "save_model"),
-                        (html, "write_report")]:  # fmt: skip
+                        (html, "write_report"), (distributed.DistContext, "wrap"),
+                        (dcp, "save_sharded"), (dcp, "gather_replica")]:  # fmt: skip
         wrap(owner, name, name)
     step = trainer.Trainer.train_step
 
@@ -310,12 +313,18 @@ def child_phases(target: str, sets: list[str]) -> None:
         else:
             recipe = load_recipe(target, sets)
         phase[0] = "setup (other)"
-        summary = trainer.Trainer(recipe, Path(tmp) / "run", show_progress=False).fit()
+        run = Path(tmp) / "run"
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun: every rank writes one run dir
+            run = Path(tempfile.gettempdir()) / f"phases-{os.environ['TORCHELASTIC_RUN_ID']}"
+        summary = trainer.Trainer(recipe, run, show_progress=False).fit()
     time.sleep(0.01)
+    # under torchrun every rank prints its own phases, prefixed with its rank
+    rank = f"[rank {os.environ['RANK']}] " if "RANK" in os.environ else ""
     for name, (rss, live) in peaks.items():
-        print(f"{name:24} peak RSS {rss / 2**20:7.0f} MiB, malloc live {live / 2**20:7.0f} MiB")
-    print(f"ru_maxrss {_maxrss() / 2**20:.0f} MiB, summary.json peak "
-          f"{summary['peak_memory_bytes'] / 2**20:.0f} MiB")  # fmt: skip
+        mib = f"peak RSS {rss / 2**20:7.0f} MiB, malloc live {live / 2**20:7.0f} MiB"
+        print(f"{rank}{name:24} {mib}")
+    print(f"{rank}ru_maxrss {_maxrss() / 2**20:.0f} MiB, summary.json peak "
+          f"{summary.get('peak_memory_bytes', 0) / 2**20:.0f} MiB")  # fmt: skip
 
 
 def _maxrss() -> int:

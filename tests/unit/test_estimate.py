@@ -297,7 +297,9 @@ def test_fsdp_shards_and_ddp_replicates() -> None:
     one = {r.strategy: r.peak for r in per_rank(shape, spec, base, 1)}
     assert one == {"ddp": base.peak, "fsdp2": base.peak}
     four = {r.strategy: r.peak for r in per_rank(shape, spec, base, 4)}
-    assert four["ddp"] == base.peak  # the gradients are the all-reduce buckets
+    # the gradients are the all-reduce buckets, there from the start of backward
+    buckets = base.resident + base.static.grads + base.activations + base.temporary_total
+    assert four["ddp"] == max(base.peak, buckets)
     assert four["fsdp2"] < one["fsdp2"]
 
 

@@ -27,7 +27,7 @@ from bitblend.estimate.flops import (
     step_time,
     tokens_flops,
 )
-from bitblend.estimate.highwater import HighWater, high_water
+from bitblend.estimate.highwater import HighWater, high_water, rank_process
 from bitblend.estimate.memory import (
     CPU_ALLOCATOR_SLACK,
     RECIPES,
@@ -102,7 +102,16 @@ class Estimate:
         save's fresh bytes (estimate/highwater.py)."""
         tensors = row.memory.peak_checkpointed if checkpointed else row.memory.peak
         cpu = self.device == "cpu"
+        if cpu and row.high_water.layouts:  # LoRA: counted by layouts (highwater.py)
+            return row.high_water.layout_process(tensors, row.memory.resident, self.runtime_bytes)
         return row.high_water.process(tensors, self.runtime_bytes, CPU_ALLOCATOR_SLACK, cpu)
+
+    def rank_bytes(self, row: Row, rank: RankBytes) -> int:
+        """What one rank's process will hold at its peak (estimate/highwater.py)."""
+        cpu = self.device == "cpu"
+        return rank_process(
+            rank, row.memory, row.high_water, self.runtime_bytes, CPU_ALLOCATOR_SLACK, cpu
+        )
 
     def process_bytes(self, tensors: int) -> int:
         """A process holding `tensors` live bytes at its peak (one rank's, under --ranks)."""

@@ -23,7 +23,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bitblend.estimate.memory import FP32, INT64, PeakBytes, PrecisionSpec, attention_backend
+from bitblend.estimate.memory import (
+    FP32,
+    INT64,
+    PeakBytes,
+    PrecisionSpec,
+    RankBytes,
+    attention_backend,
+    state_bytes_per_element,
+)
 from bitblend.estimate.shapes import ModelShape, TaskShape
 
 
@@ -34,6 +42,15 @@ class HighWater:
     build: int  # left in the heap by the frozen base's conversion (CPU: below every step)
     eval: int  # live tensor bytes at an evaluation's peak: resident state + one batch
     save: int  # fresh bytes while checkpoints and model/ are written (dequantised base)
+    # CPU, a LoRA run: bytes of `build` that every step's live tensors count too (the
+    # stored frozen base), and how many layouts of its transient bytes the heap holds
+    # (0: the allocator-slack model of `process`; see `layout_process`)
+    kept: int = 0
+    layouts: int = 0
+    # the final checkpoint's copy of the optimizer state, on the rank that writes it
+    # (`checkpoint_bytes`): the part the heap's holes take, the part in fresh mmapped pages
+    checkpoint: int = 0
+    fresh: int = 0
 
     def process(self, step_tensors: int, runtime: int, slack: float, cpu: bool) -> int:
         """The run's peak. CPU (RSS): the worse of the step and the evaluation with
@@ -44,6 +61,25 @@ class HighWater:
             return max(step_tensors, self.eval + self.save, self.build)
         live = max(step_tensors, self.eval)
         return runtime + self.build + round(live * (1 + slack)) + self.save
+
+    def layout_process(self, step_tensors: int, resident: int, runtime: int) -> int:
+        """CPU, counted by layouts (`layouts` > 0): the resident state once (the part the
+        build holds already, `kept`, not again), each step's transient bytes - the worse
+        of the step's and an evaluation's peak above the resident state - `layouts`
+        times, over the build, plus the save. The final checkpoint's copy of the
+        optimizer state comes into a settled heap: it fills the holes the steps left and
+        adds only what is larger than them, except its blocks above the mmap threshold,
+        fresh pages on top (measured: DDP rank 0, MiniLM 8 x 64 per rank, 1228 MiB after
+        its steps and 1320 after the checkpoint: AdamW's two 47 MiB embedding states)."""
+        return layout_bytes(self, step_tensors, resident, runtime, self.layouts)
+
+
+def layout_bytes(hw: HighWater, step_tensors: int, resident: int, runtime: int, n: int) -> int:
+    """`HighWater.layout_process` with `n` layouts of the transient bytes."""
+    transient = max(max(step_tensors, hw.eval) - resident, 0)
+    rest = max(resident - hw.kept, 0)
+    steps = max(n * transient, hw.checkpoint) + hw.fresh
+    return runtime + hw.build + rest + steps + hw.save
 
 
 def build_bytes(shape: ModelShape, spec: PrecisionSpec) -> int:
@@ -114,8 +150,92 @@ def high_water(
     task's evaluation over the resident state (weights, master, optimizer states: gradients
     are None between steps), and the save."""
     evals = [sum(eval_live_bytes(shape, t, spec, eval_batch, device).values()) for t in tasks]
+    ad = shape.adapter
     return HighWater(
         build=build_bytes(shape, spec),
         eval=step.resident + max(evals, default=0),
         save=save_bytes(shape),
+        kept=ad.frozen_bytes(spec.weight_bytes) if ad is not None else 0,
+        layouts=TRANSIENT_LAYOUTS if ad is not None else 0,
+        checkpoint=checkpoint_bytes(shape, spec, step)[0],
+        fresh=checkpoint_bytes(shape, spec, step)[1],
     )
+
+
+# glibc serves a block above its mmap threshold (train/cpu_heap.py raises it to 32 MiB) with
+# fresh pages of its own, never from the heap's free chunks
+MMAP_THRESHOLD = 32 * 2**20
+
+
+def mmapped_tensors(shape: ModelShape, width: float) -> int:
+    """Bytes of one per-parameter tensor set (at `width` bytes per element) in blocks above
+    the mmap threshold: the token embedding table, and in wide models the MLP matrices."""
+    sizes = [shape.vocab * shape.hidden] + 2 * shape.layers * [shape.hidden * shape.intermediate]
+    return round(sum(n * width for n in sizes if n * width > MMAP_THRESHOLD))
+
+
+def checkpoint_bytes(shape: ModelShape, spec: PrecisionSpec, step: PeakBytes) -> tuple[int, int]:
+    """The final checkpoint's copy of the optimizer state (train/checkpoint.py clones every
+    state tensor before safetensors writes it): (bytes that fill the heap's holes, bytes
+    in fresh mmapped pages that land on top of the steps' high-water)."""
+    trainable = shape.trainable[0]
+    if not trainable or not step.static.states:
+        return 0, 0
+    element = state_bytes_per_element(spec.state_bits)
+    tensors = round(step.static.states / (trainable * element))  # states per parameter
+    fresh = min(tensors * mmapped_tensors(shape, element), step.static.states)
+    return step.static.states - fresh, fresh
+
+
+# -- layouts: how many times the heap holds a step's transient bytes (CPU) --------------
+# Measured per step (glibc's mallinfo2 and /proc/self/smaps after each forward, backward
+# and optimizer step; docs/estimate.md "Where the bytes are"): malloc's live bytes peak
+# at what the tensor model counts, but the main heap grows more. What lives for the whole
+# run (weights, optimizer states, DDP's gradient buckets, a LoRA run's stored base) is laid
+# out once; what a step allocates and frees (activations, gradients that zero_grad drops,
+# temporaries) rises 1.6-2.3x its live bytes in the heap (one MiniLM process, 8x64 and
+# 16x128; LoRA over bf16 and int8 bases; ddp per rank): the backward's gradients and
+# temporaries are allocated while the forward's activations still fill the heap, and the
+# holes those leave as they are freed, in reverse order, do not fit the next step's
+# forward, so the heap ends up holding two layouts of the step.
+TRANSIENT_LAYOUTS = 2
+# FSDP2 on gloo holds a third (measured 3.1-3.4x at 2 ranks, batch 16 and 32 x 64): every
+# unit's parameters are gathered in forward, freed, and gathered again in backward in the
+# opposite order next to new gradient shards and their reduce-dtype copies, and gloo's
+# worker threads make flat copies of every collective's buffers in glibc arenas of their
+# own, which the main thread cannot reuse. (With one arena, GLIBC_TUNABLES=
+# glibc.malloc.arena_max=1, the same run stopped growing after its second step.)
+FSDP2_LAYOUTS = 3
+
+
+def rank_process(
+    rank: RankBytes,
+    base: PeakBytes,
+    hw: HighWater,
+    runtime: int,
+    slack: float,
+    cpu: bool,
+) -> int:
+    """One rank's process peak (the worst rank's). DDP runs a full replica: the single
+    process's phases of its own slice of the batch, its resident state (gradient
+    buckets included) once and its transient bytes TRANSIENT_LAYOUTS times. FSDP2 holds
+    its resident shard once and the step's transient bytes FSDP2_LAYOUTS times, over
+    the whole unsharded model that every rank builds before sharding (heap the steps
+    reuse: the larger of the two), and rank 0 ends the run with an unsharded replica for
+    model/, loaded from the gathered state dict (measured: it lands above the steps'
+    high-water, like a save)."""
+    if rank.ranks == 1:  # one process: as `bitblend estimate` without --ranks
+        if cpu and hw.layouts:
+            return hw.layout_process(rank.peak, rank.resident, runtime)
+        return hw.process(rank.peak, runtime, slack, cpu)
+    if rank.strategy != "fsdp2":
+        if not cpu:
+            return hw.process(rank.peak, runtime, slack, cpu)
+        return layout_bytes(hw, rank.peak, rank.resident, runtime, TRANSIENT_LAYOUTS)
+    full = base.static.weights  # the unsharded model at rest: the build, the replica
+    if not cpu:  # CUDA's caching allocator: live tensors, nothing stacks
+        return max(rank.peak, hw.build, full)
+    evaluation = max(hw.eval - base.resident, 0)  # an eval batch over the shard
+    transient = max(rank.peak - rank.resident, evaluation)
+    step = rank.resident + FSDP2_LAYOUTS * transient
+    return runtime + hw.build + max(step, full) + hw.save + full

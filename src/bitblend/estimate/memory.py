@@ -459,6 +459,9 @@ class RankBytes:
     note: str
     comm_bytes: int = 0  # bytes each rank sends per optimizer step (ring collectives)
     batch: int = 0  # examples of the worst task's micro-batch on this rank
+    # weights, master copies and optimizer states this rank holds through the whole run
+    # (FSDP2: its shard); the rest of `peak` is allocated and freed within each step
+    resident: int = 0
 
 
 def ring_factor(ranks: int) -> float:
@@ -506,29 +509,43 @@ def per_rank(
     shards weights, grads, masters and states N ways, all-gathers one block at a time (two
     with prefetch) at the gather width (bf16 under bf16-mixed, which then needs no autocast
     weight copies) and reduce-scatters each block's gradients from a full-size buffer.
+    The root unit (embeddings, heads) stays gathered from forward to the end of backward,
+    and its gradients are complete, and reduce-scattered, last: by then the activations
+    are freed but every other gradient shard exists (the end of backward, a peak of its
+    own when activations are small next to the embeddings: MiniLM's are 53% of it).
     """
     if ranks < 1:
         raise ValueError("ranks must be >= 1")
     st = base.static
     comm = comm_bytes(shape, spec, st.grads, ranks, grad_accum) if ranks > 1 else {}
+    # DDP's buckets are allocated when the model is wrapped and the gradients are views
+    # into them: every gradient's bytes exist from the start of backward, beside its
+    # activations, and stay for the run.
+    buckets = st.grads if ranks > 1 else 0
+    temporary = base.temporary_total
+    ddp_backward = base.resident + buckets + base.activations + temporary
+    ddp_backward_ckpt = base.resident + buckets + base.activations_checkpointed + temporary
     ddp = RankBytes(
         "ddp",
         ranks,
-        base.peak,
-        base.peak_checkpointed,
+        max(base.peak, ddp_backward),
+        max(base.peak_checkpointed, ddp_backward_ckpt),
         "full replica, gradients in the all-reduce buckets",
         comm.get("ddp", 0),
         batch,
+        base.resident + buckets,
     )
     if ranks == 1:
-        fsdp = RankBytes("fsdp2", 1, base.peak, base.peak_checkpointed, "one rank", 0, batch)
+        fsdp = RankBytes(
+            "fsdp2", 1, base.peak, base.peak_checkpointed, "one rank", 0, batch, base.resident
+        )
         return [ddp, fsdp]
     # The root unit (embeddings, heads, final norm) is gathered like a block.
     root = max(shape.params - shape.layers * shape.layer_params, 0)
     width = gather_bytes(spec)
     gathered = max(2 * shape.layer_params, root) * width
-    reduce_buf = max(shape.layer_params, root) * spec.grad_bytes
-    temporary = base.temporary_total
+    # a block's gradients at the gather width, cast to the reduce dtype (the gradients')
+    reduce_buf = shape.layer_params * (width + spec.grad_bytes)
     if width == spec.compute_bytes:  # gathered bf16 weights: autocast casts nothing
         temporary -= base.temporary.get("autocast weight copies", 0)
     shard = base.resident / ranks
@@ -536,13 +553,17 @@ def per_rank(
     # Sharded gradients accumulate during backward; at its start none exists.
     backward = shard + base.activations + temporary + gathered + reduce_buf
     backward_ckpt = shard + base.activations_checkpointed + temporary + gathered + reduce_buf
+    # The end of backward: the root still gathered, its unsharded gradients and their
+    # reduce-dtype copy, beside every other unit's gradient shard.
+    end = shard + st.grads / ranks + root * (2 * width + spec.grad_bytes)
     fsdp = RankBytes(
         "fsdp2",
         ranks,
-        round(max(backward, step)),
-        round(max(backward_ckpt, step)),
+        round(max(backward, step, end)),
+        round(max(backward_ckpt, step, end)),
         f"sharded {ranks} ways, <= 2 blocks gathered",
         comm["fsdp2"],
         batch,
+        round(shard),
     )
     return [ddp, fsdp]

@@ -88,7 +88,7 @@ def row_json(est: Estimate, row: Row) -> dict[str, Any]:
         "mean_time_per_step_s": row.mean_time,
         "eval_time_s": row.eval_time,
         "run": {"steps": row.steps, "evals": row.evals, "time_s": row.run_time},
-        "per_rank": [{**asdict(r), "process_peak": est.process_bytes(r.peak)} for r in row.ranks],
+        "per_rank": [{**asdict(r), "process_peak": est.rank_bytes(row, r)} for r in row.ranks],
         "warnings": row.warnings,
     }
 
@@ -262,7 +262,7 @@ def render(est: Estimate, console: Console) -> None:
         if est.ranks > 1:
             parts = [
                 f"{k.strategy.upper()} peak {short_bytes(k.peak)} (process "
-                f"{short_bytes(est.process_bytes(k.peak))}), sends {short_bytes(k.comm_bytes)}"
+                f"{short_bytes(est.rank_bytes(r, k))}), sends {short_bytes(k.comm_bytes)}"
                 for k in r.ranks
             ]
             console.print(
@@ -278,7 +278,9 @@ def render(est: Estimate, console: Console) -> None:
         console.print(
             f"process = resident runtime ({short_bytes(est.runtime_bytes)}: python, torch, "
             f"transformers, data) + the worse of step and eval peak x "
-            f"{1 + CPU_ALLOCATOR_SLACK:.2f} (blocks malloc keeps) + base conversion + save"
+            f"{1 + CPU_ALLOCATOR_SLACK:.2f} (blocks malloc keeps) + base conversion + save; "
+            "LoRA runs and ranks: resident state once, a step's transient bytes x2 "
+            "(x3 under FSDP2), the heap's layouts (docs/estimate.md)"
         )
     for row in est.rows:
         for w in row.warnings:
