@@ -365,6 +365,13 @@ class TrainConfig:
         "train split, score it on the rows the run evaluates, and show it beside the task's "
         "metric; off: skip",
     )
+    head_refit: Literal["auto", "all", "off"] = doc(
+        "auto",
+        "at the end, refit classification / binary heads by L2 logistic regression on the "
+        "final trunk's pooled features of the task's training split (strength chosen by "
+        "cross-validation on that split; docs/mixing.md): auto = image, tabular and audio "
+        "tasks, all = text tasks too, off = keep the trained heads",
+    )
 
 
 @dataclass(kw_only=True)

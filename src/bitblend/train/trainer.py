@@ -21,14 +21,14 @@ from bitblend.errors import BitblendError
 from bitblend.fsutil import crash_point, disk_error, is_disk_error
 from bitblend.models.adapters import checkpoint_filter, save_model
 from bitblend.models.backbones import count_parameters
-from bitblend.models.llama import TOKENIZER_DIR, save_trained_tokenizer
+from bitblend.models.llama import TOKENIZER_DIR
 from bitblend.optim.build import build_optimizer, build_schedule, param_roles
 from bitblend.optim.lowbit import export_state, import_state
 from bitblend.precision.health import NonFiniteSteps
 from bitblend.precision.recipes import build_precision
 from bitblend.report.console import metrics_table
 from bitblend.report.progress import ProgressReporter, run_footer
-from bitblend.report.sinks import JsonlSink, TensorBoardSink, truncate_jsonl
+from bitblend.report.sinks import JsonlSink, TensorBoardSink
 from bitblend.tasks.balancing import Balancer
 from bitblend.taskspec import load_data
 from bitblend.train import checkpoint as ckpt
@@ -37,8 +37,9 @@ from bitblend.train import step as step_fn
 from bitblend.train.baselines import run_baselines
 from bitblend.train.cpu_heap import tune_cpu_heap
 from bitblend.train.evaluate import evaluate_split
+from bitblend.train.head_refit import run_head_refit
 from bitblend.train.jacobian import make_aggregator
-from bitblend.train.recipe_log import record_recipe
+from bitblend.train.prepare import prepare_run_dir
 from bitblend.train.resume import (
     FINAL_EVAL,
     Checkpointer,
@@ -152,6 +153,9 @@ class Trainer:
         self.train_time = 0.0
         self.task_steps = [0] * len(self.tasks)
         self.task_examples = [0] * len(self.tasks)
+        # What the end-of-run head refit did per task (train/head_refit.py); in the final
+        # checkpoint, so a finished run resumed reports it again.
+        self.head_refit: dict[str, Any] | None = None
         # from_pretrained returns eval mode; a Trainer's model trains (dropout on) from here.
         self.model.train()
         self.checkpoints = Checkpointer(run_dir, cfg.keep_checkpoints, self._notice)
@@ -194,6 +198,7 @@ class Trainer:
                 "task_steps": self.task_steps,
                 "task_examples": self.task_examples,
                 "plan_steps": self.plan_steps,
+                "head_refit": self.head_refit,
             },
         }
 
@@ -223,6 +228,7 @@ class Trainer:
         self.train_time = float(t["train_time"])
         self.task_steps = [int(x) for x in t["task_steps"]]
         self.task_examples = [int(x) for x in t["task_examples"]]
+        self.head_refit = t.get("head_refit")
 
     # -- checkpoints, resume, stopping (recovery rules: train/resume.py) ------------------
     def save_checkpoint(self, final_eval: dict[str, Any] | None = None) -> Path:
@@ -403,49 +409,7 @@ class Trainer:
 
     # -- the run -----------------------------------------------------------------------
     def _prepare_dir(self) -> None:
-        if self.dist.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_trained_tokenizer(self.tokenizer, self.run_dir)  # llama-<size>: once per run
-        if self.resume:
-            step = self.restore_latest()
-            steps = self.recipe.train.steps
-            if steps < step:
-                raise BitblendError(
-                    f"--set train.steps={steps}: below step {step} of the checkpoint resumed"
-                )
-            # The final eval rows of a finished run stay when its checkpoint holds them
-            # (reused, not redone); a legacy final checkpoint without them evaluates again.
-            redo_eval = (
-                self.restored is not None
-                and self.restored.final_eval is None
-                and step >= self.recipe.train.steps
-            )
-            if self.dist.main:
-                truncate_jsonl(self.run_dir / "metrics.jsonl", step,
-                               keep_eval_at_last=not redo_eval, notice=self._notice)  # fmt: skip
-                record_recipe(self.run_dir, self.recipe, event="resume", step=step,
-                              overrides=self.overrides, changed=self.changed,
-                              plan_steps=self.plan_steps)  # fmt: skip
-            if self.restored is None:
-                self._notice(f"{self.run_dir}: no checkpoint yet; starting again from step 0")
-                if self.dist.main:
-                    self._write_labels()
-            else:
-                self.console.print(f"resumed {self.run_dir} at step {step}")
-            if steps > self.plan_steps:
-                self.console.print(
-                    f"train.steps {steps} is past the planned horizon of {self.plan_steps} "
-                    f"steps: the learning rate stays at its end value after step "
-                    f"{self.plan_steps} (docs/usage.md, resuming)"
-                )
-        elif self.dist.main:
-            record_recipe(self.run_dir, self.recipe, event="start", step=0,
-                          overrides=self.overrides)  # fmt: skip
-            self._write_labels()
-
-    def _write_labels(self) -> None:
-        labels = {t.name: t.data.label_names for t in self.tasks if t.data.label_names}
-        write_json(self.run_dir / "labels.json", labels)
+        prepare_run_dir(self)  # train/prepare.py: create, or restore and record a resume
 
     def fit(self) -> dict[str, Any]:
         """Train to `train.steps`, evaluating and checkpointing as the recipe asks.
@@ -523,6 +487,7 @@ class Trainer:
         ):  # a finished run resumed: its final eval and checkpoint exist already
             evals = self.restored.final_eval
         else:
+            self._refit_heads()
             evals = self._log_eval(sink, tb)
             self.save_checkpoint(final_eval=evals)
         crash_point("run:after-final-checkpoint")
@@ -564,6 +529,8 @@ class Trainer:
                 **base,
                 "share_of_wall": base["seconds"] / summary["wall_time_s"],
             }
+        if self.head_refit:
+            summary["head_refit"] = self.head_refit
         summary["mixture"] = mixture_summary(self)
         summary["tokenizers"] = tokenizer_report(self)
         summary["data_errors"] = data_errors(self.tasks)  # rows skipped (data_errors: skip)
@@ -599,6 +566,12 @@ class Trainer:
         if footer:
             self.console.print(footer, markup=False, highlight=False)
         return summary
+
+    def _refit_heads(self) -> None:
+        """train.head_refit: refit eligible heads on the final trunk (train/head_refit.py)."""
+        self.head_refit = run_head_refit(
+            self.model, self.tasks, self.recipe.train, self.dist, self.console
+        )
 
     def _plain_model(self) -> Any:
         """The unwrapped model to save on rank 0 (None elsewhere); FSDP2 gathers a replica."""
