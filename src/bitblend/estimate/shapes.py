@@ -31,7 +31,7 @@ LM_HEADS = ("masked_lm", "causal_lm")
 class ModelShape:
     """What the cost model needs to know about a model: its sizes, not its weights."""
 
-    family: str  # "bert" (post-LN encoder), "gpt2" (pre-LN decoder) or "generic"
+    family: str  # "bert" (post-LN encoder), "gpt2" / "llama" (pre-LN decoders) or "generic"
     vocab: int
     hidden: int
     layers: int
@@ -55,6 +55,11 @@ class ModelShape:
     # Heads-side input layers that train (own-vocabulary tables, patch / feature adapters):
     # with them the embeddings' output needs gradients even over a frozen backbone.
     trainable_inputs: bool = False
+    # Key/value heads (grouped-query attention, Llama); 0: as many as query heads.
+    kv_heads: int = 0
+    # Trainable parameters no step ever gives a gradient (so no gradient and no optimizer
+    # state): the backbone's token table when no task feeds it input ids (idle_table_params).
+    idle_params: int = 0
 
     @property
     def params(self) -> int:
@@ -74,7 +79,7 @@ class ModelShape:
     @property
     def causal(self) -> bool:
         """Decoder (GPT-style) models."""
-        return self.family == "gpt2"
+        return self.family in ("gpt2", "llama")
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,8 @@ def head_params(specs: list[Any], width: int) -> tuple[int, int, int]:
     total = fp32 = matmul = 0
     for s in specs:
         head = width * s.num_outputs + s.num_outputs
+        if s.lm_head:  # a checkpoint class's own head: llama's is untied, without a bias
+            head = width * s.num_outputs
         total += head
         if s.head in LM_HEADS:
             matmul += head  # LM heads run in the compute dtype
@@ -153,7 +160,8 @@ def shape_from_config(
     kernels: str = "auto",
 ) -> ModelShape:
     """The cost-model view of a transformers config plus bitblend's heads."""
-    family = config.model_type if config.model_type in (*BERT_LIKE, "gpt2") else "generic"
+    known = (*BERT_LIKE, "gpt2", "llama")
+    family = config.model_type if config.model_type in known else "generic"
     family = "bert" if family in BERT_LIKE else family
     h = int(_get(config, "hidden_size", "n_embd", "d_model"))
     L = int(_get(config, "num_hidden_layers", "n_layer", "num_layers"))
@@ -171,6 +179,8 @@ def shape_from_config(
     # c_proj: the same sizes) and the two MLP projections.
     linears = 4 * (h * h + h) + (h * i + i) + (i * h + h)
     norms = 2 * 2 * h
+    if family == "llama":
+        linears, norms = llama_block_params(config)
     layer = linears + norms
     if family == "bert":
         types = int(_get(config, "type_vocab_size", default=0))
@@ -181,7 +191,7 @@ def shape_from_config(
         trunk_norms = L * norms + 2 * h
     else:
         trunk = _count_on_meta(config)
-        trunk_norms = L * norms
+        trunk_norms = L * norms + (h if family == "llama" else 0)  # llama's final RMSNorm
     heads, heads_fp32, heads_matmul = head_params(specs, h)
     own = sum(s.text_vocab * h for s in specs if s.text_vocab)
     return ModelShape(
@@ -205,7 +215,46 @@ def shape_from_config(
         trainable_inputs=any(
             s.text_vocab or "image" in s.modalities or "tabular" in s.modalities for s in specs
         ),
+        kv_heads=int(_get(config, "num_key_value_heads", default=0) or 0),
     )
+
+
+def llama_block_params(config: Any) -> tuple[int, int]:
+    """(Linear, norm) parameters of one Llama block: q and o (h x h), k and v (h x kv
+    width: grouped-query attention), SwiGLU's gate, up and down (h x i each), no biases;
+    two RMSNorm weights (h each)."""
+    h, i = int(config.hidden_size), int(config.intermediate_size)
+    heads = int(config.num_attention_heads)
+    kv = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or h // heads)
+    bias = bool(getattr(config, "attention_bias", False))
+    attn = 2 * h * heads * head_dim + 2 * h * kv * head_dim
+    attn += (2 * heads * head_dim + 2 * kv * head_dim) * bias  # q, o, k, v biases if any
+    mlp = 3 * h * i + (2 * i + h) * bool(getattr(config, "mlp_bias", False))
+    return attn + mlp, 2 * h
+
+
+def llama_lm_head(name: str, config: Any, spec: Any, own: bool) -> None:
+    """A causal_lm task on llama-<size> gets its LlamaForCausalLM head, as train builds it
+    (train/setup.py): `config.vocab_size` outputs (the recipe's model.vocab_size, not the
+    untrained tokenizer's length), one head per task, untied and without a bias."""
+    from bitblend.models.llama import is_llama_alias
+
+    if is_llama_alias(name) and spec.head == "causal_lm" and not own:
+        spec.lm_head, spec.num_outputs = "LlamaForCausalLM", int(config.vocab_size)
+
+
+def idle_table_params(shape: ModelShape, specs: list[Any], own: list[bool]) -> int:
+    """The backbone's token-embedding table (vocab x width) when no task reads the backbone's
+    tokenizer: every text task has its own vocabulary (models/trunk.py embeds it with the
+    task's own table) and the other modalities go in as embeddings. The table then never
+    gets a gradient, and AdamW keeps no state for it: for MiniLM under an own-vocabulary
+    task, 11.7M of 25.6M parameters (135 MiB of gradients and fp32 states). A LoRA base is
+    frozen anyway (no gradients counted)."""
+    feeds_table = any("text" in s.modalities and not o for s, o in zip(specs, own, strict=True))
+    if feeds_table or shape.adapter is not None or shape.family == "generic":
+        return 0
+    return shape.vocab * shape.hidden
 
 
 def _count_on_meta(config: Any) -> int:
@@ -228,13 +277,30 @@ class _SizedVocab:
 
 
 def backbone_config(
-    name: str, dropout: float | None, attention_dropout: float | None = None
+    name: str,
+    dropout: float | None,
+    attention_dropout: float | None = None,
+    vocab_size: int | None = None,
 ) -> tuple[Any, Any]:
-    """(transformers config, tokenizer) of a backbone alias or directory, without weights."""
+    """(transformers config, tokenizer) of a backbone alias or directory, without weights.
+    `vocab_size`: model.vocab_size, the embedding rows of llama-<size> (its BPE is trained
+    by `train`; the tokenizer returned here is the untrained byte-level one)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from bitblend.models.backbones import ALIASES, load_backbone, minilm_path
+    from bitblend.models.backbones import (
+        ALIASES,
+        load_backbone,
+        load_backbone_with_head,
+        minilm_path,
+    )
+    from bitblend.models.llama import is_llama_alias
 
+    if is_llama_alias(name) and vocab_size is not None:
+        with torch.device("meta"):
+            model, tokenizer, _ = load_backbone_with_head(
+                name, None, dropout, attention_dropout, vocab_size=vocab_size
+            )
+        return model.config, tokenizer
     if name in ALIASES and name != "minilm":
         # The tiny models are defined in code: build them on the meta device (no memory,
         # no init) and read their config.
@@ -271,10 +337,10 @@ def recipe_shapes(
 
     datas = load_data(recipe) if datas is None else datas
     m = recipe.model
-    config, tokenizer = backbone_config(m.backbone, m.dropout, m.attention_dropout)
+    config, tokenizer = backbone_config(m.backbone, m.dropout, m.attention_dropout, m.vocab_size)
     decoder = is_decoder(cast(Any, SimpleNamespace(config=config)))
     cfg = recipe.train
-    specs, tasks = [], []
+    specs, tasks, owns = [], [], []
     for i, (task, data) in enumerate(zip(recipe.tasks, datas, strict=True)):
         # The same checks, with the same words, as train/setup.py's build_model/build_tasks.
         if task.head == "causal_lm" and not decoder:
@@ -291,7 +357,9 @@ def recipe_shapes(
         tok = _SizedVocab(task.wordpiece_vocab) if own else tokenizer
         uses_text = data.train.text is not None
         spec = head_spec(task, data, tok if uses_text else None, own, i)
+        llama_lm_head(m.backbone, config, spec, own)
         specs.append(spec)
+        owns.append(own)
         micro = task.batch_size or cfg.batch_size
         if len(data.train) < micro * cfg.grad_accum:
             raise BitblendError(
@@ -313,6 +381,7 @@ def recipe_shapes(
     shape = shape_from_config(config, specs, m.dropout, m.attention_dropout, m.kernels)
     if m.adapter.kind != "none":
         shape = replace(shape, adapter=adapter_shape(recipe, config, specs))
+    shape = replace(shape, idle_params=idle_table_params(shape, specs, owns))
     for i, t in enumerate(tasks):
         if shape.positions and t.seq > shape.positions and shape.family != "generic":
             raise BitblendError(
