@@ -34,6 +34,9 @@ class HighWater:
     build: int  # left in the heap by the frozen base's conversion (CPU: below every step)
     eval: int  # live tensor bytes at an evaluation's peak: resident state + one batch
     save: int  # fresh bytes while checkpoints and model/ are written (dequantised base)
+    # live tensor bytes while a checkpoint is staged: resident state + the copies of the
+    # optimizer states and masters it writes (checkpoint_live_bytes); host memory on a GPU
+    checkpoint: int = 0
 
     def process(self, step_tensors: int, runtime: int, slack: float, cpu: bool) -> int:
         """The run's peak. CPU (RSS): the worse of the step and the evaluation with
@@ -42,7 +45,7 @@ class HighWater:
         `eval`) with an evaluation's or a save's transient, whichever is largest."""
         if not cpu:
             return max(step_tensors, self.eval + self.save, self.build)
-        live = max(step_tensors, self.eval)
+        live = max(step_tensors, self.eval, self.checkpoint)
         return runtime + self.build + round(live * (1 + slack)) + self.save
 
 
@@ -63,6 +66,16 @@ def save_bytes(shape: ModelShape) -> int:
     if ad is None or ad.base_bits is None or ad.base_bits >= 16:
         return 0
     return ad.quantised_params * FP32
+
+
+def checkpoint_live_bytes(step: PeakBytes) -> int:
+    """Live bytes while a checkpoint is written (train/checkpoint.py): the resident state
+    (weights, masters, optimizer states; no gradients between steps) plus a copy of every
+    tensor of the trainer's state - `_flatten` clones each optimizer state and master
+    weight (safetensors refuses shared storages) before `save_file` reads them; the model's
+    own weights are written from the live tensors without a copy. Above the step when the
+    states outweigh activations + gradients (small batches, large models)."""
+    return step.resident + step.static.states + step.static.master
 
 
 def eval_live_bytes(
@@ -118,4 +131,5 @@ def high_water(
         build=build_bytes(shape, spec),
         eval=step.resident + max(evals, default=0),
         save=save_bytes(shape),
+        checkpoint=checkpoint_live_bytes(step),
     )
