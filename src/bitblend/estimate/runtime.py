@@ -70,7 +70,9 @@ def _child(recipe_path: str, ranks: int) -> int:
     encode_task = importlib.import_module("bitblend.train.setup").encode_task
     m = recipe.model
     _, tokenizer = backbone_config(m.backbone, m.dropout, m.attention_dropout)
-    for i, (task, data) in enumerate(zip(recipe.tasks, load_data(recipe), strict=True)):
+    datas = load_data(recipe)
+    tokenizer = _llama_bpe(recipe, datas) or tokenizer
+    for i, (task, data) in enumerate(zip(recipe.tasks, datas, strict=True)):
         tok = tokenizer
         own = task.tokenizer == "wordpiece" and data.train.text is not None
         if own:
@@ -80,6 +82,18 @@ def _child(recipe_path: str, ranks: int) -> int:
         encode_task(task, spec, data.train, data.train_targets, tok, recipe)
         encode_task(task, spec, data.eval, data.eval_targets, tok, recipe)
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+
+
+def _llama_bpe(recipe: Recipe, datas: list[object]) -> object | None:
+    """llama-<size>: the byte-level BPE train trains on the recipe's mixture before the
+    model (models/llama.py), whose high-water and encodings belong to the runtime; None for
+    other backbones."""
+    from bitblend.models.llama import is_llama_alias, llama_tokenizer, tokenizer_corpus
+
+    if not is_llama_alias(recipe.model.backbone):
+        return None
+    texts = [d.train.text for d in datas if d.train.text is not None]  # type: ignore[attr-defined]
+    return llama_tokenizer(lambda: tokenizer_corpus(texts), recipe.model.vocab_size)
 
 
 if __name__ == "__main__":
