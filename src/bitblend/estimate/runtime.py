@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from bitblend.config.load import dump_recipe
 from bitblend.config.schema import Recipe
@@ -84,7 +85,7 @@ def _child(recipe_path: str, ranks: int) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
 
-def _llama_bpe(recipe: Recipe, datas: list[object]) -> object | None:
+def _llama_bpe(recipe: Recipe, datas: list[Any]) -> Any:
     """llama-<size>: the byte-level BPE train trains on the recipe's mixture before the
     model (models/llama.py), whose high-water and encodings belong to the runtime; None for
     other backbones."""
@@ -92,7 +93,7 @@ def _llama_bpe(recipe: Recipe, datas: list[object]) -> object | None:
 
     if not is_llama_alias(recipe.model.backbone):
         return None
-    texts = [d.train.text for d in datas if d.train.text is not None]  # type: ignore[attr-defined]
+    texts = [d.train.text for d in datas if d.train.text is not None]
     return llama_tokenizer(lambda: tokenizer_corpus(texts), recipe.model.vocab_size)
 
 
