@@ -153,3 +153,27 @@ def test_checkpoint_stages_a_copy_of_states_and_masters(precision: str, tmp_path
     copies = sum(t.numel() * t.element_size() for t in staged.values())
     step = peak_bytes(shape, tasks[0], precision_spec(precision), optimizer_states("adamw"))
     assert checkpoint_live_bytes(step) - step.resident == pytest.approx(copies, rel=0.01)
+
+
+def test_causal_shift_copies_the_fp32_logits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """causal_lm's loss hands cross_entropy a fresh (T', vocab) fp32 tensor, not a view of
+    the upcast logits (their shifted slice is not contiguous): one more fp32 logits copy,
+    which the estimate counts for causal_lm only."""
+    import bitblend.tasks.losses as losses
+    from bitblend.estimate.memory import causal_shift_bytes
+
+    seen: list[torch.Tensor] = []
+    real = losses.F.cross_entropy
+
+    def spy(inp: torch.Tensor, *a: Any, **k: Any) -> torch.Tensor:
+        seen.append(inp)
+        return real(inp, *a, **k)
+
+    monkeypatch.setattr(losses.F, "cross_entropy", spy)
+    logits = torch.randn(2, 16, 50, dtype=torch.bfloat16)
+    compute_loss("cross_entropy", logits, torch.randint(0, 50, (2, 16)), "causal_lm")
+    flat = seen[0]
+    assert flat.dtype == torch.float32 and flat._base is None and flat.shape == (30, 50)
+    lm = TaskShape("lm", "causal_lm", 50, batch=2, seq=16)
+    assert causal_shift_bytes(lm) == {"causal_lm shifted logits copy": 2 * 16 * 50 * 4}
+    assert causal_shift_bytes(replace(lm, head="masked_lm")) == {}

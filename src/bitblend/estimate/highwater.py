@@ -23,7 +23,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bitblend.estimate.memory import FP32, INT64, PeakBytes, PrecisionSpec, attention_backend
+from bitblend.estimate.memory import (
+    FP32,
+    INT64,
+    PeakBytes,
+    PrecisionSpec,
+    attention_backend,
+    causal_shift_bytes,
+)
 from bitblend.estimate.shapes import ModelShape, TaskShape
 
 
@@ -107,6 +114,8 @@ def eval_live_bytes(
         lm = task.head in ("masked_lm", "causal_lm")
         # logits (t, outputs) in their dtype, the loss's fp32 copy and log_softmax output
         out["eval logits"] = t * task.outputs * ((c if lm else FP32) + 2 * FP32)
+        one = TaskShape(task.name, task.head, task.outputs, b, s)  # one eval batch
+        out.update({f"eval {k}": v for k, v in causal_shift_bytes(one).items()})
         if not lm:  # token predictions and gold labels kept for the split: int64 each
             out["eval kept outputs"] = 2 * n * s * INT64
     else:

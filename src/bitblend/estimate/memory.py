@@ -418,7 +418,17 @@ def temporary_bytes(
     if task.per_token:
         # logits in their dtype, their fp32 copy and the gradient of log_softmax
         out["logits"] = t * task.outputs * (spec.compute_bytes + 2 * FP32)
+        out.update(causal_shift_bytes(task))
     return out
+
+
+def causal_shift_bytes(task: TaskShape) -> dict[str, int]:
+    """causal_lm's loss (tasks/losses.py) shifts the fp32 logits by one position,
+    logits[:, :-1], and flattens them for cross_entropy: the slice is not contiguous, so the
+    reshape copies all (T, vocab) fp32 logits once more while the others are alive."""
+    if task.head != "causal_lm":
+        return {}
+    return {"causal_lm shifted logits copy": task.tokens * task.outputs * FP32}
 
 
 @dataclass
