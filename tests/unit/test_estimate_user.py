@@ -81,7 +81,6 @@ def test_own_vocabulary_leaves_the_token_table_idle() -> None:
     assert recipe_shapes(recipe_from_dict(data))[0].idle_params == 0
 
 
-@pytest.mark.slow
 def test_idle_table_has_no_optimizer_state(tmp_path: Path) -> None:
     """After a real step with an own-vocabulary task, AdamW holds states for every trainable
     parameter but the backbone's table (its grad stayed None): the estimate's states equal
@@ -133,7 +132,6 @@ def test_llama_activations_equal_saved_tensors(precision: str) -> None:
 
 
 # -- a checkpoint's staged copies ----------------------------------------------------------
-@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
 def test_checkpoint_stages_a_copy_of_states_and_masters(precision: str, tmp_path: Path) -> None:
     """save_checkpoint flattens the trainer's state, cloning every tensor: the optimizer's
