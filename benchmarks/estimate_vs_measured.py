@@ -205,6 +205,8 @@ def child_user(name: str, what: str) -> dict[str, Any]:
             est = estimate_recipe(recipe, precision="recipe", runtime="measure")
             row = to_json(est)["rows"][0]
             return {
+                "probe": est.peaks.conditions(),  # the probe the time estimate used
+                "load_avg": os.getloadavg()[0],
                 "process_peak": row["memory"]["process_peak"],
                 "run": row["run"],
                 "eval_time_s": row["eval_time_s"],
@@ -215,6 +217,7 @@ def child_user(name: str, what: str) -> dict[str, Any]:
         from bitblend.train.trainer import Trainer
 
         imports_rss = _maxrss()
+        load0 = os.getloadavg()[0]
         t0 = time.perf_counter()
         trainer = Trainer(recipe, Path(tmp) / "run", show_progress=False)
         setup_rss, setup_s = _maxrss(), time.perf_counter() - t0
@@ -231,6 +234,9 @@ def child_user(name: str, what: str) -> dict[str, Any]:
         summary = trainer.fit()
         wall = time.perf_counter() - t0
     return {
+        "load_avg": load0,  # 1-minute load average before and after the run
+        "load_avg_end": os.getloadavg()[0],
+        "probe": summary.get("probe"),  # the probe the run's MFU used
         "peak_rss": _maxrss(),
         "imports_rss": imports_rss,  # python, torch, transformers, bitblend
         "setup_rss": setup_rss,  # + data, tokenisation, model, optimizer (no step yet)
@@ -309,7 +315,10 @@ def child_phases(target: str, sets: list[str]) -> None:
     trainer.Trainer.train_step = train_step  # type: ignore[method-assign]
     with tempfile.TemporaryDirectory() as tmp:
         if target.startswith("user:"):
-            recipe = recipe_from_dict(user_recipe(target[5:], Path(tmp)))
+            from bitblend.config.load import apply_overrides
+
+            data = apply_overrides(user_recipe(target[5:], Path(tmp)), sets)
+            recipe = recipe_from_dict(data)
         else:
             recipe = load_recipe(target, sets)
         phase[0] = "setup (other)"
@@ -352,28 +361,44 @@ def main_user(json_out: str | None, measured: str | None = None) -> None:
             "measured_rss": run["peak_rss"],
             "estimated_rss": est["process_peak"],
             "memory_error": est["process_peak"] / run["peak_rss"] - 1,
-            # fit()'s wall time: train steps, evals, checkpoints and the report
-            "measured_run_s": run["summary_wall_s"],
+            # what the estimate's run time covers: the train steps plus every evaluation
+            # (fit()'s whole wall time, with checkpoints, baselines and the report, beside it)
+            "measured_run_s": run["train_time_s"] + sum(run.get("eval_s") or []),
+            "measured_wall_s": run["summary_wall_s"],
             "estimated_run_s": est["run"]["time_s"],
-            "time_error": est["run"]["time_s"] / run["summary_wall_s"] - 1,
+            "time_error": est["run"]["time_s"]
+            / (run["train_time_s"] + sum(run.get("eval_s") or []))
+            - 1,
             "measured_train_s": run["train_time_s"],
             "estimated_train_s": est["run"]["steps"] * est["step_s"],
             "estimated_evals": est["run"]["evals"],
             "estimated_eval_s": est["eval_time_s"],
             "measured_eval_s": run.get("eval_s"),
+            # per optimizer step: the run's train time over its steps, the estimate's mean
+            "measured_step_s": run["train_time_s"] / max(1, run["steps"]),
+            "estimated_step_s": est["step_s"],
+            "step_time_error": est["step_s"] / (run["train_time_s"] / max(1, run["steps"])) - 1,
+            "load_avg": [run.get("load_avg"), run.get("load_avg_end"), est.get("load_avg")],
             "run": run,
             "estimate": est,
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
     print("\n| case | measured RSS MiB | estimate MiB | memory error (target 10%) | measured "
-          "run s | estimate s | time error (target 25%) |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          "s/step | estimate s/step | step error | measured run s (train + evals) | estimate "
+          "run s | run error (target 25%) | load avg (run start, end; estimate) "
+          "| probe |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
     for r in rows:
+        probe = r["estimate"].get("probe") or {}
+        loads = ", ".join("-" if v is None else f"{v:.1f}" for v in r["load_avg"])
         print(
             f"| {r['case']} | {r['measured_rss'] / 2**20:.0f} | {r['estimated_rss'] / 2**20:.0f} "
-            f"| {r['memory_error']:+.1%} | {r['measured_run_s']:.1f} | "
-            f"{r['estimated_run_s']:.1f} | {r['time_error']:+.1%} |"
+            f"| {r['memory_error']:+.1%} | {r['measured_step_s']:.3f} | "
+            f"{r['estimated_step_s']:.3f} | {r['step_time_error']:+.1%} | "
+            f"{r['measured_run_s']:.1f} | {r['estimated_run_s']:.1f} | {r['time_error']:+.1%} "
+            f"| {loads} | {probe.get('source', '?')}, {probe.get('measured_at', '?')}, load "
+            f"{probe.get('load_avg_at_probe', '?')} |"
         )
     if json_out:
         Path(json_out).write_text(json.dumps({"user": rows}, indent=2))

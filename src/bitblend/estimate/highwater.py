@@ -30,6 +30,7 @@ from bitblend.estimate.memory import (
     PrecisionSpec,
     RankBytes,
     attention_backend,
+    causal_shift_bytes,
     state_bytes_per_element,
 )
 from bitblend.estimate.shapes import ModelShape, TaskShape
@@ -51,6 +52,10 @@ class HighWater:
     # (`checkpoint_bytes`): the part the heap's holes take, the part in fresh mmapped pages
     checkpoint: int = 0
     fresh: int = 0
+    # live tensor bytes while a checkpoint is staged: resident state + the copies of the
+    # optimizer states and masters it writes (checkpoint_live_bytes); host memory on a GPU.
+    # The allocator-slack model of `process` counts it; the layout model uses the two above.
+    checkpoint_live: int = 0
 
     def process(self, step_tensors: int, runtime: int, slack: float, cpu: bool) -> int:
         """The run's peak. CPU (RSS): the worse of the step and the evaluation with
@@ -59,7 +64,7 @@ class HighWater:
         `eval`) with an evaluation's or a save's transient, whichever is largest."""
         if not cpu:
             return max(step_tensors, self.eval + self.save, self.build)
-        live = max(step_tensors, self.eval)
+        live = max(step_tensors, self.eval, self.checkpoint_live)
         return runtime + self.build + round(live * (1 + slack)) + self.save
 
     def layout_process(self, step_tensors: int, resident: int, runtime: int) -> int:
@@ -101,6 +106,16 @@ def save_bytes(shape: ModelShape) -> int:
     return ad.quantised_params * FP32
 
 
+def checkpoint_live_bytes(step: PeakBytes) -> int:
+    """Live bytes while a checkpoint is written (train/checkpoint.py): the resident state
+    (weights, masters, optimizer states; no gradients between steps) plus a copy of every
+    tensor of the trainer's state - `_flatten` clones each optimizer state and master
+    weight (safetensors refuses shared storages) before `save_file` reads them; the model's
+    own weights are written from the live tensors without a copy. Above the step when the
+    states outweigh activations + gradients (small batches, large models)."""
+    return step.resident + step.static.states + step.static.master
+
+
 def eval_live_bytes(
     shape: ModelShape,
     task: TaskShape,
@@ -130,6 +145,8 @@ def eval_live_bytes(
         lm = task.head in ("masked_lm", "causal_lm")
         # logits (t, outputs) in their dtype, the loss's fp32 copy and log_softmax output
         out["eval logits"] = t * task.outputs * ((c if lm else FP32) + 2 * FP32)
+        one = TaskShape(task.name, task.head, task.outputs, b, s)  # one eval batch
+        out.update({f"eval {k}": v for k, v in causal_shift_bytes(one).items()})
         if not lm:  # token predictions and gold labels kept for the split: int64 each
             out["eval kept outputs"] = 2 * n * s * INT64
     else:
@@ -159,6 +176,7 @@ def high_water(
         layouts=TRANSIENT_LAYOUTS if ad is not None else 0,
         checkpoint=checkpoint_bytes(shape, spec, step)[0],
         fresh=checkpoint_bytes(shape, spec, step)[1],
+        checkpoint_live=checkpoint_live_bytes(step),
     )
 
 

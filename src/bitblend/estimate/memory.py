@@ -150,12 +150,16 @@ def static_bytes(shape: ModelShape, spec: PrecisionSpec, states: int) -> StaticB
     low = trainable - trainable_fp32 if spec.weight_bytes < FP32 else 0
     high = trainable - low
     frozen = shape.adapter.frozen_bytes(spec.weight_bytes) if shape.adapter else 0
+    # An idle token table (shapes.idle_table_params) is stored, but has no gradient and no
+    # optimizer state: AdamW skips parameters whose grad is None.
+    idle = shape.idle_params
+    idle_grads = idle * (spec.grad_bytes if low else FP32)
     # The optimizer steps fp32 tensors (fp32-kept params, master copies) or, without a
     # master, the low-precision weights themselves; state width follows spec.state_bits.
-    state_elems = states * trainable
+    state_elems = states * (trainable - idle)
     return StaticBytes(
         weights=low * spec.weight_bytes + high * FP32 + frozen,
-        grads=low * spec.grad_bytes + high * FP32,
+        grads=low * spec.grad_bytes + high * FP32 - idle_grads,
         master=low * FP32 if spec.master else low * spec.comp_bytes,
         states=round(state_elems * state_bytes_per_element(spec.state_bits)),
     )
@@ -193,7 +197,10 @@ class ActivationBytes:
 def attention_backend(shape: ModelShape, device: str) -> str:
     """bitblend's own kernel on CPU (model.kernels=auto); else SDPA's choice: CPU flash
     attention has no dropout, so training with it runs `math`."""
-    if device == "cpu" and shape.kernels == "auto":
+    # bitblend's kernel takes no grouped key/value heads (models/attention.py's _eligible):
+    # Llama's GQA blocks run SDPA under either model.kernels
+    gqa = 0 < shape.kv_heads < shape.heads
+    if device == "cpu" and shape.kernels == "auto" and not gqa:
         return "bitblend"
     return "math" if device == "cpu" and shape.attn_dropout > 0 else "flash"
 
@@ -275,6 +282,8 @@ def activation_bytes(
     emb = ids + t * h * FP32 + 2 * t * FP32
     if shape.hidden_dropout > 0:
         emb += t * h * (1 if fast else w)
+    if shape.family == "llama":
+        emb += _llama_layer(shape, task, spec, layer, fused, backend)
     if shape.adapter is not None:
         emb = _lora_layer(shape, task, spec, layer, emb, fast, a)
     head = _head_bytes(shape, task, spec, fast)
@@ -286,6 +295,44 @@ def activation_bytes(
         layer_input=t * h * w,
         attention=backend,
     )
+
+
+def _llama_layer(
+    shape: ModelShape,
+    task: TaskShape,
+    spec: PrecisionSpec,
+    layer: dict[str, int],
+    fused: bool,
+    backend: str,
+) -> int:
+    """A Llama block's saved tensors (in place in `layer`, replacing the BERT layout's);
+    returns the final RMSNorm's extra bytes for the embeddings' part. Counted with
+    saved-tensor hooks on llama-tiny (tests/unit/test_estimate_llama.py):
+
+    - each RMSNorm upcasts its input to fp32 and saves it, the normalised (T, h) fp32
+      product and rsqrt (T,): its output feeds the matmuls in their dtype;
+    - the q/k/v projections (one fused matmul under model.kernels=auto; three autocast
+      copies of their input without it) and SwiGLU's gate and up projections (two autocast
+      copies under autocast, one shared input otherwise) save their (T, h) input;
+    - SwiGLU keeps four (T, i) tensors: gate and up outputs, SiLU's output, their product;
+    - grouped-query attention runs SDPA: q and its output (T, h), k and v (T, kv width);
+      RoPE's cos and sin are (s, head dim) and not counted;
+    - without autocast the fused q/k/v matmul saves its concatenated weight, (h + 2 kv) x h.
+    """
+    t, h, i, c = task.tokens, shape.hidden, shape.intermediate, spec.compute_bytes
+    kv = h * (shape.kv_heads or shape.heads) // shape.heads
+    qkv = 3 if spec.autocast and not fused else 1
+    gate_up = 2 if spec.autocast else 1
+    layer["norm inputs"] = 2 * (2 * t * h * FP32 + t * FP32)
+    layer["matmul inputs"] = (qkv + gate_up) * t * h * c
+    layer["mlp activation"] = 4 * t * i * c
+    if "fused qkv weight" in layer:
+        layer["fused qkv weight"] = (h + 2 * kv) * h * spec.weight_bytes
+    if backend == "flash":  # bitblend's kernel and math SDPA keep the BERT layout's terms
+        b, s = task.batch, task.seq
+        layer["attention"] = 2 * t * h * c + 2 * t * kv * c + b * shape.heads * s * FP32
+    # the final RMSNorm saves a second fp32 (T, h) beyond the one filed with the embeddings
+    return t * h * FP32
 
 
 def _lora_layer(
@@ -376,7 +423,17 @@ def temporary_bytes(
     if task.per_token:
         # logits in their dtype, their fp32 copy and the gradient of log_softmax
         out["logits"] = t * task.outputs * (spec.compute_bytes + 2 * FP32)
+        out.update(causal_shift_bytes(task))
     return out
+
+
+def causal_shift_bytes(task: TaskShape) -> dict[str, int]:
+    """causal_lm's loss (tasks/losses.py) shifts the fp32 logits by one position,
+    logits[:, :-1], and flattens them for cross_entropy: the slice is not contiguous, so the
+    reshape copies all (T, vocab) fp32 logits once more while the others are alive."""
+    if task.head != "causal_lm":
+        return {}
+    return {"causal_lm shifted logits copy": task.tokens * task.outputs * FP32}
 
 
 @dataclass

@@ -77,6 +77,7 @@ def row_json(est: Estimate, row: Row) -> dict[str, Any]:
             "build": row.high_water.build,
             "eval_peak": row.high_water.eval,
             "save": row.high_water.save,
+            "checkpoint_peak": row.high_water.checkpoint_live,
             "process_peak": est.total_bytes(row),
             "process_peak_checkpointed": est.total_bytes(row, checkpointed=True),
         },

@@ -31,7 +31,7 @@ LM_HEADS = ("masked_lm", "causal_lm")
 class ModelShape:
     """What the cost model needs to know about a model: its sizes, not its weights."""
 
-    family: str  # "bert" (post-LN encoder), "gpt2" (pre-LN decoder) or "generic"
+    family: str  # "bert" (post-LN encoder), "gpt2" / "llama" (pre-LN decoders) or "generic"
     vocab: int
     hidden: int
     layers: int
@@ -55,6 +55,11 @@ class ModelShape:
     # Heads-side input layers that train (own-vocabulary tables, patch / feature adapters):
     # with them the embeddings' output needs gradients even over a frozen backbone.
     trainable_inputs: bool = False
+    # Key/value heads (grouped-query attention, Llama); 0: as many as query heads.
+    kv_heads: int = 0
+    # Trainable parameters no step ever gives a gradient (so no gradient and no optimizer
+    # state): the backbone's token table when no task feeds it input ids (idle_table_params).
+    idle_params: int = 0
 
     @property
     def params(self) -> int:
@@ -74,7 +79,7 @@ class ModelShape:
     @property
     def causal(self) -> bool:
         """Decoder (GPT-style) models."""
-        return self.family == "gpt2"
+        return self.family in ("gpt2", "llama")
 
 
 @dataclass(frozen=True)
@@ -154,7 +159,8 @@ def shape_from_config(
     kernels: str = "auto",
 ) -> ModelShape:
     """The cost-model view of a transformers config plus bitblend's heads."""
-    family = config.model_type if config.model_type in (*BERT_LIKE, "gpt2") else "generic"
+    known = (*BERT_LIKE, "gpt2", "llama")
+    family = config.model_type if config.model_type in known else "generic"
     family = "bert" if family in BERT_LIKE else family
     h = int(_get(config, "hidden_size", "n_embd", "d_model"))
     L = int(_get(config, "num_hidden_layers", "n_layer", "num_layers"))
@@ -172,6 +178,8 @@ def shape_from_config(
     # c_proj: the same sizes) and the two MLP projections.
     linears = 4 * (h * h + h) + (h * i + i) + (i * h + h)
     norms = 2 * 2 * h
+    if family == "llama":
+        linears, norms = llama_block_params(config)
     layer = linears + norms
     if family == "bert":
         types = int(_get(config, "type_vocab_size", default=0))
@@ -182,7 +190,7 @@ def shape_from_config(
         trunk_norms = L * norms + 2 * h
     else:
         trunk = _count_on_meta(config)
-        trunk_norms = L * norms
+        trunk_norms = L * norms + (h if family == "llama" else 0)  # llama's final RMSNorm
     heads, heads_fp32, heads_matmul = head_params(specs, h)
     own = sum(s.text_vocab * h for s in specs if s.text_vocab)
     return ModelShape(
@@ -206,7 +214,36 @@ def shape_from_config(
         trainable_inputs=any(
             s.text_vocab or "image" in s.modalities or "tabular" in s.modalities for s in specs
         ),
+        kv_heads=int(_get(config, "num_key_value_heads", default=0) or 0),
     )
+
+
+def llama_block_params(config: Any) -> tuple[int, int]:
+    """(Linear, norm) parameters of one Llama block: q and o (h x h), k and v (h x kv
+    width: grouped-query attention), SwiGLU's gate, up and down (h x i each), no biases;
+    two RMSNorm weights (h each)."""
+    h, i = int(config.hidden_size), int(config.intermediate_size)
+    heads = int(config.num_attention_heads)
+    kv = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or h // heads)
+    bias = bool(getattr(config, "attention_bias", False))
+    attn = 2 * h * heads * head_dim + 2 * h * kv * head_dim
+    attn += (2 * heads * head_dim + 2 * kv * head_dim) * bias  # q, o, k, v biases if any
+    mlp = 3 * h * i + (2 * i + h) * bool(getattr(config, "mlp_bias", False))
+    return attn + mlp, 2 * h
+
+
+def idle_table_params(shape: ModelShape, specs: list[Any], own: list[bool]) -> int:
+    """The backbone's token-embedding table (vocab x width) when no task reads the backbone's
+    tokenizer: every text task has its own vocabulary (models/trunk.py embeds it with the
+    task's own table) and the other modalities go in as embeddings. The table then never
+    gets a gradient, and AdamW keeps no state for it: for MiniLM under an own-vocabulary
+    task, 11.7M of 25.6M parameters (135 MiB of gradients and fp32 states). A LoRA base is
+    frozen anyway (no gradients counted)."""
+    feeds_table = any("text" in s.modalities and not o for s, o in zip(specs, own, strict=True))
+    if feeds_table or shape.adapter is not None or shape.family == "generic":
+        return 0
+    return shape.vocab * shape.hidden
 
 
 def _count_on_meta(config: Any) -> int:
@@ -282,7 +319,7 @@ def recipe_shapes(
     decoder = is_decoder(cast(Any, SimpleNamespace(config=config)))
     cfg = recipe.train
     lm_tasks = checkpoint_lm_tasks(recipe, config)
-    specs, tasks = [], []
+    specs, tasks, owns = [], [], []
     for i, (task, data) in enumerate(zip(recipe.tasks, datas, strict=True)):
         # The same checks, with the same words, as train/setup.py's build_model/build_tasks.
         if task.head == "causal_lm" and not decoder:
@@ -302,6 +339,7 @@ def recipe_shapes(
         if task.name in lm_tasks and not own:  # the checkpoint's head, as train/setup.py
             spec.lm_head, spec.num_outputs = lm_tasks[task.name], int(config.vocab_size)
         specs.append(spec)
+        owns.append(own)
         micro = task.batch_size or cfg.batch_size
         if len(data.train) < micro * cfg.grad_accum:
             raise BitblendError(
@@ -323,6 +361,7 @@ def recipe_shapes(
     shape = shape_from_config(config, specs, m.dropout, m.attention_dropout, m.kernels)
     if m.adapter.kind != "none":
         shape = replace(shape, adapter=adapter_shape(recipe, config, specs))
+    shape = replace(shape, idle_params=idle_table_params(shape, specs, owns))
     for i, t in enumerate(tasks):
         if shape.positions and t.seq > shape.positions and shape.family != "generic":
             raise BitblendError(
