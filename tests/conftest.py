@@ -20,6 +20,22 @@ from bitblend.config.load import apply_overrides, recipe_from_dict
 from bitblend.config.schema import Recipe
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _no_fake_peaks_in_the_user_cache() -> Any:
+    """Tests write fake probe peaks (device "fake") into a cache of their own: one that
+    writes them into the user's real cache (BITBLEND_CACHE_DIR or ~/.cache/bitblend) makes
+    every later MFU and time estimate on the machine wrong. Fail the session if it happens."""
+    from bitblend.data.spoken_words import cache_dir
+
+    probe = cache_dir() / "probe.json"
+    yield
+    if probe.is_file():
+        import json
+
+        fake = [k for k, v in json.loads(probe.read_text()).items() if v.get("device") == "fake"]
+        assert not fake, f"a test wrote fake probe peaks into {probe}: {fake}"
+
+
 def tiny_recipe_dict(**sections: Any) -> dict[str, Any]:
     """A tiny-bert recipe on a 256-example slice of BBC News; `sections` update it."""
     data: dict[str, Any] = {
