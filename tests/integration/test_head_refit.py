@@ -1,6 +1,7 @@
 """train.head_refit: at the end of a run, image / tabular heads are refitted by logistic
-regression on the final trunk's features of their training split; the model that is
-evaluated, checkpointed and saved holds exactly that readout."""
+regression on the final trunk's features of their training split (with a shortcut: on those
+and the raw features, as one readout); the model that is evaluated, checkpointed and saved
+holds exactly that readout."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def _recipe(mode: str) -> dict:
         "model": {"backbone": "tiny-bert", "max_length": 16},
         "tasks": [
             {"name": "digits", "data": "digits", "patch_size": 4, "max_examples": 400},
-            {"name": "cancer", "data": "breast_cancer", "head": "binary"},
+            {"name": "cancer", "data": "breast_cancer", "head": "binary", "shortcut": True},
             {"name": "bbc", "data": "bbc_news", "max_examples": 64},
         ],
         "precision": {"recipe": "32-true"},
@@ -63,10 +64,12 @@ def test_a_run_refits_image_and_tabular_heads_and_saves_them(tmp_path: Path) -> 
     assert rec["bbc"] == {"skipped": "auto refits image / tabular / audio tasks only"}
     evals = json.loads((tmp_path / "run" / "eval.json").read_text())["tasks"]
     model, _, _ = load_model(tmp_path / "run" / "model")
+    assert rec["digits"]["readout"] == "head" and rec["cancer"]["readout"] == "head + shortcut"
     for t in trainer.tasks[:2]:
         r = rec[t.name]
         assert r["C"] in (0.01, 0.1, 1.0, 10.0) and r["rows"] == len(t.train)
-        # The trained model now predicts its training rows as the fitted readout does.
+        # The trained model (head + shortcut for cancer) now predicts its training rows as
+        # the one fitted readout does.
         out, _ = predict_outputs(trainer.model, t.name, t.train, t.batch)
         pred = out[:, 0] > 0 if t.name == "cancer" else out.argmax(axis=1)
         acc = float((pred == np.asarray(t.train.targets)).mean())
@@ -76,3 +79,6 @@ def test_a_run_refits_image_and_tabular_heads_and_saves_them(tmp_path: Path) -> 
         assert evals[t.name]["accuracy"] != r["eval_before"]["accuracy"]
         saved = model.heads[t.name][-1].weight  # model/ holds the refitted head
         assert torch.equal(saved, trainer.model.heads[t.name][-1].weight.detach())
+    short = trainer.model.shortcuts["cancer"]  # refitted with the head, its bias folded there
+    assert short.weight.abs().sum() > 0 and torch.equal(short.bias, torch.zeros_like(short.bias))
+    assert torch.equal(model.shortcuts["cancer"].weight, short.weight.detach())

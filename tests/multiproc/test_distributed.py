@@ -109,12 +109,13 @@ def test_mixed_batches_with_uncertainty_balancing_under_ddp(tmp_path: Path) -> N
     task on a rank), balanced by learned uncertainty weights: 2 ranks == 1 process."""
     mixing = {"strategy": "weights", "weights": {"bbc": 0.85, "digits": 0.15},
               "batches": "mixed", "balancing": "uncertainty"}  # fmt: skip
-    tasks = [{"name": "bbc", "data": "bbc_news", "max_examples": 192},
-             {"name": "digits", "data": "digits", "max_examples": 192}]  # fmt: skip
+    digits = {"name": "digits", "data": "digits", "max_examples": 192, "shortcut": True}
+    tasks = [{"name": "bbc", "data": "bbc_news", "max_examples": 192}, digits]
     recipe = write_recipe(tmp_path / "r.yaml", tasks=tasks, mixing=mixing)
     one = train(recipe, tmp_path / "one", None)
     two = train(recipe, tmp_path / "two", 2)
-    _check_equal(two, one, refitted=("digits",))  # an image task: its head is refitted
+    # An image task with a shortcut: its head and shortcut are refitted, rank 0's sent to all.
+    _check_equal(two, one, refitted=("digits",))
     for run in (one, two):  # the learned weights moved, identically
         last = json.loads((run / "metrics.jsonl").read_text().splitlines()[5])
         assert last["task_weight"]["bbc"] != 1.0

@@ -369,8 +369,9 @@ class TrainConfig:
         "auto",
         "at the end, refit classification / binary heads by L2 logistic regression on the "
         "final trunk's pooled features of the task's training split (strength chosen by "
-        "cross-validation on that split; docs/mixing.md): auto = image, tabular and audio "
-        "tasks, all = text tasks too, off = keep the trained heads",
+        "cross-validation on that split; docs/mixing.md; a task's shortcut is fitted with "
+        "its head, on the pooled features and the raw inputs): auto = image, tabular and "
+        "audio tasks, all = text tasks too, off = keep the trained heads",
     )
 
 

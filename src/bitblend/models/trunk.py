@@ -134,16 +134,20 @@ class LinearShortcut(nn.Module):
         self.weight = nn.Parameter(torch.zeros(outputs, in_features))
         self.bias = nn.Parameter(torch.zeros(outputs))
 
-    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Masked (missing = 0) pixels and features, flattened, through one Linear."""
+    def features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, in_features): masked (missing = 0) pixels and features, flattened - what the
+        Linear reads (train/head_refit.py fits it from these)."""
         parts = []
         if "image" in inputs:
             img = inputs["image"] * inputs["image_mask"].unsqueeze(-1)
             parts.append(img.flatten(1))
         if "tabular" in inputs:
             parts.append(inputs["tabular"] * inputs["tabular_mask"])
-        x = torch.cat(parts, dim=1).to(self.weight.dtype)
-        return nn.functional.linear(x, self.weight, self.bias)
+        return torch.cat(parts, dim=1).to(self.weight.dtype)
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The raw inputs' features through one Linear."""
+        return nn.functional.linear(self.features(inputs), self.weight, self.bias)
 
 
 def embedding_rms(backbone: nn.Module) -> float:

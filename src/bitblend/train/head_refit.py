@@ -44,6 +44,16 @@ def readout(model: MultiTaskModel, task: str) -> nn.Linear:
     return linear
 
 
+def readouts(model: MultiTaskModel, task: str) -> list[nn.Module]:
+    """The linear maps whose outputs sum to the task's logits: the head's final Linear and,
+    when the task has one, its shortcut (a Linear on the raw pixels / features: wide &
+    deep). Each has `weight` (outputs, in) and `bias`; the refit fits them as one readout."""
+    mods: list[nn.Module] = [readout(model, task)]
+    if task in model.shortcuts:
+        mods.append(model.shortcuts[task])
+    return mods
+
+
 def skip_reason(model: MultiTaskModel, task: str, mode: str, sharded: bool) -> str | None:
     """Why `task`'s head is not refitted under `mode` (None: it is)."""
     spec = model.specs[task]
@@ -51,8 +61,6 @@ def skip_reason(model: MultiTaskModel, task: str, mode: str, sharded: bool) -> s
         return "head_refit: off"
     if spec.head not in HEADS:
         return f"no refit for a {spec.head} head"
-    if task in model.shortcuts:
-        return "the task has a shortcut (its logits are not the head's alone)"
     if mode == "auto" and not any(m in spec.modalities for m in NON_TEXT):
         return "auto refits image / tabular / audio tasks only"
     if sharded:
@@ -64,25 +72,34 @@ def skip_reason(model: MultiTaskModel, task: str, mode: str, sharded: bool) -> s
 def pooled_features(
     model: MultiTaskModel, task: str, split: EncodedSplit, spec: BatchSpec, rows: np.ndarray
 ) -> np.ndarray:
-    """(len(rows), width) float32: the pooled trunk output the head's Linear reads, in eval
-    mode. Taken by a pre-hook on that Linear so the model's own forward runs (FSDP2 and
-    every modality path included) rather than a copy of it."""
-    linear = readout(model, task)
-    seen: list[torch.Tensor] = []
-    hook = linear.register_forward_pre_hook(lambda _m, args: seen.append(args[0].float().cpu()))
+    """(len(rows), width) float32: what the task's readouts read, in eval mode - the pooled
+    trunk output of the head's Linear, then (with a shortcut) the raw inputs' features.
+    Taken by pre-hooks so the model's own forward runs (FSDP2 and every modality path
+    included) rather than a copy of it."""
+    mods: list[Any] = readouts(model, task)
+    seen: list[list[torch.Tensor]] = [[] for _ in mods]
+    hooks = [readout(model, task).register_forward_pre_hook(
+        lambda _m, args: seen[0].append(args[0].float().cpu()))]  # fmt: skip
+    if len(mods) == 2:
+        short: Any = mods[1]
+        hooks.append(short.register_forward_pre_hook(
+            lambda _m, args: seen[1].append(short.features(args[0]).float().cpu())))  # fmt: skip
     was_training = model.training
     model.eval()
-    out = np.zeros((len(rows), linear.in_features), dtype=np.float32)
+    width = sum(int(m.weight.shape[1]) for m in mods)
+    out = np.zeros((len(rows), width), dtype=np.float32)
     try:
         for s in range(0, len(rows), spec.batch_size):
             idx = np.arange(s, min(s + spec.batch_size, len(rows)))
             batch = spec.collate(split, rows[idx])
-            seen.clear()
+            for got in seen:
+                got.clear()
             with spec.context():
                 model(task, **batch)
-            out[idx] = seen[-1].numpy()
+            out[idx] = torch.cat([got[-1] for got in seen], dim=1).numpy()
     finally:
-        hook.remove()
+        for h in hooks:
+            h.remove()
         model.train(was_training)
     return out
 
@@ -153,14 +170,21 @@ def refit_task(
     if len(np.unique(y)) != expected:
         return None
     x = pooled_features(model, task, train, spec, rows)
-    linear = readout(model, task)
-    w0, b0 = (p.detach().float().cpu().numpy() for p in (linear.weight, linear.bias))
+    mods: list[Any] = readouts(model, task)
+    w0 = np.concatenate([m.weight.detach().float().cpu().numpy() for m in mods], axis=1)
+    b0 = sum(m.bias.detach().float().cpu().numpy() for m in mods)
     before = x @ w0.T + b0
     fit = fit_readout(x, y, seed)
     weight, bias = head_weights(fit, head, outputs)
+    # One readout over [pooled trunk, raw inputs]: its columns split back into the head's
+    # Linear and the shortcut's; the bias stays on the head, the shortcut's becomes 0.
+    start = 0
     with torch.no_grad():
-        linear.weight.copy_(torch.from_numpy(weight).to(linear.weight))
-        linear.bias.copy_(torch.from_numpy(bias).to(linear.bias))
+        for i, m in enumerate(mods):
+            cols = int(m.weight.shape[1])
+            m.weight.copy_(torch.from_numpy(weight[:, start : start + cols]).to(m.weight))
+            m.bias.copy_(torch.from_numpy(bias if i == 0 else np.zeros_like(bias)).to(m.bias))
+            start += cols
     pred = (before[:, 0] > 0).astype(np.int64) if head == "binary" else before.argmax(axis=1)
     return {
         "C": fit["C"],
@@ -168,6 +192,7 @@ def refit_task(
         "train_accuracy_before": float((pred == y).mean()),
         "train_accuracy_after": fit["train_accuracy"],
         "rows": len(rows),
+        "readout": "head + shortcut" if len(mods) == 2 else "head",
     }
 
 
@@ -216,9 +241,10 @@ def run_head_refit(
     )  # fmt: skip
     fitted = [n for n, r in done.items() if "skipped" not in r]
     if fitted and dist.world_size > 1:
-        heads = {n: readout(model, n).state_dict() for n in fitted}
-        for n, sd in dist.broadcast(heads).items():
-            readout(model, n).load_state_dict(sd)
+        heads = {n: [m.state_dict() for m in readouts(model, n)] for n in fitted}
+        for n, sds in dist.broadcast(heads).items():
+            for m, sd in zip(readouts(model, n), sds, strict=True):
+                m.load_state_dict(sd)
     for n in fitted:
         r = done[n]
         console.print(
