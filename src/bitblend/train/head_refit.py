@@ -27,7 +27,7 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 
 from bitblend.data.modalities import EncodedSplit
-from bitblend.models.trunk import MultiTaskModel
+from bitblend.models.trunk import LinearShortcut, MultiTaskModel
 from bitblend.train.evaluate import BatchSpec, evaluate_split
 
 C_GRID = (0.01, 0.1, 1.0, 10.0)  # inverse L2 strength, on standardised features
@@ -78,12 +78,16 @@ def pooled_features(
     included) rather than a copy of it."""
     mods: list[Any] = readouts(model, task)
     seen: list[list[torch.Tensor]] = [[] for _ in mods]
-    hooks = [readout(model, task).register_forward_pre_hook(
-        lambda _m, args: seen[0].append(args[0].float().cpu()))]  # fmt: skip
-    if len(mods) == 2:
-        short: Any = mods[1]
-        hooks.append(short.register_forward_pre_hook(
-            lambda _m, args: seen[1].append(short.features(args[0]).float().cpu())))  # fmt: skip
+
+    def keep(got: list[torch.Tensor]) -> Any:
+        # A Linear reads its input; a shortcut reads the features of its inputs dict.
+        def hook(m: Any, args: tuple[Any, ...]) -> None:
+            x = m.features(args[0]) if isinstance(m, LinearShortcut) else args[0]
+            got.append(x.float().cpu())
+
+        return hook
+
+    hooks = [m.register_forward_pre_hook(keep(got)) for m, got in zip(mods, seen, strict=True)]
     was_training = model.training
     model.eval()
     width = sum(int(m.weight.shape[1]) for m in mods)
