@@ -95,6 +95,10 @@ def test_onnx_export_of_a_multitask_multimodal_run_predicts_like_torch(
         "tabular_mask",
     ]
     assert manifest["tasks"]["bbc"]["inputs"] == ["input_ids", "attention_mask"]
+    # ONNX Runtime's transformer fusion: one fused Attention per layer of the 2-layer trunk,
+    # also on the multimodal task whose mask has holes (it must read the raw 0/1 mask).
+    for task in ("bbc", "mm"):
+        assert manifest["tasks"][task]["fused"]["Attention"] == 2, manifest["tasks"][task]
     torch_run = load_run(mm_run, "fp32")
     onnx_run = load_engine(mm_run, "fp32", "onnxruntime")
     for task in ("bbc", "mm"):

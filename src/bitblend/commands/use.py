@@ -161,6 +161,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else run_dir / "onnx"
     manifest = export_onnx(run, out, int8=args.int8)
     for task, e in manifest["tasks"].items():
+        fused = ", ".join(f"{op} x{n}" for op, n in e.get("fused", {}).items())
+        print(f"{task}: fused {fused}" if fused else f"{task}: no transformer fusion")
         for kind in ("fp32", "int8"):
             if kind in e:
                 print(

@@ -16,6 +16,7 @@ opens. Every export is checked against the torch fp32 outputs on the run's eval 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import warnings
@@ -33,6 +34,7 @@ from bitblend.data.table import Table
 from bitblend.errors import BitblendError
 from bitblend.numeric import sigmoid, softmax
 from bitblend.runs.transformer import TransformerRun
+from bitblend.serve import onnx_fusion
 
 MANIFEST = "export.json"
 OPSET = 17
@@ -149,35 +151,47 @@ def _absent(spec: Any, rows: int) -> np.ndarray:
     return np.zeros(shape, dtype=dtype)
 
 
-def _export_task(run: TransformerRun, cfg: TaskConfig, sample: Table, path: Path) -> list[str]:
-    """Trace one task's forward into `path`; returns its input names."""
+def _export_task(
+    run: TransformerRun, cfg: TaskConfig, sample: Table, path: Path, *, fuse: bool = True
+) -> tuple[list[str], dict[str, int]]:
+    """Trace one task's forward into `path` (BERT-family trunks fused, serve/onnx_fusion.py,
+    unless `fuse` is False); returns its input names and the fused ops' counts."""
     _, batches = _feeds(run, cfg, sample)
     batch = batches[0][1]
     names = [n for n in INPUT_ORDER if n in batch]
     axes = {n: ({0: "batch", 1: "seq"} if n in SEQ_INPUTS else {0: "batch"}) for n in names}
     graph = _TaskGraph(run.model, cfg.name, names).eval()
+    backbone = run.model.backbone
+    fuse = fuse and onnx_fusion.fusable(backbone)
+    attention = onnx_fusion.eager_attention(backbone) if fuse else contextlib.nullcontext()
     # The tracer warns about Python bools in the HF mask code (constant for any shape here:
     # the mask always spans the sequence) and about index ops; the export check below is
     # the real test, so keep the console to one line per graph.
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), attention:
         warnings.simplefilter("ignore")
         torch.onnx.export(
             graph, tuple(batch[n] for n in names), str(path), input_names=names,
             output_names=["logits"], dynamic_axes={**axes, "logits": {0: "batch"}},
             opset_version=OPSET, dynamo=False,
         )  # fmt: skip
-    return names
+    return names, (onnx_fusion.fuse(path, backbone) if fuse else {})
 
 
 def _quantize(src: Path, dst: Path) -> None:
     _import_ort()
+    from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # quantize_dynamic logs a pre-processing hint on the root
     try:
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
+        # DefaultTensorType: shape inference cannot type the outputs of the fused
+        # com.microsoft ops (Attention, SkipLayerNormalization); they are all float.
+        quantize_dynamic(
+            str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+            extra_options={"DefaultTensorType": TensorProto.FLOAT},
+        )  # fmt: skip
     finally:
         root.setLevel(level)
 
@@ -197,6 +211,27 @@ def _eval_accuracy(
     fp32 = label_accuracy(head, run.outputs(cfg.name, table), targets)
     got = label_accuracy(head, _run_session(_session(int8), run, cfg, table), targets)
     return {"eval_rows": len(table), "fp32_eval_accuracy": fp32, "int8_eval_accuracy": got}
+
+
+def _check(
+    run: TransformerRun, cfg: TaskConfig, sample: Table, ref: np.ndarray, path: Path
+) -> dict[str, float]:
+    """The graph at `path` against torch's outputs `ref` on `sample`: max probability
+    difference and label agreement. Batches of the run's eval size and of 1 row: shapes
+    other than the traced one's, so a batch or sequence axis frozen at export shows here."""
+    head = run.head(cfg.name)
+    sess = _session(path)
+    got = _run_session(sess, run, cfg, sample)
+    single = _run_session(sess, run, cfg, sample.take(np.arange(min(8, len(sample)))), 1)
+    got_single = got[: len(single)]  # same rows, batched differently
+    diff_b = float(np.max(np.abs(to_probs(head, single) - to_probs(head, got_single))))
+    diff = max(diff_b, float(np.max(np.abs(to_probs(head, got) - to_probs(head, ref)))))
+    agree = (
+        float(np.mean(got.argmax(1) == ref.argmax(1)))
+        if got.shape[1] > 1
+        else float(np.mean((got[:, 0] > 0) == (ref[:, 0] > 0)))
+    )
+    return {"max_prob_diff": diff, "label_agreement": agree}
 
 
 def export_onnx(
@@ -223,37 +258,31 @@ def export_onnx(
         sample = table.take(np.arange(min(len(table), check_rows)))
         ref = run.outputs(cfg.name, sample)
         fp32 = out_dir / f"{cfg.name}.onnx"
-        names = _export_task(run, cfg, sample, fp32)
-        entry: dict[str, Any] = {"head": head, "inputs": names, "fp32": fp32.name,
-                                 "check_rows": len(sample)}  # fmt: skip
-        files = {"fp32": fp32}
-        if int8:
-            files["int8"] = out_dir / f"{cfg.name}.int8.onnx"
-            _quantize(fp32, files["int8"])
-            entry["int8"] = files["int8"].name
-            if head in LABEL_HEADS:  # whether int8 may be the default engine (serve/server.py)
-                entry |= _eval_accuracy(run, cfg, table, targets, files["int8"])
-        for kind, path in files.items():
-            # Batches of the run's eval size and of 1 row: shapes other than the traced
-            # one's, so a batch or sequence axis frozen at export would show here.
-            sess = _session(path)
-            got = _run_session(sess, run, cfg, sample)
-            single = _run_session(sess, run, cfg, sample.take(np.arange(min(8, len(sample)))), 1)
-            got_single = got[: len(single)]  # same rows, batched differently
-            diff_b = float(np.max(np.abs(to_probs(head, single) - to_probs(head, got_single))))
-            diff = max(diff_b, float(np.max(np.abs(to_probs(head, got) - to_probs(head, ref)))))
-            agree = (
-                float(np.mean(got.argmax(1) == ref.argmax(1)))
-                if got.shape[1] > 1
-                else float(np.mean((got[:, 0] > 0) == (ref[:, 0] > 0)))
+        names, fused = _export_task(run, cfg, sample, fp32)
+        fp32_check = _check(run, cfg, sample, ref, fp32)
+        if fused and fp32_check["max_prob_diff"] > FP32_TOLERANCE:
+            # The fusion matched a pattern it should not have: the unfused graph instead.
+            names, fused = _export_task(run, cfg, sample, fp32, fuse=False)
+            fp32_check = _check(run, cfg, sample, ref, fp32)
+        if fp32_check["max_prob_diff"] > FP32_TOLERANCE:
+            raise BitblendError(
+                f"export: task {cfg.name}: the fp32 ONNX graph differs from torch by "
+                f"{fp32_check['max_prob_diff']:.3g} in probability (> {FP32_TOLERANCE}); "
+                "not written as valid"
             )
-            entry[f"{kind}_max_prob_diff"] = diff
-            entry[f"{kind}_label_agreement"] = agree
-            if kind == "fp32" and diff > FP32_TOLERANCE:
-                raise BitblendError(
-                    f"export: task {cfg.name}: the fp32 ONNX graph differs from torch by "
-                    f"{diff:.3g} in probability (> {FP32_TOLERANCE}); not written as valid"
-                )
+        entry: dict[str, Any] = {"head": head, "inputs": names, "fp32": fp32.name,
+                                 "fused": fused, "check_rows": len(sample)}  # fmt: skip
+        checks = {"fp32": fp32_check}
+        if int8:
+            path = out_dir / f"{cfg.name}.int8.onnx"
+            _quantize(fp32, path)
+            entry["int8"] = path.name
+            checks["int8"] = _check(run, cfg, sample, ref, path)
+            if head in LABEL_HEADS:  # whether int8 may be the default engine (serve/server.py)
+                entry |= _eval_accuracy(run, cfg, table, targets, path)
+        for kind, check in checks.items():
+            entry[f"{kind}_max_prob_diff"] = check["max_prob_diff"]
+            entry[f"{kind}_label_agreement"] = check["label_agreement"]
         tasks[cfg.name] = entry
     if not tasks:
         raise BitblendError(
