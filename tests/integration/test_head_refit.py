@@ -15,7 +15,7 @@ import torch
 from bitblend.config.load import recipe_from_dict
 from bitblend.models.trunk import load_model
 from bitblend.train.evaluate import predict_outputs
-from bitblend.train.head_refit import fit_readout, head_weights
+from bitblend.train.head_refit import choose_c, fit_readout, head_weights
 from bitblend.train.trainer import Trainer
 
 
@@ -53,6 +53,23 @@ def test_the_head_weights_reproduce_logistic_regression(k: int) -> None:
     if k == 2:  # the binary head: one logit whose sign is the class
         w1, b1 = head_weights(fit, "binary", 1)
         assert np.array_equal((x @ w1.T + b1)[:, 0] > 0, lr.predict(z) == 1)
+
+
+def test_the_one_standard_error_rule_takes_the_strongest_l2_the_folds_cannot_tell_apart() -> None:
+    # C=1 has the best mean (.967); its standard error over 3 folds is .0033, so C=0.1
+    # (.965, inside it) wins under 1se, and C=0.01 (.95, outside) does not.
+    scores = {
+        0.01: np.array([0.95, 0.96, 0.94]),
+        0.1: np.array([0.97, 0.96, 0.965]),
+        1.0: np.array([0.97, 0.97, 0.96]),
+        10.0: np.array([0.96, 0.97, 0.96]),
+    }
+    assert choose_c(scores, "best") == 1.0
+    assert choose_c(scores, "1se") == 0.1
+    # Equal folds: no spread, so 1se is the best mean (ties: the C nearest 1).
+    flat = {c: np.array([0.9, 0.9, 0.9]) for c in (0.01, 0.1, 1.0, 10.0)}
+    assert choose_c(flat, "best") == 1.0
+    assert choose_c(flat, "1se") == 0.01
 
 
 @pytest.mark.slow
