@@ -7,6 +7,7 @@ and scored on the eval rows. The refit itself is the trainer's (`fit_readout`), 
 row here is what `train.head_refit` would give the run with that rule.
 
     PYTHONPATH=src python benchmarks/head_refit_rules.py RUN_DIR [RUN_DIR ...] [--mode all]
+        [--tasks digits,breast_cancer]
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from bitblend.train.trainer import Trainer
 RULES = ("best", "1se")
 
 
-def rules_of_run(run: Path, mode: str) -> dict[str, dict[str, float]]:
+def rules_of_run(run: Path, mode: str, only: list[str] | None) -> dict[str, dict[str, float]]:
     """Per refitted task: eval accuracy and chosen C under each rule."""
     recipe = recipe_from_dict(read_yaml(run / "recipe.yaml"))
     out: dict[str, dict[str, float]] = {}
@@ -37,6 +38,8 @@ def rules_of_run(run: Path, mode: str) -> dict[str, dict[str, float]]:
         model, seed = trainer.model, recipe.train.seed
         for t in trainer.tasks:
             if hr.skip_reason(model, t.name, mode, sharded=False) is not None:
+                continue
+            if only and t.name not in only:
                 continue
             n = len(t.train)
             rows = np.arange(n)
@@ -64,9 +67,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", type=Path, nargs="+", help="finished run directories")
     ap.add_argument("--mode", choices=["auto", "all"], default="auto")
+    ap.add_argument("--tasks", help="comma-separated task names (default: every refitted)")
     args = ap.parse_args()
+    only = args.tasks.split(",") if args.tasks else None
     for run in args.runs:
-        print(json.dumps({"run": str(run), "tasks": rules_of_run(run, args.mode)}), flush=True)
+        rows = rules_of_run(run, args.mode, only)
+        print(json.dumps({"run": str(run), "tasks": rows}), flush=True)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,11 @@ per request in Starlette's thread pool (what a plain sync endpoint does), no bat
     .venv/bin/python benchmarks/serve_load.py RUN_DIR [--configs torch:fp32,onnxruntime:int8]
         [--seconds 10] [--clients 32] [--eval-rows 200] [--json OUT]
     .venv/bin/python benchmarks/serve_load.py RUN_DIR --interleave [--window 4 --cycles 3]
+    .venv/bin/python benchmarks/serve_load.py RUN_DIR --slo-ms 100   # + rate at p99 <= 100 ms
+
+`--slo-ms` adds, per server, the highest open-loop (Poisson) rate it sustains with p99
+within the SLO (bisection below its closed-loop maximum): throughput *at* a latency bound,
+the figure a serving target like "3x at p99 <= 100 ms" asks for.
 
 `--interleave` starts every server at once and alternates between them (batch-1 requests
 one by one, throughput windows in turn): on a shared machine whose load swings between
@@ -169,6 +174,22 @@ async def open_loop(client: Any, url: str, texts: list[str], rate: float, second
             "p50_ms": pct(ok, 50), "p95_ms": pct(ok, 95), "p99_ms": pct(ok, 99)}  # fmt: skip
 
 
+async def slo_rate(client: Any, url: str, texts: list[str], hi: float, slo_ms: float,
+                   seconds: float, max_requests: int, steps: int) -> dict[str, float]:  # fmt: skip
+    """The highest Poisson arrival rate the server sustains within a p99 latency SLO:
+    bisection over (0, hi] with open-loop windows of `seconds`; a rate passes when every
+    request succeeds, p99 <= `slo_ms` and at least 90% of the offered rate completes."""
+    lo, p99 = 0.0, float("nan")
+    for k in range(steps):
+        rate = (lo + hi) / 2
+        res = await open_loop(client, url, texts, rate, seconds, max_requests, seed=100 + k)
+        if res["errors"] == 0 and res["p99_ms"] <= slo_ms and res["completed_rps"] >= 0.9 * rate:
+            lo, p99 = rate, res["p99_ms"]
+        else:
+            hi = rate
+    return {"slo_rps": lo, "slo_p99_ms": p99}
+
+
 async def accuracy(client: Any, url: str, texts: list[str], labels: list[str]) -> float:
     sem = asyncio.Semaphore(16)
 
@@ -214,6 +235,9 @@ async def measure(args: argparse.Namespace, engine: str, precision: str, texts: 
                 res = await open_loop(client, url, texts, share * row["max_rps"], args.seconds,
                                       args.max_requests, seed=int(share * 10))  # fmt: skip
                 row |= {f"at{int(share * 100)}_{k}": v for k, v in res.items()}
+            if args.slo_ms:
+                row |= await slo_rate(client, url, texts, row["max_rps"], args.slo_ms,
+                                      args.seconds, args.max_requests, args.slo_steps)  # fmt: skip
             row["accuracy"] = await accuracy(client, url, texts, labels)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -281,6 +305,24 @@ async def interleaved(args: argparse.Namespace, specs: list[str],
     return out
 
 
+def summary(rows: list[dict[str, Any]]) -> str:
+    """A markdown table of the sequential rows."""
+    out = ["| server | b1 p50 / p99 ms | max rows/s | x naive | rows/s at p99 <= SLO | x naive "
+           "| accuracy |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+
+    def f(r: dict[str, Any], k: str, spec: str) -> str:
+        return format(r[k], spec) if isinstance(r.get(k), (int, float)) else "-"
+
+    for r in rows:
+        out.append(
+            f"| {r['engine']} {r['precision']} | {f(r, 'b1_p50_ms', '.1f')} / "
+            f"{f(r, 'b1_p99_ms', '.1f')} | {f(r, 'max_rps', '.1f')} | "
+            f"{f(r, 'max_rps_vs_naive', '.2f')} | {f(r, 'slo_rps', '.1f')} | "
+            f"{f(r, 'slo_rps_vs_naive', '.2f')} | {f(r, 'accuracy', '.3f')} |"
+        )
+    return "\n".join(out)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("run_dir")
@@ -291,6 +333,13 @@ def main() -> int:
     p.add_argument("--max-requests", type=int, default=5000, help="cap per load phase")
     p.add_argument("--eval-rows", type=int, default=200, help="eval rows for accuracy")
     p.add_argument("--ready-timeout", type=float, default=600.0)
+    p.add_argument(
+        "--slo-ms",
+        type=float,
+        default=0.0,
+        help="also find the highest open-loop rate with p99 <= this (bisection)",
+    )
+    p.add_argument("--slo-steps", type=int, default=5, help="--slo-ms: bisection steps")
     p.add_argument("--json", help="write the rows here")
     p.add_argument(
         "--interleave",
@@ -326,6 +375,14 @@ def main() -> int:
             row = {"engine": engine, "precision": precision, "error": f"{exc}"[:300]}
         rows.append(row)
         print(json.dumps(row), flush=True)
+    anchor = next((r for r in rows if r.get("engine") == "naive" and "max_rps" in r), None)
+    if anchor is not None:
+        for r in rows:
+            if "max_rps" in r:
+                r["max_rps_vs_naive"] = r["max_rps"] / anchor["max_rps"]
+            if r.get("slo_rps") is not None and anchor.get("slo_rps"):
+                r["slo_rps_vs_naive"] = r["slo_rps"] / anchor["slo_rps"]
+    print(summary(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return 0
