@@ -281,23 +281,45 @@ def test_a_gathered_batch_is_padded_by_length_bucket(torch_run: Any) -> None:
 
 
 @pytest.mark.slow
-def test_auto_engine_is_bf16_only_within_the_accuracy_bound(tiny_run: Path, tmp_path: Path) -> None:
-    """`--engine auto` serves torch bf16 when its eval accuracy is within the bound of
-    fp32's (measured at start), torch in the run's precision when it is not; answers equal
-    `predict` in the chosen precision. `export --int8` records both eval accuracies."""
-    from bitblend.runs.load import load_transformer_run
-    from bitblend.serve.onnx import export_onnx
-    from bitblend.serve.server import default_engine
+def test_auto_engine_is_the_fastest_within_the_accuracy_bound(
+    tiny_run: Path, tmp_path: Path
+) -> None:
+    """`--engine auto` serves ONNX Runtime int8 when the export's int8 eval accuracy is
+    within the bound of fp32's, else torch bf16 when its eval accuracy (measured at start)
+    is, else torch in the run's precision; answers equal `predict` / the int8 graph in the
+    chosen engine. `export --int8` records both eval accuracies."""
+    import shutil
 
-    predictor, engine, precision, why = default_engine(tiny_run, bound=1.0)
-    assert (engine, precision) == ("torch", "bf16"), why
+    from bitblend.runs.load import load_transformer_run
+    from bitblend.serve.onnx import MANIFEST, export_onnx
+    from bitblend.serve.server import default_engine, load_engine
+
+    run = tmp_path / "run"  # a copy: the export and the edited manifest stay in it
+    shutil.copytree(tiny_run, run)
     rows = [{"text": t} for t in TEXTS]
+    predictor, engine, precision, why = default_engine(run, bound=1.0)
+    assert (engine, precision) == ("onnxruntime", "int8"), why
+    assert (run / "onnx" / MANIFEST).is_file()  # exported once, reused by the next start
     with running(predictor) as (url, _):
         got = httpx.post(f"{url}/v1/predict", json=rows, timeout=60).json()
-    expected = cli_predict(tiny_run, rows, tmp_path, "--precision", "bf16")
+    with running(load_engine(run, "int8", "onnxruntime")) as (url, _):
+        expected = httpx.post(f"{url}/v1/predict", json=rows, timeout=60).json()
+    np.testing.assert_allclose(probs(got), probs(expected), atol=1e-6)
+    # An export whose int8 graph trails fp32 by more than the bound: torch bf16.
+    path = run / "onnx" / MANIFEST
+    manifest = json.loads(path.read_text())
+    for entry in manifest["tasks"].values():
+        entry["int8_eval_accuracy"] = entry["fp32_eval_accuracy"] - 0.5
+    path.write_text(json.dumps(manifest))
+    predictor, engine, precision, why = default_engine(run, bound=0.4)
+    assert (engine, precision) == ("torch", "bf16"), why
+    assert "onnxruntime int8 50.00 points below fp32" in why
+    with running(predictor) as (url, _):
+        got = httpx.post(f"{url}/v1/predict", json=rows, timeout=60).json()
+    expected = cli_predict(run, rows, tmp_path, "--precision", "bf16")
     np.testing.assert_allclose(probs(got), probs(expected), atol=1e-6)
     # A bound no engine can meet (accuracy would have to rise): torch, the run's own.
-    _, engine, precision, why = default_engine(tiny_run, bound=-1.0)
+    _, engine, precision, why = default_engine(run, bound=-1.0)
     assert (engine, precision) == ("torch", "run") and "points below fp32" in why
     fp32 = load_transformer_run(tiny_run, "fp32")
     entry = export_onnx(fp32, tmp_path / "onnx", int8=True, check_rows=8)["tasks"]["bbc"]
