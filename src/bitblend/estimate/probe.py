@@ -27,7 +27,7 @@ import torch
 
 CACHE_ENV = "BITBLEND_CACHE_DIR"
 CACHE_FILE = "probe.json"
-PROBE_VERSION = 3  # part of the cache key: a changed probe never reads an old entry
+PROBE_VERSION = 4  # part of the cache key: a changed probe never reads an old entry
 MAX_AGE_S = 7 * 24 * 3600.0  # a week: kernels, clocks and neighbours change
 ROUNDS = 3  # the matmul probes run as this many short rounds, interleaved; the best counts
 
@@ -45,6 +45,10 @@ class Peaks:
     rng: float = 0.0  # bernoulli draws/s (PyTorch's dropout masks)
     fast_rng: float = 0.0  # mask elements/s of bitblend's CPU dropout (models/attention.py)
     op_overhead: float = 0.0  # seconds per small autograd op (dispatch + bookkeeping)
+    # CPU: seconds per 4 KiB page a process touches for the first time (the page fault and
+    # the zeroing; far more in a VM whose host backs guest memory lazily): what a run's
+    # first steps pay to grow to their high-water (estimate/__init__.py's warm-up)
+    page_fault: float = 0.0
     seconds: float = 0.0  # how long the probe took
     cached: bool = False  # read from the cache rather than measured now
     # When and under what conditions it was measured (an entry without them is stale).
@@ -103,6 +107,7 @@ def best_of(a: Peaks, b: Peaks) -> Peaks:
         rng=max(a.rng, b.rng),
         fast_rng=max(a.fast_rng, b.fast_rng),
         op_overhead=min(overheads) if overheads else 0.0,
+        page_fault=newer.page_fault,  # a cost of the memory's state now, not a peak
         seconds=newer.seconds,
         measured_at=newer.measured_at,
         load_avg=newer.load_avg,
@@ -212,6 +217,36 @@ def _attention_work(
     return step, 2 * 2.0 * b * s * s * d
 
 
+PAGE = 4096
+# A growing run touches hundreds of MiB: past the pages the kernel recycles (freed lately,
+# still backed: ~3 us each here) to pages a VM's host backs on first touch (7-18 us here),
+# so the probe touches that much too; 64 MiB read only the recycled pool.
+FAULT_PROBE_BYTES = 256 * 2**20
+
+
+def first_touch_seconds(
+    nbytes: int = FAULT_PROBE_BYTES, clock: Callable[[], float] = time.perf_counter
+) -> float:
+    """Seconds per page of writing one byte into each page of a fresh anonymous mapping:
+    the page faults a growing process pays. Measured once, not best-of: a second touch
+    would get the pages just freed back, which the kernel (and a VM's host) already
+    backs - here 2.5 us a page against 5-18 us for pages not touched for a while."""
+    import mmap
+
+    import numpy as np
+
+    region = mmap.mmap(-1, nbytes)
+    try:
+        view = np.frombuffer(region, dtype=np.uint8)
+        t0 = clock()
+        view[::PAGE] = 1
+        seconds = clock() - t0
+        del view
+    finally:
+        region.close()
+    return seconds / (nbytes // PAGE)
+
+
 def measure(
     device: torch.device, budget: float = 1.5, clock: Callable[[], float] = time.perf_counter
 ) -> Peaks:
@@ -263,6 +298,8 @@ def measure(
 
     # 100 forward muls, their 100 backward muls and the sum: about 200 aten ops per call.
     peaks.op_overhead = 1.0 / _best_rate(tiny, 200.0, device, share / 2, clock)
+    if device.type == "cpu":
+        peaks.page_fault = first_touch_seconds(clock=clock)
     peaks.seconds = time.perf_counter() - t_start
     return peaks
 
