@@ -218,33 +218,42 @@ def _attention_work(
 
 
 PAGE = 4096
-# A growing run touches hundreds of MiB: past the pages the kernel recycles (freed lately,
-# still backed: ~3 us each here) to pages a VM's host backs on first touch (7-18 us here),
-# so the probe touches that much too; 64 MiB read only the recycled pool.
-FAULT_PROBE_BYTES = 256 * 2**20
+# A run grows by hundreds of MiB, past the pages the kernel recycles (freed lately, still
+# backed: ~2.5-3 us each in these VMs) into pages a VM's host backs on first touch (~14 us
+# here; it takes free pages back within seconds). The probe touches 4 fresh chunks of
+# 48 MiB, held, and keeps the slowest: past a small recycled pool it reads the fresh cost.
+FAULT_CHUNKS = 4
+FAULT_CHUNK_BYTES = 48 * 2**20
 
 
 def first_touch_seconds(
-    nbytes: int = FAULT_PROBE_BYTES, clock: Callable[[], float] = time.perf_counter
+    chunks: int = FAULT_CHUNKS,
+    chunk_bytes: int = FAULT_CHUNK_BYTES,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> float:
-    """Seconds per page of writing one byte into each page of a fresh anonymous mapping:
-    the page faults a growing process pays. Measured once, not best-of: a second touch
-    would get the pages just freed back, which the kernel (and a VM's host) already
-    backs - here 2.5 us a page against 5-18 us for pages not touched for a while."""
+    """Seconds per page of writing one byte into each page of fresh anonymous mappings:
+    the page faults a growing process pays. The slowest of `chunks` chunks (all held until
+    the end, so none reuses another's pages), measured once: touching again would get the
+    pages just freed back, which are already backed (fresh processes here read 2.5-3 us a
+    page from that pool and ~14 us past it; a training run's extra faults cost 11-15 us)."""
     import mmap
 
     import numpy as np
 
-    region = mmap.mmap(-1, nbytes)
+    regions: list[mmap.mmap] = []
+    worst = 0.0
     try:
-        view = np.frombuffer(region, dtype=np.uint8)
-        t0 = clock()
-        view[::PAGE] = 1
-        seconds = clock() - t0
-        del view
+        for _ in range(chunks):
+            regions.append(mmap.mmap(-1, chunk_bytes))
+            view = np.frombuffer(regions[-1], dtype=np.uint8)
+            t0 = clock()
+            view[::PAGE] = 1
+            worst = max(worst, (clock() - t0) / (chunk_bytes // PAGE))
+            del view
     finally:
-        region.close()
-    return seconds / (nbytes // PAGE)
+        for region in regions:
+            region.close()
+    return worst
 
 
 def measure(
