@@ -203,8 +203,13 @@ def child_user(name: str, what: str) -> dict[str, Any]:
 
             # the runtime measured as the CLI does (a child importing, loading, tokenising)
             est = estimate_recipe(recipe, precision="recipe", runtime="measure")
-            row = to_json(est)["rows"][0]
+            out = to_json(est)
+            row = out["rows"][0]
             return {
+                # the mean padded length each task's steps are priced at (of max_length)
+                "priced_positions": {
+                    t["name"]: t["priced"]["mean_train_positions"] for t in out["tasks"]
+                },
                 "probe": est.peaks.conditions(),  # the probe the time estimate used
                 "load_avg": os.getloadavg()[0],
                 "process_peak": row["memory"]["process_peak"],

@@ -2,8 +2,9 @@
 time per step - under each precision recipe, on this machine and per rank.
 
 One module per concern: shapes.py (the model's sizes, from its config), memory.py
-(bytes), flops.py (FLOPs and time), probe.py (this machine's measured peaks), report.py
-(tables and JSON). This file puts them together for a recipe.
+(bytes), flops.py (FLOPs and time), lengths.py (the sequence lengths steps really run at),
+probe.py (this machine's measured peaks), report.py (tables and JSON). This file puts them
+together for a recipe.
 """
 
 from __future__ import annotations
@@ -19,22 +20,21 @@ import torch
 from bitblend.config.schema import Recipe
 from bitblend.device import pick_device
 from bitblend.errors import BitblendError
-from bitblend.estimate.flops import (
-    StepFlops,
-    StepTime,
-    eval_time,
-    step_flops,
-    step_time,
-    tokens_flops,
-)
+from bitblend.estimate.flops import StepFlops, StepTime, step_flops, tokens_flops
 from bitblend.estimate.highwater import HighWater, high_water, rank_process
+from bitblend.estimate.lengths import (
+    PricedLengths,
+    TaskLengths,
+    priced_eval_time,
+    priced_lengths,
+    priced_step_time,
+)
 from bitblend.estimate.memory import (
     CPU_ALLOCATOR_SLACK,
     RECIPES,
     PeakBytes,
     PrecisionSpec,
     RankBytes,
-    activation_bytes,
     bytes_per_param,
     optimizer_states,
     peak_bytes,
@@ -71,11 +71,14 @@ class Row:
     steps: int = 0  # train.steps (train.epochs resolved from the data sizes)
     # the run's phases beyond the step: build/conversion, evaluation, saving (highwater.py)
     high_water: HighWater = field(default_factory=lambda: HighWater(0, 0, 0))
+    # CPU: the first steps' page faults, growing the process from its runtime to its peak
+    warmup: float = 0.0
 
     @property
     def run_time(self) -> float:
-        """Train steps plus evaluations: what the run's wall clock will mostly show."""
-        return self.steps * self.mean_time + self.evals * self.eval_time
+        """Train steps plus evaluations (plus the first steps' warm-up): what the run's
+        wall clock will mostly show."""
+        return self.steps * self.mean_time + self.evals * self.eval_time + self.warmup
 
 
 @dataclass
@@ -95,6 +98,8 @@ class Estimate:
     available_bytes: int  # memory this machine can give the run
     ranks: int
     notes: list[str] = field(default_factory=list)
+    # per task: the lengths its steps and evaluations are priced at (estimate/lengths.py)
+    priced: list[PricedLengths] = field(default_factory=list)
 
     def total_bytes(self, row: Row, checkpointed: bool = False) -> int:
         """What the process will hold at its peak: runtime + the worse of the step's and an
@@ -188,16 +193,23 @@ def estimate_recipe(
     device: torch.device | None = None,
     peaks: Peaks | None = None,
     runtime: str = "self",
+    lengths: list[TaskLengths | None] | None = None,
 ) -> Estimate:
     """Estimate memory, FLOPs and time per step of `recipe` under each precision.
 
     `runtime` is how the CPU process figure gets its resident runtime: "measure" runs a
     child that imports, loads and tokenises as `train` does (estimate/runtime.py; what the
-    CLI does), "self" takes this process's RSS (quick, low: fewer imports, no encodings)."""
+    CLI does), "self" takes this process's RSS (quick, low: fewer imports, no encodings).
+    Time is priced at each task's token lengths (estimate/lengths.py): the child's, or with
+    "self" (and on GPUs) encoded in this process; `lengths` gives them instead (None for a
+    task: the worst case, every example max_length)."""
+    from bitblend.taskspec import load_data
+
     if ranks < 1:
         raise BitblendError(f"--ranks {ranks}: expected an integer >= 1")
     dev = device or pick_device(recipe.train.device)
-    shape, tasks, shares = recipe_shapes(recipe)
+    datas = load_data(recipe)
+    shape, tasks, shares = recipe_shapes(recipe, datas)
     states = optimizer_states(recipe.optimizer.name, recipe.optimizer.momentum)
     fused = recipe.optimizer.name in ("adam", "adamw")
     peaks = peaks or get_peaks(dev)
@@ -208,6 +220,8 @@ def estimate_recipe(
     )
     accum = recipe.train.grad_accum
     steps, evals = run_length(recipe, tasks)
+    runtime_bytes, measured = _runtime(recipe, dev, runtime, ranks, datas, lengths)
+    priced = _priced(recipe, tasks, shares, measured)
     rows: list[Row] = []
     worst = 0
     for spec in precision_specs(recipe, precision, dev):
@@ -215,23 +229,11 @@ def estimate_recipe(
         worst = max(range(len(tasks)), key=lambda k: (per_task[k].peak, tasks[k].tokens))
         task = tasks[worst]
         times = [
-            step_time(
-                shape,
-                t,
-                spec,
-                activation_bytes(shape, t, spec, dev.type),
-                peaks,
-                grad_accum=accum,
-                states=states,
-                device=dev.type,
+            priced_step_time(
+                shape, t, p, spec, peaks, grad_accum=accum, states=states, device=dev.type
             )
-            for t in tasks
+            for t, p in zip(tasks, priced, strict=True)
         ]
-
-        def eval_seconds(t: TaskShape, spec: PrecisionSpec = spec) -> float:
-            acts = _eval_acts(shape, t, spec, recipe, dev.type)
-            return eval_time(shape, t, spec, acts, peaks, recipe.train.eval_batch_size, dev.type)
-
         row = Row(
             spec=spec,
             selected=_same(spec, own_spec),
@@ -240,7 +242,10 @@ def estimate_recipe(
             time=times[worst],
             mean_time=sum(s * t.total for s, t in zip(shares, times, strict=True)),
             ranks=_per_rank(shape, task, spec, states, dev.type, fused, ranks, accum),
-            eval_time=sum(eval_seconds(t) for t in tasks),
+            eval_time=sum(
+                priced_eval_time(shape, t, p, spec, peaks, dev.type)
+                for t, p in zip(tasks, priced, strict=True)
+            ),
             evals=evals,
             steps=steps,
             high_water=high_water(
@@ -260,23 +265,85 @@ def estimate_recipe(
         peaks=peaks,
         states=states,
         rows=rows,
-        runtime_bytes=_runtime_bytes(recipe, dev, runtime, ranks),
+        runtime_bytes=runtime_bytes,
         available_bytes=available_memory(dev),
         ranks=ranks,
+        priced=priced,
     )
+    for row in est.rows:
+        row.warmup = _warmup(est, row)
     _add_notes(est)
     return est
 
 
-def _runtime_bytes(recipe: Recipe, device: torch.device, how: str, ranks: int) -> int:
-    """The CPU process's resident bytes before the model (0 on GPUs: tensors only count)."""
-    if device.type != "cpu":
-        return 0
-    if how == "measure":
-        from bitblend.estimate.runtime import measure_runtime
+def _warmup(est: Estimate, row: Row) -> float:
+    """Seconds a CPU run's first steps spend faulting in the pages it grows by: from the
+    runtime (held before the first step) to the process peak, at the probed cost of a
+    first-touched page. Measured here: the steps that grew the heap were the slow ones
+    (a MiniLM step 1 at 4x the steady step, 147k faults), at 11-14 us per extra fault,
+    the probe's first-touch cost of that VM (docs/estimate.md)."""
+    from bitblend.estimate.probe import PAGE
 
-        return measure_runtime(recipe, ranks)
-    return process_resident_bytes()
+    if est.device != "cpu" or not est.peaks.page_fault:
+        return 0.0
+    grown = max(0, est.total_bytes(row) - est.runtime_bytes)
+    return grown / PAGE * est.peaks.page_fault
+
+
+def _runtime(
+    recipe: Recipe,
+    device: torch.device,
+    how: str,
+    ranks: int,
+    datas: list[Any],
+    lengths: list[TaskLengths | None] | None,
+) -> tuple[int, list[TaskLengths | None]]:
+    """The CPU process's resident bytes before the model (0 on GPUs: tensors only count)
+    and each task's token lengths: both from the runtime child (`measure`, CPU), else this
+    process's RSS (taken before it encodes anything) and lengths encoded here."""
+    from bitblend.estimate.runtime import encoded_lengths, measure_runtime
+
+    if device.type == "cpu" and how == "measure":
+        child = measure_runtime(recipe, ranks)
+        return child.bytes, child.lengths if lengths is None else lengths
+    rss = process_resident_bytes() if device.type == "cpu" else 0
+    return rss, encoded_lengths(recipe, datas) if lengths is None else lengths
+
+
+def _priced(
+    recipe: Recipe,
+    tasks: list[TaskShape],
+    shares: list[float],
+    lengths: list[TaskLengths | None],
+) -> list[PricedLengths]:
+    """Each task's priced lengths under train's batching: homogeneous steps run its
+    micro-batches; a mixed step cuts its share of the batch out of the task's sampler's
+    batches (step.py's `take`)."""
+    cfg = recipe.train
+    mixed = recipe.mixing.batches == "mixed"
+    out = []
+    for i, (task, t, share) in enumerate(zip(recipe.tasks, tasks, shares, strict=True)):
+        piece = max(1, round(share * cfg.batch_size)) if mixed else t.batch
+        known = lengths[i] if i < len(lengths) else None
+        text_worst = 0  # tasks without text: every row the same positions
+        if known is not None and known.train:
+            longest = task.max_length or recipe.model.max_length
+            text_worst = math.ceil(longest / cfg.pad_to_multiple_of) * cfg.pad_to_multiple_of
+        out.append(
+            priced_lengths(
+                t,
+                known,
+                piece=piece,
+                global_batch=t.batch * cfg.grad_accum,
+                multiple=cfg.pad_to_multiple_of,
+                eval_batch=cfg.eval_batch_size,
+                seed=cfg.seed,
+                stream=i,
+                group_by_length=cfg.group_by_length,
+                text_worst=text_worst,
+            )
+        )
+    return out
 
 
 def _per_rank(
@@ -293,14 +360,6 @@ def _per_rank(
     local = replace(task, batch=max(1, math.ceil(task.batch / ranks)))
     base = peak_bytes(shape, local, spec, states, device, fused)
     return per_rank(shape, spec, base, ranks, accum, local.batch)
-
-
-def _eval_acts(
-    shape: ModelShape, task: TaskShape, spec: PrecisionSpec, recipe: Recipe, device: str
-) -> Any:
-    """Activation bytes of one eval batch of `task` (train.eval_batch_size examples)."""
-    one = TaskShape(task.name, task.head, task.outputs, recipe.train.eval_batch_size, task.seq)
-    return activation_bytes(shape, one, spec, device)
 
 
 def run_length(recipe: Recipe, tasks: list[TaskShape]) -> tuple[int, int]:

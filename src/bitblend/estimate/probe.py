@@ -27,7 +27,7 @@ import torch
 
 CACHE_ENV = "BITBLEND_CACHE_DIR"
 CACHE_FILE = "probe.json"
-PROBE_VERSION = 3  # part of the cache key: a changed probe never reads an old entry
+PROBE_VERSION = 4  # part of the cache key: a changed probe never reads an old entry
 MAX_AGE_S = 7 * 24 * 3600.0  # a week: kernels, clocks and neighbours change
 ROUNDS = 3  # the matmul probes run as this many short rounds, interleaved; the best counts
 
@@ -45,6 +45,10 @@ class Peaks:
     rng: float = 0.0  # bernoulli draws/s (PyTorch's dropout masks)
     fast_rng: float = 0.0  # mask elements/s of bitblend's CPU dropout (models/attention.py)
     op_overhead: float = 0.0  # seconds per small autograd op (dispatch + bookkeeping)
+    # CPU: seconds per 4 KiB page a process touches for the first time (the page fault and
+    # the zeroing; far more in a VM whose host backs guest memory lazily): what a run's
+    # first steps pay to grow to their high-water (estimate/__init__.py's warm-up)
+    page_fault: float = 0.0
     seconds: float = 0.0  # how long the probe took
     cached: bool = False  # read from the cache rather than measured now
     # When and under what conditions it was measured (an entry without them is stale).
@@ -103,6 +107,7 @@ def best_of(a: Peaks, b: Peaks) -> Peaks:
         rng=max(a.rng, b.rng),
         fast_rng=max(a.fast_rng, b.fast_rng),
         op_overhead=min(overheads) if overheads else 0.0,
+        page_fault=newer.page_fault,  # a cost of the memory's state now, not a peak
         seconds=newer.seconds,
         measured_at=newer.measured_at,
         load_avg=newer.load_avg,
@@ -212,6 +217,45 @@ def _attention_work(
     return step, 2 * 2.0 * b * s * s * d
 
 
+PAGE = 4096
+# A run grows by hundreds of MiB, past the pages the kernel recycles (freed lately, still
+# backed: ~2.5-3 us each in these VMs) into pages a VM's host backs on first touch (~14 us
+# here; it takes free pages back within seconds). The probe touches 4 fresh chunks of
+# 48 MiB, held, and keeps the slowest: past a small recycled pool it reads the fresh cost.
+FAULT_CHUNKS = 4
+FAULT_CHUNK_BYTES = 48 * 2**20
+
+
+def first_touch_seconds(
+    chunks: int = FAULT_CHUNKS,
+    chunk_bytes: int = FAULT_CHUNK_BYTES,
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
+    """Seconds per page of writing one byte into each page of fresh anonymous mappings:
+    the page faults a growing process pays. The slowest of `chunks` chunks (all held until
+    the end, so none reuses another's pages), measured once: touching again would get the
+    pages just freed back, which are already backed (fresh processes here read 2.5-3 us a
+    page from that pool and ~14 us past it; a training run's extra faults cost 11-15 us)."""
+    import mmap
+
+    import numpy as np
+
+    regions: list[mmap.mmap] = []
+    worst = 0.0
+    try:
+        for _ in range(chunks):
+            regions.append(mmap.mmap(-1, chunk_bytes))
+            view = np.frombuffer(regions[-1], dtype=np.uint8)
+            t0 = clock()
+            view[::PAGE] = 1
+            worst = max(worst, (clock() - t0) / (chunk_bytes // PAGE))
+            del view
+    finally:
+        for region in regions:
+            region.close()
+    return worst
+
+
 def measure(
     device: torch.device, budget: float = 1.5, clock: Callable[[], float] = time.perf_counter
 ) -> Peaks:
@@ -263,6 +307,8 @@ def measure(
 
     # 100 forward muls, their 100 backward muls and the sum: about 200 aten ops per call.
     peaks.op_overhead = 1.0 / _best_rate(tiny, 200.0, device, share / 2, clock)
+    if device.type == "cpu":
+        peaks.page_fault = first_touch_seconds(clock=clock)
     peaks.seconds = time.perf_counter() - t_start
     return peaks
 

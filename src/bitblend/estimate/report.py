@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bitblend.estimate import Estimate, Row
+from bitblend.estimate.lengths import PricedLengths
 from bitblend.estimate.memory import CPU_ALLOCATOR_SLACK, bytes_per_param
 
 
@@ -88,7 +89,12 @@ def row_json(est: Estimate, row: Row) -> dict[str, Any]:
         "time_parts_s": row.time.parts,
         "mean_time_per_step_s": row.mean_time,
         "eval_time_s": row.eval_time,
-        "run": {"steps": row.steps, "evals": row.evals, "time_s": row.run_time},
+        "run": {
+            "steps": row.steps,
+            "evals": row.evals,
+            "warmup_s": row.warmup,  # first steps' page faults (CPU), inside time_s
+            "time_s": row.run_time,
+        },
         "per_rank": [{**asdict(r), "process_peak": est.rank_bytes(row, r)} for r in row.ranks],
         "warnings": row.warnings,
     }
@@ -119,8 +125,8 @@ def to_json(est: Estimate) -> dict[str, Any]:
             "attention": _backend(est),
         },
         "tasks": [
-            {**asdict(t), "tokens": t.tokens, "share": share}
-            for t, share in zip(est.tasks, est.shares, strict=True)
+            {**asdict(t), "tokens": t.tokens, "share": share, "priced": _priced_json(p)}
+            for t, share, p in zip(est.tasks, est.shares, _priced_list(est), strict=True)
         ],
         "worst_task": worst.name,
         "batch": worst.batch,
@@ -134,6 +140,53 @@ def to_json(est: Estimate) -> dict[str, Any]:
         "rows": [row_json(est, r) for r in est.rows],
         "notes": est.notes,
     }
+
+
+def _priced_list(est: Estimate) -> list[PricedLengths | None]:
+    return list(est.priced) if est.priced else [None] * len(est.tasks)
+
+
+def _priced_json(p: PricedLengths | None) -> dict[str, Any] | None:
+    """The positions a task's time is priced at (estimate/lengths.py); `seq` is memory's."""
+    if p is None:
+        return None
+    return {
+        "source": p.source,  # data | fixed (no text) | worst (lengths unknown: max_length)
+        "mean_train_positions": p.mean_train,  # expected padded micro-batch length
+        "mean_eval_positions": p.mean_eval,
+        "worst_positions": p.worst,
+        "train_positions": {str(k): v for k, v in p.train.items()},  # length -> probability
+        "eval_batches": [[b, L, k] for (b, L), k in sorted(p.eval.items())],  # examples, L, n
+    }
+
+
+def priced_line(est: Estimate) -> str | None:
+    """What lengths the time is priced at, for people: 'mean padded length 41 of 128'."""
+    parts, fixed, worst = [], [], []
+    for task, p in zip(est.tasks, _priced_list(est), strict=True):
+        if p is None or p.source == "worst":
+            worst.append(task.name)
+            continue
+        if p.source == "fixed":
+            fixed.append(f"{task.name} {p.worst}")
+            continue
+        parts.append(
+            f"{task.name} {p.mean_train:.0f} of {p.worst}"
+            + (f" (eval {p.mean_eval:.0f})" if p.eval else "")
+        )
+    if not parts:
+        return None
+    cfg = est.recipe.train
+    how = "length-grouped batches" if cfg.group_by_length else "random batches"
+    line = (
+        f"time priced at the data's lengths - mean padded length per step: {', '.join(parts)} "
+        f"({how}, padded to the longest row, multiple of {cfg.pad_to_multiple_of})"
+    )
+    if fixed:
+        line += f"; every row the same: {', '.join(fixed)}"
+    if worst:
+        line += f"; lengths unknown, at full length: {', '.join(worst)}"
+    return line
 
 
 def _backend(est: Estimate) -> str:
@@ -198,6 +251,9 @@ def render(est: Estimate, console: Console) -> None:
         f"worst step: task {worst.name}, batch {worst.batch} x seq {worst.seq} "
         f"x {est.recipe.train.grad_accum} micro-batch(es), {attention}"
     )
+    line = priced_line(est)
+    if line:
+        console.print(line)
     probe = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in p.matmul_flops.items())
     age_h = max(0.0, time.time() - p.measured_at) / 3600
     how = (
@@ -270,10 +326,11 @@ def render(est: Estimate, console: Console) -> None:
                 f"per rank ({_name(r)}, {est.ranks} ranks, {r.ranks[0].batch} example(s) of "
                 f"the global micro-batch each): " + "; ".join(parts) + " per step"
             )
+        warm = f" + warm-up {human_seconds(r.warmup)} (page faults)" if r.warmup else ""
         console.print(
             f"whole run ({_name(r)}): {r.steps} steps x {human_seconds(r.mean_time)} + "
-            f"{r.evals} eval(s) x {human_seconds(r.eval_time)} = {human_seconds(r.run_time)} "
-            "(plus loading, checkpoints and the report)"
+            f"{r.evals} eval(s) x {human_seconds(r.eval_time)}{warm} = "
+            f"{human_seconds(r.run_time)} (plus loading, checkpoints and the report)"
         )
     if est.device == "cpu":
         console.print(

@@ -11,31 +11,49 @@ tokenizers trained, every split encoded - and reports its peak RSS. The child st
 for train's process, so it runs train's own setup functions by module name; this package
 never imports train/ (the layer contract).
 
-    python -m bitblend.estimate.runtime RECIPE.yaml [--ranks N]   # prints the bytes
+Having encoded every split, the child also reports each task's token lengths (histograms,
+estimate/lengths.py): the time model prices steps at the lengths the data has, not at
+max_length.
+
+    python -m bitblend.estimate.runtime RECIPE.yaml [--ranks N]
+    # prints {"peak_rss": bytes, "lengths": [per task: {"train": [[L, n], ...], "eval": ...}]}
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import resource
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bitblend.config.load import dump_recipe
 from bitblend.config.schema import Recipe
 from bitblend.errors import BitblendError
+from bitblend.estimate.lengths import TaskLengths, split_lengths
 
 ENV = "BITBLEND_ESTIMATE_RUNTIME"  # "self": take the estimate's own RSS (tests, quick looks)
 TRAIN_MODULES = ("bitblend.train.trainer", "bitblend.train.setup", "bitblend.report.html")
 
 
-def measure_runtime(recipe: Recipe, ranks: int = 1, timeout: float = 900.0) -> int:
-    """Peak RSS of a child that imports, loads and tokenises as `train` does (bytes)."""
+@dataclass
+class Runtime:
+    """What the runtime child measured: its peak RSS and each task's token lengths (None:
+    unknown, priced at the worst case)."""
+
+    bytes: int
+    lengths: list[TaskLengths | None] = field(default_factory=list)
+
+
+def measure_runtime(recipe: Recipe, ranks: int = 1, timeout: float = 900.0) -> Runtime:
+    """Peak RSS of a child that imports, loads and tokenises as `train` does (bytes), and
+    the token lengths of what it encoded."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "recipe.yaml"
         path.write_text(dump_recipe(recipe), encoding="utf-8")
@@ -45,7 +63,9 @@ def measure_runtime(recipe: Recipe, ranks: int = 1, timeout: float = 900.0) -> i
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise BitblendError(f"estimate: measuring the runtime failed ({tail})")
-    return int(proc.stdout.strip().splitlines()[-1])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    lengths = [None if t is None else TaskLengths.from_json(t) for t in out["lengths"]]
+    return Runtime(int(out["peak_rss"]), lengths)
 
 
 def run_tokenizer(recipe: Recipe, datas: list[Any]) -> Any:
@@ -63,14 +83,40 @@ def run_tokenizer(recipe: Recipe, datas: list[Any]) -> Any:
     return backbone_config(m.backbone, m.dropout, m.attention_dropout, m.vocab_size)[1]
 
 
-def _child(recipe_path: str, ranks: int) -> int:
-    """In the child: train's imports, data and tokenisation; returns peak RSS in bytes."""
+def encoded_lengths(recipe: Recipe, datas: list[Any]) -> list[TaskLengths | None]:
+    """Every split of every task encoded as `train` encodes it (its tokenizer, own
+    WordPiece vocabularies trained, packing), one task at a time; their token lengths.
+    A streamed task's (its train table is only a sample of the stream) are None."""
+    from bitblend.data.wordpiece import train_wordpiece
+    from bitblend.taskspec import head_spec
+
+    encode_task = importlib.import_module("bitblend.train.setup").encode_task
+    tokenizer = run_tokenizer(recipe, datas)
+    cap = recipe.train.eval_max_examples  # evaluation reads the first `cap` examples
+    out: list[TaskLengths | None] = []
+    for i, (task, data) in enumerate(zip(recipe.tasks, datas, strict=True)):
+        tok = tokenizer
+        own = task.tokenizer == "wordpiece" and data.train.text is not None
+        if own:
+            tok = train_wordpiece([str(t) for t in data.train.text or []], task.wordpiece_vocab)
+        uses_text = data.train.text is not None
+        spec = head_spec(task, data, tok if uses_text else None, own, i)
+        train = encode_task(task, spec, data.train, data.train_targets, tok, recipe)
+        ev = encode_task(task, spec, data.eval, data.eval_targets, tok, recipe)
+        streamed = getattr(data, "stream", None) is not None
+        out.append(None if streamed else TaskLengths(split_lengths(train), split_lengths(ev, cap)))
+        del train, ev  # one task's encodings at a time, as the runtime was measured before
+    return out
+
+
+def _child(recipe_path: str, ranks: int) -> dict[str, Any]:
+    """In the child: train's imports, data and tokenisation; returns peak RSS in bytes and
+    the token lengths of every task."""
     import logging
     import warnings
 
     from bitblend.config.load import load_recipe
-    from bitblend.data.wordpiece import train_wordpiece
-    from bitblend.taskspec import head_spec, load_data
+    from bitblend.taskspec import load_data
 
     warnings.simplefilter("ignore")  # the parent reads stdout's last line only
     logging.disable(logging.WARNING)
@@ -82,19 +128,9 @@ def _child(recipe_path: str, ranks: int) -> int:
     if ranks > 1:
         importlib.import_module("torch.distributed.fsdp")
         importlib.import_module("torch.nn.parallel")
-    encode_task = importlib.import_module("bitblend.train.setup").encode_task
-    datas = load_data(recipe)
-    tokenizer = run_tokenizer(recipe, datas)
-    for i, (task, data) in enumerate(zip(recipe.tasks, datas, strict=True)):
-        tok = tokenizer
-        own = task.tokenizer == "wordpiece" and data.train.text is not None
-        if own:
-            tok = train_wordpiece([str(t) for t in data.train.text or []], task.wordpiece_vocab)
-        uses_text = data.train.text is not None
-        spec = head_spec(task, data, tok if uses_text else None, own, i)
-        encode_task(task, spec, data.train, data.train_targets, tok, recipe)
-        encode_task(task, spec, data.eval, data.eval_targets, tok, recipe)
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+    lengths = encoded_lengths(recipe, load_data(recipe))
+    peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+    return {"peak_rss": peak, "lengths": [t and t.to_json() for t in lengths]}
 
 
 if __name__ == "__main__":
@@ -102,4 +138,4 @@ if __name__ == "__main__":
     ap.add_argument("recipe")
     ap.add_argument("--ranks", type=int, default=1)
     a = ap.parse_args()
-    print(_child(a.recipe, a.ranks))
+    print(json.dumps(_child(a.recipe, a.ranks)))
