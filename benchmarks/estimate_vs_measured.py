@@ -128,8 +128,7 @@ def child_baseline(case: list[str]) -> dict[str, Any]:
     import bitblend.train.trainer  # noqa: F401  (the same imports as a training run)
     from bitblend.config.load import load_recipe
     from bitblend.estimate import backbone_config
-    from bitblend.taskspec import head_spec, load_data
-    from bitblend.train.setup import encode_task
+    from bitblend.taskspec import encode_task, head_spec, load_data
 
     backbone, precision, batch, seq = case[0], case[1], int(case[2]), int(case[3])
     recipe = load_recipe("bbc", overrides(backbone, precision, batch, seq, 1))

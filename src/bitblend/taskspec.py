@@ -1,5 +1,6 @@
-"""What a recipe's tasks are before any model exists: their loaded data, and the adapters
-and head each needs (HeadSpec) from that data and its tokenizer.
+"""What a recipe's tasks are before any model exists: their loaded data, the adapters and
+head each needs (HeadSpec) from that data and its tokenizer, and each split encoded as the
+trainer feeds it (`encode_task`: the estimate's runtime child measures the same encodings).
 
 Both the trainer (train/setup.py builds the model from these specs) and the cost model
 (estimate/shapes.py prices them without building anything) need it, so it sits below both;
@@ -11,8 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from bitblend.config.schema import Recipe, TaskConfig
-from bitblend.data.modalities import TabularStats
-from bitblend.data.packing import PACKABLE_HEADS
+from bitblend.data.modalities import EncodedSplit, TabularStats, encode_packed, encode_split
+from bitblend.data.packing import PACKABLE_HEADS, packing_enabled
 from bitblend.data.sources import LM_HEADS, TaskData, load_task_data
 from bitblend.errors import BitblendError
 from bitblend.models.features import quantile_edges
@@ -106,3 +107,33 @@ def head_spec(
             )
         spec.shortcut = True
     return spec
+
+
+def encode_task(
+    task: TaskConfig, spec: HeadSpec, table: Any, targets: Any, tokenizer: Any, recipe: Recipe
+) -> EncodedSplit:
+    """Encode one split of one task with its tokenizer, patch size and tabular statistics."""
+    import numpy as np
+
+    if packing_enabled(task) and table.text is not None and spec.modalities == ["text"]:
+        texts = ["" if t is None else str(t) for t in table.text]
+        length = task.max_length or recipe.model.max_length
+        return encode_packed(tokenizer, texts, task.head, length, np.asarray(targets))
+    stats = None
+    if spec.num_features:
+        stats = TabularStats(np.asarray(spec.tabular_mean), np.asarray(spec.tabular_std))
+    patch = None
+    if spec.patch_dim and table.image is not None:
+        patch = round((spec.patch_dim / table.image.shape[3]) ** 0.5)
+    return encode_split(
+        table,
+        task.head,
+        targets,
+        tokenizer=tokenizer,
+        max_length=task.max_length or recipe.model.max_length,
+        patch=patch,
+        stats=stats,
+        audio=(spec.sample_rate, spec.num_samples, spec.audio_patches)
+        if spec.audio_patches
+        else None,
+    )

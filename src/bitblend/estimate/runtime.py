@@ -88,9 +88,8 @@ def encoded_lengths(recipe: Recipe, datas: list[Any]) -> list[TaskLengths | None
     WordPiece vocabularies trained, packing), one task at a time; their token lengths.
     A streamed task's (its train table is only a sample of the stream) are None."""
     from bitblend.data.wordpiece import train_wordpiece
-    from bitblend.taskspec import head_spec
+    from bitblend.taskspec import encode_task, head_spec
 
-    encode_task = importlib.import_module("bitblend.train.setup").encode_task
     tokenizer = run_tokenizer(recipe, datas)
     cap = recipe.train.eval_max_examples  # evaluation reads the first `cap` examples
     out: list[TaskLengths | None] = []

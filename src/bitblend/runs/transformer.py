@@ -21,8 +21,8 @@ from bitblend.precision.base import Precision
 from bitblend.precision.recipes import build_precision
 from bitblend.runs.base import find_task
 from bitblend.runs.serving import check_serving, inference_config, quantize_int8
+from bitblend.taskspec import encode_task
 from bitblend.train.evaluate import BatchSpec, predict_outputs
-from bitblend.train.setup import encode_task
 
 
 @dataclass

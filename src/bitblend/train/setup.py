@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from bitblend.config.schema import Recipe, TaskConfig
-from bitblend.data.modalities import EncodedSplit, TabularStats, encode_packed, encode_split
+from bitblend.data.modalities import EncodedSplit
 from bitblend.data.packing import packing_enabled
 from bitblend.data.sampler import BatchSampler
 from bitblend.data.sources import LM_HEADS, TaskData
@@ -32,7 +32,7 @@ from bitblend.models.llama import tokenizer_corpus
 from bitblend.models.trunk import HeadSpec, MultiTaskModel
 from bitblend.precision.base import Precision
 from bitblend.tasks.losses import resolve_loss
-from bitblend.taskspec import head_spec
+from bitblend.taskspec import encode_task, head_spec
 from bitblend.train.evaluate import BatchSpec
 
 
@@ -165,36 +165,6 @@ def convert_model(model: nn.Module, recipe: Recipe, precision: Precision) -> Non
     precision.convert_module(model)
     if recipe.model.kernels == "auto":
         fuse_qkv(model)
-
-
-def encode_task(
-    task: TaskConfig, spec: HeadSpec, table: Any, targets: Any, tokenizer: Any, recipe: Recipe
-) -> EncodedSplit:
-    """Encode one split of one task with its tokenizer, patch size and tabular statistics."""
-    import numpy as np
-
-    if packing_enabled(task) and table.text is not None and spec.modalities == ["text"]:
-        texts = ["" if t is None else str(t) for t in table.text]
-        length = task.max_length or recipe.model.max_length
-        return encode_packed(tokenizer, texts, task.head, length, np.asarray(targets))
-    stats = None
-    if spec.num_features:
-        stats = TabularStats(np.asarray(spec.tabular_mean), np.asarray(spec.tabular_std))
-    patch = None
-    if spec.patch_dim and table.image is not None:
-        patch = round((spec.patch_dim / table.image.shape[3]) ** 0.5)
-    return encode_split(
-        table,
-        task.head,
-        targets,
-        tokenizer=tokenizer,
-        max_length=task.max_length or recipe.model.max_length,
-        patch=patch,
-        stats=stats,
-        audio=(spec.sample_rate, spec.num_samples, spec.audio_patches)
-        if spec.audio_patches
-        else None,
-    )
 
 
 def build_tasks(
