@@ -183,6 +183,8 @@ async def slo_rate(client: Any, url: str, texts: list[str], hi: float, slo_ms: f
     A window lasts `seconds` or until MIN_SLO_REQUESTS have been sent, whichever is longer,
     so a low rate's p99 is not the max of a handful of requests."""
     lo, p99 = 0.0, float("nan")
+    if not hi > 0:  # no closed-loop throughput (0 or NaN): nothing to bisect
+        return {"slo_rps": 0.0, "slo_p99_ms": p99}
     for k in range(steps):
         rate = (lo + hi) / 2
         window = max(seconds, MIN_SLO_REQUESTS / rate)

@@ -66,7 +66,7 @@ def test_the_one_standard_error_rule_takes_the_strongest_l2_the_folds_cannot_tel
     }
     assert choose_c(scores, "best") == 1.0
     assert choose_c(scores, "1se") == 0.1
-    # Equal folds: no spread, so 1se is the best mean (ties: the C nearest 1).
+    # Equal means and no spread: best takes the tie nearest C=1, 1se the smallest C.
     flat = {c: np.array([0.9, 0.9, 0.9]) for c in (0.01, 0.1, 1.0, 10.0)}
     assert choose_c(flat, "best") == 1.0
     assert choose_c(flat, "1se") == 0.01

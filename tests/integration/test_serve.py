@@ -320,9 +320,40 @@ def test_auto_engine_is_the_fastest_within_the_accuracy_bound(
     np.testing.assert_allclose(probs(got), probs(expected), atol=1e-6)
     # A bound no engine can meet (accuracy would have to rise): torch, the run's own.
     _, engine, precision, why = default_engine(run, bound=-1.0)
-    assert (engine, precision) == ("torch", "run") and "points below fp32" in why
+    assert (engine, precision) == ("torch", "run") and "bf16 eval accuracy" in why
+    # An export that cannot be written (here RUN_DIR/onnx is a file): torch bf16, and why.
+    shutil.rmtree(run / "onnx")
+    (run / "onnx").write_text("not a directory")
+    _, engine, precision, why = default_engine(run, bound=1.0)
+    assert (engine, precision) == ("torch", "bf16") and "int8 not available" in why, why
     fp32 = load_transformer_run(tiny_run, "fp32")
-    entry = export_onnx(fp32, tmp_path / "onnx", int8=True, check_rows=8)["tasks"]["bbc"]
+    entry = export_onnx(fp32, tmp_path / "onnx-export", int8=True, check_rows=8)["tasks"]["bbc"]
     assert entry["eval_rows"] > 0
     assert 0.0 <= entry["int8_eval_accuracy"] <= 1.0
     assert 0.0 <= entry["fp32_eval_accuracy"] <= 1.0
+
+
+@pytest.mark.slow
+def test_an_export_from_other_weights_is_made_again(tiny_run: Path, tmp_path: Path) -> None:
+    """ensure_export reuses RUN_DIR/onnx only when it was written by this exporter from the
+    run's current model/ files; otherwise the graphs are exported again."""
+    import os
+    import shutil
+
+    from bitblend.runs.load import load_transformer_run
+    from bitblend.serve.onnx import EXPORTER, MANIFEST, ensure_export
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    shutil.rmtree(run / "onnx", ignore_errors=True)
+    fp32 = load_transformer_run(run, "fp32")
+    first = ensure_export(fp32, int8=False)
+    assert first["exporter"] == EXPORTER
+    written = (run / "onnx" / MANIFEST).stat().st_mtime_ns
+    assert ensure_export(fp32, int8=False) == first  # current: reused as it is
+    assert (run / "onnx" / MANIFEST).stat().st_mtime_ns == written
+    weights = next((run / "model").glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    again = ensure_export(fp32, int8=False)  # the model changed: exported again
+    assert again["model"] != first["model"]
+    assert (run / "onnx" / MANIFEST).stat().st_mtime_ns != written

@@ -37,6 +37,9 @@ from bitblend.runs.transformer import TransformerRun
 from bitblend.serve import onnx_fusion
 
 MANIFEST = "export.json"
+# Bumped when the graphs an export writes change (2: fused BERT-family graphs): a manifest
+# of another version is exported again rather than served as what this version writes.
+EXPORTER = 2
 OPSET = 17
 FP32_TOLERANCE = 1e-2  # max |p_onnx - p_torch| an fp32 export may show
 CHECK_ROWS = 64
@@ -174,7 +177,14 @@ def _export_task(
             output_names=["logits"], dynamic_axes={**axes, "logits": {0: "batch"}},
             opset_version=OPSET, dynamo=False,
         )  # fmt: skip
-    return names, (onnx_fusion.fuse(path, backbone) if fuse else {})
+    if not fuse:
+        return names, {}
+    try:
+        return names, onnx_fusion.fuse(path, backbone)
+    except Exception as exc:  # any optimizer failure: the plain traced graph serves
+        # The optimizer writes `path` only after it has fused, so the traced graph is intact.
+        warnings.warn(f"export: ONNX Runtime's fusion failed ({exc}); unfused graph", stacklevel=2)
+        return names, {}
 
 
 def _quantize(src: Path, dst: Path) -> None:
@@ -288,19 +298,34 @@ def export_onnx(
         raise BitblendError(
             "export: the run has no classification/binary/multilabel/regression task"
         )
-    manifest = {"format": 1, "opset": OPSET, "torch": torch.__version__, "tasks": tasks}
+    manifest = {"format": 1, "exporter": EXPORTER, "opset": OPSET, "torch": torch.__version__,
+                "model": model_fingerprint(run.run_dir), "tasks": tasks}  # fmt: skip
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
+def model_fingerprint(run_dir: Path) -> dict[str, list[int]]:
+    """Size and mtime of each file of RUN_DIR/model: an export made from other weights (the
+    run trained further, or a model copied in) does not match."""
+    model = run_dir / "model"
+    files = sorted(p for p in model.iterdir() if p.is_file()) if model.is_dir() else []
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
+
+
 def ensure_export(run: TransformerRun, int8: bool) -> dict[str, Any]:
-    """RUN_DIR/onnx's manifest, exporting first when it or a needed graph is missing."""
+    """RUN_DIR/onnx's manifest, exporting first when it or a needed graph is missing, or
+    when it was written by another exporter version or from other weights."""
     out_dir = run.run_dir / "onnx"
     path = out_dir / MANIFEST
     if path.is_file():
         manifest = json.loads(path.read_text())
         kind = "int8" if int8 else "fp32"
-        if all(kind in e and (out_dir / e[kind]).is_file() for e in manifest["tasks"].values()):
+        current = manifest.get("exporter") == EXPORTER and manifest.get(
+            "model"
+        ) == model_fingerprint(run.run_dir)
+        if current and all(
+            kind in e and (out_dir / e[kind]).is_file() for e in manifest["tasks"].values()
+        ):
             return manifest
     return export_onnx(run, out_dir, int8=int8)
 

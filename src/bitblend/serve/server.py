@@ -47,16 +47,24 @@ def default_engine(run_dir: Path, bound: float = ACCURACY_BOUND) -> tuple[Predic
     audio = [n for n, spec in ref.model.specs.items() if "audio" in spec.modalities]
     why_not_int8 = f"task {audio[0]} has audio (not exported)" if audio else ""
     if not audio:
+        # Any failure of the export (a graph that fails its check, a read-only run directory,
+        # an architecture the exporter or ONNX Runtime cannot take) or of its sessions means
+        # int8 is not served: torch serves instead, and the line on stderr says why.
         try:
             tasks = ensure_export(ref, int8=True)["tasks"]
-        except BitblendError as exc:  # a graph failed its check: torch serves instead
-            why_not_int8 = str(exc)
-        else:
-            gap = max(e["fp32_eval_accuracy"] - e["int8_eval_accuracy"] for e in tasks.values())
-            if gap <= bound:
+            gaps = [e["fp32_eval_accuracy"] - e["int8_eval_accuracy"] for e in tasks.values()]
+            gap = max(gaps) if gaps and len(tasks) == len(heads) else None
+            if gap is not None and gap <= bound:
                 why = f"int8 eval accuracy within {max(gap, 0.0) * 100:.2f} points of fp32"
                 return OnnxRun.open(ref, int8=True), "onnxruntime", "int8", why
-            why_not_int8 = f"onnxruntime int8 {gap * 100:.2f} points below fp32"
+            why_not_int8 = (
+                "the export does not cover every task"
+                if gap is None
+                else f"onnxruntime int8 {gap * 100:.2f} points below fp32"
+            )
+        except Exception as exc:
+            first = (str(exc).splitlines() or [""])[0][:200]
+            why_not_int8 = f"onnxruntime int8 not available ({type(exc).__name__}: {first})"
     fast = load_transformer_run(run_dir, AUTO_PRECISION, needed_by="--engine auto")
     worst = -1.0
     for name, head in heads.items():

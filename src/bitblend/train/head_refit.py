@@ -119,6 +119,8 @@ def choose_c(scores: dict[float, np.ndarray], rule: str) -> float:
     standard error of the best mean - the one-standard-error rule (Breiman et al. 1984;
     glmnet's lambda.1se), which trades a CV difference the folds cannot resolve for a
     simpler readout."""
+    if rule not in ("best", "1se"):
+        raise ValueError(f"head refit: unknown C rule {rule!r} (best or 1se)")
     means = {c: float(np.mean(v)) for c, v in scores.items()}
     best = max(scores, key=lambda c: (means[c], -abs(np.log10(c))))
     if rule == "best":
