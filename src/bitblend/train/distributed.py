@@ -417,9 +417,17 @@ def setup(recipe: Recipe, device: torch.device) -> DistContext:
 
 
 def teardown() -> None:
-    """Destroy the process group this module created (idempotent)."""
+    """Destroy the process group this module created (idempotent), every rank together.
+
+    Why the barrier first: after the last collective, rank 0 alone saves the model, fits the
+    baselines and writes the summary and the report, while the other ranks are done. A rank
+    that destroyed its gloo group and exited while rank 0 was still at that work aborted now
+    and then in C++ ("terminate called without an active exception", SIGABRT) and failed the
+    job (seen in CI under a full test suite, always on local rank 1). So every rank waits
+    for rank 0 (bounded by distributed.timeout_s) and they leave the group together."""
     global _CTX
     if _CTX is not None and _CTX.owns_group and dist.is_initialized():
+        _CTX.barrier()
         dist.destroy_process_group()
     _CTX = None
 
