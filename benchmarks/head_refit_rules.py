@@ -41,10 +41,7 @@ def rules_of_run(run: Path, mode: str, only: list[str] | None) -> dict[str, dict
                 continue
             if only and t.name not in only:
                 continue
-            n = len(t.train)
-            rows = np.arange(n)
-            if n > hr.MAX_ROWS:  # the rows refit_task fits
-                rows = np.sort(np.random.default_rng(seed).choice(n, hr.MAX_ROWS, replace=False))
+            rows = hr.refit_rows(len(t.train), seed)  # the rows refit_task fits
             limit = recipe.train.eval_max_examples or len(t.eval)
             erows = np.arange(min(len(t.eval), limit))
             x = hr.pooled_features(model, t.name, t.train, t.batch, rows)

@@ -25,21 +25,14 @@ from bitblend.estimate.lengths import (
     random_batch_lengths,
 )
 from bitblend.estimate.memory import activation_bytes
-from bitblend.estimate.probe import PAGE, Peaks, first_touch_seconds, save_peaks
+from bitblend.estimate.probe import PAGE, first_touch_seconds, save_peaks
 from bitblend.estimate.runtime import encoded_lengths
 from bitblend.taskspec import load_data
 from tests.conftest import make_recipe
 from tests.unit.test_cli_errors import run_cli
+from tests.unit.test_estimate import FAKE  # the same known peaks
 
 CPU = torch.device("cpu")
-FAKE = Peaks(
-    device="fake",
-    threads=2,
-    matmul_flops={"float32": 1e11, "bfloat16": 2.5e11, "float16": 3e8},
-    bandwidth=2e10,
-    rng=5e8,
-    op_overhead=2e-5,
-)
 
 
 @pytest.fixture(autouse=True)

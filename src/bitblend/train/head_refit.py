@@ -176,6 +176,13 @@ def head_weights(fit: dict[str, Any], head: str, outputs: int) -> tuple[np.ndarr
     return coef, intercept
 
 
+def refit_rows(n: int, seed: int) -> np.ndarray:
+    """The training rows a refit fits: all `n`, or a seeded sorted sample of MAX_ROWS."""
+    if n <= MAX_ROWS:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, MAX_ROWS, replace=False))
+
+
 def refit_task(
     model: MultiTaskModel,
     task: str,
@@ -187,10 +194,7 @@ def refit_task(
     its trained rows rather than inventing a readout for a class it never saw)."""
     head = model.specs[task].head
     outputs = model.specs[task].num_outputs
-    n = len(train)
-    rows = np.arange(n)
-    if n > MAX_ROWS:
-        rows = np.sort(np.random.default_rng(seed).choice(n, MAX_ROWS, replace=False))
+    rows = refit_rows(len(train), seed)
     y = np.asarray(train.targets)[rows].astype(np.int64)
     expected = 2 if head == "binary" else outputs
     if len(np.unique(y)) != expected:
