@@ -8,6 +8,7 @@ every task's eval accuracy is compared with its single-task run and its baseline
 target: the mixture within 1 point of alone, or better, on every task).
 
     .venv/bin/python benchmarks/four_modalities.py [--steps 600] [--seed 0] [--json OUT]
+        [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -35,14 +36,22 @@ def train(recipe: dict[str, Any], out: Path) -> dict[str, Any]:
 
 def main() -> None:
     """Train the mixture and each task alone; print the table."""
-    from bitblend.config.load import resolve_recipe_path
+    from bitblend.config.load import apply_overrides, resolve_recipe_path
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe override for the mixture and every alone run (as train --set)",
+    )
     args = p.parse_args()
     base = yaml.safe_load(resolve_recipe_path("four-modalities").read_text())
+    base = apply_overrides(base, args.set)
     base["train"].update(steps=args.steps, seed=args.seed, eval_every=0)
     tmp = Path(tempfile.mkdtemp(prefix="four-modalities-"))
     mixed = train(base, tmp / "mixture")
@@ -55,13 +64,17 @@ def main() -> None:
         m, s = mixed["eval"][name], single["eval"][name]
         fit = ((mixed.get("baselines") or {}).get("tasks") or {}).get(name) or {}
         rows.append({"task": name, "mixture": m["accuracy"], "alone": s["accuracy"],
-                     "baseline": (fit.get("metrics") or {}).get("accuracy")})  # fmt: skip
-    print(f"| task | mixture | alone ({args.steps} steps) | mixture - alone | baseline |")
+                     "baseline": (fit.get("metrics") or {}).get("accuracy"),
+                     "mixture_steps": (mixed.get("task_steps") or {}).get(name)})  # fmt: skip
+    alone = f"alone ({args.steps} steps)"
+    head = f"| task | mixture (its steps) | {alone} | mixture - alone | baseline |"
+    print(head)
     print("|---|---|---|---|---|")
     for r in rows:
         b = "-" if r["baseline"] is None else f"{r['baseline']:.3f}"
         diff = 100 * (r["mixture"] - r["alone"])
-        print(f"| {r['task']} | {r['mixture']:.3f} | {r['alone']:.3f} | {diff:+.1f} pts | {b} |")
+        mix = f"{r['mixture']:.3f} ({r['mixture_steps']})"
+        print(f"| {r['task']} | {mix} | {r['alone']:.3f} | {diff:+.1f} pts | {b} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
 

@@ -114,6 +114,13 @@ class ModelConfig:
         "matmul for each attention block's q/k/v projections (any device); torch = PyTorch's "
         "everywhere, separate q/k/v layers, as HF Trainer runs",
     )
+    compile: Literal["auto", "on", "off"] = doc(
+        "auto",
+        "torch.compile (inductor) each transformer block of the backbone for training: auto = "
+        "on for Llama-family decoders of width >= 256 on CPU with a C++ compiler, one process, "
+        "32-true / bf16-mixed / bf16-true, no LoRA (llama-30m steps ~Nx faster here; "
+        "docs/llama.md), off elsewhere; on = every backbone, device and precision; off = eager",
+    )
     adapter: AdapterConfig = field(
         default_factory=AdapterConfig,
         metadata={"doc": "LoRA adapters over a frozen backbone (docs/peft.md)"},

@@ -174,6 +174,10 @@ class MultiTaskModel(nn.Module):
             pooling = "last" if is_decoder(backbone) else "mean"
         self.pooling = pooling
         self.head_dropout = head_dropout
+        # Decoders build a KV cache on every forward unless told not to (config.use_cache is
+        # True in saved Llama/GPT-2 configs): training and evaluation never read it back,
+        # and under torch.compile each layer's cache object is a new guard (recompiles).
+        self._backbone_kwargs: dict[str, Any] = {"use_cache": False} if is_decoder(backbone) else {}
         width = hidden_size(backbone)
         # Only models with non-text inputs need it (text-only models keep the plain HF
         # parameter set). Zero-initialised: adding it leaves a pretrained trunk unchanged.
@@ -320,7 +324,7 @@ class MultiTaskModel(nn.Module):
         inputs.pop("labels", None)
         if spec.uses_embeds:
             embeds, mask = self._embed(spec, inputs)
-            out = self.backbone(inputs_embeds=embeds, attention_mask=mask)
+            out = self.backbone(inputs_embeds=embeds, attention_mask=mask, **self._backbone_kwargs)
         elif "segment_ids" in inputs:  # packed rows (data/packing.py)
             mask = inputs["attention_mask"]
             out = self.backbone(
@@ -329,10 +333,13 @@ class MultiTaskModel(nn.Module):
                     self.backbone, inputs["segment_ids"], is_decoder(self.backbone)
                 ),
                 position_ids=inputs["position_ids"],
+                **self._backbone_kwargs,
             )
         else:
             mask = inputs["attention_mask"]
-            out = self.backbone(input_ids=inputs["input_ids"], attention_mask=mask)
+            out = self.backbone(
+                input_ids=inputs["input_ids"], attention_mask=mask, **self._backbone_kwargs
+            )
         hidden = out.last_hidden_state
         if spec.head in POOLED:
             logits = self.heads[task](self.pool(hidden, mask))

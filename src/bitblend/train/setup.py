@@ -157,13 +157,18 @@ def check_positions(recipe: Recipe, backbone: nn.Module, specs: list[HeadSpec]) 
         )
 
 
-def convert_model(model: nn.Module, recipe: Recipe, precision: Precision) -> None:
+def convert_model(
+    model: nn.Module, recipe: Recipe, precision: Precision, compiled: bool = False
+) -> None:
     """The precision recipe's conversion, then the kernel rewrites that must follow it:
     with model.kernels=auto, one matmul for each attention block's q/k/v projections.
     Layers fp8 swapped or keep_fp32 wrapped stay as they are (fuse_qkv takes only plain
-    Linear triples of one dtype)."""
+    Linear triples of one dtype). Blocks that will be compiled (train/compile.py) keep
+    their three layers: fuse_qkv's hand-off between them is per-block Python state that
+    torch.compile guards on, so each layer recompiled until the recompile limit left the
+    rest eager (llama-30m: 0.72x of compiled blocks with separate layers)."""
     precision.convert_module(model)
-    if recipe.model.kernels == "auto":
+    if recipe.model.kernels == "auto" and not compiled:
         fuse_qkv(model)
 
 

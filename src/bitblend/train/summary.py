@@ -98,6 +98,7 @@ def run_summary(trainer: Any, evals: dict[str, dict[str, float]], wall: float) -
         "device": str(trainer.device),
         "threads": torch.get_num_threads(),
         "cpu_heap": trainer.cpu_heap,
+        "compile": {"on": trainer.compiled, "why": trainer.compile_reason},
         "torch": torch.__version__,
         "task_steps": dict(zip([t.name for t in trainer.tasks], trainer.task_steps, strict=True)),
         "eval": evals,

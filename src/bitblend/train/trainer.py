@@ -35,6 +35,7 @@ from bitblend.train import checkpoint as ckpt
 from bitblend.train import distributed
 from bitblend.train import step as step_fn
 from bitblend.train.baselines import run_baselines
+from bitblend.train.compile import compile_blocks, compile_decision
 from bitblend.train.cpu_heap import tune_cpu_heap
 from bitblend.train.evaluate import evaluate_split
 from bitblend.train.head_refit import run_head_refit
@@ -123,7 +124,11 @@ class Trainer:
         self.epochs_asked = recipe.train.epochs
         recipe = self.recipe = resolve_epochs(recipe, [len(t.train) for t in self.tasks])
         cfg = recipe.train
-        convert_model(self.model, recipe, self.precision)
+        self.compiled, self.compile_reason = compile_decision(
+            recipe, self.model.backbone, self.device.type, self.dist.world_size,
+            self.precision.name,
+        )  # fmt: skip
+        convert_model(self.model, recipe, self.precision, self.compiled)
         # Roles (decay, new) come from the model's own weights, before the precision makes
         # fp32 stand-ins; optimizer_parameters keeps the order of the trainable parameters.
         roles = param_roles(self.model, self.model.is_new_parameter)
@@ -131,6 +136,10 @@ class Trainer:
         # calls `fwd` (DDP around the model, or the model FSDP2 sharded in place).
         for t in self.tasks:
             t.sampler.set_rank(self.dist.rank, self.dist.world_size)
+        # -- compile hook (train/compile.py): blocks compiled in place, before DDP / FSDP2
+        # wrap them (torchtitan's order), after the precision's conversion.
+        if self.compiled:
+            compile_blocks(self.model.backbone)
         self.fwd = self.dist.wrap(self.model, self.precision)
         self._datas = datas if self.dist.sharded else None  # to rebuild model/ on rank 0
         params = self.precision.optimizer_parameters(self.model)
@@ -444,7 +453,7 @@ class Trainer:
             f"[bold]bitblend[/] {self.recipe.name}: {self.recipe.model.backbone} "
             f"({count_parameters(self.model) / 1e6:.1f}M params), precision {desc['recipe']} "
             f"(asked {desc['requested']}), {len(self.tasks)} task(s), {cfg.steps} steps on "
-            f"{self.device}"
+            f"{self.device}; torch.compile {self.compile_reason}"
         )
         wall0 = time.perf_counter()
         evals: dict[str, dict[str, float]] = {}
