@@ -100,7 +100,7 @@ def encoded_lengths(recipe: Recipe, datas: list[Any]) -> list[TaskLengths | None
     out: list[TaskLengths | None] = []
     # `train` holds every task's encoded splits for the whole run, so they are all alive
     # when its model is built: keep them until the child reads its peak (freeing each
-    # task's before the next read the four-task mixture's runtime ~35 MiB below the RSS
+    # task's before the next read the four-task mixture's runtime 32 MiB below the RSS
     # `train` held before its first step, beyond the model's own build)
     held: list[Any] = []
     for i, (task, data) in enumerate(zip(recipe.tasks, datas, strict=True)):
