@@ -120,6 +120,29 @@ def wrap(owner: Any, name: str, probe: Probe) -> None:
     setattr(owner, name, shown)
 
 
+def fit_lines(t: Any, probe: Probe) -> None:
+    """The whole run: a line after every step and around evaluations, checkpoints, the
+    baselines, model/ and the report (where a run's later phases add to its high-water)."""
+    import bitblend.report.html as html
+    import bitblend.train.trainer as trainer
+
+    step = t.train_step
+
+    def shown_step() -> Any:
+        out = step()
+        probe.show(f"step {t.step} done")
+        return out
+
+    t.train_step = shown_step
+    for name in ("evaluate", "save_checkpoint"):
+        wrap(t, name, probe)
+    for name in ("run_baselines", "save_model"):
+        wrap(trainer, name, probe)
+    wrap(html, "write_report", probe)
+    t.fit()
+    probe.show("fit done")
+
+
 def main() -> None:
     """Build a Trainer for the recipe and run its first steps, showing each part."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -127,6 +150,12 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--only-steps", action="store_true")
+    p.add_argument(
+        "--fit",
+        action="store_true",
+        help="run the whole fit() (evaluations, checkpoints, baselines, save, report), a "
+        "line after every step and around each of those phases",
+    )
     args = p.parse_args()
     warnings.simplefilter("ignore")
     logging.disable(logging.WARNING)
@@ -146,6 +175,9 @@ def main() -> None:
             run = Path(tempfile.gettempdir()) / f"heap-{os.environ['TORCHELASTIC_RUN_ID']}"
         t = trainer.Trainer(recipe, run, show_progress=False)
         probe.show("trainer built")
+        if args.fit:
+            fit_lines(t, probe)
+            return
         for name in ("backward", "optimizer_step"):
             wrap(t.precision, name, probe)
         for k in range(args.steps):

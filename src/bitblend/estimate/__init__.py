@@ -50,6 +50,7 @@ from bitblend.estimate.shapes import (
     recipe_shapes,
     shape_from_config,
 )
+from bitblend.estimate.wholerun import shorter_steps_bytes
 
 
 # -- the estimate ------------------------------------------------------------------------
@@ -220,7 +221,7 @@ def estimate_recipe(
     )
     accum = recipe.train.grad_accum
     steps, evals = run_length(recipe, tasks)
-    runtime_bytes, measured = _runtime(recipe, dev, runtime, ranks, datas, lengths)
+    runtime_bytes, measured, end = _runtime(recipe, dev, runtime, ranks, datas, lengths)
     priced = _priced(recipe, tasks, shares, measured)
     rows: list[Row] = []
     worst = 0
@@ -248,8 +249,12 @@ def estimate_recipe(
             ),
             evals=evals,
             steps=steps,
-            high_water=high_water(
-                shape, tasks, spec, per_task[worst], recipe.train.eval_batch_size, dev.type
+            high_water=replace(
+                high_water(
+                    shape, tasks, spec, per_task[worst], recipe.train.eval_batch_size, dev.type
+                ),
+                shorter=shorter_steps_bytes(shape, tasks, priced, spec, states, dev.type, fused),
+                end=end,
             ),
         )
         if spec.name == "16-mixed" and dev.type == "cpu":
@@ -297,17 +302,19 @@ def _runtime(
     ranks: int,
     datas: list[Any],
     lengths: list[TaskLengths | None] | None,
-) -> tuple[int, list[TaskLengths | None]]:
-    """The CPU process's resident bytes before the model (0 on GPUs: tensors only count)
-    and each task's token lengths: both from the runtime child (`measure`, CPU), else this
-    process's RSS (taken before it encodes anything) and lengths encoded here."""
+) -> tuple[int, list[TaskLengths | None], int]:
+    """The CPU process's resident bytes before the model (0 on GPUs: tensors only count),
+    each task's token lengths and the end of the run's bytes outside the heap: all from
+    the runtime child (`measure`, CPU), else this process's RSS (taken before it encodes
+    anything), lengths encoded here and no end-of-run term (measuring it here would
+    import matplotlib into the caller)."""
     from bitblend.estimate.runtime import encoded_lengths, measure_runtime
 
     if device.type == "cpu" and how == "measure":
         child = measure_runtime(recipe, ranks)
-        return child.bytes, child.lengths if lengths is None else lengths
+        return child.bytes, child.lengths if lengths is None else lengths, child.end
     rss = process_resident_bytes() if device.type == "cpu" else 0
-    return rss, encoded_lengths(recipe, datas) if lengths is None else lengths
+    return rss, encoded_lengths(recipe, datas) if lengths is None else lengths, 0
 
 
 def _priced(

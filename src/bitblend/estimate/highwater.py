@@ -56,16 +56,23 @@ class HighWater:
     # optimizer states and masters it writes (checkpoint_live_bytes); host memory on a GPU.
     # The allocator-slack model of `process` counts it; the layout model uses the two above.
     checkpoint_live: int = 0
+    # CPU, a whole run (estimate/wholerun.py): the heap the shorter steps leave below the
+    # longest one (tasks whose steps vary in length), and what the end of the run (its
+    # baselines and report) maps outside the heap, on top of the high-water mark
+    shorter: int = 0
+    end: int = 0
 
     def process(self, step_tensors: int, runtime: int, slack: float, cpu: bool) -> int:
         """The run's peak. CPU (RSS): the worse of the step and the evaluation with
-        allocator slack, over the build's leftovers, plus the save's fresh bytes. GPU (live
-        tensors; nothing stacks): the step, the conversion, or the resident state (within
-        `eval`) with an evaluation's or a save's transient, whichever is largest."""
+        allocator slack, over the build's leftovers and the shorter steps' layout, plus
+        the save's fresh bytes and the end of the run's. GPU (live tensors; nothing
+        stacks): the step, the conversion, or the resident state (within `eval`) with an
+        evaluation's or a save's transient, whichever is largest."""
         if not cpu:
             return max(step_tensors, self.eval + self.save, self.build)
         live = max(step_tensors, self.eval, self.checkpoint_live)
-        return runtime + self.build + round(live * (1 + slack)) + self.save
+        heap = self.build + self.shorter + round(live * (1 + slack))
+        return runtime + heap + self.save + self.end
 
     def layout_process(self, step_tensors: int, resident: int, runtime: int) -> int:
         """CPU, counted by layouts (`layouts` > 0): the resident state once (the part the
@@ -84,7 +91,7 @@ def layout_bytes(hw: HighWater, step_tensors: int, resident: int, runtime: int, 
     transient = max(max(step_tensors, hw.eval) - resident, 0)
     rest = max(resident - hw.kept, 0)
     steps = max(n * transient, hw.checkpoint) + hw.fresh
-    return runtime + hw.build + rest + steps + hw.save
+    return runtime + hw.build + rest + steps + hw.save + hw.end
 
 
 def build_bytes(shape: ModelShape, spec: PrecisionSpec) -> int:

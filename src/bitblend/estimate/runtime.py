@@ -13,10 +13,12 @@ never imports train/ (the layer contract).
 
 Having encoded every split, the child also reports each task's token lengths (histograms,
 estimate/lengths.py): the time model prices steps at the lengths the data has, not at
-max_length.
+max_length; and, after its peak, what the end of a run maps outside the heap (its
+baselines' and report's imports and plots, estimate/wholerun.py).
 
     python -m bitblend.estimate.runtime RECIPE.yaml [--ranks N]
-    # prints {"peak_rss": bytes, "lengths": [per task: {"train": [[L, n], ...], "eval": ...}]}
+    # prints {"peak_rss": bytes, "lengths": [per task: {"train": [[L, n], ...], "eval": ...}],
+    #         "end_of_run": bytes}
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from bitblend.config.load import dump_recipe
 from bitblend.config.schema import Recipe
 from bitblend.errors import BitblendError
 from bitblend.estimate.lengths import TaskLengths, split_lengths
+from bitblend.estimate.wholerun import end_of_run_bytes
 
 ENV = "BITBLEND_ESTIMATE_RUNTIME"  # "self": take the estimate's own RSS (tests, quick looks)
 TRAIN_MODULES = ("bitblend.train.trainer", "bitblend.train.setup", "bitblend.report.html")
@@ -44,11 +47,13 @@ TRAIN_MODULES = ("bitblend.train.trainer", "bitblend.train.setup", "bitblend.rep
 
 @dataclass
 class Runtime:
-    """What the runtime child measured: its peak RSS and each task's token lengths (None:
-    unknown, priced at the worst case)."""
+    """What the runtime child measured: its peak RSS, each task's token lengths (None:
+    unknown, priced at the worst case) and the end of a run's pages outside the heap
+    (estimate/wholerun.py)."""
 
     bytes: int
     lengths: list[TaskLengths | None] = field(default_factory=list)
+    end: int = 0
 
 
 def measure_runtime(recipe: Recipe, ranks: int = 1, timeout: float = 900.0) -> Runtime:
@@ -65,7 +70,7 @@ def measure_runtime(recipe: Recipe, ranks: int = 1, timeout: float = 900.0) -> R
         raise BitblendError(f"estimate: measuring the runtime failed ({tail})")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     lengths = [None if t is None else TaskLengths.from_json(t) for t in out["lengths"]]
-    return Runtime(int(out["peak_rss"]), lengths)
+    return Runtime(int(out["peak_rss"]), lengths, int(out.get("end_of_run", 0)))
 
 
 def run_tokenizer(recipe: Recipe, datas: list[Any]) -> Any:
@@ -93,6 +98,11 @@ def encoded_lengths(recipe: Recipe, datas: list[Any]) -> list[TaskLengths | None
     tokenizer = run_tokenizer(recipe, datas)
     cap = recipe.train.eval_max_examples  # evaluation reads the first `cap` examples
     out: list[TaskLengths | None] = []
+    # `train` holds every task's encoded splits for the whole run, so they are all alive
+    # when its model is built: keep them until the child reads its peak (freeing each
+    # task's before the next read the four-task mixture's runtime 32 MiB below the RSS
+    # `train` held before its first step, beyond the model's own build)
+    held: list[Any] = []
     for i, (task, data) in enumerate(zip(recipe.tasks, datas, strict=True)):
         tok = tokenizer
         own = task.tokenizer == "wordpiece" and data.train.text is not None
@@ -104,7 +114,7 @@ def encoded_lengths(recipe: Recipe, datas: list[Any]) -> list[TaskLengths | None
         ev = encode_task(task, spec, data.eval, data.eval_targets, tok, recipe)
         streamed = getattr(data, "stream", None) is not None
         out.append(None if streamed else TaskLengths(split_lengths(train), split_lengths(ev, cap)))
-        del train, ev  # one task's encodings at a time, as the runtime was measured before
+        held.append((train, ev))
     return out
 
 
@@ -129,7 +139,13 @@ def _child(recipe_path: str, ranks: int) -> dict[str, Any]:
         importlib.import_module("torch.nn.parallel")
     lengths = encoded_lengths(recipe, load_data(recipe))
     peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
-    return {"peak_rss": peak, "lengths": [t and t.to_json() for t in lengths]}
+    return {
+        "peak_rss": peak,
+        "lengths": [t and t.to_json() for t in lengths],
+        # after the peak: the baselines' and the report's imports and plots (every run
+        # writes report.html), pages outside the heap that land on top of a run's peak
+        "end_of_run": end_of_run_bytes(),
+    }
 
 
 if __name__ == "__main__":
