@@ -13,7 +13,13 @@ from bitblend.config.schema import IGNORE
 from bitblend.data.modalities import EncodedSplit, collate
 from bitblend.data.packing import Packer, pack, packed_labels, segment_positions
 from bitblend.models import attention
-from bitblend.models.packed import backbone_mask, document_mask
+from bitblend.models.packed import (
+    DOCUMENTS_KWARG,
+    backbone_mask,
+    document_mask,
+    document_spans,
+    packed_kwargs,
+)
 from bitblend.tasks.losses import compute_loss
 
 EOS = 0
@@ -124,6 +130,7 @@ def test_packed_row_equals_each_document_alone(build, causal: bool, attn: str) -
         input_ids=ids,
         attention_mask=backbone_mask(model, seg, causal),
         position_ids=segment_positions(seg),
+        **packed_kwargs(model, seg),  # bitblend's kernel: one document at a time
     ).last_hidden_state
     real = seg > 0
     loss = (out[real] * probe[: int(real.sum())]).sum()
@@ -161,3 +168,32 @@ def test_without_the_block_mask_documents_would_leak() -> None:
     alone = model(input_ids=ids[:, 4:]).last_hidden_state
     torch.testing.assert_close(packed[:, 4:], alone, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(plain[:, 4:], alone, atol=1e-3)
+
+
+def test_document_spans_tile_each_row() -> None:
+    seg = torch.tensor([[1, 1, 2, 2, 2, 0], [3, 3, 3, 3, 3, 3], [4, 0, 0, 0, 0, 0]])
+    spans = document_spans(seg).tolist()
+    assert spans == [[0, 0, 2, 1], [0, 2, 5, 1], [0, 5, 6, 0], [1, 0, 6, 1],
+                     [2, 0, 1, 1], [2, 1, 6, 0]]  # fmt: skip
+
+
+def test_bitblend_kernel_runs_packed_rows_from_the_document_spans() -> None:
+    """The varlen path is the one taken (with spans that claim one document per row the
+    output is plain causal attention, which leaks across documents), and with the true
+    spans it equals the block-mask path of SDPA, grouped KV heads and a padded row included."""
+    attention.register()
+    torch.manual_seed(0)
+    ours, ref = _llama(attention.NAME).eval(), _llama("sdpa").eval()
+    ref.load_state_dict(ours.state_dict())
+    ids = torch.tensor([[5, 6, 7, EOS, 8, 9, 10, EOS], [11, 12, EOS, 13, 14, 0, 0, 0]])
+    seg = torch.tensor([[1, 1, 1, 1, 2, 2, 2, 2], [3, 3, 3, 4, 4, 0, 0, 0]])
+    pos = segment_positions(seg)
+    a = ours(input_ids=ids, attention_mask=backbone_mask(ours, seg, True), position_ids=pos,
+             **packed_kwargs(ours, seg)).last_hidden_state  # fmt: skip
+    b = ref(input_ids=ids, attention_mask=document_mask(seg, True),
+            position_ids=pos).last_hidden_state  # fmt: skip
+    torch.testing.assert_close(a[seg > 0], b[seg > 0], rtol=1e-4, atol=1e-5)
+    one = torch.tensor([[0, 0, 8, 1], [1, 0, 8, 1]])
+    leak = ours(input_ids=ids, attention_mask=backbone_mask(ours, seg, True), position_ids=pos,
+                **{DOCUMENTS_KWARG: one}).last_hidden_state  # fmt: skip
+    assert not torch.allclose(leak[0, 4:], b[0, 4:], atol=1e-3)

@@ -114,12 +114,12 @@ class ModelConfig:
         "matmul for each attention block's q/k/v projections (any device); torch = PyTorch's "
         "everywhere, separate q/k/v layers, as HF Trainer runs",
     )
-    compile: Literal["auto", "on", "off"] = doc(
+    compile: Literal["auto", "blocks", "eager"] = doc(
         "auto",
-        "torch.compile (inductor) each transformer block of the backbone for training: auto = "
-        "on for Llama-family decoders of width >= 256 on CPU with a C++ compiler, one process, "
-        "32-true / bf16-mixed / bf16-true, no LoRA (llama-30m steps ~Nx faster here; "
-        "docs/llama.md), off elsewhere; on = every backbone, device and precision; off = eager",
+        "torch.compile (inductor) of each transformer block for training: auto = blocks for "
+        "Llama-family decoders of width >= 256 on CPU with a C++ compiler, one process, "
+        "32-true / bf16-mixed / bf16-true, no LoRA, eager elsewhere (docs/llama.md); blocks = "
+        "every backbone, device and precision; eager = no compilation",
     )
     adapter: AdapterConfig = field(
         default_factory=AdapterConfig,

@@ -37,6 +37,9 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from bitblend.models.packed import DOCUMENTS_KWARG
+from bitblend.models.varlen import varlen_attention
+
 NAME = "bitblend"  # the attn_implementation name models are built with
 _RANDOM_LEVELS = 1 << 16
 
@@ -139,6 +142,22 @@ def _eligible(
     )
 
 
+def _varlen_eligible(
+    query: torch.Tensor, key: torch.Tensor, dropout: float, kw: dict[str, Any]
+) -> bool:
+    """Per-document attention (models/varlen.py) computes what the block-diagonal mask
+    does only without dropout (CPU flash SDPA has none), without a cache, and without the
+    extras SDPA cannot take."""
+    return (
+        query.device.type == "cpu"
+        and dropout == 0.0
+        and query.shape[2] == key.shape[2]
+        and kw.get("position_bias") is None
+        and kw.get("softcap") is None
+        and not kw.get("output_attentions", False)
+    )
+
+
 def attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -154,6 +173,11 @@ def attention_forward(
     (batch, seq, heads, head_dim) output, as `sdpa_attention_forward`."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    spans = kwargs.pop(DOCUMENTS_KWARG, None)  # packed rows' documents (models/varlen.py)
+    if spans is not None and _varlen_eligible(query, key, dropout, kwargs):
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        return varlen_attention(query, key, value, spans, scale, bool(causal)), None
     if not _eligible(module, query, key, dropout, kwargs):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs

@@ -43,3 +43,34 @@ def backbone_mask(backbone: torch.nn.Module, segments: torch.Tensor, causal: boo
         dtype = next(backbone.parameters()).dtype
         return document_mask(segments, causal, dtype if dtype.is_floating_point else None)
     return document_mask(segments, causal)
+
+
+DOCUMENTS_KWARG = "bitblend_documents"  # the backbone kwarg the varlen kernel reads
+
+
+def document_spans(segments: torch.Tensor) -> torch.Tensor:
+    """(batch, seq) segment ids -> (n, 4) int64 rows (row, start, end, is_document): every
+    maximal run of one segment id, in order, so the runs of a row tile it. Padding runs
+    (segment 0) have is_document 0. A tensor (not a list) so that torch.compile'd blocks
+    take it as an input rather than guarding on its values (models/varlen.py)."""
+    seq = segments.shape[1]
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    rows, cols = starts.nonzero(as_tuple=True)
+    ends = torch.empty_like(cols)
+    ends[:-1] = cols[1:]
+    last = torch.ones_like(rows, dtype=torch.bool)  # a row's last run ends at seq
+    last[:-1] = rows[1:] != rows[:-1]
+    ends[last] = seq
+    real = (segments[rows, cols] > 0).long()
+    return torch.stack([rows, cols, ends, real], dim=1)
+
+
+def packed_kwargs(backbone: torch.nn.Module, segments: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The documents of packed rows for bitblend's attention kernel, which then runs each
+    document alone (models/varlen.py); nothing for other attention implementations, which
+    use the mask alone."""
+    config = getattr(backbone, "config", None)
+    if getattr(config, "_attn_implementation", None) != "bitblend":
+        return {}
+    return {DOCUMENTS_KWARG: document_spans(segments)}

@@ -37,7 +37,7 @@ from bitblend.models.backbones import (
     save_lm_pretrained,
 )
 from bitblend.models.features import feature_embedding
-from bitblend.models.packed import backbone_mask
+from bitblend.models.packed import backbone_mask, packed_kwargs
 
 HEADS_FILE = "heads.safetensors"
 META_FILE = "bitblend.json"
@@ -334,6 +334,7 @@ class MultiTaskModel(nn.Module):
                 ),
                 position_ids=inputs["position_ids"],
                 **self._backbone_kwargs,
+                **packed_kwargs(self.backbone, inputs["segment_ids"]),
             )
         else:
             mask = inputs["attention_mask"]

@@ -45,10 +45,10 @@ def compile_decision(
     """(compile?, why) for this run: `model.compile` on/off as asked; auto by the rule in
     the module docstring. `why` is one phrase for the run header and summary.json."""
     asked = recipe.model.compile
-    if asked == "off":
-        return False, "off (model.compile)"
-    if asked == "on":
-        return True, "on (model.compile)"
+    if asked == "eager":
+        return False, "off (model.compile: eager)"
+    if asked == "blocks":
+        return True, "blocks (model.compile: blocks)"
     config = getattr(backbone, "config", None)
     kind = getattr(config, "model_type", "")
     width = int(getattr(config, "hidden_size", 0) or 0)
@@ -69,7 +69,7 @@ def compile_decision(
         reasons.append("LoRA adapters")
     if reasons:
         return False, "off (auto: " + "; ".join(reasons) + ")"
-    return True, "on (auto: Llama blocks on CPU)"
+    return True, "blocks (auto: Llama blocks on CPU)"
 
 
 def compile_blocks(model: nn.Module) -> int:
