@@ -271,9 +271,9 @@ def activation_bytes(
         layer["attention"] = 3 * t * h * a + probs
     else:
         # q, k, v, output (T, h) in the compute dtype and the log-sum-exp (b, heads, s).
-        # GPT-2's q, k and v are views of one fused c_attn output, which stays alive
-        # beside the contiguous copies the fused kernel saves, plus one (T, h) more.
-        qkv_saved = 6 if shape.family == "gpt2" else 4
+        # (GPT-2 counted 2 (T, h) more while transformers built a KV cache in training:
+        # the cache's copies of k and v were what its attention saved.)
+        qkv_saved = 4
         layer["attention"] = qkv_saved * t * h * c + b * nh * s * FP32
     # embeddings: token ids and (not BERT, whose are slices of a registered buffer)
     # position ids, a LayerNorm input (BERT; GPT-2's final ln_f is counted here too) and
@@ -315,7 +315,8 @@ def _llama_layer(
       copies of their input without it) and SwiGLU's gate and up projections (two autocast
       copies under autocast, one shared input otherwise) save their (T, h) input;
     - SwiGLU keeps four (T, i) tensors: gate and up outputs, SiLU's output, their product;
-    - grouped-query attention runs SDPA: q and its output (T, h), k and v (T, kv width);
+    - grouped-query attention runs SDPA: q and its output (T, h), k and v (T, kv width),
+      v's storage being the whole fused q/k/v output when fused;
       RoPE's cos and sin are (s, head dim) and not counted;
     - without autocast the fused q/k/v matmul saves its concatenated weight, (h + 2 kv) x h.
     """
@@ -330,7 +331,10 @@ def _llama_layer(
         layer["fused qkv weight"] = (h + 2 * kv) * h * spec.weight_bytes
     if backend == "flash":  # bitblend's kernel and math SDPA keep the BERT layout's terms
         b, s = task.batch, task.seq
-        layer["attention"] = 2 * t * h * c + 2 * t * kv * c + b * shape.heads * s * FP32
+        # v is a view of the projection's output: with fused q/k/v, SDPA saving v keeps
+        # the whole (T, h + 2 kv) output alive (k is RoPE's new tensor).
+        v = t * (h + 2 * kv) * c if fused else t * kv * c
+        layer["attention"] = 2 * t * h * c + t * kv * c + v + b * shape.heads * s * FP32
     # the final RMSNorm saves a second fp32 (T, h) beyond the one filed with the embeddings
     return t * h * FP32
 
