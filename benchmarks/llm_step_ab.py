@@ -69,7 +69,7 @@ def main() -> int:
     variants = {}
     for name, sets in args.variant:
         trainer, varlen = _trainer(args, [s for s in sets.split(",") if s])
-        trunk.packed_kwargs = real if varlen else (lambda backbone, segments: {})
+        trunk.packed_kwargs = real if varlen else (lambda backbone, segments, causal: {})
         t0 = time.perf_counter()
         for _ in range(2):
             trainer.train_step()
@@ -78,7 +78,7 @@ def main() -> int:
     times: dict[str, list[float]] = {n: [] for n in variants}
     for _ in range(args.rounds):
         for name, (trainer, varlen) in variants.items():
-            trunk.packed_kwargs = real if varlen else (lambda backbone, segments: {})
+            trunk.packed_kwargs = real if varlen else (lambda backbone, segments, causal: {})
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 trainer.train_step()

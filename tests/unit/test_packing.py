@@ -14,6 +14,7 @@ from bitblend.data.modalities import EncodedSplit, collate
 from bitblend.data.packing import Packer, pack, packed_labels, segment_positions
 from bitblend.models import attention
 from bitblend.models.packed import (
+    DOCUMENTS_CAUSAL_KWARG,
     DOCUMENTS_KWARG,
     backbone_mask,
     document_mask,
@@ -130,7 +131,7 @@ def test_packed_row_equals_each_document_alone(build, causal: bool, attn: str) -
         input_ids=ids,
         attention_mask=backbone_mask(model, seg, causal),
         position_ids=segment_positions(seg),
-        **packed_kwargs(model, seg),  # bitblend's kernel: one document at a time
+        **packed_kwargs(model, seg, causal),  # bitblend's kernel: one document at a time
     ).last_hidden_state
     real = seg > 0
     loss = (out[real] * probe[: int(real.sum())]).sum()
@@ -189,11 +190,30 @@ def test_bitblend_kernel_runs_packed_rows_from_the_document_spans() -> None:
     seg = torch.tensor([[1, 1, 1, 1, 2, 2, 2, 2], [3, 3, 3, 4, 4, 0, 0, 0]])
     pos = segment_positions(seg)
     a = ours(input_ids=ids, attention_mask=backbone_mask(ours, seg, True), position_ids=pos,
-             **packed_kwargs(ours, seg)).last_hidden_state  # fmt: skip
+             **packed_kwargs(ours, seg, True)).last_hidden_state  # fmt: skip
     b = ref(input_ids=ids, attention_mask=document_mask(seg, True),
             position_ids=pos).last_hidden_state  # fmt: skip
     torch.testing.assert_close(a[seg > 0], b[seg > 0], rtol=1e-4, atol=1e-5)
-    one = torch.tensor([[0, 0, 8, 1], [1, 0, 8, 1]])
+    spans = torch.tensor([[0, 0, 8, 1], [1, 0, 8, 1]])
+    one = {DOCUMENTS_KWARG: spans, DOCUMENTS_CAUSAL_KWARG: True}
     leak = ours(input_ids=ids, attention_mask=backbone_mask(ours, seg, True), position_ids=pos,
-                **{DOCUMENTS_KWARG: one}).last_hidden_state  # fmt: skip
+                **one).last_hidden_state  # fmt: skip
     assert not torch.allclose(leak[0, 4:], b[0, 4:], atol=1e-3)
+
+
+def test_document_attention_is_as_causal_as_the_trunks_mask() -> None:
+    """An encoder whose attention modules carry no `is_causal` (Splinter, LayoutLM, ...)
+    stays bidirectional: causality comes from the trunk (packed_kwargs), not the module."""
+    attention.register()
+    torch.manual_seed(0)
+    ours, ref = _bert(attention.NAME).eval(), _bert("sdpa").eval()
+    ref.load_state_dict(ours.state_dict())
+    for m in ours.modules():
+        if "is_causal" in vars(m):
+            del m.is_causal
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+    seg = torch.tensor([[1, 1, 1, 1, 2, 2, 2, 0]])
+    a = ours(input_ids=ids, attention_mask=backbone_mask(ours, seg, False),
+             **packed_kwargs(ours, seg, False)).last_hidden_state  # fmt: skip
+    b = ref(input_ids=ids, attention_mask=document_mask(seg, False)).last_hidden_state
+    torch.testing.assert_close(a[seg > 0], b[seg > 0], rtol=1e-4, atol=1e-5)

@@ -117,9 +117,9 @@ class ModelConfig:
     compile: Literal["auto", "blocks", "eager"] = doc(
         "auto",
         "torch.compile (inductor) of each transformer block for training: auto = blocks for "
-        "Llama-family decoders of width >= 256 on CPU with a C++ compiler, one process, "
-        "32-true / bf16-mixed / bf16-true, no LoRA, eager elsewhere (docs/llama.md); blocks = "
-        "every backbone, device and precision; eager = no compilation",
+        "model_type llama decoders of width >= 384 (llama-30m and up) on CPU with a C++ "
+        "compiler, one process, 32-true / bf16-mixed / bf16-true, no LoRA, eager elsewhere "
+        "(docs/llama.md); blocks = any backbone (tested in one process only); eager = none",
     )
     adapter: AdapterConfig = field(
         default_factory=AdapterConfig,

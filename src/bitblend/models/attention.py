@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from bitblend.models.packed import DOCUMENTS_KWARG
+from bitblend.models.packed import DOCUMENTS_CAUSAL_KWARG, DOCUMENTS_KWARG
 from bitblend.models.varlen import varlen_attention
 
 NAME = "bitblend"  # the attn_implementation name models are built with
@@ -174,10 +174,14 @@ def attention_forward(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     spans = kwargs.pop(DOCUMENTS_KWARG, None)  # packed rows' documents (models/varlen.py)
-    if spans is not None and _varlen_eligible(query, key, dropout, kwargs):
+    causal_docs = kwargs.pop(DOCUMENTS_CAUSAL_KWARG, None)
+    if (
+        spans is not None
+        and causal_docs is not None
+        and _varlen_eligible(query, key, dropout, kwargs)
+    ):
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-        return varlen_attention(query, key, value, spans, scale, bool(causal)), None
+        return varlen_attention(query, key, value, spans, scale, bool(causal_docs)), None
     if not _eligible(module, query, key, dropout, kwargs):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs

@@ -8,6 +8,8 @@ masking_utils (Llama, GPT-2, BERT, ...), and so does bitblend's own kernel
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
@@ -46,6 +48,7 @@ def backbone_mask(backbone: torch.nn.Module, segments: torch.Tensor, causal: boo
 
 
 DOCUMENTS_KWARG = "bitblend_documents"  # the backbone kwarg the varlen kernel reads
+DOCUMENTS_CAUSAL_KWARG = "bitblend_documents_causal"  # and whether documents are causal
 
 
 def document_spans(segments: torch.Tensor) -> torch.Tensor:
@@ -66,11 +69,16 @@ def document_spans(segments: torch.Tensor) -> torch.Tensor:
     return torch.stack([rows, cols, ends, real], dim=1)
 
 
-def packed_kwargs(backbone: torch.nn.Module, segments: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The documents of packed rows for bitblend's attention kernel, which then runs each
-    document alone (models/varlen.py); nothing for other attention implementations, which
-    use the mask alone."""
+def packed_kwargs(
+    backbone: torch.nn.Module, segments: torch.Tensor, causal: bool
+) -> dict[str, Any]:
+    """The documents of packed rows for bitblend's attention kernel on CPU, which then runs
+    each document alone (models/varlen.py), causal as the trunk's mask is (one source of
+    truth: a module's own `is_causal` is missing on some encoders); nothing for other
+    attention implementations or devices, which use the mask alone."""
     config = getattr(backbone, "config", None)
     if getattr(config, "_attn_implementation", None) != "bitblend":
         return {}
-    return {DOCUMENTS_KWARG: document_spans(segments)}
+    if segments.device.type != "cpu":  # spans are read on CPU only (and nonzero syncs)
+        return {}
+    return {DOCUMENTS_KWARG: document_spans(segments), DOCUMENTS_CAUSAL_KWARG: causal}

@@ -334,7 +334,7 @@ class MultiTaskModel(nn.Module):
                 ),
                 position_ids=inputs["position_ids"],
                 **self._backbone_kwargs,
-                **packed_kwargs(self.backbone, inputs["segment_ids"]),
+                **packed_kwargs(self.backbone, inputs["segment_ids"], is_decoder(self.backbone)),
             )
         else:
             mask = inputs["attention_mask"]

@@ -2,12 +2,12 @@
 
 Why: a packed row's block-diagonal mask (models/packed.py) makes PyTorch's CPU flash
 kernel compute every (query block, key block) pair of the row and mask afterwards: it
-skips blocks only for `is_causal`, never for a mask. Run per document with `is_causal`,
-it computes each document's own lower triangle and nothing across documents: on llama-30m
-(sequence 512, BBC articles) attention fell from 35% of the step (docs/benchmarks.md). The
-same function as the mask: a query sees the keys of its own document (up to itself when
-causal); a padding query sees only itself, so its output is its own value (the mask's
-diagonal), and carries no loss.
+skips blocks only for `is_causal`, never for a mask. Run per document it computes each
+document and nothing across documents: less work where rows hold several short documents;
+on BBC rows (about one article each) its speed is within noise of the mask's
+(docs/benchmarks.md). The same function as the mask: a query sees the keys of its own
+document (up to itself when causal); a padding query sees only itself, so its output is
+its own value (the mask's diagonal), and carries no loss.
 
 The document boundaries come as a tensor; the loop over them reads its values, so the
 function is kept out of torch.compile'd graphs (a graph break at attention) rather than

@@ -18,25 +18,27 @@ compiling than training, and multi-process, fp8 and LoRA runs are not measured c
 
 from __future__ import annotations
 
-import shutil
-
 from torch import nn
 
 from bitblend.config.schema import Recipe
 from bitblend.train.distributed import transformer_blocks
 
-# Narrower blocks: the fused loops save less than the compile costs on a short run.
-MIN_AUTO_WIDTH = 256
-AUTO_MODEL_TYPES = ("llama",)  # measured to pay (docs/benchmarks.md)
+# Measured to pay at llama-30m (width 384); llama-15m (256, the pretrain-mix recipe) spent
+# +77 s compiling in a 20-step run for a gain not measured, so narrower blocks stay eager.
+MIN_AUTO_WIDTH = 384
+AUTO_MODEL_TYPES = ("llama",)  # config.model_type; measured to pay (docs/benchmarks.md)
 AUTO_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
 
 
 def cxx_compiler() -> str | None:
-    """The C++ compiler inductor's CPU backend would call, if one is on PATH."""
-    for name in ("g++", "c++", "clang++"):
-        if shutil.which(name):
-            return name
-    return None
+    """The C++ compiler inductor's CPU backend will call (its own search: on Linux it looks
+    for g++ alone), or None when it finds none that runs."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        return str(get_cpp_compiler())
+    except Exception:
+        return None
 
 
 def compile_decision(
@@ -78,6 +80,11 @@ def compile_blocks(model: nn.Module) -> int:
     `dynamic=None`: the first shapes compile static (packed rows are all `max_length`);
     a second shape (an eval batch, a shorter padded batch) recompiles once with dynamic
     sizes instead of once per shape."""
+    import torch._dynamo
+
+    # A block that fails to compile (a broken C++ toolchain, an inductor error) runs eager
+    # with dynamo's warning instead of ending the run in an inductor traceback.
+    torch._dynamo.config.suppress_errors = True
     blocks = transformer_blocks(model)
     for block in blocks:
         block.compile(dynamic=None)
