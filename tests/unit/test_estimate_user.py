@@ -175,3 +175,20 @@ def test_causal_shift_copies_the_fp32_logits(monkeypatch: pytest.MonkeyPatch) ->
     lm = TaskShape("lm", "causal_lm", 50, batch=2, seq=16)
     assert causal_shift_bytes(lm) == {"causal_lm shifted logits copy": 2 * 16 * 50 * 4}
     assert causal_shift_bytes(replace(lm, head="masked_lm")) == {}
+
+
+def test_an_idle_table_costs_no_optimizer_time() -> None:
+    """Fused AdamW skips a parameter without a gradient: the optimizer's traffic counts the
+    trained parameters only (an own-vocabulary task leaves the backbone's table idle)."""
+    from bitblend.estimate.flops import step_time
+
+    own = make_recipe("tasks.0.tokenizer=wordpiece", "tasks.0.wordpiece_vocab=500")
+    shape, tasks, _ = recipe_shapes(own)
+    assert shape.idle_params > 0
+    spec = precision_spec("bf16-mixed")
+    task = TaskShape("bbc", "classification", tasks[0].outputs, batch=4, seq=32)
+    acts = activation_bytes(shape, task, spec)
+    idle = step_time(shape, task, spec, acts, FAKE).parts["optimizer"]
+    busy = step_time(replace(shape, idle_params=0), task, spec, acts, FAKE).parts["optimizer"]
+    trained = shape.params - shape.idle_params
+    assert idle == pytest.approx(busy * trained / shape.params, rel=1e-9)

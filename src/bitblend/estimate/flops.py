@@ -211,7 +211,9 @@ def step_time(
     per_param: float = 2 * optimized + 2 * spec.grad_bytes + 2 * states * spec.state_bits / 8
     if spec.master:
         per_param += spec.grad_bytes + FP32 + FP32 + spec.weight_bytes
-    optimizer = shape.params * per_param / peaks.bandwidth
+    # An idle table (the backbone's token embedding under an own-vocabulary task) gets no
+    # gradient, so fused AdamW and clipping skip it (no state either: shapes.py).
+    optimizer = (shape.params - shape.idle_params) * per_param / peaks.bandwidth
     micro = {
         "matmul": matmul,
         "attention": attn,
