@@ -48,6 +48,11 @@ def _trainer(args: argparse.Namespace, sets: list[str]) -> tuple[Any, bool]:
     return trainer, varlen
 
 
+def _no_spans(backbone: Any, segments: Any, causal: bool) -> dict[str, Any]:
+    """`packed_kwargs` for varlen=off: no spans, so packed rows take the block mask."""
+    return {}
+
+
 def main() -> int:
     """Build every variant, warm each up, time alternating rounds, print the table."""
     import bitblend.models.trunk as trunk
@@ -69,7 +74,7 @@ def main() -> int:
     variants = {}
     for name, sets in args.variant:
         trainer, varlen = _trainer(args, [s for s in sets.split(",") if s])
-        trunk.packed_kwargs = real if varlen else (lambda backbone, segments, causal: {})
+        trunk.packed_kwargs = real if varlen else _no_spans
         t0 = time.perf_counter()
         for _ in range(2):
             trainer.train_step()
@@ -78,7 +83,7 @@ def main() -> int:
     times: dict[str, list[float]] = {n: [] for n in variants}
     for _ in range(args.rounds):
         for name, (trainer, varlen) in variants.items():
-            trunk.packed_kwargs = real if varlen else (lambda backbone, segments, causal: {})
+            trunk.packed_kwargs = real if varlen else _no_spans
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 trainer.train_step()

@@ -65,14 +65,13 @@ def shorter_steps_bytes(
 ) -> int:
     """CPU: the heap a run's shorter steps leave below its longest one - the activations and
     temporaries (the bytes that grow with the length) of a step at the task's mean priced
-    length, the
-    largest over tasks whose steps are priced below their worst case (0 when every step
-    runs at the worst length, lengths are unknown, or on a GPU, whose caching allocator
-    reuses blocks of any earlier step)."""
+    length, the largest over tasks whose steps are priced below their worst case (0 when
+    every step runs at the worst length, lengths are unknown, or on a GPU, whose caching
+    allocator reuses blocks of any earlier step)."""
     if device != "cpu":
         return 0
     out = 0
-    for task, p in zip(tasks, priced, strict=False):
+    for task, p in zip(tasks, priced, strict=True):
         if not p.measured or not p.train or p.mean_train >= p.worst:
             continue
         # positions scale the task's sequence (text tokens, plus patches where it has them)

@@ -127,18 +127,26 @@ def use_fast_dropout(model: nn.Module) -> int:
     return swapped
 
 
+def _plain_cpu_call(query: torch.Tensor, key: torch.Tensor, kw: dict[str, Any]) -> bool:
+    """What both of bitblend's CPU paths need: CPU tensors, no decoding with a cache (as
+    many keys as queries), none of the extras they do not implement."""
+    return (
+        query.device.type == "cpu"
+        and query.shape[2] == key.shape[2]
+        and kw.get("position_bias") is None
+        and kw.get("softcap") is None
+        and not kw.get("output_attentions", False)
+    )
+
+
 def _eligible(
     module: nn.Module, query: torch.Tensor, key: torch.Tensor, dropout: float, kw: dict[str, Any]
 ) -> bool:
     return (
-        query.device.type == "cpu"
+        _plain_cpu_call(query, key, kw)
         and (dropout == 0.0 or on_grid(dropout))
-        and query.shape[2] == key.shape[2]  # no decoding with a cache
         and query.shape[1] == key.shape[1]  # no grouped KV heads
         and getattr(module, "num_key_value_groups", 1) == 1
-        and kw.get("position_bias") is None
-        and kw.get("softcap") is None
-        and not kw.get("output_attentions", False)
     )
 
 
@@ -146,16 +154,8 @@ def _varlen_eligible(
     query: torch.Tensor, key: torch.Tensor, dropout: float, kw: dict[str, Any]
 ) -> bool:
     """Per-document attention (models/varlen.py) computes what the block-diagonal mask
-    does only without dropout (CPU flash SDPA has none), without a cache, and without the
-    extras SDPA cannot take."""
-    return (
-        query.device.type == "cpu"
-        and dropout == 0.0
-        and query.shape[2] == key.shape[2]
-        and kw.get("position_bias") is None
-        and kw.get("softcap") is None
-        and not kw.get("output_attentions", False)
-    )
+    does only without dropout (CPU flash SDPA has none); grouped k/v heads are fine."""
+    return _plain_cpu_call(query, key, kw) and dropout == 0.0
 
 
 def attention_forward(

@@ -327,14 +327,13 @@ class MultiTaskModel(nn.Module):
             out = self.backbone(inputs_embeds=embeds, attention_mask=mask, **self._backbone_kwargs)
         elif "segment_ids" in inputs:  # packed rows (data/packing.py)
             mask = inputs["attention_mask"]
+            segments, causal = inputs["segment_ids"], is_decoder(self.backbone)
             out = self.backbone(
                 input_ids=inputs["input_ids"],
-                attention_mask=backbone_mask(
-                    self.backbone, inputs["segment_ids"], is_decoder(self.backbone)
-                ),
+                attention_mask=backbone_mask(self.backbone, segments, causal),
                 position_ids=inputs["position_ids"],
                 **self._backbone_kwargs,
-                **packed_kwargs(self.backbone, inputs["segment_ids"], is_decoder(self.backbone)),
+                **packed_kwargs(self.backbone, segments, causal),
             )
         else:
             mask = inputs["attention_mask"]

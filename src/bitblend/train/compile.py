@@ -62,7 +62,7 @@ def compile_decision(
     if device_type != "cpu":
         reasons.append(f"{device_type} is not measured compiled")
     elif cxx_compiler() is None:
-        reasons.append("no C++ compiler on PATH")
+        reasons.append("no C++ compiler that inductor finds")
     if world_size > 1:
         reasons.append("several processes")
     if precision not in AUTO_PRECISIONS:
