@@ -217,3 +217,44 @@ def test_document_attention_is_as_causal_as_the_trunks_mask() -> None:
              **packed_kwargs(ours, seg, False)).last_hidden_state  # fmt: skip
     b = ref(input_ids=ids, attention_mask=document_mask(seg, False)).last_hidden_state
     torch.testing.assert_close(a[seg > 0], b[seg > 0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_documents_reach_sdpa_in_bucketed_lengths(causal: bool, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Every document reaches SDPA padded to a multiple of BUCKET (PyTorch's CPU flash bf16
+    backward keeps state per length and never frees it), and outputs and gradients equal
+    each document attended alone, unpadded."""
+    import torch.nn.functional as F
+
+    from bitblend.models import varlen
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 80, 8, requires_grad=True)
+    k = torch.randn(2, 2, 80, 8, requires_grad=True)
+    v = torch.randn(2, 2, 80, 8, requires_grad=True)
+    seg = torch.tensor([[1] * 5 + [2] * 70 + [0] * 5, [3] * 80])
+    real_sdpa, lengths = F.scaled_dot_product_attention, []
+
+    def spy(query, *a, **kw):  # type: ignore[no-untyped-def]
+        lengths.append(query.shape[2])
+        return real_sdpa(query, *a, **kw)
+
+    monkeypatch.setattr(varlen.F, "scaled_dot_product_attention", spy)
+    out = varlen.varlen_attention(q, k, v, document_spans(seg), 8**-0.5, causal)
+    assert lengths and all(n % varlen.BUCKET == 0 for n in lengths), lengths
+    monkeypatch.setattr(varlen.F, "scaled_dot_product_attention", real_sdpa)
+    weights = torch.randn_like(out)
+    (out * weights)[seg > 0].sum().backward()
+    got = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    ref = torch.zeros_like(out)
+    for row, start, end in ((0, 0, 5), (0, 5, 75), (1, 0, 80)):
+        ref[row, start:end] = real_sdpa(
+            q[row : row + 1, :, start:end], k[row : row + 1, :, start:end],
+            v[row : row + 1, :, start:end], is_causal=causal, scale=8**-0.5, enable_gqa=True,
+        )[0].transpose(0, 1)  # fmt: skip
+    torch.testing.assert_close(out[seg > 0], ref[seg > 0], rtol=1e-5, atol=1e-6)
+    (ref * weights)[seg > 0].sum().backward()
+    for a, b in zip(got, (q.grad, k.grad, v.grad), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
