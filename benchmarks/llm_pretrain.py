@@ -19,11 +19,18 @@ formula for all three) over the probed bf16 matmul peak (bitblend.estimate.probe
 this run). Validation loss: per-token cross-entropy on the same held-out packed rows, in
 fp32, after the same steps (hence the same tokens).
 
+Each system runs in a process of its own, as its users run it: bitblend with its CPU heap
+settings (train/cpu_heap.py), the two others with glibc's defaults (`--baseline-heap tuned`
+gives them bitblend's settings too: then the ratios show what is not the allocator). Every
+process builds the same Trainer first (its tokenizer and packed rows; `train.cpu_heap` off
+for the baselines). The peak probe runs in the parent.
+
 The machine this was written on has 2 cores shared with other jobs: its figures swing up to
 4x between runs; compare the ratios of one run only.
 
     python benchmarks/llm_pretrain.py [--size llama-30m] [--seq 512] [--batch 8]
-        [--steps 20] [--warmup 3] [--data bbc_news] [--precision bf16-mixed] [--out FILE]
+        [--steps 20] [--warmup 3] [--data bbc_news] [--precision bf16-mixed]
+        [--baseline-heap glibc|tuned] [--out FILE]
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import argparse
 import copy
 import json
 import math
+import subprocess
 import sys
 import tempfile
 import time
@@ -59,7 +67,8 @@ def _recipe(args: argparse.Namespace) -> Any:
         "optimizer": {"name": "adamw", "lr": args.lr, "weight_decay": 0.0},
         "schedule": {"name": "constant", "warmup_ratio": 0.0},
         "train": {"steps": args.steps, "batch_size": args.batch, "max_grad_norm": 1.0,
-                  "seed": 0, "group_by_length": False},
+                  "seed": 0, "group_by_length": False,
+                  "cpu_heap": args.system == "bitblend" or args.baseline_heap == "tuned"},
     })  # fmt: skip
 
 
@@ -114,13 +123,11 @@ def _hf_logits(model: Any) -> Any:
     return fn
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """All three systems, one after the other, in this process."""
-    from bitblend.estimate.probe import measure
+def run_system(args: argparse.Namespace) -> dict[str, Any]:
+    """One system (`args.system`) in this process: its step times, tokens and val loss."""
     from bitblend.train.trainer import Trainer
 
     torch.set_num_threads(args.threads)
-    out: dict[str, Any] = {"args": vars(args), "systems": {}}
     tmp = Path(tempfile.mkdtemp(prefix="llm-bench-"))
     trainer = Trainer(_recipe(args), tmp / "bitblend", show_progress=False)
     task = trainer.tasks[0]
@@ -129,60 +136,44 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     steps_idx = [order.next() for _ in range(args.steps)]  # the rows bitblend will draw
     full = [len(r) == args.seq for r in task.eval.ids]
     val = _rows(task.eval, np.flatnonzero(full)[: args.val_rows])
-    fpt = _flops_per_token(config, args.seq)
-    ref_init = _hf_model(config)
-    same_init = torch.equal(
-        ref_init.model.embed_tokens.weight, trainer.model.backbone.embed_tokens.weight.float()
-    )
-    out["same_initial_weights"] = bool(same_init)
-    out["params"] = sum(p.numel() for p in ref_init.parameters())
-    out["flops_per_token"] = fpt
-    peaks = measure(torch.device("cpu"), budget=2.0)
-    out["peak_bf16_flops"] = peaks.matmul_flops.get("bfloat16", 0.0)
-
-    def record(name: str, times: list[float], tokens: list[int], loss: float) -> None:
-        t, k = sum(times[args.warmup :]), sum(tokens[args.warmup :])
-        tps = k / t if t else 0.0
-        out["systems"][name] = {
-            "tokens_per_s": tps,
-            "mfu": tps * fpt / out["peak_bf16_flops"] if out["peak_bf16_flops"] else None,
-            "val_loss": loss,
-            "tokens": sum(tokens),
-        }
-        print(f"{name:9s} {tps:9.0f} tok/s  val loss {loss:.4f}", flush=True)
-
-    # -- bitblend --------------------------------------------------------------------------
-    times, tokens = [], []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        rec = trainer.train_step()
-        times.append(time.perf_counter() - t0)
-        tokens.append(int(rec["tokens"]))
-    trainer.model.eval()
-    loss = _val_loss(lambda p: trainer.model("lm", attention_mask=(p["segment_ids"] > 0).long(),
-                                             **{k: v for k, v in p.items() if k != "labels"}),
-                     val, args.batch)  # fmt: skip
-    record("bitblend", times, tokens, loss)
-
-    # -- nanoGPT-style loop ----------------------------------------------------------------
+    out: dict[str, Any] = {"cpu_heap": trainer.cpu_heap}
+    if args.system == "bitblend":
+        ref_init = _hf_model(config)
+        out["same_initial_weights"] = bool(torch.equal(
+            ref_init.model.embed_tokens.weight, trainer.model.backbone.embed_tokens.weight.float()
+        ))  # fmt: skip
+        out["params"] = sum(p.numel() for p in ref_init.parameters())
+        out["flops_per_token"] = _flops_per_token(config, args.seq)
+        times, tokens = [], []
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            rec = trainer.train_step()
+            times.append(time.perf_counter() - t0)
+            tokens.append(int(rec["tokens"]))
+        trainer.model.eval()
+        loss = _val_loss(lambda p: trainer.model("lm", attention_mask=(p["segment_ids"] > 0).long(),
+                                                 **{k: v for k, v in p.items() if k != "labels"}),
+                         val, args.batch)  # fmt: skip
+        return {**out, "times": times, "tokens": tokens, "val_loss": loss}
     model = _hf_model(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=True)
-    times, tokens = [], []
-    for idx in steps_idx:
-        b = _rows(task.train, idx)
-        t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss_t = model(input_ids=b["input_ids"], position_ids=b["position_ids"],
-                           labels=b["labels"]).loss  # fmt: skip
-        loss_t.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-        tokens.append(int((b["segment_ids"] > 0).sum()))
-    model.eval()
-    record("nanogpt", times, tokens, _val_loss(_hf_logits(model), val, args.batch))
-    del model, opt
+    if args.system == "nanogpt":
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=True)
+        times, tokens = [], []
+        for idx in steps_idx:
+            b = _rows(task.train, idx)
+            t0 = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss_t = model(input_ids=b["input_ids"], position_ids=b["position_ids"],
+                               labels=b["labels"]).loss  # fmt: skip
+            loss_t.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - t0)
+            tokens.append(int((b["segment_ids"] > 0).sum()))
+        model.eval()
+        return {**out, "times": times, "tokens": tokens,
+                "val_loss": _val_loss(_hf_logits(model), val, args.batch)}  # fmt: skip
 
     # -- HF Trainer ------------------------------------------------------------------------
     from torch.utils.data import Dataset, SequentialSampler
@@ -213,7 +204,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         def _get_train_sampler(self, *a: Any, **k: Any) -> Any:
             return SequentialSampler(self.train_dataset)
 
-    model = _hf_model(config)
     timer = Timer()
     hf_args = TrainingArguments(
         output_dir=str(tmp / "hf"), per_device_train_batch_size=args.batch,
@@ -224,8 +214,43 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )  # fmt: skip
     InOrder(model=model, args=hf_args, train_dataset=Rows(), callbacks=[timer]).train()
     model.eval()
-    per_step = [args.batch * args.seq] * len(timer.times)  # full rows only
-    record("hf", timer.times, per_step, _val_loss(_hf_logits(model), val, args.batch))
+    per_step = [int((_rows(task.train, idx)["segment_ids"] > 0).sum()) for idx in steps_idx]
+    return {**out, "times": timer.times, "tokens": per_step[: len(timer.times)],
+            "val_loss": _val_loss(_hf_logits(model), val, args.batch)}  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Every system in a process of its own, one after the other; the probe in this one."""
+    from bitblend.estimate.probe import measure
+
+    out: dict[str, Any] = {"args": vars(args), "systems": {}}
+    peaks = measure(torch.device("cpu"), budget=2.0)
+    out["peak_bf16_flops"] = peak = peaks.matmul_flops.get("bfloat16", 0.0)
+    argv = [a for a in sys.argv[1:] if not a.startswith("--out")]
+    if "--out" in sys.argv:
+        i = sys.argv.index("--out")
+        argv = sys.argv[1:i] + sys.argv[i + 2 :]
+    for name in ("bitblend", "nanogpt", "hf"):
+        proc = subprocess.run([sys.executable, __file__, *argv, "--system", name],
+                              capture_output=True, text=True)  # fmt: skip
+        if proc.returncode:
+            sys.stderr.write(proc.stderr[-4000:])
+            raise SystemExit(f"{name}: exit {proc.returncode}")
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        if name == "bitblend":
+            for key in ("same_initial_weights", "params", "flops_per_token"):
+                out[key] = res.pop(key)
+        times, tokens = res.pop("times"), res.pop("tokens")
+        t, k = sum(times[args.warmup :]), sum(tokens[args.warmup :])
+        tps = k / t if t else 0.0
+        out["systems"][name] = {
+            "tokens_per_s": tps,
+            "mfu": tps * out["flops_per_token"] / peak if peak else None,
+            "tokens": sum(tokens),
+            **res,
+        }
+        print(f"{name:9s} {tps:9.0f} tok/s  val loss {res['val_loss']:.4f}  "
+              f"heap {'bitblend' if res['cpu_heap'] else 'glibc'}", flush=True)  # fmt: skip
     s = out["systems"]
     out["ratios"] = {
         "bitblend_vs_hf": s["bitblend"]["tokens_per_s"] / s["hf"]["tokens_per_s"],
@@ -249,8 +274,17 @@ def main() -> int:
     ap.add_argument("--val-rows", type=int, default=32)
     ap.add_argument("--precision", default="bf16-mixed")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--baseline-heap", choices=("glibc", "tuned"), default="glibc")
+    ap.add_argument(
+        "--system",
+        choices=("bitblend", "nanogpt", "hf"),
+        help="run this one system here and print its raw figures (internal)",
+    )
     ap.add_argument("--out")
     args = ap.parse_args()
+    if args.system:
+        print(json.dumps(run_system(args)))
+        return 0
     res = run(args)
     text = json.dumps(res, indent=2, default=lambda x: None if math.isnan(x) else x)
     print(text)

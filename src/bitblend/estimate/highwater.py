@@ -31,7 +31,6 @@ from bitblend.estimate.memory import (
     RankBytes,
     attention_backend,
     causal_shift_bytes,
-    state_bytes_per_element,
 )
 from bitblend.estimate.shapes import ModelShape, TaskShape
 
@@ -49,9 +48,8 @@ class HighWater:
     kept: int = 0
     layouts: int = 0
     # the final checkpoint's copy of the optimizer state, on the rank that writes it
-    # (`checkpoint_bytes`): the part the heap's holes take, the part in fresh mmapped pages
+    # (`checkpoint_bytes`): it fills the heap's holes
     checkpoint: int = 0
-    fresh: int = 0
     # live tensor bytes while a checkpoint is staged: resident state + the copies of the
     # optimizer states and masters it writes (checkpoint_live_bytes); host memory on a GPU.
     # The allocator-slack model of `process` counts it; the layout model uses the two above.
@@ -80,9 +78,7 @@ class HighWater:
         of the step's and an evaluation's peak above the resident state - `layouts`
         times, over the build, plus the save. The final checkpoint's copy of the
         optimizer state comes into a settled heap: it fills the holes the steps left and
-        adds only what is larger than them, except its blocks above the mmap threshold,
-        fresh pages on top (measured: DDP rank 0, MiniLM 8 x 64 per rank, 1228 MiB after
-        its steps and 1320 after the checkpoint: AdamW's two 47 MiB embedding states)."""
+        adds only what is larger than them."""
         return layout_bytes(self, step_tensors, resident, runtime, self.layouts)
 
 
@@ -90,7 +86,7 @@ def layout_bytes(hw: HighWater, step_tensors: int, resident: int, runtime: int, 
     """`HighWater.layout_process` with `n` layouts of the transient bytes."""
     transient = max(max(step_tensors, hw.eval) - resident, 0)
     rest = max(resident - hw.kept, 0)
-    steps = max(n * transient, hw.checkpoint) + hw.fresh
+    steps = max(n * transient, hw.checkpoint)
     return runtime + hw.build + rest + steps + hw.save + hw.end
 
 
@@ -181,35 +177,16 @@ def high_water(
         save=save_bytes(shape),
         kept=ad.frozen_bytes(spec.weight_bytes) if ad is not None else 0,
         layouts=TRANSIENT_LAYOUTS if ad is not None else 0,
-        checkpoint=checkpoint_bytes(shape, spec, step)[0],
-        fresh=checkpoint_bytes(shape, spec, step)[1],
+        checkpoint=checkpoint_bytes(step),
         checkpoint_live=checkpoint_live_bytes(step),
     )
 
 
-# glibc serves a block above its mmap threshold (train/cpu_heap.py raises it to 32 MiB) with
-# fresh pages of its own, never from the heap's free chunks
-MMAP_THRESHOLD = 32 * 2**20
-
-
-def mmapped_tensors(shape: ModelShape, width: float) -> int:
-    """Bytes of one per-parameter tensor set (at `width` bytes per element) in blocks above
-    the mmap threshold: the token embedding table, and in wide models the MLP matrices."""
-    sizes = [shape.vocab * shape.hidden] + 2 * shape.layers * [shape.hidden * shape.intermediate]
-    return round(sum(n * width for n in sizes if n * width > MMAP_THRESHOLD))
-
-
-def checkpoint_bytes(shape: ModelShape, spec: PrecisionSpec, step: PeakBytes) -> tuple[int, int]:
+def checkpoint_bytes(step: PeakBytes) -> int:
     """The final checkpoint's copy of the optimizer state (train/checkpoint.py clones every
-    state tensor before safetensors writes it): (bytes that fill the heap's holes, bytes
-    in fresh mmapped pages that land on top of the steps' high-water)."""
-    trainable = shape.trainable[0]
-    if not trainable or not step.static.states:
-        return 0, 0
-    element = state_bytes_per_element(spec.state_bits)
-    tensors = round(step.static.states / (trainable * element))  # states per parameter
-    fresh = min(tensors * mmapped_tensors(shape, element), step.static.states)
-    return step.static.states - fresh, fresh
+    state tensor before safetensors writes it). It comes from the heap like every block
+    (train/cpu_heap.py maps no block on its own) and fills the holes the steps left."""
+    return step.static.states
 
 
 # -- layouts: how many times the heap holds a step's transient bytes (CPU) --------------
