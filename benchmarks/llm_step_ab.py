@@ -1,16 +1,15 @@
 """A/B of bitblend's Llama step options in one process, alternating rounds (ratios hold on a
-shared machine better than separate runs): compiled vs eager blocks, per-document attention
-vs the block mask, precisions.
+shared machine better than separate runs): compiled vs eager blocks, bitblend's attention
+kernel vs torch's SDPA (`model.kernels=torch`), precisions.
 
-Each variant is a Trainer on the same recipe as benchmarks/llm_pretrain.py (packed BBC News,
-AdamW, constant rate) with `--set`-style overrides; `varlen=off` keeps bitblend's kernel
-but withholds the document spans, so packed rows take the block-diagonal mask. After two
-warm-up steps each (compilation included), rounds of `--steps` steps run variant after
-variant; the table gives the median seconds per step and its ratio to the first variant.
+Each variant is a Trainer on the same recipe as benchmarks/llm_pretrain.py (packed BBC
+News, AdamW, constant rate) with `--set`-style overrides. After two warm-up steps each
+(compilation included), rounds of `--steps` steps run variant after variant; the table
+gives the median seconds per step and its ratio to the first variant.
 
     python benchmarks/llm_step_ab.py [--size llama-30m] [--seq 512] [--batch 8] [--rounds 4]
         --variant eager "model.compile=eager" --variant compiled "model.compile=blocks" \\
-        --variant mask "model.compile=blocks,varlen=off"
+        --variant sdpa "model.kernels=torch"
 """
 
 from __future__ import annotations
@@ -28,11 +27,10 @@ import torch
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
 
 
-def _trainer(args: argparse.Namespace, sets: list[str]) -> tuple[Any, bool]:
+def _trainer(args: argparse.Namespace, sets: list[str]) -> Any:
     from bitblend.config.load import apply_overrides, recipe_from_dict
     from bitblend.train.trainer import Trainer
 
-    varlen = "varlen=off" not in sets
     data = {
         "name": "llm-step-ab",
         "model": {"backbone": args.size, "max_length": args.seq, "vocab_size": 8192},
@@ -43,20 +41,13 @@ def _trainer(args: argparse.Namespace, sets: list[str]) -> tuple[Any, bool]:
         "train": {"steps": 10_000, "batch_size": args.batch, "max_grad_norm": 1.0, "seed": 0,
                   "group_by_length": False},
     }  # fmt: skip
-    data = apply_overrides(data, [s for s in sets if not s.startswith("varlen=")])
+    data = apply_overrides(data, sets)
     trainer = Trainer(recipe_from_dict(data), Path(tempfile.mkdtemp()) / "run", show_progress=False)
-    return trainer, varlen
-
-
-def _no_spans(backbone: Any, segments: Any, causal: bool) -> dict[str, Any]:
-    """`packed_kwargs` for varlen=off: no spans, so packed rows take the block mask."""
-    return {}
+    return trainer
 
 
 def main() -> int:
     """Build every variant, warm each up, time alternating rounds, print the table."""
-    import bitblend.models.trunk as trunk
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="llama-30m")
     ap.add_argument("--seq", type=int, default=512)
@@ -70,20 +61,17 @@ def main() -> int:
     )  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    real = trunk.packed_kwargs
     variants = {}
     for name, sets in args.variant:
-        trainer, varlen = _trainer(args, [s for s in sets.split(",") if s])
-        trunk.packed_kwargs = real if varlen else _no_spans
+        trainer = _trainer(args, [s for s in sets.split(",") if s])
         t0 = time.perf_counter()
         for _ in range(2):
             trainer.train_step()
         print(f"{name}: warm-up {time.perf_counter() - t0:.1f} s ({trainer.compile_reason})")
-        variants[name] = (trainer, varlen)
+        variants[name] = trainer
     times: dict[str, list[float]] = {n: [] for n in variants}
     for _ in range(args.rounds):
-        for name, (trainer, varlen) in variants.items():
-            trunk.packed_kwargs = real if varlen else _no_spans
+        for name, trainer in variants.items():
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 trainer.train_step()

@@ -12,7 +12,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from bitblend.estimate.memory import FP32, ActivationBytes, PrecisionSpec, fused_qkv
+from bitblend.estimate.memory import (
+    FP32,
+    ActivationBytes,
+    PrecisionSpec,
+    fused_qkv,
+    score_elements,
+)
 from bitblend.estimate.probe import Peaks
 from bitblend.estimate.shapes import ModelShape, TaskShape
 
@@ -148,8 +154,8 @@ def eval_time(
     batches = math.ceil(task.eval_examples / eval_batch)
     one = TaskShape(task.name, task.head, task.outputs, eval_batch, task.seq)
     parts = forward_flops(shape, one)
-    attention = parts["attention"]
-    linear = sum(parts.values()) - attention
+    linear = sum(parts.values()) - parts["attention"]
+    attention = parts["attention"] * computed_scores(shape, task.seq, acts.attention)
     attn_dtype = "float32" if acts.attention == "math" and device == "cpu" else spec.compute_dtype
     fast = acts.attention == "bitblend"
     traffic = TRAFFIC_PER_SAVED_BYTE_FAST if fast else TRAFFIC_PER_SAVED_BYTE
@@ -162,6 +168,12 @@ def eval_time(
         + shape.layers * per_layer / 3 * peaks.op_overhead
     )
     return batches * seconds
+
+
+def computed_scores(shape: ModelShape, seq: int, backend: str) -> float:
+    """The share of the (s x s) attention FLOPs that run: bitblend's causal blocks skip the
+    scores above the diagonal's blocks (`score_elements`)."""
+    return score_elements(shape, seq, backend)[0] / seq**2 if seq else 1.0
 
 
 def step_time(
@@ -180,8 +192,8 @@ def step_time(
     traffic at the probed bandwidth, dropout draws at the probed RNG rate, and a per-op
     overhead that dominates tiny models."""
     parts = forward_flops(shape, task)
-    attention = parts["attention"]
-    linear = sum(parts.values()) - attention
+    linear = sum(parts.values()) - parts["attention"]
+    attention = parts["attention"] * computed_scores(shape, task.seq, acts.attention)
     passes = 4 if checkpointing else 3  # forward, backward (2x), recomputed forward
     recompute = 4 / 3 if checkpointing else 1.0
     # CPU math SDPA upcasts to fp32, so its bmms run at fp32 speed.

@@ -31,6 +31,7 @@ from bitblend.estimate.memory import (
     RankBytes,
     attention_backend,
     causal_shift_bytes,
+    score_elements,
 )
 from bitblend.estimate.shapes import ModelShape, TaskShape
 
@@ -135,7 +136,7 @@ def eval_live_bytes(
     # attention scores and probs (b, heads, s, s): fp32 in CPU math SDPA, the compute
     # dtype in bitblend's kernel, none kept by flash attention
     a = FP32 if device == "cpu" and backend == "math" else c
-    probs = b * shape.heads * s * s * a if backend != "flash" else 0
+    probs = b * shape.heads * score_elements(shape, s, backend)[1] * a if backend != "flash" else 0
     out = {
         # the biggest op's input and output (probs or the MLP's (t, i) activation), plus
         # the block's input, residual and output hidden states (t, h) in fp32

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from bitblend.estimate.shapes import ModelShape, TaskShape
+from bitblend.models.attention import CAUSAL_BLOCK
 
 FP32 = 4
 INT64 = 8
@@ -195,14 +196,24 @@ class ActivationBytes:
 
 
 def attention_backend(shape: ModelShape, device: str) -> str:
-    """bitblend's own kernel on CPU (model.kernels=auto); else SDPA's choice: CPU flash
-    attention has no dropout, so training with it runs `math`."""
-    # bitblend's kernel takes no grouped key/value heads (models/attention.py's _eligible):
-    # Llama's GQA blocks run SDPA under either model.kernels
-    gqa = 0 < shape.kv_heads < shape.heads
-    if device == "cpu" and shape.kernels == "auto" and not gqa:
+    """bitblend's own kernel on CPU (model.kernels=auto; grouped k/v heads included); else
+    SDPA's choice: CPU flash attention has no dropout, so training with it runs `math`."""
+    if device == "cpu" and shape.kernels == "auto":
         return "bitblend"
     return "math" if device == "cpu" and shape.attn_dropout > 0 else "flash"
+
+
+def score_elements(shape: ModelShape, s: int, backend: str) -> tuple[int, int]:
+    """(attention scores per batch row and head that a step computes and keeps, those of
+    its largest block): s x s, except bitblend's kernel on a causal model longer than one
+    block, which runs blocks of CAUSAL_BLOCK queries against the keys up to the block's
+    end and skips the rest (models/attention.py: 10/16 of s x s at 512 tokens)."""
+    if backend != "bitblend" or not shape.causal or s <= CAUSAL_BLOCK:
+        return s * s, s * s
+    blocks = [
+        (min(CAUSAL_BLOCK, s - a), min(a + CAUSAL_BLOCK, s)) for a in range(0, s, CAUSAL_BLOCK)
+    ]
+    return sum(n * m for n, m in blocks), max(n * m for n, m in blocks)
 
 
 def fast_dropout(shape: ModelShape, device: str) -> bool:
@@ -261,8 +272,9 @@ def activation_bytes(
     if backend == "bitblend":
         # scaled q, k and (scaled) v (T, h), the softmax output (b, heads, s, s); with
         # dropout also its bool mask and the dropped probs the second matmul saves.
-        probs = b * nh * s * s * a
-        dropped = b * nh * s * s * (1 + a) if shape.attn_dropout > 0 else 0
+        scores = score_elements(shape, s, backend)[0]
+        probs = b * nh * scores * a
+        dropped = b * nh * scores * (1 + a) if shape.attn_dropout > 0 else 0
         layer["attention"] = 3 * t * h * a + probs + dropped
     elif backend == "math":
         # scaled q, scaled k and v (T, h) plus probs (b, heads, s, s); with dropout also
@@ -329,12 +341,20 @@ def _llama_layer(
     layer["mlp activation"] = 4 * t * i * c
     if "fused qkv weight" in layer:
         layer["fused qkv weight"] = (h + 2 * kv) * h * spec.weight_bytes
-    if backend == "flash":  # bitblend's kernel and math SDPA keep the BERT layout's terms
-        b, s = task.batch, task.seq
-        # v is a view of the projection's output: with fused q/k/v, SDPA saving v keeps
-        # the whole (T, h + 2 kv) output alive (k is RoPE's new tensor).
+    b, s = task.batch, task.seq
+    if backend == "flash":
+        # q, its output (the output projection's input), k, v and the log-sum-exp. v is a
+        # view of the projection's output: with fused q/k/v, SDPA saving v keeps the whole
+        # (T, h + 2 kv) output alive (k is RoPE's new tensor).
         v = t * (h + 2 * kv) * c if fused else t * kv * c
         layer["attention"] = 2 * t * h * c + t * kv * c + v + b * shape.heads * s * FP32
+    elif backend == "bitblend":
+        # scaled q, the output projection's input, contiguous copies of k and v (the
+        # matmuls' own; grouped heads are not repeated) and the probabilities of every
+        # causal block; with dropout its mask and the dropped probabilities too
+        scores = b * shape.heads * score_elements(shape, s, backend)[0]
+        dropped = scores * (1 + c) if shape.attn_dropout > 0 else 0
+        layer["attention"] = 2 * t * h * c + 2 * t * kv * c + scores * c + dropped
     # the final RMSNorm saves a second fp32 (T, h) beyond the one filed with the embeddings
     return t * h * FP32
 
@@ -422,7 +442,8 @@ def temporary_bytes(
     # is the attention probs (fp32 in math SDPA, the compute dtype in bitblend's kernel) or
     # the MLP activation; plus the residual gradient.
     a = spec.compute_bytes if acts.attention == "bitblend" else FP32
-    probs = b * shape.heads * s * s * a if acts.attention != "flash" else 0
+    block = score_elements(shape, s, acts.attention)[1]  # one causal block's, or s x s
+    probs = b * shape.heads * block * a if acts.attention != "flash" else 0
     out["backward buffers"] = 2 * max(probs, t * i * spec.compute_bytes) + 2 * t * h * FP32
     if task.per_token:
         # logits in their dtype, their fp32 copy and the gradient of log_softmax

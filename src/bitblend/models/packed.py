@@ -8,8 +8,6 @@ masking_utils (Llama, GPT-2, BERT, ...), and so does bitblend's own kernel
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 
@@ -45,40 +43,3 @@ def backbone_mask(backbone: torch.nn.Module, segments: torch.Tensor, causal: boo
         dtype = next(backbone.parameters()).dtype
         return document_mask(segments, causal, dtype if dtype.is_floating_point else None)
     return document_mask(segments, causal)
-
-
-DOCUMENTS_KWARG = "bitblend_documents"  # the backbone kwarg the varlen kernel reads
-DOCUMENTS_CAUSAL_KWARG = "bitblend_documents_causal"  # and whether documents are causal
-
-
-def document_spans(segments: torch.Tensor) -> torch.Tensor:
-    """(batch, seq) segment ids -> (n, 4) int64 rows (row, start, end, is_document): every
-    maximal run of one segment id, in order, so the runs of a row tile it. Padding runs
-    (segment 0) have is_document 0. A tensor (not a list) so that torch.compile'd blocks
-    take it as an input rather than guarding on its values (models/varlen.py)."""
-    seq = segments.shape[1]
-    starts = torch.ones_like(segments, dtype=torch.bool)
-    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
-    rows, cols = starts.nonzero(as_tuple=True)
-    ends = torch.empty_like(cols)
-    ends[:-1] = cols[1:]
-    last = torch.ones_like(rows, dtype=torch.bool)  # a row's last run ends at seq
-    last[:-1] = rows[1:] != rows[:-1]
-    ends[last] = seq
-    real = (segments[rows, cols] > 0).long()
-    return torch.stack([rows, cols, ends, real], dim=1)
-
-
-def packed_kwargs(
-    backbone: torch.nn.Module, segments: torch.Tensor, causal: bool
-) -> dict[str, Any]:
-    """The documents of packed rows for bitblend's attention kernel on CPU, which then runs
-    each document alone (models/varlen.py), causal as the trunk's mask is (one source of
-    truth: a module's own `is_causal` is missing on some encoders); nothing for other
-    attention implementations or devices, which use the mask alone."""
-    config = getattr(backbone, "config", None)
-    if getattr(config, "_attn_implementation", None) != "bitblend":
-        return {}
-    if segments.device.type != "cpu":  # spans are read on CPU only (and nonzero syncs)
-        return {}
-    return {DOCUMENTS_KWARG: document_spans(segments), DOCUMENTS_CAUSAL_KWARG: causal}

@@ -37,7 +37,7 @@ from bitblend.models.backbones import (
     save_lm_pretrained,
 )
 from bitblend.models.features import feature_embedding
-from bitblend.models.packed import backbone_mask, packed_kwargs
+from bitblend.models.packed import backbone_mask
 
 HEADS_FILE = "heads.safetensors"
 META_FILE = "bitblend.json"
@@ -333,7 +333,6 @@ class MultiTaskModel(nn.Module):
                 attention_mask=backbone_mask(self.backbone, segments, causal),
                 position_ids=inputs["position_ids"],
                 **self._backbone_kwargs,
-                **packed_kwargs(self.backbone, segments, causal),
             )
         else:
             mask = inputs["attention_mask"]
