@@ -198,7 +198,8 @@ def test_bitblend_kernel_runs_grouped_heads_in_causal_blocks() -> None:
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
     assert grads[0].keys() == grads[1].keys()
     for name, g in grads[0].items():
-        torch.testing.assert_close(g, grads[1][name], rtol=1e-3, atol=2e-4)  # fp32 sums of 580 tokens
+        # fp32 sums over 580 tokens: the two kernels add in different orders
+        torch.testing.assert_close(g, grads[1][name], rtol=1e-3, atol=2e-4)
 
 
 def test_an_encoder_without_is_causal_is_not_run_in_causal_blocks() -> None:

@@ -27,13 +27,13 @@ above 1 - 2^-17 to dropping everything) it hands the call to transformers' SDPA 
 unchanged.
 
 Semantics follow that SDPA function: a module without `is_causal` that passes no mask is
-causal (transformers' default); a boolean mask keeps True; a float mask is added to the scores in fp32 (so a large
-negative fp32 value cannot overflow to -inf in bf16/fp16), and a query whose float-mask row
-is all -inf gets a zero output, as SDPA gives. One known difference: a query whose
-boolean-mask row is all False (nothing to attend to; bitblend's right-padded batches never
-make one) gets the mean of the values, as HF's eager attention gives, where SDPA gives
-zeros; detecting such rows would cost a reduction over the mask in every layer of the
-common path.
+causal (transformers' default); a boolean mask keeps True; a float mask is added to the
+scores in fp32 (so a large negative fp32 value cannot overflow to -inf in bf16/fp16), and a
+query whose float-mask row is all -inf gets a zero output, as SDPA gives. One known
+difference: a query whose boolean-mask row is all False (nothing to attend to; bitblend's
+right-padded batches never make one) gets the mean of the values, as HF's eager attention
+gives, where SDPA gives zeros; detecting such rows would cost a reduction over the mask in
+every layer of the common path.
 """
 
 from __future__ import annotations
