@@ -42,6 +42,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+# Run as a script, benchmarks/ is sys.path[0]: its peft.py would shadow the peft package
+# that transformers.Trainer imports (the hf-bf16 child failed on it).
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
+
 SYSTEMS = ("bitblend-bf16", "bitblend-32", "hf-bf16", "plain-fp32")
 LR = {"minilm": 1e-4, "tiny-bert": 1e-3}  # bbc and tiny recipes' learning rates
 PAD_MULTIPLE = 8  # bitblend's train.pad_to_multiple_of default; HF and plain use it too
