@@ -226,12 +226,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"args": vars(args), "systems": {}}
     peaks = measure(torch.device("cpu"), budget=2.0)
     out["peak_bf16_flops"] = peak = peaks.matmul_flops.get("bfloat16", 0.0)
-    argv = [a for a in sys.argv[1:] if not a.startswith("--out")]
-    if "--out" in sys.argv:
-        i = sys.argv.index("--out")
-        argv = sys.argv[1:i] + sys.argv[i + 2 :]
     for name in ("bitblend", "nanogpt", "hf"):
-        proc = subprocess.run([sys.executable, __file__, *argv, "--system", name],
+        # the same arguments (a child with --system writes no --out file)
+        proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--system", name],
                               capture_output=True, text=True)  # fmt: skip
         if proc.returncode:
             sys.stderr.write(proc.stderr[-4000:])

@@ -133,8 +133,8 @@ def eval_live_bytes(
     b, s, h, i = min(eval_batch, n), task.seq, shape.hidden, shape.intermediate
     t, c = b * s, spec.compute_bytes
     backend = attention_backend(shape, device)
-    # attention scores and probs (b, heads, s, s): fp32 in CPU math SDPA, the compute
-    # dtype in bitblend's kernel, none kept by flash attention
+    # attention scores and probs (b, heads, s, s; one causal block's in bitblend's kernel):
+    # fp32 in CPU math SDPA, the compute dtype in bitblend's kernel, none kept by flash
     a = FP32 if device == "cpu" and backend == "math" else c
     probs = b * shape.heads * score_elements(shape, s, backend)[1] * a if backend != "flash" else 0
     out = {

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from bitblend.estimate.shapes import ModelShape, TaskShape
-from bitblend.models.attention import CAUSAL_BLOCK
+from bitblend.models.attention import query_blocks
 
 FP32 = 4
 INT64 = 8
@@ -205,15 +205,13 @@ def attention_backend(shape: ModelShape, device: str) -> str:
 
 def score_elements(shape: ModelShape, s: int, backend: str) -> tuple[int, int]:
     """(attention scores per batch row and head that a step computes and keeps, those of
-    its largest block): s x s, except bitblend's kernel on a causal model longer than one
-    block, which runs blocks of CAUSAL_BLOCK queries against the keys up to the block's
-    end and skips the rest (models/attention.py: 10/16 of s x s at 512 tokens)."""
-    if backend != "bitblend" or not shape.causal or s <= CAUSAL_BLOCK:
+    its largest block): s x s, except bitblend's kernel on a causal model, which runs
+    blocks of queries against the keys up to each block's end (`query_blocks`; it
+    computes 10/16 of s x s at 512 tokens)."""
+    if backend != "bitblend" or not shape.causal:
         return s * s, s * s
-    blocks = [
-        (min(CAUSAL_BLOCK, s - a), min(a + CAUSAL_BLOCK, s)) for a in range(0, s, CAUSAL_BLOCK)
-    ]
-    return sum(n * m for n, m in blocks), max(n * m for n, m in blocks)
+    blocks = [(end - start) * end for start, end in query_blocks(s)]
+    return sum(blocks), max(blocks, default=0)
 
 
 def fast_dropout(shape: ModelShape, device: str) -> bool:

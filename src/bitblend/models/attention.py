@@ -130,9 +130,7 @@ def use_fast_dropout(model: nn.Module) -> int:
     return swapped
 
 
-def _eligible(
-    module: nn.Module, query: torch.Tensor, key: torch.Tensor, dropout: float, kw: dict[str, Any]
-) -> bool:
+def _eligible(query: torch.Tensor, key: torch.Tensor, dropout: float, kw: dict[str, Any]) -> bool:
     """CPU tensors, no decoding with a cache (as many keys as queries), whole groups of
     query heads per k/v head, a dropout rate on the grid, none of the extras not
     implemented here."""
@@ -150,6 +148,13 @@ def _eligible(
 CAUSAL_BLOCK = 128  # query rows per block of causal attention (see _causal_blocks)
 
 
+def query_blocks(s: int) -> list[tuple[int, int]]:
+    """(start, end) of each block of CAUSAL_BLOCK queries of a causal row of `s` tokens;
+    a block attends to the keys before `end`. One block up to CAUSAL_BLOCK tokens. The
+    kernel runs these, and the estimate prices them (estimate/memory.py)."""
+    return [(a, min(a + CAUSAL_BLOCK, s)) for a in range(0, s, CAUSAL_BLOCK)]
+
+
 def attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -165,14 +170,14 @@ def attention_forward(
     (batch, seq, heads, head_dim) output, as `sdpa_attention_forward`."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if not _eligible(module, query, key, dropout, kwargs):
+    if not _eligible(query, key, dropout, kwargs):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
         )
     s = query.shape[2]
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     declared = is_causal if is_causal is not None else getattr(module, "is_causal", None)
-    if declared is True and s > CAUSAL_BLOCK:
+    if declared is True:
         # Only a model that says it is causal is run in blocks: its mask hides every later
         # key. (Some encoders carry no `is_causal`; their masks are bidirectional.)
         out = _causal_blocks(query, key, value, attention_mask, scale, dropout)
@@ -193,11 +198,11 @@ def _causal_blocks(
     scale: float,
     dropout: float,
 ) -> torch.Tensor:
-    """Causal attention by blocks of CAUSAL_BLOCK queries, each against the keys up to its
-    last query: the scores above the diagonal's blocks are never computed (at 512 tokens,
-    10 of 16 (128 x 128) blocks), nor saved for backward. Whatever mask the model passes
-    is causal, so the keys left out are masked for these queries anyway."""
-    s = query.shape[2]
+    """Causal attention by blocks of CAUSAL_BLOCK queries (`query_blocks`), each against the
+    keys up to its last query: the scores above the diagonal's blocks are neither computed
+    nor saved for backward (at 512 tokens 6 of 16 (128 x 128) blocks are skipped).
+    Whatever mask the model passes is causal, so the keys left out are masked for these
+    queries anyway. Without a mask each block gets its part of the causal one."""
     # Contiguous once, and in autocast's dtype once (Llama's RoPE returns fp32 keys under
     # bf16-mixed: its cos/sin follow the fp32 residual stream): each block's keys and
     # values are then a prefix view the matmuls take as is, where every block copied (and
@@ -208,8 +213,7 @@ def _causal_blocks(
         key, value = key.to(dtype), value.to(dtype)
     key, value = key.contiguous(), value.contiguous()
     outs = []
-    for start in range(0, s, CAUSAL_BLOCK):
-        end = min(start + CAUSAL_BLOCK, s)
+    for start, end in query_blocks(query.shape[2]):
         if mask is None:
             block = torch.ones(end - start, end, dtype=torch.bool, device=query.device)
             block = block.tril(diagonal=start)
