@@ -130,7 +130,7 @@ def fit_lines(t: Any, probe: Probe) -> None:
 
     def shown_step() -> Any:
         out = step()
-        probe.show(f"step {t.step} done")
+        probe.show(f"step {t.step} {out['task'][:8]} {out['tokens']}")
         return out
 
     t.train_step = shown_step

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -107,10 +108,35 @@ def test_grouped_lengths_follow_trains_sampler() -> None:
 
 
 def test_eval_batches_are_sorted_chunks() -> None:
-    """evaluate.py: shortest first, chunks of eval_batch_size, each padded to its last."""
-    counts = {3: 5, 10: 2, 30: 1}  # sorted: 3 3 3 3 3 10 10 30
-    assert eval_batches(counts, 3, 8) == {(3, 8): 1, (3, 16): 1, (2, 32): 1}
+    """evaluate.py: longest first, chunks of eval_batch_size, each padded to its first."""
+    counts = {3: 5, 10: 2, 30: 1}  # longest first: 30 10 10 3 3 3 3 3
+    assert eval_batches(counts, 3, 8) == {(3, 32): 1, (3, 8): 1, (2, 8): 1}
     assert eval_batches(counts, 8, 1) == {(8, 30): 1}
+
+
+class _Lengths:
+    """What evaluate's batching reads of a split: its length and token lengths."""
+
+    def __init__(self, lengths: np.ndarray) -> None:
+        self.lengths = lengths
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_eval_batches_mirror_evaluate(batch: int) -> None:
+    """The estimate's evaluation batches are evaluate's own, and they run longest first
+    (the first batch lays out the largest blocks; train/evaluate.py)."""
+    from bitblend.train.evaluate import _batches
+
+    lengths = np.random.default_rng(batch).integers(1, 129, size=300)
+    n, batches = _batches(_Lengths(lengths), 250, batch)  # type: ignore[arg-type]
+    assert n == 250 and sorted(np.concatenate(batches).tolist()) == list(range(250))
+    longest = [int(lengths[b].max()) for b in batches]
+    assert longest == sorted(longest, reverse=True)
+    real = Counter((len(b), padded(int(lengths[b].max()), 8)) for b in batches)
+    assert eval_batches(dict(Counter(lengths[:250].tolist())), batch, 8) == real
 
 
 def _short_texts(tmp_path: Path, words: int) -> Path:

@@ -8,7 +8,7 @@ of 50 batches, so a batch holds neighbours in length and pads little; without it
 micro-batch is a uniformly random subset. Packed causal_lm / masked_lm rows are full
 `max_length` rows (the stream's last one aside): their measured lengths say so.
 Evaluation (train/evaluate.py) reads the first `train.eval_max_examples` examples sorted
-by length, shortest first, in chunks of `train.eval_batch_size`: its batches are a
+by length, longest first, in chunks of `train.eval_batch_size`: its batches are a
 function of the lengths alone.
 
 So the time model prices each task at the distribution of its padded micro-batch length
@@ -135,12 +135,12 @@ def grouped_batch_lengths(
 
 def eval_batches(counts: dict[int, int], batch: int, multiple: int) -> dict[tuple[int, int], int]:
     """Evaluation's batches, exactly: (examples, padded length) -> how many batches, the
-    examples sorted shortest first and cut into chunks of `batch` (train/evaluate.py)."""
-    lengths = _expand(counts)  # sorted: counts' keys ascend
+    examples sorted longest first and cut into chunks of `batch` (train/evaluate.py)."""
+    lengths = np.sort(_expand(counts))[::-1]  # longest first
     out: Counter[tuple[int, int]] = Counter()
     for start in range(0, len(lengths), batch):
         chunk = lengths[start : start + batch]
-        out[(len(chunk), padded(int(chunk[-1]), multiple))] += 1
+        out[(len(chunk), padded(int(chunk[0]), multiple))] += 1
     return dict(out)
 
 

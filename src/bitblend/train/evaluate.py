@@ -45,8 +45,15 @@ class BatchSpec:
 
 
 def _batches(split: EncodedSplit, limit: int | None, size: int) -> tuple[int, list[np.ndarray]]:
+    """The first `limit` examples sorted by length (little padding), longest first: on CPU
+    the first batch lays out the largest blocks and every later, shorter one fits the
+    holes it leaves. Shortest first, each batch's blocks were a little larger than the
+    last one's holes and were laid out on top: a four-task mixture's first evaluation
+    (4,167 examples, batches of 64) grew the heap by 466 MiB while its live bytes stayed
+    below a training step's (docs/estimate.md)."""
     n = len(split) if limit is None else min(limit, len(split))
-    order = np.argsort(split.lengths[:n], kind="stable")  # length-sorted: little padding
+    # stable on the negated lengths: ties keep the split's order, as ascending did
+    order = np.argsort(-split.lengths[:n].astype(np.int64), kind="stable")
     return n, [order[s : s + size] for s in range(0, n, size)]
 
 

@@ -36,7 +36,7 @@ from bitblend.train import distributed
 from bitblend.train import step as step_fn
 from bitblend.train.baselines import run_baselines
 from bitblend.train.compile import compile_blocks, compile_decision
-from bitblend.train.cpu_heap import tune_cpu_heap
+from bitblend.train.cpu_heap import release_free_pages, tune_cpu_heap
 from bitblend.train.evaluate import evaluate_split
 from bitblend.train.head_refit import run_head_refit
 from bitblend.train.jacobian import make_aggregator
@@ -411,10 +411,18 @@ class Trainer:
     def evaluate(self) -> dict[str, dict[str, float]]:
         """Per-task eval metrics and loss on each task's eval split."""
         limit = self.recipe.train.eval_max_examples
-        return {
-            t.name: evaluate_split(self.model, t.name, t.eval, t.batch, t.loss, limit)
-            for t in self.tasks
-        }
+        # CPU: the steps' free pages go back before, the evaluation's after, so the two
+        # phases' heap layouts do not stack in RSS (train/cpu_heap.py)
+        if self.cpu_heap:
+            release_free_pages()
+        try:
+            return {
+                t.name: evaluate_split(self.model, t.name, t.eval, t.batch, t.loss, limit)
+                for t in self.tasks
+            }
+        finally:
+            if self.cpu_heap:
+                release_free_pages()
 
     # -- the run -----------------------------------------------------------------------
     def _prepare_dir(self) -> None:
