@@ -3,13 +3,15 @@ shared machine better than separate runs): compiled vs eager blocks, bitblend's 
 kernel vs torch's SDPA (`model.kernels=torch`), precisions.
 
 Each variant is a Trainer on the same recipe as benchmarks/llm_pretrain.py (packed BBC
-News, AdamW, constant rate) with `--set`-style overrides. After two warm-up steps each
-(compilation included), rounds of `--steps` steps run variant after variant; the table
-gives the median seconds per step and its ratio to the first variant.
+News, AdamW, constant rate), or on `--recipe`, with `--set`-style overrides. After two
+warm-up steps each (compilation included), rounds of `--steps` steps run variant after
+variant; the table gives the median seconds per step and its ratio to the first variant.
 
     python benchmarks/llm_step_ab.py [--size llama-30m] [--seq 512] [--batch 8] [--rounds 4]
         --variant eager "model.compile=eager" --variant compiled "model.compile=blocks" \\
         --variant sdpa "model.kernels=torch"
+    python benchmarks/llm_step_ab.py --recipe pretrain-mix --steps 5 \\
+        --variant 8bit "" --variant 32bit "precision.state_bits=32"   # a recipe as it is
 """
 
 from __future__ import annotations
@@ -28,9 +30,21 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 
 def _trainer(args: argparse.Namespace, sets: list[str]) -> Any:
-    from bitblend.config.load import apply_overrides, recipe_from_dict
+    from bitblend.config.load import (
+        apply_overrides,
+        read_yaml,
+        recipe_from_dict,
+        resolve_recipe_path,
+    )
     from bitblend.train.trainer import Trainer
 
+    if args.recipe:  # a recipe as it is (its own model, data, precision), steps unbounded
+        data = read_yaml(resolve_recipe_path(args.recipe))
+        data.setdefault("train", {})["steps"] = 10_000
+        data = apply_overrides(data, sets)
+        return Trainer(
+            recipe_from_dict(data), Path(tempfile.mkdtemp()) / "run", show_progress=False
+        )
     data = {
         "name": "llm-step-ab",
         "model": {"backbone": args.size, "max_length": args.seq, "vocab_size": 8192},
@@ -55,6 +69,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=2, help="steps per variant per round")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--recipe", help="a built-in recipe or YAML file instead of the Llama setup")
     ap.add_argument(
         "--variant", nargs=2, action="append", metavar=("NAME", "SETS"), required=True,
         help="a name and comma-separated overrides ('' for none)",
