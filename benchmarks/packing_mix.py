@@ -45,7 +45,7 @@ def _trainer(base: dict[str, Any], packing: bool, args: argparse.Namespace) -> A
     d = copy.deepcopy(base)
     for task in d["tasks"]:
         task["packing"] = packing
-    d["train"]["steps"] = args.steps * 4  # an upper bound: the loop below decides
+    d.setdefault("train", {})["steps"] = args.steps * 4  # a bound: the loop below decides
     d["schedule"] = {"name": "constant", "warmup_steps": args.warmup_steps}
     run = Path(tempfile.mkdtemp()) / ("packed" if packing else "unpacked")
     return Trainer(recipe_from_dict(d), run, show_progress=False)

@@ -27,6 +27,7 @@ import ctypes
 import ctypes.util
 import os
 import sys
+from typing import Any
 
 # glibc <malloc.h>
 M_TRIM_THRESHOLD = -1
@@ -38,12 +39,13 @@ TRIM_THRESHOLD = 2**30
 TOP_PAD = 64 * 2**20
 
 _applied: dict[str, int] | None = None
+_trim: Any = None  # glibc's malloc_trim, found with mallopt (release_free_pages)
 
 
 def tune_cpu_heap() -> dict[str, int] | None:
     """Apply the settings once per process; returns them, or None where they do not apply
     (not Linux/glibc, or the user set MALLOC_* variables: theirs win)."""
-    global _applied
+    global _applied, _trim
     if _applied is not None:
         return _applied
     if not sys.platform.startswith("linux") or any(k.startswith("MALLOC_") for k in os.environ):
@@ -57,6 +59,9 @@ def tune_cpu_heap() -> dict[str, int] | None:
     except (OSError, AttributeError):  # musl and others have no mallopt
         return None
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    _trim = getattr(libc, "malloc_trim", None)
+    if _trim is not None:
+        _trim.argtypes, _trim.restype = [ctypes.c_size_t], ctypes.c_int
     wanted = {
         "mmap_threshold": (M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX),
         "trim_threshold": (M_TRIM_THRESHOLD, TRIM_THRESHOLD),
@@ -80,12 +85,7 @@ def release_free_pages() -> bool:
     only its own: a four-task mixture's run peaked at 1761 MiB instead of 1970 (2042
     with evaluation's old shortest-first order), for ~0.1 s per call plus re-faulting the
     steps' pages once (docs/estimate.md)."""
-    if not _applied:
+    if not _applied or _trim is None:
         return False
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    trim = ctypes.CDLL(name).malloc_trim
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    trim(0)
+    _trim(0)
     return True
