@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from bitblend.procmem import peak_rss_bytes
 
 CASES = [
     (backbone, precision, batch, seq)
@@ -112,7 +113,7 @@ def child_case(
             rec = trainer.train_step()
             times.append(clock() - t0)
             tokens.append(rec["tokens"])
-        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak_rss = peak_rss_bytes()
         peaks = measure(trainer.device, clock=clock)
     return {
         "step_s": times,
@@ -138,7 +139,7 @@ def child_baseline(case: list[str]) -> dict[str, Any]:
         spec = head_spec(task, data, tokenizer, False, i)
         encode_task(task, spec, data.train, data.train_targets, tokenizer, recipe)
         encode_task(task, spec, data.eval, data.eval_targets, tokenizer, recipe)
-    return {"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    return {"peak_rss": peak_rss_bytes()}
 
 
 def _write_csv(path: Path, header: list[str], rows: list[tuple[str, str]]) -> Path:
@@ -344,7 +345,7 @@ def child_phases(target: str, sets: list[str]) -> None:
 
 def _maxrss() -> int:
     """This process's peak RSS so far, bytes (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak_rss_bytes()  # not ru_maxrss: a spawned child's reads its parent's
 
 
 def main_user(json_out: str | None, measured: str | None = None) -> None:
@@ -376,7 +377,9 @@ def main_user(json_out: str | None, measured: str | None = None) -> None:
             / (run["train_time_s"] + sum(run.get("eval_s") or []))
             - 1,
             "measured_train_s": run["train_time_s"],
-            "estimated_train_s": est["run"]["steps"] * est["step_s"],
+            # the steps and the warm-up's page faults (a short run's train time is mostly
+            # the first steps' faults: a steady step beside it would compare unlike things)
+            "estimated_train_s": est["run"]["steps"] * est["step_s"] + est["run"]["warmup_s"],
             "estimated_evals": est["run"]["evals"],
             "estimated_eval_s": est["eval_time_s"],
             "measured_eval_s": run.get("eval_s"),
@@ -391,17 +394,18 @@ def main_user(json_out: str | None, measured: str | None = None) -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     print("\n| case | measured RSS MiB | estimate MiB | memory error (target 10%) | measured "
-          "s/step | estimate s/step | step error | measured run s (train + evals) | estimate "
-          "run s | run error (target 25%) | load avg (run start, end; estimate) "
-          "| probe |")  # fmt: skip
+          "train s | estimate train s (steps + warm-up) | train error | measured run s (train "
+          "+ evals) | estimate run s | run error (target 25%) | load avg (run start, end; "
+          "estimate) | probe |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
     for r in rows:
         probe = r["estimate"].get("probe") or {}
         loads = ", ".join("-" if v is None else f"{v:.1f}" for v in r["load_avg"])
+        train_error = r["estimated_train_s"] / r["measured_train_s"] - 1
         print(
             f"| {r['case']} | {r['measured_rss'] / 2**20:.0f} | {r['estimated_rss'] / 2**20:.0f} "
-            f"| {r['memory_error']:+.1%} | {r['measured_step_s']:.3f} | "
-            f"{r['estimated_step_s']:.3f} | {r['step_time_error']:+.1%} | "
+            f"| {r['memory_error']:+.1%} | {r['measured_train_s']:.1f} | "
+            f"{r['estimated_train_s']:.1f} | {train_error:+.1%} | "
             f"{r['measured_run_s']:.1f} | {r['estimated_run_s']:.1f} | {r['time_error']:+.1%} "
             f"| {loads} | {probe.get('source', '?')}, {probe.get('measured_at', '?')}, load "
             f"{probe.get('load_avg_at_probe', '?')} |"

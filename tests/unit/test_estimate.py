@@ -315,6 +315,22 @@ def test_probe_is_measured_once_then_cached(
     assert again.cached and again.matmul_flops == first.matmul_flops
 
 
+def test_estimate_measures_the_page_fault_cost_now(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cost of a first-touched page is the memory's state now (2.2 us a page one
+    evening here, 30 the next morning): an estimate measures it again, the cache keeps the
+    rates."""
+    monkeypatch.setenv("BITBLEND_CACHE_DIR", str(tmp_path))
+    first = get_peaks(CPU, budget=0.2)
+    first.page_fault = 1e-12  # a reading no page fault can take
+    save_peaks(CPU, first)
+    assert get_peaks(CPU).page_fault == 1e-12  # the cache alone
+    now = get_peaks(CPU, faults_now=True)
+    assert now.cached and now.matmul_flops == first.matmul_flops
+    assert now.page_fault > 1e-8  # measured: tens of nanoseconds at the very least
+
+
 # -- estimate and CLI ----------------------------------------------------------------------
 def test_estimate_rows_and_selected_precision() -> None:
     est = estimate_recipe(make_recipe(), precision="all", device=CPU)

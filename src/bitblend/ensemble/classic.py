@@ -8,7 +8,6 @@ also loads it back). The recipe rules live in config/classic.py.
 
 from __future__ import annotations
 
-import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from bitblend.config.classic import CLASSIC, check_classic_recipe
 from bitblend.config.load import dump_recipe
 from bitblend.config.schema import Recipe, TaskConfig
 from bitblend.errors import BitblendError
+from bitblend.procmem import peak_rss_bytes
 from bitblend.report.console import metrics_table
 from bitblend.report.sinks import JsonlSink
 from bitblend.runs.evaluate import output_loss
@@ -157,7 +157,7 @@ def train_classic(recipe: Recipe, run_dir: Path, console: Any = None) -> dict[st
         "tokens_per_s": words / max(fit_time, 1e-9),
         "train_time_s": fit_time,
         "wall_time_s": time.perf_counter() - wall0,
-        "peak_memory_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024,
+        "peak_memory_bytes": peak_rss_bytes(),
         "precision": {
             "recipe": "float64",
             "requested": recipe.precision.recipe,

@@ -213,7 +213,7 @@ def estimate_recipe(
     shape, tasks, shares = recipe_shapes(recipe, datas)
     states = optimizer_states(recipe.optimizer.name, recipe.optimizer.momentum)
     fused = recipe.optimizer.name in ("adam", "adamw")
-    peaks = peaks or get_peaks(dev)
+    peaks = peaks or get_peaks(dev, faults_now=True)
     own = resolve_precision(recipe, dev)
     pc = recipe.precision
     own_spec = precision_spec(
@@ -286,13 +286,21 @@ def _warmup(est: Estimate, row: Row) -> float:
     runtime (held before the first step) to the process peak, at the probed cost of a
     first-touched page. Measured here: the steps that grew the heap were the slow ones
     (a MiniLM step 1 at 4x the steady step, 147k faults), at 11-14 us per extra fault,
-    the probe's first-touch cost of that VM (docs/estimate.md)."""
+    the probe's first-touch cost of that VM (docs/estimate.md).
+
+    A run with evaluations on a tuned heap (`train.cpu_heap`) gives the heap's free pages
+    back before its first evaluation (train/cpu_heap.py), and that evaluation and the step
+    after it fault them in again: about the step's transient bytes with the allocator's
+    slack (users' recipes: 112k-122k extra faults measured, 97k-121k counted so)."""
     from bitblend.estimate.probe import PAGE
 
     if est.device != "cpu" or not est.peaks.page_fault:
         return 0.0
     grown = max(0, est.total_bytes(row) - est.runtime_bytes)
-    return grown / PAGE * est.peaks.page_fault
+    released = 0.0
+    if row.evals and est.recipe.train.cpu_heap:
+        released = (row.memory.peak - row.memory.resident) * (1 + CPU_ALLOCATOR_SLACK)
+    return (grown + released) / PAGE * est.peaks.page_fault
 
 
 def _runtime(

@@ -27,7 +27,6 @@ import argparse
 import importlib
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from bitblend.config.schema import Recipe
 from bitblend.errors import BitblendError
 from bitblend.estimate.lengths import TaskLengths, split_lengths
 from bitblend.estimate.wholerun import end_of_run_bytes
+from bitblend.procmem import peak_rss_bytes
 
 ENV = "BITBLEND_ESTIMATE_RUNTIME"  # "self": take the estimate's own RSS (tests, quick looks)
 TRAIN_MODULES = ("bitblend.train.trainer", "bitblend.train.setup", "bitblend.report.html")
@@ -138,7 +138,7 @@ def _child(recipe_path: str, ranks: int) -> dict[str, Any]:
         importlib.import_module("torch.distributed.fsdp")
         importlib.import_module("torch.nn.parallel")
     lengths = encoded_lengths(recipe, load_data(recipe))
-    peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+    peak = peak_rss_bytes()  # not ru_maxrss: that can be the parent's (procmem.py)
     return {
         "peak_rss": peak,
         "lengths": [t and t.to_json() for t in lengths],

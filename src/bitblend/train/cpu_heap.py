@@ -81,10 +81,12 @@ def release_free_pages() -> bool:
     Why: with the settings above the heap keeps its high-water mark, and a phase whose
     blocks have other sizes than a training step's (an evaluation: 4x a step's rows by
     default, batches of every length) lays its own blocks out beside the step's holes, so
-    the two layouts stack in RSS. Released at the phase's edges, each phase faults in
-    only its own: a four-task mixture's run peaked at 1761 MiB instead of 1970 (2042
-    with evaluation's old shortest-first order), for ~0.1 s per call plus re-faulting the
-    steps' pages once (docs/estimate.md)."""
+    the two layouts stack in RSS. The trainer releases once, before a process's first
+    evaluation: that evaluation lays its layout out in the pages given back, and the steps
+    and evaluations after it fit its holes. A four-task mixture's run peaked at 1750 MiB
+    (1832 without the release). Releasing at every evaluation's start and end held 1676
+    but re-faulted ~170k pages per evaluation (~10% of the run's time here, more when the
+    VM's host backs pages lazily: docs/estimate.md)."""
     if not _applied or _trim is None:
         return False
     _trim(0)

@@ -6,12 +6,12 @@ state and changing nothing."""
 from __future__ import annotations
 
 import logging
-import resource
 from typing import Any
 
 import torch
 
 from bitblend.models.backbones import count_parameters
+from bitblend.procmem import peak_rss_bytes
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ def peak_memory_bytes(device: torch.device) -> int:
     """Peak memory of this run: CUDA allocator peak on GPU, process peak RSS on CPU."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+    return peak_rss_bytes()  # this program's own, not a launcher's (procmem.py)
 
 
 def tokenizer_report(trainer: Any) -> dict[str, dict[str, float]]:
