@@ -24,18 +24,16 @@ from pathlib import Path
 from typing import Any
 
 
-def faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
 def timed(label: str, fn: Any) -> Any:
     def wrapper(self: Any) -> Any:
-        f0, t0 = faults(), time.perf_counter()
+        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         try:
             return fn(self)
         finally:
-            print(f"{label:5} {time.perf_counter() - t0:7.3f} s  faults {faults() - f0:7d}",
-                  flush=True)  # fmt: skip
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+            print(f"{label:5} {time.perf_counter() - t0:7.3f} s  faults "
+                  f"{r1.ru_minflt - r0.ru_minflt:7d}  user {r1.ru_utime - r0.ru_utime:6.2f} s  "
+                  f"sys {r1.ru_stime - r0.ru_stime:6.2f} s", flush=True)  # fmt: skip
 
     return wrapper
 

@@ -137,22 +137,14 @@ EVAL_RELEASE = textwrap.dedent(
         before = rss()
         trainer.evaluate()
         after = rss()
-        # a second evaluation keeps the heap as it is: another freed block stays resident
-        block = torch.ones(64 * 2**20)
-        del block
-        again = rss()
-        trainer.evaluate()
-        kept = rss()
-    print(json.dumps({"before": before, "after": after, "again": again, "kept": kept,
-                      "applied": trainer.cpu_heap}))
+    print(json.dumps({"before": before, "after": after, "applied": trainer.cpu_heap}))
     """
 )
 
 
-def test_first_evaluation_releases_the_heaps_free_pages_once() -> None:
-    """The tuned heap keeps freed pages; the first evaluation gives them back before it
-    runs, so its layout and the steps' do not stack in RSS (a four-task mixture: 1832 ->
-    1750 MiB). Later evaluations do not: each release re-faults every page it gave back."""
+def test_evaluation_releases_the_heaps_free_pages() -> None:
+    """The tuned heap keeps freed pages; an evaluation gives them back at its edges, so its
+    layout and the steps' do not stack in RSS (a four-task mixture: 1970 -> 1761 MiB)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     out = subprocess.run([sys.executable, "-c", EVAL_RELEASE], capture_output=True, text=True,
                          check=True, env=clean).stdout  # fmt: skip
@@ -160,5 +152,3 @@ def test_first_evaluation_releases_the_heaps_free_pages_once() -> None:
     assert res["applied"], res
     # the freed 256 MiB block's pages are gone after the evaluation (it adds only its own)
     assert res["after"] < res["before"] - 200 * 2**20, res
-    # the second evaluation gives nothing back (its 256 MiB block stays in the heap)
-    assert res["kept"] > res["again"] - 50 * 2**20, res

@@ -28,7 +28,7 @@ from bitblend.estimate.memory import (
     temporary_bytes,
     what_if_specs,
 )
-from bitblend.estimate.probe import Peaks, cache_key, get_peaks, save_peaks
+from bitblend.estimate.probe import Peaks, cache_key, get_peaks, measure, save_peaks
 from bitblend.estimate.shapes import TaskShape
 from bitblend.precision.recipes import build_precision
 from bitblend.tasks.losses import compute_loss
@@ -329,6 +329,19 @@ def test_estimate_measures_the_page_fault_cost_now(
     now = get_peaks(CPU, faults_now=True)
     assert now.cached and now.matmul_flops == first.matmul_flops
     assert now.page_fault > 1e-8  # measured: tens of nanoseconds at the very least
+
+
+def test_a_finished_runs_reprobe_maps_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run re-probing for its MFU (touch=False) must not map the first-touch probe's
+    chunks on top of what it holds (its peak RSS would read them): the first-touch costs
+    are left out of the probe and the cached ones kept."""
+    monkeypatch.setenv("BITBLEND_CACHE_DIR", str(tmp_path))
+    assert measure(CPU, budget=0.2, touch=False).page_fault == 0.0
+    first = get_peaks(CPU, budget=0.2)
+    again = get_peaks(CPU, refresh=True, budget=0.2, touch=False)
+    assert not again.cached and again.page_fault == first.page_fault > 0
 
 
 # -- estimate and CLI ----------------------------------------------------------------------

@@ -26,7 +26,7 @@ from bitblend.estimate.lengths import (
     random_batch_lengths,
 )
 from bitblend.estimate.memory import CPU_ALLOCATOR_SLACK, activation_bytes
-from bitblend.estimate.probe import PAGE, first_touch_seconds, save_peaks
+from bitblend.estimate.probe import PAGE, first_touch, save_peaks
 from bitblend.estimate.runtime import encoded_lengths
 from bitblend.taskspec import load_data
 from tests.conftest import make_recipe
@@ -238,15 +238,17 @@ def test_lengths_are_those_train_encodes_and_survive_json() -> None:
 def test_warmup_prices_the_pages_a_run_grows_by() -> None:
     """The first steps fault in every page between the runtime and the process peak; at the
     probed cost per page that is part of the run's time, not of a steady step. On a tuned
-    heap the first evaluation's release adds the step's transient pages once more."""
+    heap every evaluation's releases add a step's and an evaluation's transient pages."""
     recipe = make_recipe("train.eval_every=4")
     est = estimate_recipe(
         recipe, precision="recipe", device=CPU, peaks=replace(FAKE, page_fault=1e-5)
     )
     row = est.rows[0]
     grown = est.total_bytes(row) - est.runtime_bytes
-    refault = (row.memory.peak - row.memory.resident) * (1 + CPU_ALLOCATOR_SLACK)
-    assert grown > 0 and refault > 0 and row.evals
+    mem = row.memory
+    transient = mem.peak - mem.resident + row.high_water.eval - mem.resident
+    refault = row.evals * transient * (1 + CPU_ALLOCATOR_SLACK)
+    assert grown > 0 and transient > 0 and row.evals > 1
     assert row.warmup == pytest.approx((grown + refault) / PAGE * 1e-5)
     untuned = estimate_recipe(
         make_recipe("train.eval_every=4", "train.cpu_heap=false"), precision="recipe",
@@ -261,8 +263,29 @@ def test_warmup_prices_the_pages_a_run_grows_by() -> None:
 
 
 def test_first_touch_probe_reads_a_page_fault() -> None:
-    seconds = first_touch_seconds(2, 4 * 2**20)
-    assert 1e-8 < seconds < 1e-3  # per 4 KiB page: ns (a bare page zeroing) to ~20 us (a VM)
+    seconds = first_touch(4 * 2**20, 16 * 2**20).cold
+    assert 1e-8 < seconds < 1e-3  # per 4 KiB page: ns (a bare page zeroing) to ~30 us (a VM)
+
+
+def _clock(durations: list[float]) -> Any:
+    """A clock whose successive (start, stop) readings span `durations`."""
+    ticks = [0.0]
+    for d in durations:
+        ticks += [ticks[-1], ticks[-1] + d]
+    it = iter(ticks[1:])
+    return lambda: next(it)
+
+
+def test_first_touch_probe_goes_past_the_recycled_pool() -> None:
+    """Recycled pages (freed lately, still backed) are cheap; the probe goes on until two
+    chunks in a row are dear, and prices those; a machine with nothing dear reads its
+    slowest chunk within the size cap."""
+    pages = 2**20 // PAGE  # 1 MiB chunks
+    touch = first_touch(2**20, 64 * 2**20, clock=_clock([1, 1, 1, 12, 10, 50]))
+    assert touch.found_cold and touch.cold == pytest.approx(11 / pages)
+    assert touch.warm == pytest.approx(1 / pages)
+    flat = first_touch(2**20, 4 * 2**20, clock=_clock([1, 2, 1, 1, 9]))
+    assert not flat.found_cold and flat.cold == pytest.approx(2 / pages)  # 4 chunks only
 
 
 def test_cli_prints_and_reports_the_priced_lengths(

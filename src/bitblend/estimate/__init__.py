@@ -288,10 +288,12 @@ def _warmup(est: Estimate, row: Row) -> float:
     (a MiniLM step 1 at 4x the steady step, 147k faults), at 11-14 us per extra fault,
     the probe's first-touch cost of that VM (docs/estimate.md).
 
-    A run with evaluations on a tuned heap (`train.cpu_heap`) gives the heap's free pages
-    back before its first evaluation (train/cpu_heap.py), and that evaluation and the step
-    after it fault them in again: about the step's transient bytes with the allocator's
-    slack (users' recipes: 112k-122k extra faults measured, 97k-121k counted so)."""
+    A run on a tuned heap (`train.cpu_heap`) gives the heap's free pages back at every
+    evaluation's start and end (train/cpu_heap.py), and the evaluation and the step after
+    it fault them in again: the transient bytes of a step and of an evaluation, with the
+    allocator's slack (large-eval-file: 122k extra faults per evaluation measured, 130k
+    counted so). They are priced as first touches: 120k of them cost 1.2 s here, where the
+    probe read 9-13 us a page past the recycled pool and ~1 us in it."""
     from bitblend.estimate.probe import PAGE
 
     if est.device != "cpu" or not est.peaks.page_fault:
@@ -299,7 +301,8 @@ def _warmup(est: Estimate, row: Row) -> float:
     grown = max(0, est.total_bytes(row) - est.runtime_bytes)
     released = 0.0
     if row.evals and est.recipe.train.cpu_heap:
-        released = (row.memory.peak - row.memory.resident) * (1 + CPU_ALLOCATOR_SLACK)
+        transient = row.memory.peak + row.high_water.eval - 2 * row.memory.resident
+        released = row.evals * transient * (1 + CPU_ALLOCATOR_SLACK)
     return (grown + released) / PAGE * est.peaks.page_fault
 
 
@@ -442,7 +445,7 @@ def run_performance(
     flops = tokens_flops(shape, tokens, examples, lm_tokens)
     achieved = flops / seconds if seconds > 0 else 0.0
     best = flops / tokens * best_tokens_per_s if tokens else 0.0
-    peaks = get_peaks(device, budget=1.0)
+    peaks = get_peaks(device, budget=1.0, touch=False)  # no mappings on top of the run's
     peaks = confirm_peak(device, peaks, compute_dtype, max(achieved, best))
     peak = peaks.flops(compute_dtype)
     out: dict[str, Any] = {

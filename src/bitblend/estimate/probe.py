@@ -27,7 +27,7 @@ import torch
 
 CACHE_ENV = "BITBLEND_CACHE_DIR"
 CACHE_FILE = "probe.json"
-PROBE_VERSION = 4  # part of the cache key: a changed probe never reads an old entry
+PROBE_VERSION = 5  # part of the cache key: a changed probe never reads an old entry
 MAX_AGE_S = 7 * 24 * 3600.0  # a week: kernels, clocks and neighbours change
 ROUNDS = 3  # the matmul probes run as this many short rounds, interleaved; the best counts
 
@@ -96,7 +96,7 @@ def best_of(a: Peaks, b: Peaks) -> Peaks:
     def hi(x: dict[str, float], y: dict[str, float]) -> dict[str, float]:
         return {k: max(x.get(k, 0.0), y.get(k, 0.0)) for k in {**x, **y}}
 
-    newer = a if a.measured_at >= b.measured_at else b
+    newer, older = (a, b) if a.measured_at >= b.measured_at else (b, a)
     overheads = [o for o in (a.op_overhead, b.op_overhead) if o > 0]
     return Peaks(
         device=newer.device,
@@ -107,7 +107,8 @@ def best_of(a: Peaks, b: Peaks) -> Peaks:
         rng=max(a.rng, b.rng),
         fast_rng=max(a.fast_rng, b.fast_rng),
         op_overhead=min(overheads) if overheads else 0.0,
-        page_fault=newer.page_fault,  # a cost of the memory's state now, not a peak
+        # costs of the memory's state now, not peaks (0: not measured by that probe)
+        page_fault=newer.page_fault or older.page_fault,
         seconds=newer.seconds,
         measured_at=newer.measured_at,
         load_avg=newer.load_avg,
@@ -218,50 +219,75 @@ def _attention_work(
 
 
 PAGE = 4096
-# A run grows by hundreds of MiB, past the pages the kernel recycles (freed lately, still
-# backed: ~2.5-3 us each in these VMs) into pages a VM's host backs on first touch (~14 us
-# here; it takes free pages back within seconds). The probe touches 4 fresh chunks of
-# 48 MiB, held, and keeps the slowest: past a small recycled pool it reads the fresh cost.
-FAULT_CHUNKS = 4
-FAULT_CHUNK_BYTES = 48 * 2**20
+# A run grows by hundreds of MiB past its setup. In a VM whose host backs guest memory
+# lazily, pages some process freed lately are still backed and cost ~2 us to fault in
+# (a recycled pool of a few hundred MiB to a GiB or more after a large process exits);
+# past that pool the host backs each page on first touch: ~25-30 us a page for one
+# thread here, ~12-13 us of wall time when the run's 2 threads fault in parallel (steps 1-2
+# of a MiniLM run: 190k faults, ~16 us each over the steady step). The probe fills fresh
+# tensors with torch's threads, as an op's first write does, chunk after chunk (all held,
+# so none reuses another's pages), until it is past the pool.
+FAULT_CHUNK_BYTES = 32 * 2**20
+FAULT_MAX_BYTES = 2**30  # stop here: a machine without a dear first touch reads warm
+FAULT_BUDGET_S = 1.5  # or here
+COLD = 3.0  # a chunk this many times the fastest one is past the recycled pool
 
 
-def first_touch_seconds(
-    chunks: int = FAULT_CHUNKS,
+@dataclass(frozen=True)
+class FirstTouch:
+    """Wall seconds per 4 KiB page a growing process pays: `cold` past the recycled pool,
+    `warm` for recycled pages, and whether the probe got past the pool (`found_cold`)."""
+
+    cold: float
+    warm: float
+    found_cold: bool
+
+
+def first_touch(
     chunk_bytes: int = FAULT_CHUNK_BYTES,
+    max_bytes: int = FAULT_MAX_BYTES,
+    budget: float = FAULT_BUDGET_S,
     clock: Callable[[], float] = time.perf_counter,
-) -> float:
-    """Seconds per page of writing one byte into each page of fresh anonymous mappings:
-    the page faults a growing process pays. The slowest of `chunks` chunks (all held until
-    the end, so none reuses another's pages), measured once: touching again would get the
-    pages just freed back, which are already backed (fresh processes here read 2.5-3 us a
-    page from that pool and ~14 us past it; a training run's extra faults cost 11-15 us)."""
+) -> FirstTouch:
+    """Fill fresh `chunk_bytes` tensors (torch's threads, as ops write) until two chunks in a
+    row read `COLD` times the fastest (past the recycled pool: their mean is `cold`), or
+    `max_bytes` / `budget` run out (then the slowest chunk: no pool was passed, on bare
+    metal nothing is dear). Each chunk is its own anonymous mapping, so a tuned heap's
+    free blocks (train/cpu_heap.py, in the same process) are never what it touches."""
     import mmap
 
-    import numpy as np
-
+    pages = chunk_bytes // PAGE
     regions: list[mmap.mmap] = []
-    worst = 0.0
+    costs: list[float] = []
+    end = time.perf_counter() + budget
     try:
-        for _ in range(chunks):
+        while not costs or (len(regions) * chunk_bytes < max_bytes and time.perf_counter() < end):
             regions.append(mmap.mmap(-1, chunk_bytes))
-            view = np.frombuffer(regions[-1], dtype=np.uint8)
+            chunk = torch.frombuffer(regions[-1], dtype=torch.float32)
             t0 = clock()
-            view[::PAGE] = 1
-            worst = max(worst, (clock() - t0) / (chunk_bytes // PAGE))
-            del view
+            chunk.fill_(1.0)
+            costs.append((clock() - t0) / pages)
+            del chunk  # the mapping closes only once no tensor views it
+            fast = min(costs)
+            if len(costs) >= 2 and min(costs[-2:]) >= COLD * fast:
+                return FirstTouch(sum(costs[-2:]) / 2, fast, True)
     finally:
         for region in regions:
             region.close()
-    return worst
+    return FirstTouch(max(costs), min(costs), False)
 
 
 def measure(
-    device: torch.device, budget: float = 1.5, clock: Callable[[], float] = time.perf_counter
+    device: torch.device,
+    budget: float = 1.5,
+    clock: Callable[[], float] = time.perf_counter,
+    touch: bool = True,
 ) -> Peaks:
     """Run the probe now: about `budget` seconds split over its parts. `clock` times each
     repetition: wall time, or time.process_time for a one-thread benchmark that other
-    processes on the machine must not disturb."""
+    processes on the machine must not disturb. `touch=False` leaves the first-touch costs
+    out (0): a finished run re-probing for its MFU must not map up to FAULT_MAX_BYTES more
+    on top of what it holds (its summary's peak RSS would read them)."""
     t_start = time.perf_counter()
     peaks = Peaks(
         device=device_name(device), threads=torch.get_num_threads(), load_avg=load_average()
@@ -307,8 +333,9 @@ def measure(
 
     # 100 forward muls, their 100 backward muls and the sum: about 200 aten ops per call.
     peaks.op_overhead = 1.0 / _best_rate(tiny, 200.0, device, share / 2, clock)
-    if device.type == "cpu":
-        peaks.page_fault = first_touch_seconds(clock=clock)
+    if device.type == "cpu" and touch:
+        costs = first_touch(clock=clock)
+        peaks.page_fault = costs.cold
     peaks.seconds = time.perf_counter() - t_start
     return peaks
 
@@ -373,25 +400,44 @@ def get_peaks(
     budget: float = 1.5,
     max_age: float = MAX_AGE_S,
     faults_now: bool = False,
+    touch: bool = True,
 ) -> Peaks:
     """Cached peaks of `device`, measuring (and caching) them when missing, stale, taken
     while the machine was busier than now, or when asked. `faults_now`: a cached CPU
-    entry's page-fault cost is measured again (`first_touch_seconds`), since it is a
-    state of the machine's memory, not a peak: here it read 2.2 us a page one evening and
-    25-30 us the next morning (a VM host that takes free pages back and backs them again
-    on first touch), and a short run's warm-up is mostly that cost."""
+    entry's page-fault costs are measured again (`first_touch`), since they are a
+    state of the machine's memory, not a peak: the version-4 probe (four chunks, one
+    thread) read 2.2 us a page one evening and 26-30 the next morning here, as it met
+    pages freed lately or the ones a VM's host backs on first touch; a short run's warm-up
+    is mostly that cost. `touch=False`: a probe taken now leaves them out (`measure`) and
+    keeps the cached entry's."""
     reason = "asked" if refresh else "missing"
-    if not refresh:
-        found = cached_peaks(device)
-        if found is not None:
-            reason = stale_reason(found, max_age)
-            if not reason:
-                if faults_now and device.type == "cpu":
-                    found.page_fault = first_touch_seconds()
-                return found
-    peaks = measure(device, budget)
+    found = cached_peaks(device)
+    if not refresh and found is not None:
+        reason = stale_reason(found, max_age)
+        if not reason:
+            if faults_now and device.type == "cpu":
+                found = _touch_now(device, found)
+            return found
+    peaks = measure(device, budget, touch=touch)
+    if not touch and found is not None:
+        peaks.page_fault = found.page_fault
     peaks.reason = reason
     save_peaks(device, peaks)
+    return peaks
+
+
+def _touch_now(device: torch.device, peaks: Peaks) -> Peaks:
+    """`peaks` with the first-touch costs measured now. Where the probe did not get past the
+    recycled pool (a large process freed its pages lately) the cold cost stays the cached
+    one: a run that starts later grows past the pool again. A cold reading is cached."""
+    touch = first_touch()
+    if touch.found_cold or touch.cold > peaks.page_fault:
+        peaks.page_fault = touch.cold
+        cached = cached_peaks(device)
+        if cached is not None:
+            cached.page_fault = touch.cold
+            cached.source, cached.reason = "fresh", ""
+            save_peaks(device, cached)
     return peaks
 
 
@@ -404,7 +450,7 @@ def confirm_peak(
     clamped."""
     if achieved <= peaks.flops(dtype):
         return peaks
-    best = best_of(peaks, measure(device, budget))
+    best = best_of(peaks, measure(device, budget, touch=False))  # see measure's `touch`
     best.source = "reprobed"
     best.reason = (
         f"beaten: a run reached {achieved / 1e9:.3g} GFLOP/s in {dtype}, above the "

@@ -81,12 +81,14 @@ def release_free_pages() -> bool:
     Why: with the settings above the heap keeps its high-water mark, and a phase whose
     blocks have other sizes than a training step's (an evaluation: 4x a step's rows by
     default, batches of every length) lays its own blocks out beside the step's holes, so
-    the two layouts stack in RSS. The trainer releases once, before a process's first
-    evaluation: that evaluation lays its layout out in the pages given back, and the steps
-    and evaluations after it fit its holes. A four-task mixture's run peaked at 1750 MiB
-    (1832 without the release). Releasing at every evaluation's start and end held 1676
-    but re-faulted ~170k pages per evaluation (~10% of the run's time here, more when the
-    VM's host backs pages lazily: docs/estimate.md)."""
+    the two layouts stack in RSS. Released at the phase's edges, each phase faults in
+    only its own: a four-task mixture's run peaked at 1761 MiB instead of 1970 (2042
+    with evaluation's old shortest-first order). The price is re-faulting what was given
+    back, at every evaluation: ~120-300k pages (the evaluation's layout, then the steps'),
+    1.2 s of a 5.4 s evaluation here, priced by the estimate's warm-up. Released only
+    before the first evaluation, later steps and evaluations faulted nothing, but peak RSS
+    moved from run to run by +-150 MiB (an own-vocabulary run: 1287-1599 MiB, against
+    1279-1286 released at every evaluation; docs/estimate.md, sixth round)."""
     if not _applied or _trim is None:
         return False
     _trim(0)

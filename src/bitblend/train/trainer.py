@@ -101,7 +101,6 @@ class Trainer:
         if not self.dist.main:  # rank 0 alone prints
             self.console, self.show_progress = Console(quiet=True), False
         self.cpu_heap = tune_cpu_heap() if cfg.cpu_heap and self.device.type == "cpu" else None
-        self._released = False  # the heap's free pages given back (first evaluation)
         self.precision = build_precision(recipe.precision, self.device, cfg.seed)
         # Steps skipped in a row for non-finite gradients: a run that cannot recover stops.
         self.nonfinite = NonFiniteSteps(
@@ -412,16 +411,18 @@ class Trainer:
     def evaluate(self) -> dict[str, dict[str, float]]:
         """Per-task eval metrics and loss on each task's eval split."""
         limit = self.recipe.train.eval_max_examples
-        # CPU: the steps' free pages go back before the process's first evaluation, so its
-        # heap layout does not stack on theirs in RSS. Once: later steps and evaluations
-        # fit the holes of the layout it leaves, and a release costs re-faulting every page
-        # it gave back (train/cpu_heap.py)
-        if self.cpu_heap and not self._released:
-            self._released = release_free_pages()
-        return {
-            t.name: evaluate_split(self.model, t.name, t.eval, t.batch, t.loss, limit)
-            for t in self.tasks
-        }
+        # CPU: the steps' free pages go back before, the evaluation's after, so the two
+        # phases' heap layouts do not stack in RSS (train/cpu_heap.py)
+        if self.cpu_heap:
+            release_free_pages()
+        try:
+            return {
+                t.name: evaluate_split(self.model, t.name, t.eval, t.batch, t.loss, limit)
+                for t in self.tasks
+            }
+        finally:
+            if self.cpu_heap:
+                release_free_pages()
 
     # -- the run -----------------------------------------------------------------------
     def _prepare_dir(self) -> None:
