@@ -96,7 +96,7 @@ def row_json(est: Estimate, row: Row) -> dict[str, Any]:
         "run": {
             "steps": row.steps,
             "evals": row.evals,
-            "warmup_s": row.warmup,  # first steps' page faults (CPU), inside time_s
+            "warmup_s": row.warmup,  # CPU page faults: growth, re-faults after releases
             "time_s": row.run_time,
         },
         "per_rank": [{**asdict(r), "process_peak": est.rank_bytes(row, r)} for r in row.ranks],
