@@ -268,6 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `bitblend` console script."""
+    code = _main(argv)
+    # A torchrun rank ends here, with its group left, before the interpreter's shutdown
+    # can abort it (train/distributed.py `exit_rank`); loaded only if a command used it.
+    dist = sys.modules.get("bitblend.train.distributed")
+    if dist is not None:
+        dist.exit_rank(code)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for `train --nproc`
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
