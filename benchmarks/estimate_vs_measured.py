@@ -218,7 +218,7 @@ def child_user(name: str, what: str) -> dict[str, Any]:
                 "step_s": row["mean_time_per_step_s"],
                 "runtime_bytes": est.runtime_bytes,
                 "tensor_peak": row["memory"]["peak"],
-                "shorter_steps": row["memory"]["shorter_steps"],
+                "kernel_cache": row["memory"]["kernel_cache"],
                 "end_of_run": row["memory"]["end_of_run"],
             }
         from bitblend.train.trainer import Trainer

@@ -29,3 +29,34 @@ def peak_rss_bytes() -> int:
 
     peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def malloc_live_bytes() -> int | None:
+    """Bytes glibc's malloc has handed out and not had back (mallinfo2's uordblks plus its
+    mmapped blocks, every arena), or None where there is no glibc 2.33+. torch's CPU
+    tensors and its libraries' caches are malloc blocks, so a change of it is what a piece
+    of code kept, whatever RSS the heap's layout makes of it."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        fn = ctypes.CDLL(name).mallinfo2
+    except (OSError, AttributeError):
+        return None
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [
+            (f, ctypes.c_size_t)
+            for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                      "uordblks", "fordblks", "keepcost")
+        ]  # fmt: skip
+
+    fn.restype = MallInfo2
+    info = fn()
+    return int(info.uordblks + info.hblkhd)

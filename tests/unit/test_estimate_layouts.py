@@ -97,7 +97,9 @@ def test_a_full_fine_tune_keeps_the_allocator_slack_model() -> None:
     hw = row.high_water  # the step, an evaluation or the checkpoint's staging, the worst
     tensors = max(row.memory.peak, hw.eval, hw.checkpoint_live)
     assert hw.checkpoint_live > row.memory.peak  # tiny-bert: AdamW's staged copies decide
-    assert est.total_bytes(row) == est.runtime_bytes + round(tensors * (1 + CPU_ALLOCATOR_SLACK))
+    slack = round(tensors * (1 + CPU_ALLOCATOR_SLACK))
+    # + bf16 kernels kept per matmul shape (estimate/kernel_cache.py)
+    assert est.total_bytes(row) == est.runtime_bytes + slack + hw.kernel_cache
 
 
 def test_ddp_buckets_exist_from_the_start_of_backward() -> None:

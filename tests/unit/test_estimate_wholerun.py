@@ -1,5 +1,5 @@
 """A whole CPU run's peak beyond its longest step (#22 item 3, memory; estimate/wholerun.py):
-the heap its shorter steps lay out below the longest one, and the end of the run's pages."""
+the end of the run's pages (the kernel caches: test_estimate_kernel_cache.py)."""
 
 from __future__ import annotations
 
@@ -12,14 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bitblend.estimate import estimate_recipe
 from bitblend.estimate.highwater import HighWater
-from bitblend.estimate.memory import CPU_ALLOCATOR_SLACK, peak_bytes
 from bitblend.estimate.probe import save_peaks
-from bitblend.estimate.wholerun import shorter_steps_bytes
-from tests.conftest import make_recipe
 from tests.unit.test_estimate import FAKE
-from tests.unit.test_estimate_lengths import _short_texts
 
 CPU = torch.device("cpu")
 
@@ -29,49 +24,6 @@ def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BITBLEND_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("BITBLEND_ESTIMATE_RUNTIME", "self")
     save_peaks(CPU, FAKE)
-
-
-def test_short_texts_keep_a_shorter_steps_layout_below_the_longest(tmp_path: Path) -> None:
-    """Texts of 1-6 words at max_length 64: memory is still priced at the longest batch,
-    and the process adds one step's activations and temporaries at the data's mean length
-    - the heap the shorter steps laid out, which the longest step's larger blocks do not
-    reuse."""
-    data = str(_short_texts(tmp_path, 6))
-    recipe = make_recipe(f"tasks.0.data={data}", "model.max_length=64")
-    est = estimate_recipe(recipe, precision="recipe", device=CPU, peaks=FAKE)
-    (p,) = est.priced
-    assert p.measured and p.mean_train < p.worst
-    row, task = est.rows[0], est.tasks[0]
-    seq = -(-task.seq * p.mean_train // p.worst)  # the mean length, rounded up
-    short = peak_bytes(est.shape, replace(task, seq=int(seq)), row.spec, est.states)
-    assert row.high_water.shorter == short.activations + short.temporary_total > 0
-    # below the longest step's own (here a tiny model, whose peak is its optimizer step)
-    assert row.high_water.shorter < row.memory.activations + row.memory.temporary_total
-    hw = row.high_water
-    live = max(row.memory.peak, hw.eval, hw.checkpoint_live)
-    slack = round(live * (1 + CPU_ALLOCATOR_SLACK))
-    assert est.total_bytes(row) == est.runtime_bytes + row.high_water.shorter + slack
-    # lengths unknown (priced at the worst case): no shorter steps, the step model alone
-    worst = estimate_recipe(recipe, precision="recipe", device=CPU, peaks=FAKE, lengths=[None])
-    assert worst.rows[0].high_water.shorter == 0
-    above = est.total_bytes(row) - est.runtime_bytes  # runtime "self": this process's RSS
-    above_worst = worst.total_bytes(worst.rows[0]) - worst.runtime_bytes
-    assert above - above_worst == row.high_water.shorter
-
-
-def test_full_length_steps_and_gpus_add_no_shorter_layout() -> None:
-    """Every step at the worst length (the tiny data's texts fill max_length 16), or a
-    GPU's caching allocator: nothing below the longest step."""
-    recipe = make_recipe("model.max_length=16")
-    est = estimate_recipe(recipe, precision="recipe", device=CPU, peaks=FAKE)
-    (p,) = est.priced
-    assert p.mean_train == p.worst
-    assert est.rows[0].high_water.shorter == 0
-    row = est.rows[0]
-    short = replace(p, train={8: 1.0})
-    args = (est.shape, est.tasks, [short], row.spec, est.states)
-    assert shorter_steps_bytes(*args, "cpu", True) > 0
-    assert shorter_steps_bytes(*args, "cuda", True) == 0
 
 
 def test_end_of_run_lands_on_top_of_the_peak() -> None:

@@ -22,6 +22,7 @@ from bitblend.device import pick_device
 from bitblend.errors import BitblendError
 from bitblend.estimate.flops import StepFlops, StepTime, step_flops, tokens_flops
 from bitblend.estimate.highwater import HighWater, high_water, rank_process
+from bitblend.estimate.kernel_cache import kernel_cache_bytes
 from bitblend.estimate.lengths import (
     PricedLengths,
     TaskLengths,
@@ -50,7 +51,6 @@ from bitblend.estimate.shapes import (
     recipe_shapes,
     shape_from_config,
 )
-from bitblend.estimate.wholerun import shorter_steps_bytes
 
 
 # -- the estimate ------------------------------------------------------------------------
@@ -223,6 +223,7 @@ def estimate_recipe(
     steps, evals = run_length(recipe, tasks)
     runtime_bytes, measured, end = _runtime(recipe, dev, runtime, ranks, datas, lengths)
     priced = _priced(recipe, tasks, shares, measured)
+    micro = [steps * share * accum for share in shares]  # each task's micro-batches
     rows: list[Row] = []
     worst = 0
     for spec in precision_specs(recipe, precision, dev):
@@ -253,7 +254,7 @@ def estimate_recipe(
                 high_water(
                     shape, tasks, spec, per_task[worst], recipe.train.eval_batch_size, dev.type
                 ),
-                shorter=shorter_steps_bytes(shape, tasks, priced, spec, states, dev.type, fused),
+                kernel_cache=kernel_cache_bytes(shape, tasks, priced, micro, evals, spec, dev.type),
                 end=end,
             ),
         )

@@ -55,22 +55,22 @@ class HighWater:
     # optimizer states and masters it writes (checkpoint_live_bytes); host memory on a GPU.
     # The allocator-slack model of `process` counts it; the layout model uses the two above.
     checkpoint_live: int = 0
-    # CPU, a whole run (estimate/wholerun.py): the heap the shorter steps leave below the
-    # longest one (tasks whose steps vary in length), and what the end of the run (its
-    # baselines and report) maps outside the heap, on top of the high-water mark
-    shorter: int = 0
+    # CPU, a whole run: what oneDNN keeps per matmul shape the run meets (estimate/
+    # kernel_cache.py), and what the end of the run (its baselines and report) maps
+    # outside the heap, on top of the high-water mark (estimate/wholerun.py)
+    kernel_cache: int = 0
     end: int = 0
 
     def process(self, step_tensors: int, runtime: int, slack: float, cpu: bool) -> int:
         """The run's peak. CPU (RSS): the worse of the step and the evaluation with
-        allocator slack, over the build's leftovers and the shorter steps' layout, plus
+        allocator slack, over the build's leftovers and the kernel caches, plus
         the save's fresh bytes and the end of the run's. GPU (live tensors; nothing
         stacks): the step, the conversion, or the resident state (within `eval`) with an
         evaluation's or a save's transient, whichever is largest."""
         if not cpu:
             return max(step_tensors, self.eval + self.save, self.build)
         live = max(step_tensors, self.eval, self.checkpoint_live)
-        heap = self.build + self.shorter + round(live * (1 + slack))
+        heap = self.build + self.kernel_cache + round(live * (1 + slack))
         return runtime + heap + self.save + self.end
 
     def layout_process(self, step_tensors: int, resident: int, runtime: int) -> int:

@@ -79,9 +79,10 @@ def row_json(est: Estimate, row: Row) -> dict[str, Any]:
             "eval_peak": row.high_water.eval,
             "save": row.high_water.save,
             "checkpoint_peak": row.high_water.checkpoint_live,
-            # CPU, a whole run: the shorter steps' heap below the longest step, and the
-            # end of the run's pages (baselines, report) on top (estimate/wholerun.py)
-            "shorter_steps": row.high_water.shorter,
+            # CPU, a whole run: oneDNN's kernels for every matmul shape the run meets
+            # (estimate/kernel_cache.py), and the end of the run's pages (baselines,
+            # report) on top (estimate/wholerun.py)
+            "kernel_cache": row.high_water.kernel_cache,
             "end_of_run": row.high_water.end,
             "process_peak": est.total_bytes(row),
             "process_peak_checkpointed": est.total_bytes(row, checkpointed=True),
@@ -340,7 +341,7 @@ def render(est: Estimate, console: Console) -> None:
         console.print(
             f"process = resident runtime ({short_bytes(est.runtime_bytes)}: python, torch, "
             f"transformers, data) + the worse of step and eval peak x "
-            f"{1 + CPU_ALLOCATOR_SLACK:.2f} (blocks malloc keeps) + the shorter steps' heap + "
+            f"{1 + CPU_ALLOCATOR_SLACK:.2f} (blocks malloc keeps) + bf16 kernels per shape + "
             "base conversion + save + the end of the run (baselines, report); "
             "LoRA runs and ranks: resident state once, a step's transient bytes x2 "
             "(x3 under FSDP2), the heap's layouts (docs/estimate.md)"
