@@ -176,3 +176,5 @@ def test_multitask_builtin_recipes_run(recipe: str, tmp_path: Path) -> None:
         assert {"auc", "f1"} <= summary["eval"]["fraud"].keys()
     if recipe == "pretrain-mix":
         assert all("perplexity" in m for m in summary["eval"].values())
+        # precision.state_bits auto: 8-bit states on CUDA only (precision/state_bits.py)
+        assert summary["precision"]["state_bits"] == (8 if torch.cuda.is_available() else 32)

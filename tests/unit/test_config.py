@@ -201,7 +201,7 @@ def test_load_recipe_errors_name_the_file(tmp_path: Path) -> None:
         ({"model": {"backbone": 7}}, "model.backbone: expected a string, got 7"),
         ({"train": {"max_grad_norm": "x"}}, "train.max_grad_norm: expected a number or null"),
         ({"train": {"threads": True}}, "train.threads: expected an integer or null"),
-        ({"precision": {"state_bits": 32.0}}, "precision.state_bits: expected one of 32"),
+        ({"precision": {"state_bits": 32.0}}, "precision.state_bits: expected one of auto, 32"),
         ({"precision": {"recipe": "fp16"}}, "precision.recipe: expected one of auto, 32-true"),
         ({"optimizer": {"name": "lion"}}, "optimizer.name: expected one of sgd, adam, adamw"),
         ({"schedule": {"name": "step"}}, "schedule.name: expected one of constant, linear"),

@@ -127,7 +127,8 @@ def bytes_per_param(summary: dict[str, Any], recipe: Recipe) -> tuple[float | No
         spec = precision_spec(
             str(used),
             master_weights=recipe.precision.master_weights,
-            state_bits=recipe.precision.state_bits,
+            # the width the run used (auto resolved on its device)
+            state_bits=int((summary.get("precision") or {}).get("state_bits", 32)),
         )
         states = optimizer_states(recipe.optimizer.name, recipe.optimizer.momentum)
     except (KeyError, ValueError):  # a recipe the cost model does not know

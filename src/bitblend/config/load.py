@@ -232,7 +232,8 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     # Built only when raised: quoting is cut short, but most values convert fine.
     bad = _Bad(path, tp, value)
     if origin is Literal:
-        if value in get_args(tp) and type(value) is type(get_args(tp)[0]):
+        # the type too: true is not 1, and "8" is not 8 (Literals may mix "auto" and ints)
+        if any(value == a and type(value) is type(a) for a in get_args(tp)):
             return value
         raise bad
     if origin in (typing.Union, types.UnionType):

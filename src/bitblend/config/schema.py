@@ -48,6 +48,10 @@ def required(text: str) -> Any:
     return field(metadata={"doc": text})
 
 
+# precision.state_bits: "auto" is resolved per device (precision/state_bits.py)
+StateBits = Literal["auto", 32, 16, 8, 4]
+
+
 @dataclass(kw_only=True)
 class AdapterConfig:
     """Parameter-efficient fine-tuning: LoRA adapters (peft) over a frozen backbone."""
@@ -249,10 +253,11 @@ class PrecisionConfig:
         "auto, 32-true, bf16-mixed, 16-mixed, bf16-true, fp8 (torchao, CUDA cc >= 8.9), "
         "fp8-emulated (e4m3/e5m2 quantise-dequantise on any device); auto never picks fp16 on CPU",
     )
-    state_bits: Literal[32, 16, 8, 4] = doc(
+    state_bits: StateBits = doc(
         32,
         "optimizer state width: 32, 16 (bf16, stored between steps), 8 (bitsandbytes, any "
-        "optimizer with state), 4 (torchao, adam/adamw)",
+        "optimizer with state), 4 (torchao, adam/adamw), auto (8 on CUDA, where "
+        "bitsandbytes' update is a native kernel; 32 elsewhere)",
     )
     master_weights: bool = doc(True, "bf16-true: keep an fp32 master copy the optimizer updates")
     rounding: Literal["nearest", "stochastic", "kahan"] = doc(

@@ -51,6 +51,8 @@ from bitblend.estimate.shapes import (
     recipe_shapes,
     shape_from_config,
 )
+from bitblend.precision.recipes import with_state_bits
+from bitblend.precision.state_bits import resolve_state_bits
 
 
 # -- the estimate ------------------------------------------------------------------------
@@ -169,7 +171,10 @@ def precision_specs(recipe: Recipe, choice: str, device: torch.device) -> list[P
     if choice in ("recipe", "auto"):
         # The recipe's own row, with its master / rounding / state-width settings.
         spec = precision_spec(
-            own, master_weights=pc.master_weights, state_bits=pc.state_bits, rounding=pc.rounding
+            own,
+            master_weights=pc.master_weights,
+            state_bits=resolve_state_bits(pc.state_bits, device.type),
+            rounding=pc.rounding,
         )
         return [spec]
     if choice not in RECIPES:
@@ -209,6 +214,7 @@ def estimate_recipe(
     if ranks < 1:
         raise BitblendError(f"--ranks {ranks}: expected an integer >= 1")
     dev = device or pick_device(recipe.train.device)
+    recipe = with_state_bits(recipe, dev.type)  # auto: as train resolves it here
     datas = load_data(recipe)
     shape, tasks, shares = recipe_shapes(recipe, datas)
     states = optimizer_states(recipe.optimizer.name, recipe.optimizer.momentum)
@@ -217,7 +223,10 @@ def estimate_recipe(
     own = resolve_precision(recipe, dev)
     pc = recipe.precision
     own_spec = precision_spec(
-        own, master_weights=pc.master_weights, state_bits=pc.state_bits, rounding=pc.rounding
+        own,
+        master_weights=pc.master_weights,
+        state_bits=resolve_state_bits(pc.state_bits, dev.type),
+        rounding=pc.rounding,
     )
     accum = recipe.train.grad_accum
     steps, evals = run_length(recipe, tasks)

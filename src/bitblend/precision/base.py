@@ -11,6 +11,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from bitblend.precision.state_bits import resolve_state_bits
+
 
 @dataclass
 class StepResult:
@@ -91,7 +93,7 @@ def description(
     *,
     compute: torch.dtype,
     weights: torch.dtype,
-    state_bits: int,
+    state_bits: int | str,
     master_weights: bool = False,
     rounding: str = "nearest",
     loss_scaler: bool = False,
@@ -108,7 +110,7 @@ def description(
         "weight_dtype": str(weights).replace("torch.", ""),
         "master_weights": master_weights,
         "rounding": rounding,
-        "state_bits": state_bits,
+        "state_bits": resolve_state_bits(state_bits, device.type),
         "loss_scaler": loss_scaler,
         "fp32_modules": fp32_modules,
         "fp8_modules": fp8_modules,

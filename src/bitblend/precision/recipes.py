@@ -14,17 +14,20 @@ from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 import torch
 
-from bitblend.config.schema import PrecisionConfig
+from bitblend.config.schema import PrecisionConfig, Recipe
 from bitblend.errors import BitblendError
 from bitblend.precision.base import Precision
 from bitblend.precision.fp8 import check_fp8_hardware, convert_emulated, convert_torchao
 from bitblend.precision.full import FullPrecision
 from bitblend.precision.half import HalfPrecision
 from bitblend.precision.mixed import MixedPrecision
+from bitblend.precision.state_bits import StateBits, resolve_state_bits
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,15 @@ def resolve_auto(device_type: str, cpu_bf16: bool, cuda_bf16: bool) -> str:
     if device_type == "cuda":
         return "bf16-mixed" if cuda_bf16 else "32-true"
     return "bf16-mixed" if cpu_bf16 else "32-true"
+
+
+def with_state_bits(recipe: Recipe, device_type: str) -> Recipe:
+    """`recipe` with `precision.state_bits` resolved for `device_type` (unchanged unless
+    auto): what the optimizer, the estimate and recipe.yaml then see."""
+    bits = resolve_state_bits(recipe.precision.state_bits, device_type)
+    if bits == recipe.precision.state_bits:
+        return recipe
+    return replace(recipe, precision=replace(recipe.precision, state_bits=cast(StateBits, bits)))
 
 
 def _check_combination(cfg: PrecisionConfig, name: str) -> None:

@@ -25,7 +25,8 @@ from bitblend.models.llama import TOKENIZER_DIR
 from bitblend.optim.build import build_optimizer, build_schedule, param_roles
 from bitblend.optim.lowbit import export_state, import_state
 from bitblend.precision.health import NonFiniteSteps
-from bitblend.precision.recipes import build_precision
+from bitblend.precision.recipes import build_precision, with_state_bits
+from bitblend.precision.state_bits import resolve_state_bits
 from bitblend.report.console import metrics_table
 from bitblend.report.progress import ProgressReporter, run_footer
 from bitblend.report.sinks import JsonlSink, TensorBoardSink
@@ -95,6 +96,8 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         # Everything that can fail on bad input happens here, before anything is written.
         self.device = pick_device(cfg.device)
+        # precision.state_bits auto: 8 on CUDA, 32 elsewhere; recipe.yaml records the width
+        recipe = self.recipe = with_state_bits(recipe, self.device.type)
         # -- distributed hook: torchrun process group, this rank's device, threads per rank
         self.dist = distributed.setup(recipe, self.device)
         self.device = self.dist.device_for(self.device)
@@ -143,7 +146,7 @@ class Trainer:
         self.fwd = self.dist.wrap(self.model, self.precision)
         self._datas = datas if self.dist.sharded else None  # to rebuild model/ on rank 0
         params = self.precision.optimizer_parameters(self.model)
-        state_bits = recipe.precision.state_bits
+        state_bits = resolve_state_bits(recipe.precision.state_bits, self.device.type)
         self.optimizer = build_optimizer(params, recipe.optimizer, roles, state_bits)
         self.model_state_bytes = 0  # measured after the first step (gradients exist then)
         self.rank_state_bytes = 0  # this rank's share of it (FSDP2 shards)
