@@ -52,3 +52,23 @@ def test_the_runtime_child_measures_the_end_of_run() -> None:
     first, again = json.loads(out.stdout.strip().splitlines()[-1])
     assert first > 5 * 2**20  # modules mapped and objects made the first time
     assert again < first / 2  # already there: a second call adds little
+
+
+def test_an_evaluation_after_a_heap_release_counts_its_live_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a tuned heap every evaluation starts by giving the free pages back, so an
+    evaluation that decides the peak counts its live bytes without the steps' slack; the
+    step keeps its slack, and a run without the release counts both with it."""
+    hw = HighWater(build=0, eval=1000, save=0, end=0, kernel_cache=20)
+    released = replace(hw, eval_released=True)
+    assert hw.process(100, 50, 0.25, True) == 50 + 20 + 1250
+    assert released.process(100, 50, 0.25, True) == 50 + 20 + 1000
+    assert released.process(900, 50, 0.25, True) == 50 + 20 + 1125  # the step decides
+    from bitblend.estimate import heap_released
+    from tests.conftest import make_recipe
+
+    assert heap_released(make_recipe())
+    assert not heap_released(make_recipe("train.cpu_heap=false"))
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")  # the user's malloc settings win
+    assert not heap_released(make_recipe())

@@ -264,6 +264,7 @@ def estimate_recipe(
                     shape, tasks, spec, per_task[worst], recipe.train.eval_batch_size, dev.type
                 ),
                 kernel_cache=kernel_cache_bytes(shape, tasks, priced, micro, evals, spec, dev.type),
+                eval_released=dev.type == "cpu" and heap_released(recipe),
                 end=end,
             ),
         )
@@ -289,6 +290,17 @@ def estimate_recipe(
         row.warmup = _warmup(est, row)
     _add_notes(est)
     return est
+
+
+def heap_released(recipe: Recipe) -> bool:
+    """Whether a CPU run of `recipe` gives the heap's free pages back around every
+    evaluation: `train.cpu_heap` on, on Linux with glibc, and no MALLOC_* variable set
+    (train/cpu_heap.py applies its settings under the same conditions)."""
+    import sys
+
+    if not recipe.train.cpu_heap or not sys.platform.startswith("linux"):
+        return False
+    return not any(k.startswith("MALLOC_") for k in os.environ)
 
 
 def _warmup(est: Estimate, row: Row) -> float:

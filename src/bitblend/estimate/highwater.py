@@ -60,17 +60,25 @@ class HighWater:
     # outside the heap, on top of the high-water mark (estimate/wholerun.py)
     kernel_cache: int = 0
     end: int = 0
+    # CPU on a tuned heap (train.cpu_heap): every evaluation starts by giving the heap's
+    # free pages back (train/cpu_heap.py), so its peak is its live bytes, without the
+    # steps' slack. pretrain-mix, whose evaluation decides: 1208 MiB over the runtime
+    # measured, 896 of eval transient (cross_entropy's input and log_softmax: traced) +
+    # 343 resident; x1.25 had read 1609 (docs/estimate.md, seventh round).
+    eval_released: bool = False
 
     def process(self, step_tensors: int, runtime: int, slack: float, cpu: bool) -> int:
-        """The run's peak. CPU (RSS): the worse of the step and the evaluation with
-        allocator slack, over the build's leftovers and the kernel caches, plus
-        the save's fresh bytes and the end of the run's. GPU (live tensors; nothing
+        """The run's peak. CPU (RSS): the worse of the step with allocator slack and the
+        evaluation (with slack too unless its start released the heap's free pages), over
+        the build's leftovers and the kernel caches, plus the save's fresh bytes and the
+        end of the run's. GPU (live tensors; nothing
         stacks): the step, the conversion, or the resident state (within `eval`) with an
         evaluation's or a save's transient, whichever is largest."""
         if not cpu:
             return max(step_tensors, self.eval + self.save, self.build)
-        live = max(step_tensors, self.eval, self.checkpoint_live)
-        heap = self.build + self.kernel_cache + round(live * (1 + slack))
+        live = max(step_tensors, self.checkpoint_live)
+        evaluation = self.eval if self.eval_released else round(self.eval * (1 + slack))
+        heap = self.build + self.kernel_cache + max(round(live * (1 + slack)), evaluation)
         return runtime + heap + self.save + self.end
 
     def layout_process(self, step_tensors: int, resident: int, runtime: int) -> int:

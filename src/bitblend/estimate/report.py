@@ -340,8 +340,9 @@ def render(est: Estimate, console: Console) -> None:
     if est.device == "cpu":
         console.print(
             f"process = resident runtime ({short_bytes(est.runtime_bytes)}: python, torch, "
-            f"transformers, data) + the worse of step and eval peak x "
-            f"{1 + CPU_ALLOCATOR_SLACK:.2f} (blocks malloc keeps) + bf16 kernels per shape + "
+            f"transformers, data) + the worse of the step's peak x "
+            f"{1 + CPU_ALLOCATOR_SLACK:.2f} (blocks malloc keeps) and an eval's (x1 where "
+            "the heap's free pages go back at its start) + bf16 kernels per shape + "
             "base conversion + save + the end of the run (baselines, report); "
             "LoRA runs and ranks: resident state once, a step's transient bytes x2 "
             "(x3 under FSDP2), the heap's layouts (docs/estimate.md)"
