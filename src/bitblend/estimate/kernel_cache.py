@@ -18,7 +18,7 @@ what earlier rounds read as a heap layout the shorter steps leave below the long
 these caches. So the estimate counts them: the distinct row counts a run is expected to
 meet (its tasks' priced length distributions over its steps, and its evaluations' batches)
 x the model's Linear shapes x primitives per shape x the bytes of one primitive, which the
-estimate measures here (a few tiny bf16 matmuls at fresh shapes, ~20 ms once per process).
+estimate measures here (a few tiny bf16 matmuls at fresh shapes, 0.1-0.3 s once per process).
 """
 
 from __future__ import annotations
