@@ -11,9 +11,10 @@ whatever the layer's size, ~9 MiB per new length for MiniLM's four Linear shapes
 fp32 matmuls (MKL) keep nothing per shape.
 
 Measured on the users' own-vocabulary reviews (#22; docs/estimate.md, seventh round):
-glibc's live bytes rose 9 MiB at each new length and stayed (291 MiB with both caches at
-one entry, 370 after 12 steps). Peak RSS was 60-80 MiB above the same run with every batch
-padded to 128 (one shape), and equal to it (1162-1171 MiB) with both caches at one entry:
+glibc's live bytes rose 9 MiB at each new length and stayed (370 MiB after 12 steps, 291
+with the caches off: `LRU_CACHE_CAPACITY=1 ONEDNN_PRIMITIVE_CACHE_CAPACITY=0`; ideep's at 0
+crashes torch). Peak RSS was 60-80 MiB above the same run with every batch padded to 128
+(one shape), and equal to it (1162-1171 MiB) with the caches off:
 what earlier rounds read as a heap layout the shorter steps leave below the longest one is
 these caches. So the estimate counts them: the distinct row counts a run is expected to
 meet (its tasks' priced length distributions over its steps, and its evaluations' batches)

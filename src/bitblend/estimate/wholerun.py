@@ -9,7 +9,7 @@ on the installed libraries, so the runtime child measures it (estimate/runtime.p
 
 An earlier round counted a second whole-run term here, a heap layout the shorter steps of
 a run leave below its longest one. That rise is oneDNN's per-shape kernel caches
-(estimate/kernel_cache.py): with both caches at one entry the run with batches of every
+(estimate/kernel_cache.py): with both caches off the run with batches of every
 length peaked where the one padded to a single length did.
 """
 
