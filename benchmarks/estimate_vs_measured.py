@@ -260,24 +260,19 @@ def child_phases(target: str, sets: list[str]) -> None:
     """One whole run with a sampler thread: peak RSS and glibc's live bytes (mallinfo2:
     in-use heap + mmapped blocks) per phase. Samples every 2 ms, so a short spike can be
     missed (ru_maxrss at the end is the exact overall peak)."""
-    import ctypes
     import threading
 
-    class MallInfo2(ctypes.Structure):
-        names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
-        _fields_ = [(n, ctypes.c_size_t) for n in names.split()]
+    from bitblend.procmem import malloc_live_bytes
 
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = MallInfo2
     page = os.sysconf("SC_PAGE_SIZE")
     phase, peaks = ["imports"], {}
 
     def sample() -> None:
         while True:
             rss = int(Path("/proc/self/statm").read_text().split()[1]) * page
-            info = libc.mallinfo2()
+            live = malloc_live_bytes() or 0
             old = peaks.get(phase[0], (0, 0))
-            peaks[phase[0]] = (max(old[0], rss), max(old[1], info.uordblks + info.hblkhd))
+            peaks[phase[0]] = (max(old[0], rss), max(old[1], live))
             time.sleep(0.002)
 
     threading.Thread(target=sample, daemon=True).start()

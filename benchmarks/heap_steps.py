@@ -23,7 +23,6 @@ arena (bitblend's own heap tuning stays on; a MALLOC_* variable would turn it of
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import os
 import sys
@@ -37,17 +36,18 @@ from typing import Any
 MIB = 2**20
 
 
-class MallInfo2(ctypes.Structure):
-    """glibc's struct mallinfo2 (every arena summed)."""
-
-    names = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks")
-    _fields_ = [(n, ctypes.c_size_t) for n in (*names, "fordblks", "keepcost")]
-
-
-LIBC = ctypes.CDLL("libc.so.6")
-LIBC.mallinfo2.restype = MallInfo2
 PAGE = os.sysconf("SC_PAGE_SIZE")
 RANK = f"[rank {os.environ['RANK']}] " if "RANK" in os.environ else ""
+
+
+def _mallinfo() -> Any:
+    """glibc's heap statistics now (bitblend.procmem; this benchmark needs glibc)."""
+    from bitblend.procmem import mallinfo
+
+    info = mallinfo()
+    if info is None:
+        raise SystemExit("heap_steps.py reads glibc's mallinfo2: Linux with glibc 2.33+")
+    return info
 
 
 def rss() -> int:
@@ -87,7 +87,7 @@ class Probe:
 
     def _sample(self) -> None:
         while True:
-            info = LIBC.mallinfo2()
+            info = _mallinfo()
             self.peak_rss = max(self.peak_rss, rss())
             self.peak_live = max(self.peak_live, info.uordblks + info.hblkhd)
             time.sleep(0.001)
@@ -96,7 +96,7 @@ class Probe:
         """RSS, heap statistics and mappings now; the peaks since the last line."""
         if self.only_steps and not label.startswith("step"):
             return
-        i = LIBC.mallinfo2()
+        i = _mallinfo()
         print(
             f"{RANK}{label:24} rss {rss() / MIB:5.0f} peak {self.peak_rss / MIB:5.0f} | "
             f"arena {i.arena / MIB:5.0f} mmap {i.hblkhd / MIB:4.0f} "

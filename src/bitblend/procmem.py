@@ -12,8 +12,14 @@ process's address space, which exec replaces.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+import os
 import resource
+import sys
 from pathlib import Path
+from typing import Any
 
 
 def peak_rss_bytes() -> int:
@@ -25,21 +31,30 @@ def peak_rss_bytes() -> int:
                 return int(line.split()[1]) * 1024  # "VmHWM:   123456 kB"
     except (OSError, ValueError, IndexError):
         pass
-    import sys
-
     peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def malloc_live_bytes() -> int | None:
-    """Bytes glibc's malloc has handed out and not had back (mallinfo2's uordblks plus its
-    mmapped blocks, every arena), or None where there is no glibc 2.33+. torch's CPU
-    tensors and its libraries' caches are malloc blocks, so a change of it is what a piece
-    of code kept, whatever RSS the heap's layout makes of it."""
-    import ctypes
-    import ctypes.util
-    import sys
+def user_malloc_settings() -> bool:
+    """Whether the user set glibc's malloc through MALLOC_* variables: theirs win over
+    bitblend's heap settings (train/cpu_heap.py, and the estimate that prices them)."""
+    return any(k.startswith("MALLOC_") for k in os.environ)
 
+
+class MallInfo2(ctypes.Structure):
+    """glibc's struct mallinfo2 (every arena summed)."""
+
+    _fields_ = [
+        (f, ctypes.c_size_t)
+        for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                  "uordblks", "fordblks", "keepcost")
+    ]  # fmt: skip
+
+
+@functools.cache
+def _mallinfo2() -> Any:
+    """glibc's mallinfo2, loaded once; None where there is none (not Linux, musl, glibc
+    before 2.33)."""
     if not sys.platform.startswith("linux"):
         return None
     name = ctypes.util.find_library("c")
@@ -49,14 +64,20 @@ def malloc_live_bytes() -> int | None:
         fn = ctypes.CDLL(name).mallinfo2
     except (OSError, AttributeError):
         return None
-
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [
-            (f, ctypes.c_size_t)
-            for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
-                      "uordblks", "fordblks", "keepcost")
-        ]  # fmt: skip
-
     fn.restype = MallInfo2
-    info = fn()
-    return int(info.uordblks + info.hblkhd)
+    return fn
+
+
+def mallinfo() -> MallInfo2 | None:
+    """glibc's heap statistics now (every arena), or None where they cannot be read."""
+    fn = _mallinfo2()
+    return None if fn is None else fn()
+
+
+def malloc_live_bytes() -> int | None:
+    """Bytes glibc's malloc has handed out and not had back (mallinfo2's uordblks plus its
+    mmapped blocks, every arena), or None where there is no glibc 2.33+. torch's CPU
+    tensors and its libraries' caches are malloc blocks, so a change of it is what a piece
+    of code kept, whatever RSS the heap's layout makes of it."""
+    info = mallinfo()
+    return None if info is None else int(info.uordblks + info.hblkhd)

@@ -51,7 +51,6 @@ from bitblend.estimate.shapes import (
     recipe_shapes,
     shape_from_config,
 )
-from bitblend.precision.recipes import with_state_bits
 from bitblend.precision.state_bits import resolve_state_bits
 
 
@@ -214,7 +213,6 @@ def estimate_recipe(
     if ranks < 1:
         raise BitblendError(f"--ranks {ranks}: expected an integer >= 1")
     dev = device or pick_device(recipe.train.device)
-    recipe = with_state_bits(recipe, dev.type)  # auto: as train resolves it here
     datas = load_data(recipe)
     shape, tasks, shares = recipe_shapes(recipe, datas)
     states = optimizer_states(recipe.optimizer.name, recipe.optimizer.momentum)
@@ -298,9 +296,11 @@ def heap_released(recipe: Recipe) -> bool:
     (train/cpu_heap.py applies its settings under the same conditions)."""
     import sys
 
+    from bitblend.procmem import user_malloc_settings
+
     if not recipe.train.cpu_heap or not sys.platform.startswith("linux"):
         return False
-    return not any(k.startswith("MALLOC_") for k in os.environ)
+    return not user_malloc_settings()
 
 
 def _warmup(est: Estimate, row: Row) -> float:

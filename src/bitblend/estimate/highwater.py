@@ -71,9 +71,9 @@ class HighWater:
         """The run's peak. CPU (RSS): the worse of the step with allocator slack and the
         evaluation (with slack too unless its start released the heap's free pages), over
         the build's leftovers and the kernel caches, plus the save's fresh bytes and the
-        end of the run's. GPU (live tensors; nothing
-        stacks): the step, the conversion, or the resident state (within `eval`) with an
-        evaluation's or a save's transient, whichever is largest."""
+        end of the run's. GPU (live tensors; nothing stacks): the step, the conversion, or
+        the resident state (within `eval`) with an evaluation's or a save's transient,
+        whichever is largest."""
         if not cpu:
             return max(step_tensors, self.eval + self.save, self.build)
         live = max(step_tensors, self.checkpoint_live)

@@ -57,9 +57,9 @@ _measured: PrimitiveBytes | None = None  # once per process
 _next_rows = 1000  # row counts the probe has not used in this process yet
 
 
-def _grown(run: Callable[[int, bool], list[torch.Tensor]], grads: bool) -> float:
+def _grown(run: Callable[[int, bool], None], grads: bool) -> float:
     """Median growth of glibc's live bytes over PROBE_ROWS fresh row counts of `run`: what
-    stays after its tensors are gone (the inputs are counted out with them)."""
+    stays once it has returned (its tensors, inputs included, are gone by then)."""
     global _next_rows
     import statistics
 
@@ -70,8 +70,7 @@ def _grown(run: Callable[[int, bool], list[torch.Tensor]], grads: bool) -> float
         rows, _next_rows = _next_rows, _next_rows + 1
         before = malloc_live_bytes() or 0
         with torch.set_grad_enabled(grads), torch.autocast("cpu", dtype=torch.bfloat16):
-            kept = run(rows, grads)
-        del kept
+            run(rows, grads)
         out.append((malloc_live_bytes() or 0) - before)
     # the median: a stray allocation of another thread moves one reading, not the result
     return max(0.0, statistics.median(out))
@@ -90,21 +89,19 @@ def primitive_bytes() -> PrimitiveBytes:
         return _measured
     lin = torch.nn.Linear(PROBE_IN, PROBE_OUT)
 
-    def linear(rows: int, grads: bool) -> list[torch.Tensor]:
+    def linear(rows: int, grads: bool) -> None:
         x = torch.randn(rows, PROBE_IN, requires_grad=grads)
         y = lin(x)
         if grads:
             y.float().sum().backward()
-        lin.zero_grad(set_to_none=True)
-        return []  # x, y and x.grad go when this returns
+        lin.zero_grad(set_to_none=True)  # x, y and x.grad go when this returns
 
-    def attention(rows: int, grads: bool) -> list[torch.Tensor]:
+    def attention(rows: int, grads: bool) -> None:
         q = torch.randn(PROBE_HEADS, rows, PROBE_DIM, requires_grad=grads)
         k = torch.randn(PROBE_HEADS, rows, PROBE_DIM, requires_grad=grads)
         out = torch.bmm(torch.bmm(q, k.transpose(1, 2)).softmax(-1), k)
         if grads:
             out.float().sum().backward()
-        return []
 
     _measured = PrimitiveBytes(
         _grown(linear, False), _grown(linear, True),

@@ -433,11 +433,7 @@ def _touch_now(device: torch.device, peaks: Peaks) -> Peaks:
     touch = first_touch()
     if touch.found_cold or touch.cold > peaks.page_fault:
         peaks.page_fault = touch.cold
-        cached = cached_peaks(device)
-        if cached is not None:
-            cached.page_fault = touch.cold
-            cached.source, cached.reason = "fresh", ""
-            save_peaks(device, cached)
+        save_peaks(device, peaks)  # save_peaks marks the entry fresh
     return peaks
 
 

@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import sys
 from typing import Any
+
+from bitblend.procmem import user_malloc_settings
 
 # glibc <malloc.h>
 M_TRIM_THRESHOLD = -1
@@ -48,7 +49,7 @@ def tune_cpu_heap() -> dict[str, int] | None:
     global _applied, _trim
     if _applied is not None:
         return _applied
-    if not sys.platform.startswith("linux") or any(k.startswith("MALLOC_") for k in os.environ):
+    if not sys.platform.startswith("linux") or user_malloc_settings():
         return None
     name = ctypes.util.find_library("c")
     if name is None:
