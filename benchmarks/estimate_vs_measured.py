@@ -210,7 +210,7 @@ def child_user(name: str, what: str) -> dict[str, Any]:
                 "priced_positions": {
                     t["name"]: t["priced"]["mean_train_positions"] for t in out["tasks"]
                 },
-                "probe": est.peaks.conditions(),  # the probe the time estimate used
+                "probe": {**est.peaks.conditions(), "speed_now": est.peaks.speed},
                 "load_avg": os.getloadavg()[0],
                 "process_peak": row["memory"]["process_peak"],
                 "run": row["run"],

@@ -326,9 +326,48 @@ def test_estimate_measures_the_page_fault_cost_now(
     first.page_fault = 1e-12  # a reading no page fault can take
     save_peaks(CPU, first)
     assert get_peaks(CPU).page_fault == 1e-12  # the cache alone
-    now = get_peaks(CPU, faults_now=True)
-    assert now.cached and now.matmul_flops == first.matmul_flops
+    now = get_peaks(CPU, now=True)
+    # the rates stay the cache's (or a better reading of now's: speed_now keeps the best)
+    assert now.cached and all(v >= first.matmul_flops[k] for k, v in now.matmul_flops.items())
     assert now.page_fault > 1e-8  # measured: tens of nanoseconds at the very least
+
+
+def test_an_estimate_prices_time_at_the_speed_the_machine_gives_now(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache keeps the best readings (MFU's denominator); a shared host gives less for
+    hours. An estimate measures the matmul rates now: a cached peak 20x what this machine
+    does reads a speed of at most 0.1, and the step and evaluation times are priced at
+    that speed (the cached peaks untouched); a cached peak below now's reading is beaten,
+    kept in the cache, and the speed is 1."""
+    monkeypatch.setenv("BITBLEND_CACHE_DIR", str(tmp_path))
+    real = get_peaks(CPU, budget=0.2)
+    inflated = replace(real, matmul_flops={k: 20 * v for k, v in real.matmul_flops.items()})
+    save_peaks(CPU, inflated)
+    now = get_peaks(CPU, now=True)
+    assert 0 < now.speed <= 0.1
+    assert now.matmul_flops == inflated.matmul_flops  # the best readings stay for MFU
+    assert json.loads((tmp_path / "probe.json").read_text())[cache_key(CPU)]["speed"] == 1.0
+    recipe = make_recipe("train.eval_every=4")
+    slow = estimate_recipe(recipe, precision="recipe", device=CPU, peaks=now).rows[0]
+    fast = estimate_recipe(
+        recipe, precision="recipe", device=CPU, peaks=replace(now, speed=1.0)
+    ).rows[0]
+    assert slow.mean_time == pytest.approx(fast.mean_time / now.speed, rel=1e-6)
+    assert slow.eval_time == pytest.approx(fast.eval_time / now.speed, rel=1e-6)
+    low = replace(real, matmul_flops={k: v / 1e3 for k, v in real.matmul_flops.items()})
+    save_peaks(CPU, low)
+    beaten = get_peaks(CPU, now=True)
+    assert beaten.speed == 1.0
+    assert beaten.flops("bfloat16") > 100 * low.flops("bfloat16")
+    assert get_peaks(CPU).flops("bfloat16") == beaten.flops("bfloat16")  # cached
+
+
+def test_rates_at_speed() -> None:
+    half = replace(FAKE, speed=0.5).at_speed()
+    assert half.flops("bfloat16") == FAKE.flops("bfloat16") / 2 and half.speed == 1.0
+    assert half.bandwidth == FAKE.bandwidth / 2 and half.rng == FAKE.rng / 2
+    assert half.op_overhead == FAKE.op_overhead * 2
 
 
 def test_a_finished_runs_reprobe_maps_nothing(

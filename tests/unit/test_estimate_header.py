@@ -75,7 +75,10 @@ def test_whole_run_time_counts_the_evaluations(capsys: pytest.CaptureFixture[str
     )
     assert "whole run (*32-true): 20 steps" in text and "4 eval(s)" in text
     _, more = _estimate(capsys, "train.eval_every=5", "train.eval_max_examples=128")
-    assert more["rows"][0]["eval_time_s"] == pytest.approx(2 * row["eval_time_s"], rel=0.01)
+    # each call prices at the speed it measured (probe.speed_now): compare at full speed
+    full = row["eval_time_s"] * data["probe"]["speed"]
+    doubled = more["rows"][0]["eval_time_s"] * more["probe"]["speed"]
+    assert doubled == pytest.approx(2 * full, rel=0.01)
 
 
 def test_whole_run_by_epochs_counts_the_steps_train_would(

@@ -236,25 +236,41 @@ def test_lengths_are_those_train_encodes_and_survive_json() -> None:
 
 
 def test_warmup_prices_the_pages_a_run_grows_by() -> None:
-    """The first steps fault in every page between the runtime and the process peak; at the
-    probed cost per page that is part of the run's time, not of a steady step. On a tuned
-    heap every evaluation's releases add a step's and an evaluation's transient pages."""
+    """The first steps fault in every page between the runtime and the process peak: from
+    the recycled pool (pages freed lately, still backed) up to the size the probe met, at
+    the cold cost past it; `warmup_cold` is the same growth with no pool. On a tuned heap
+    every evaluation's releases add a step's and an evaluation's transient pages, which
+    come back from the pages just freed: at the recycled cost."""
+    cold, recycled = 1e-5, 1e-6
+    peaks = replace(FAKE, page_fault=cold, recycled_page=recycled)
     recipe = make_recipe("train.eval_every=4")
-    est = estimate_recipe(
-        recipe, precision="recipe", device=CPU, peaks=replace(FAKE, page_fault=1e-5)
-    )
-    row = est.rows[0]
-    grown = est.total_bytes(row) - est.runtime_bytes
+    alone = estimate_recipe(recipe, precision="recipe", device=CPU, peaks=peaks)
+    row = alone.rows[0]  # no pool met: the growth all cold
+    grown = alone.total_bytes(row) - alone.runtime_bytes
     mem = row.memory
     transient = mem.peak - mem.resident + row.high_water.eval - mem.resident
     refault = row.evals * transient * (1 + CPU_ALLOCATOR_SLACK)
     assert grown > 0 and transient > 0 and row.evals > 1
-    assert row.warmup == pytest.approx((grown + refault) / PAGE * 1e-5)
+    assert row.warmup == pytest.approx((grown * cold + refault * recycled) / PAGE)
+    assert row.warmup_cold == pytest.approx(row.warmup)
+    half = grown // 2  # a pool of half the growth: that half at the recycled cost
+    pooled = estimate_recipe(
+        recipe, precision="recipe", device=CPU, peaks=replace(peaks, recycled_bytes=half)
+    ).rows[0]
+    assert pooled.warmup == pytest.approx(
+        (half * recycled + (grown - half) * cold + refault * recycled) / PAGE
+    )
+    assert pooled.warmup_cold == pytest.approx(row.warmup)
+    assert pooled.warmup_cold > pooled.warmup
+    old_cache = replace(peaks, recycled_page=0.0, recycled_bytes=10 * grown)  # no pool read
+    assert estimate_recipe(
+        recipe, precision="recipe", device=CPU, peaks=old_cache
+    ).rows[0].warmup == pytest.approx((grown + refault) * cold / PAGE)  # fmt: skip
     untuned = estimate_recipe(
         make_recipe("train.eval_every=4", "train.cpu_heap=false"), precision="recipe",
-        device=CPU, peaks=replace(FAKE, page_fault=1e-5),
+        device=CPU, peaks=peaks,
     ).rows[0]  # fmt: skip
-    assert untuned.warmup == pytest.approx(grown / PAGE * 1e-5)
+    assert untuned.warmup == pytest.approx(grown * cold / PAGE)
     assert row.run_time == pytest.approx(
         row.steps * row.mean_time + row.evals * row.eval_time + row.warmup
     )
@@ -284,8 +300,10 @@ def test_first_touch_probe_goes_past_the_recycled_pool() -> None:
     touch = first_touch(2**20, 64 * 2**20, clock=_clock([1, 1, 1, 12, 10, 50]))
     assert touch.found_cold and touch.cold == pytest.approx(11 / pages)
     assert touch.warm == pytest.approx(1 / pages)
+    assert touch.pool_bytes == 3 * 2**20  # the chunks before the two dear ones
     flat = first_touch(2**20, 4 * 2**20, clock=_clock([1, 2, 1, 1, 9]))
     assert not flat.found_cold and flat.cold == pytest.approx(2 / pages)  # 4 chunks only
+    assert flat.pool_bytes == 4 * 2**20  # all it touched: a lower bound of the pool
 
 
 def test_cli_prints_and_reports_the_priced_lengths(

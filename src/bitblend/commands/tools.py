@@ -67,7 +67,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)  # the probe measures what train will use
     device = pick_device(recipe.train.device)
-    peaks = get_peaks(device, refresh=args.reprobe, faults_now=True)
+    peaks = get_peaks(device, refresh=args.reprobe, now=True)
     # the runtime a train process holds before its model, measured in a child (estimate/
     # runtime.py); BITBLEND_ESTIMATE_RUNTIME=self takes this process's RSS instead
     how = os.environ.get("BITBLEND_ESTIMATE_RUNTIME", "measure")

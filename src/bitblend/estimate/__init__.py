@@ -73,8 +73,10 @@ class Row:
     steps: int = 0  # train.steps (train.epochs resolved from the data sizes)
     # the run's phases beyond the step: build/conversion, evaluation, saving (highwater.py)
     high_water: HighWater = field(default_factory=lambda: HighWater(0, 0, 0))
-    # CPU: the first steps' page faults, growing the process from its runtime to its peak
+    # CPU: the page faults of growing from the runtime to the peak (from the recycled pool
+    # as probed now) and of the evaluations' releases; and the same with no pool
     warmup: float = 0.0
+    warmup_cold: float = 0.0
 
     @property
     def run_time(self) -> float:
@@ -217,7 +219,7 @@ def estimate_recipe(
     shape, tasks, shares = recipe_shapes(recipe, datas)
     states = optimizer_states(recipe.optimizer.name, recipe.optimizer.momentum)
     fused = recipe.optimizer.name in ("adam", "adamw")
-    peaks = peaks or get_peaks(dev, faults_now=True)
+    peaks = peaks or get_peaks(dev, now=True)
     own = resolve_precision(recipe, dev)
     pc = recipe.precision
     own_spec = precision_spec(
@@ -231,6 +233,7 @@ def estimate_recipe(
     runtime_bytes, measured, end = _runtime(recipe, dev, runtime, ranks, datas, lengths)
     priced = _priced(recipe, tasks, shares, measured)
     micro = [steps * share * accum for share in shares]  # each task's micro-batches
+    timing = peaks.at_speed()  # times at the rates the machine gives now (probe.speed_now)
     rows: list[Row] = []
     worst = 0
     for spec in precision_specs(recipe, precision, dev):
@@ -239,7 +242,7 @@ def estimate_recipe(
         task = tasks[worst]
         times = [
             priced_step_time(
-                shape, t, p, spec, peaks, grad_accum=accum, states=states, device=dev.type
+                shape, t, p, spec, timing, grad_accum=accum, states=states, device=dev.type
             )
             for t, p in zip(tasks, priced, strict=True)
         ]
@@ -252,7 +255,7 @@ def estimate_recipe(
             mean_time=sum(s * t.total for s, t in zip(shares, times, strict=True)),
             ranks=_per_rank(shape, task, spec, states, dev.type, fused, ranks, accum),
             eval_time=sum(
-                priced_eval_time(shape, t, p, spec, peaks, dev.type)
+                priced_eval_time(shape, t, p, spec, timing, dev.type)
                 for t, p in zip(tasks, priced, strict=True)
             ),
             evals=evals,
@@ -286,6 +289,7 @@ def estimate_recipe(
     )
     for row in est.rows:
         row.warmup = _warmup(est, row)
+        row.warmup_cold = _warmup(est, row, pool=False)
     _add_notes(est)
     return est
 
@@ -303,29 +307,37 @@ def heap_released(recipe: Recipe) -> bool:
     return not user_malloc_settings()
 
 
-def _warmup(est: Estimate, row: Row) -> float:
-    """Seconds a CPU run's first steps spend faulting in the pages it grows by: from the
-    runtime (held before the first step) to the process peak, at the probed cost of a
-    first-touched page. Measured here: the steps that grew the heap were the slow ones
-    (a MiniLM step 1 at 4x the steady step, 147k faults), at 11-14 us per extra fault,
-    the probe's first-touch cost of that VM (docs/estimate.md).
+def _warmup(est: Estimate, row: Row, pool: bool = True) -> float:
+    """Seconds a CPU run spends faulting in pages: the growth from the runtime (held before
+    the first step) to the process peak, and on a tuned heap the pages every evaluation's
+    releases give back and take again (docs/estimate.md, "warm-up").
 
-    A run on a tuned heap (`train.cpu_heap`) gives the heap's free pages back at every
-    evaluation's start and end (train/cpu_heap.py), and the evaluation and the step after
-    it fault them in again: the transient bytes of a step and of an evaluation, with the
-    allocator's slack (large-eval-file: 122k extra faults per evaluation measured, 130k
-    counted so). They are priced as first touches: 120k of them cost 1.2 s here, where the
-    probe read 9-13 us a page past the recycled pool and ~1 us in it."""
+    Growth takes pages the guest has free. In a VM whose host backs guest memory lazily
+    those freed lately are still backed (the recycled pool: ~1-2 us a page here) and the
+    rest cost a host fault each (12-30 us). The probe measures both costs and the pool's
+    size now; the growth is priced from the pool up to its size and cold past it
+    (`pool=False`: all cold, a machine whose memory has not been touched lately).
+
+    The releases (`train.cpu_heap`: the heap's free pages go back at every evaluation's
+    start and end, train/cpu_heap.py) are the transient bytes of a step and of an
+    evaluation with the allocator's slack (large-eval-file: 122k extra faults per
+    evaluation measured, 130k counted so). They come back within the same second from the
+    pages just freed, so they are priced at the recycled cost: the users' evaluations
+    faulted 150-200k pages each at ~2-3 us (an evaluation without them ran as fast per
+    token), not at the 15-30 us a host fault costs."""
     from bitblend.estimate.probe import PAGE
 
-    if est.device != "cpu" or not est.peaks.page_fault:
+    peaks = est.peaks
+    if est.device != "cpu" or not peaks.page_fault:
         return 0.0
+    recycled = peaks.recycled_page or peaks.page_fault  # an older cache entry: all cold
     grown = max(0, est.total_bytes(row) - est.runtime_bytes)
-    released = 0.0
+    warm = min(grown, peaks.recycled_bytes) if pool and peaks.recycled_page else 0
+    seconds = (warm * recycled + (grown - warm) * peaks.page_fault) / PAGE
     if row.evals and est.recipe.train.cpu_heap:
         transient = row.memory.peak + row.high_water.eval - 2 * row.memory.resident
-        released = row.evals * transient * (1 + CPU_ALLOCATOR_SLACK)
-    return (grown + released) / PAGE * est.peaks.page_fault
+        seconds += row.evals * transient * (1 + CPU_ALLOCATOR_SLACK) / PAGE * recycled
+    return seconds
 
 
 def _runtime(

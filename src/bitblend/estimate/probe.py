@@ -20,7 +20,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -49,6 +49,15 @@ class Peaks:
     # the zeroing; far more in a VM whose host backs guest memory lazily): what a run's
     # first steps pay to grow to their high-water (estimate/__init__.py's warm-up)
     page_fault: float = 0.0
+    # CPU, the memory's state when probed: seconds per page that comes from pages freed
+    # lately and still backed (the host's recycled pool), and how many bytes of it the
+    # probe met before the dear pages (all it touched, where it met none)
+    recycled_page: float = 0.0
+    recycled_bytes: int = 0
+    # CPU: the share of the probed matmul peaks the machine gives now (`speed_now`): a
+    # VM's neighbours took 20-25% of it here for hours. Times are priced at it (`at_speed`),
+    # MFU is not (its denominator is what the hardware can do).
+    speed: float = 1.0
     seconds: float = 0.0  # how long the probe took
     cached: bool = False  # read from the cache rather than measured now
     # When and under what conditions it was measured (an entry without them is stale).
@@ -80,6 +89,21 @@ class Peaks:
         """FLOP/s of attention-sized batched matmuls in `dtype` (the matmul peak if unknown)."""
         return self.attention_flops.get(dtype) or self.flops(dtype)
 
+    def at_speed(self) -> Peaks:
+        """The rates the machine gives now: every rate x `speed`, every per-op cost / it.
+        The first-touch costs are measured now already and stay."""
+        s = self.speed
+        return replace(
+            self,
+            matmul_flops={k: v * s for k, v in self.matmul_flops.items()},
+            attention_flops={k: v * s for k, v in self.attention_flops.items()},
+            bandwidth=self.bandwidth * s,
+            rng=self.rng * s,
+            fast_rng=self.fast_rng * s,
+            op_overhead=self.op_overhead / s,
+            speed=1.0,
+        )
+
 
 def load_average() -> float:
     """The 1-minute load average (0.0 where the platform has none)."""
@@ -109,6 +133,9 @@ def best_of(a: Peaks, b: Peaks) -> Peaks:
         op_overhead=min(overheads) if overheads else 0.0,
         # costs of the memory's state now, not peaks (0: not measured by that probe)
         page_fault=newer.page_fault or older.page_fault,
+        recycled_page=newer.recycled_page or older.recycled_page,
+        recycled_bytes=newer.recycled_bytes if newer.recycled_page else older.recycled_bytes,
+        speed=newer.speed,
         seconds=newer.seconds,
         measured_at=newer.measured_at,
         load_avg=newer.load_avg,
@@ -236,11 +263,14 @@ COLD = 3.0  # a chunk this many times the fastest one is past the recycled pool
 @dataclass(frozen=True)
 class FirstTouch:
     """Wall seconds per 4 KiB page a growing process pays: `cold` past the recycled pool,
-    `warm` for recycled pages, and whether the probe got past the pool (`found_cold`)."""
+    `warm` for recycled pages, whether the probe got past the pool (`found_cold`) and the
+    bytes it touched before the dear pages (`pool_bytes`: all it touched where it met
+    none, so a lower bound of the pool)."""
 
     cold: float
     warm: float
     found_cold: bool
+    pool_bytes: int = 0
 
 
 def first_touch(
@@ -270,11 +300,12 @@ def first_touch(
             del chunk  # the mapping closes only once no tensor views it
             fast = min(costs)
             if len(costs) >= 2 and min(costs[-2:]) >= COLD * fast:
-                return FirstTouch(sum(costs[-2:]) / 2, fast, True)
+                pool = (len(costs) - 2) * chunk_bytes
+                return FirstTouch(sum(costs[-2:]) / 2, fast, True, pool)
     finally:
         for region in regions:
             region.close()
-    return FirstTouch(max(costs), min(costs), False)
+    return FirstTouch(max(costs), min(costs), False, len(costs) * chunk_bytes)
 
 
 def measure(
@@ -336,6 +367,7 @@ def measure(
     if device.type == "cpu" and touch:
         costs = first_touch(clock=clock)
         peaks.page_fault = costs.cold
+        peaks.recycled_page, peaks.recycled_bytes = costs.warm, costs.pool_bytes
     peaks.seconds = time.perf_counter() - t_start
     return peaks
 
@@ -374,6 +406,7 @@ def save_peaks(device: torch.device, peaks: Peaks) -> None:
         entry = asdict(peaks)
         entry["cached"] = False
         entry["source"], entry["reason"] = "fresh", ""
+        entry["speed"] = 1.0  # a state of the moment: every estimate measures its own
         data[cache_key(device)] = entry
         tmp = directory / f".{CACHE_FILE}.{os.getpid()}"
         tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -399,38 +432,77 @@ def get_peaks(
     refresh: bool = False,
     budget: float = 1.5,
     max_age: float = MAX_AGE_S,
-    faults_now: bool = False,
+    now: bool = False,
     touch: bool = True,
 ) -> Peaks:
     """Cached peaks of `device`, measuring (and caching) them when missing, stale, taken
-    while the machine was busier than now, or when asked. `faults_now`: a cached CPU
-    entry's page-fault costs are measured again (`first_touch`), since they are a
-    state of the machine's memory, not a peak: the version-4 probe (four chunks, one
-    thread) read 2.2 us a page one evening and 26-30 the next morning here, as it met
-    pages freed lately or the ones a VM's host backs on first touch; a short run's warm-up
-    is mostly that cost. `touch=False`: a probe taken now leaves them out (`measure`) and
-    keeps the cached entry's."""
+    while the machine was busier than now, or when asked. `now` (CPU, what an estimate
+    asks): the machine's state is measured again beside the cached peaks - the page-fault
+    costs (`first_touch`: the version-4 probe read 2.2 us a page one evening and 26-30
+    the next morning here, as it met pages freed lately or the ones a VM's host backs on
+    first touch; a short run's warm-up is mostly that cost) and the share of the peaks
+    the machine gives now (`speed_now`). `touch=False`: a probe taken now leaves the
+    page-fault costs out (`measure`) and keeps the cached entry's."""
     reason = "asked" if refresh else "missing"
     found = cached_peaks(device)
     if not refresh and found is not None:
         reason = stale_reason(found, max_age)
         if not reason:
-            if faults_now and device.type == "cpu":
-                found = _touch_now(device, found)
+            if now and device.type == "cpu":
+                found = speed_now(device, _touch_now(device, found))
             return found
     peaks = measure(device, budget, touch=touch)
     if not touch and found is not None:
         peaks.page_fault = found.page_fault
+        peaks.recycled_page, peaks.recycled_bytes = found.recycled_page, found.recycled_bytes
     peaks.reason = reason
-    save_peaks(device, peaks)
+    save_peaks(device, peaks)  # measured now: its speed is 1
     return peaks
 
 
+SPEED_BUDGET_S = 0.3  # the matmul check an estimate adds (fp32 and bf16 halves)
+
+
+def speed_now(device: torch.device, peaks: Peaks, budget: float = SPEED_BUDGET_S) -> Peaks:
+    """`peaks` with `speed` set: the fp32 and bf16 matmul rates measured now (the probe's
+    own Linear shapes, best of a few) over the cached ones, their mean, at most 1. The
+    cache keeps the best readings, for MFU; a shared host gives less for hours (bf16
+    706-774 GFLOP/s read here against a cached 953, while the users' runs came out 20%
+    slower than their estimates). A reading above the cache is a better peak: it is kept,
+    in the cache too."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    rates = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        fn, work = _linear_work(device, dtype, gen)
+        rates[str(dtype).replace("torch.", "")] = _best_rate(fn, work, device, budget / 2)
+    beaten = {k: v for k, v in rates.items() if v > peaks.matmul_flops.get(k, 0.0)}
+    if beaten:
+        better = replace(peaks, matmul_flops={**peaks.matmul_flops, **beaten})
+        save_peaks(device, better)
+        peaks = replace(better, cached=peaks.cached, source=peaks.source)
+    now = replace(peaks, matmul_flops={**peaks.matmul_flops, **rates})
+    peaks.speed = _ratio_to(peaks, now)
+    return peaks
+
+
+def _ratio_to(best: Peaks, now: Peaks) -> float:
+    """The mean of now's fp32 and bf16 matmul rates over best's, at most 1."""
+    ratios = [
+        now.matmul_flops[k] / best.matmul_flops[k]
+        for k in ("float32", "bfloat16")
+        if best.matmul_flops.get(k) and now.matmul_flops.get(k)
+    ]
+    return min(1.0, sum(ratios) / len(ratios)) if ratios else 1.0
+
+
 def _touch_now(device: torch.device, peaks: Peaks) -> Peaks:
-    """`peaks` with the first-touch costs measured now. Where the probe did not get past the
-    recycled pool (a large process freed its pages lately) the cold cost stays the cached
-    one: a run that starts later grows past the pool again. A cold reading is cached."""
+    """`peaks` with the first-touch costs measured now: the recycled pool's cost and size,
+    and the cold cost where the probe got past the pool. Where it did not (a large process
+    freed its pages lately) the cold cost stays the cached one: it prices the growth past
+    the pool, and a run that starts later may meet no pool at all. A cold reading is
+    cached."""
     touch = first_touch()
+    peaks.recycled_page, peaks.recycled_bytes = touch.warm, touch.pool_bytes
     if touch.found_cold or touch.cold > peaks.page_fault:
         peaks.page_fault = touch.cold
         save_peaks(device, peaks)  # save_peaks marks the entry fresh

@@ -98,6 +98,7 @@ def row_json(est: Estimate, row: Row) -> dict[str, Any]:
             "steps": row.steps,
             "evals": row.evals,
             "warmup_s": row.warmup,  # CPU page faults: growth, re-faults after releases
+            "warmup_cold_s": row.warmup_cold,  # the same with no recycled pages to grow into
             "time_s": row.run_time,
         },
         "per_rank": [{**asdict(r), "process_peak": est.rank_bytes(row, r)} for r in row.ranks],
@@ -264,7 +265,12 @@ def render(est: Estimate, console: Console) -> None:
     how = (
         f"cached, {age_h:.1f} h old" if p.cached else f"measured in {p.seconds:.1f}s"
     ) + f", load {p.load_avg:.2f} on {p.cpus} CPUs then"
-    console.print(f"probe ({how}): GFLOP/s {probe}; {p.bandwidth / 1e9:.0f} GB/s")
+    now = (
+        f"; the machine gives {p.speed:.0%} of it now (times are priced at that)"
+        if p.speed < 0.995
+        else ""
+    )
+    console.print(f"probe ({how}): GFLOP/s {probe}; {p.bandwidth / 1e9:.0f} GB/s{now}")
     mem = Table(
         title="live tensor bytes per step (* the recipe's own settings)",
         title_justify="left",
@@ -331,7 +337,14 @@ def render(est: Estimate, console: Console) -> None:
                 f"per rank ({_name(r)}, {est.ranks} ranks, {r.ranks[0].batch} example(s) of "
                 f"the global micro-batch each): " + "; ".join(parts) + " per step"
             )
-        warm = f" + warm-up {human_seconds(r.warmup)} (page faults)" if r.warmup else ""
+        warm = ""
+        if r.warmup:
+            cold = (
+                f"; {human_seconds(r.warmup_cold)} on memory not touched lately"
+                if r.warmup_cold > 1.2 * r.warmup
+                else ""
+            )
+            warm = f" + warm-up {human_seconds(r.warmup)} (page faults{cold})"
         console.print(
             f"whole run ({_name(r)}): {r.steps} steps x {human_seconds(r.mean_time)} + "
             f"{r.evals} eval(s) x {human_seconds(r.eval_time)}{warm} = "
