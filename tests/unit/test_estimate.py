@@ -342,16 +342,22 @@ def test_an_estimate_prices_time_at_the_speed_the_machine_gives_now(
     kept in the cache, and the speed is 1."""
     monkeypatch.setenv("BITBLEND_CACHE_DIR", str(tmp_path))
     real = get_peaks(CPU, budget=0.2)
-    inflated = replace(real, matmul_flops={k: 20 * v for k, v in real.matmul_flops.items()})
+    inflated = replace(
+        real,
+        matmul_flops={k: 20 * v for k, v in real.matmul_flops.items()},
+        bandwidth=20 * real.bandwidth,
+    )
     save_peaks(CPU, inflated)
     now = get_peaks(CPU, now=True)
-    assert 0 < now.speed <= 0.1
+    assert 0 < now.speed <= 0.1 and 0 < now.memory_speed <= 0.1
     assert now.matmul_flops == inflated.matmul_flops  # the best readings stay for MFU
-    assert json.loads((tmp_path / "probe.json").read_text())[cache_key(CPU)]["speed"] == 1.0
+    cached = json.loads((tmp_path / "probe.json").read_text())[cache_key(CPU)]
+    assert cached["speed"] == cached["memory_speed"] == 1.0
     recipe = make_recipe("train.eval_every=4")
-    slow = estimate_recipe(recipe, precision="recipe", device=CPU, peaks=now).rows[0]
+    one = replace(now, memory_speed=now.speed)  # one factor: every time term scales by it
+    slow = estimate_recipe(recipe, precision="recipe", device=CPU, peaks=one).rows[0]
     fast = estimate_recipe(
-        recipe, precision="recipe", device=CPU, peaks=replace(now, speed=1.0)
+        recipe, precision="recipe", device=CPU, peaks=replace(now, speed=1.0, memory_speed=1.0)
     ).rows[0]
     assert slow.mean_time == pytest.approx(fast.mean_time / now.speed, rel=1e-6)
     assert slow.eval_time == pytest.approx(fast.eval_time / now.speed, rel=1e-6)
@@ -364,10 +370,11 @@ def test_an_estimate_prices_time_at_the_speed_the_machine_gives_now(
 
 
 def test_rates_at_speed() -> None:
-    half = replace(FAKE, speed=0.5).at_speed()
-    assert half.flops("bfloat16") == FAKE.flops("bfloat16") / 2 and half.speed == 1.0
-    assert half.bandwidth == FAKE.bandwidth / 2 and half.rng == FAKE.rng / 2
+    half = replace(FAKE, speed=0.5, memory_speed=0.25).at_speed()
+    assert half.flops("bfloat16") == FAKE.flops("bfloat16") / 2 and half.rng == FAKE.rng / 2
     assert half.op_overhead == FAKE.op_overhead * 2
+    assert half.bandwidth == FAKE.bandwidth / 4
+    assert half.speed == half.memory_speed == 1.0
 
 
 def test_a_finished_runs_reprobe_maps_nothing(

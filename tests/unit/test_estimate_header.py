@@ -12,7 +12,7 @@ import yaml
 
 from bitblend.config.load import load_recipe, read_yaml
 from bitblend.data.epochs import steps_for_epochs
-from bitblend.estimate import recipe_shapes
+from bitblend.estimate import probe, recipe_shapes
 from bitblend.estimate.probe import Peaks, save_peaks
 from tests.unit.test_cli_errors import run_cli
 
@@ -63,9 +63,13 @@ def test_own_vocabulary_embeddings_are_not_heads(capsys: pytest.CaptureFixture[s
     assert f"own-vocabulary embeddings {m['own_embedding_parameters']:,}" in text
 
 
-def test_whole_run_time_counts_the_evaluations(capsys: pytest.CaptureFixture[str]) -> None:
+def test_whole_run_time_counts_the_evaluations(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """20 steps with eval_every 5: evaluations at 5, 10, 15 and the end, as train runs them;
     an eval over twice the examples costs about twice as much."""
+    # both calls at the cached rates: the speed each would measure now is another test's
+    monkeypatch.setattr(probe, "speed_now", lambda device, peaks: peaks)
     text, data = _estimate(capsys, "train.eval_every=5", "train.eval_max_examples=64")
     row = data["rows"][0]
     assert row["run"]["steps"] == 20 and row["run"]["evals"] == 4
@@ -75,10 +79,7 @@ def test_whole_run_time_counts_the_evaluations(capsys: pytest.CaptureFixture[str
     )
     assert "whole run (*32-true): 20 steps" in text and "4 eval(s)" in text
     _, more = _estimate(capsys, "train.eval_every=5", "train.eval_max_examples=128")
-    # each call prices at the speed it measured (probe.speed_now): compare at full speed
-    full = row["eval_time_s"] * data["probe"]["speed"]
-    doubled = more["rows"][0]["eval_time_s"] * more["probe"]["speed"]
-    assert doubled == pytest.approx(2 * full, rel=0.01)
+    assert more["rows"][0]["eval_time_s"] == pytest.approx(2 * row["eval_time_s"], rel=0.01)
 
 
 def test_whole_run_by_epochs_counts_the_steps_train_would(

@@ -30,6 +30,8 @@ CACHE_FILE = "probe.json"
 PROBE_VERSION = 5  # part of the cache key: a changed probe never reads an old entry
 MAX_AGE_S = 7 * 24 * 3600.0  # a week: kernels, clocks and neighbours change
 ROUNDS = 3  # the matmul probes run as this many short rounds, interleaved; the best counts
+BANDWIDTH_ELEMENTS = 8 * 2**20  # fp32: three 32 MiB buffers
+SPEED_BUDGET_S = 0.3  # the check of the rates now that an estimate adds (speed_now)
 
 
 @dataclass
@@ -54,10 +56,12 @@ class Peaks:
     # probe met before the dear pages (all it touched, where it met none)
     recycled_page: float = 0.0
     recycled_bytes: int = 0
-    # CPU: the share of the probed matmul peaks the machine gives now (`speed_now`): a
-    # VM's neighbours took 20-25% of it here for hours. Times are priced at it (`at_speed`),
+    # CPU: the share of the probed matmul peaks and of the bandwidth the machine gives now
+    # (`speed_now`): a VM's neighbours took 20-25% of the matmul rate here for hours, and
+    # the bandwidth read 40-130 GB/s by the hour. Times are priced at them (`at_speed`),
     # MFU is not (its denominator is what the hardware can do).
     speed: float = 1.0
+    memory_speed: float = 1.0
     seconds: float = 0.0  # how long the probe took
     cached: bool = False  # read from the cache rather than measured now
     # When and under what conditions it was measured (an entry without them is stale).
@@ -90,18 +94,20 @@ class Peaks:
         return self.attention_flops.get(dtype) or self.flops(dtype)
 
     def at_speed(self) -> Peaks:
-        """The rates the machine gives now: every rate x `speed`, every per-op cost / it.
-        The first-touch costs are measured now already and stay."""
+        """The rates the machine gives now: the bandwidth x `memory_speed`, every other rate
+        x `speed`, every per-op cost / it. The first-touch costs are measured now already
+        and stay."""
         s = self.speed
         return replace(
             self,
             matmul_flops={k: v * s for k, v in self.matmul_flops.items()},
             attention_flops={k: v * s for k, v in self.attention_flops.items()},
-            bandwidth=self.bandwidth * s,
+            bandwidth=self.bandwidth * self.memory_speed,
             rng=self.rng * s,
             fast_rng=self.fast_rng * s,
             op_overhead=self.op_overhead / s,
             speed=1.0,
+            memory_speed=1.0,
         )
 
 
@@ -136,6 +142,7 @@ def best_of(a: Peaks, b: Peaks) -> Peaks:
         recycled_page=newer.recycled_page or older.recycled_page,
         recycled_bytes=newer.recycled_bytes if newer.recycled_page else older.recycled_bytes,
         speed=newer.speed,
+        memory_speed=newer.memory_speed,
         seconds=newer.seconds,
         measured_at=newer.measured_at,
         load_avg=newer.load_avg,
@@ -207,6 +214,21 @@ def _best_rate(
         if reps >= 50:
             break
     return best
+
+
+def _bandwidth(
+    device: torch.device,
+    gen: torch.Generator,
+    budget: float,
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
+    """Bytes/s of an elementwise add over buffers far larger than cache: elementwise ops
+    move bytes, not FLOPs."""
+    n = BANDWIDTH_ELEMENTS
+    x = torch.randn(n, device=device, generator=gen)
+    y = torch.randn(n, device=device, generator=gen)
+    z = torch.empty_like(x)
+    return _best_rate(lambda: torch.add(x, y, out=z), 3.0 * n * 4, device, budget, clock)
 
 
 def _linear_work(
@@ -339,13 +361,10 @@ def measure(
                 fn, work = _attention_work(device, dtype, gen)
                 rate = _best_rate(fn, work, device, share / ROUNDS, clock)
                 peaks.attention_flops[name] = max(peaks.attention_flops.get(name, 0.0), rate)
-    # Elementwise ops move bytes, not FLOPs: time an add over buffers far larger than cache.
-    n = 8 * 2**20
-    x = torch.randn(n, device=device, generator=gen)
-    y = torch.randn(n, device=device, generator=gen)
-    z = torch.empty_like(x)
-    peaks.bandwidth = _best_rate(lambda: torch.add(x, y, out=z), 3.0 * n * 4, device, share, clock)
+    peaks.bandwidth = _bandwidth(device, gen, share, clock)
     # Dropout draws one random number per element; on CPU that costs more than the bytes.
+    n = BANDWIDTH_ELEMENTS
+    z = torch.empty(n, device=device)
     draw = functools.partial(z.bernoulli_, 0.9, generator=gen)
     peaks.rng = _best_rate(draw, float(n), device, share / 2, clock)
     if device.type == "cpu":
@@ -406,7 +425,8 @@ def save_peaks(device: torch.device, peaks: Peaks) -> None:
         entry = asdict(peaks)
         entry["cached"] = False
         entry["source"], entry["reason"] = "fresh", ""
-        entry["speed"] = 1.0  # a state of the moment: every estimate measures its own
+        # states of the moment: every estimate measures its own
+        entry["speed"] = entry["memory_speed"] = 1.0
         data[cache_key(device)] = entry
         tmp = directory / f".{CACHE_FILE}.{os.getpid()}"
         tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -460,28 +480,33 @@ def get_peaks(
     return peaks
 
 
-SPEED_BUDGET_S = 0.3  # the matmul check an estimate adds (fp32 and bf16 halves)
-
-
 def speed_now(device: torch.device, peaks: Peaks, budget: float = SPEED_BUDGET_S) -> Peaks:
-    """`peaks` with `speed` set: the fp32 and bf16 matmul rates measured now (the probe's
-    own Linear shapes, best of a few) over the cached ones, their mean, at most 1. The
-    cache keeps the best readings, for MFU; a shared host gives less for hours (bf16
-    706-774 GFLOP/s read here against a cached 953, while the users' runs came out 20%
-    slower than their estimates). A reading above the cache is a better peak: it is kept,
-    in the cache too."""
+    """`peaks` with `speed` and `memory_speed` set. `speed`: the fp32 and bf16 matmul
+    rates measured now (the probe's own Linear shapes, best of a few) over the cached
+    ones, their mean, at most 1. The cache keeps the best readings, for MFU; a shared host
+    gives less for hours (bf16 706-774 GFLOP/s read here against a cached 953, while the
+    users' runs came out 20% slower than their estimates). `memory_speed`: the probe's
+    add measured now over the cached bandwidth, at most 1 (a cache that kept a 95 GB/s
+    hour priced the evaluations 23% short in one that gave ~50). A reading above the
+    cache is a better peak: it is kept, in the cache too."""
     gen = torch.Generator(device=device).manual_seed(0)
     rates = {}
     for dtype in (torch.float32, torch.bfloat16):
         fn, work = _linear_work(device, dtype, gen)
-        rates[str(dtype).replace("torch.", "")] = _best_rate(fn, work, device, budget / 2)
+        rates[str(dtype).replace("torch.", "")] = _best_rate(fn, work, device, budget * 0.4)
+    bandwidth = _bandwidth(device, gen, budget * 0.2)
     beaten = {k: v for k, v in rates.items() if v > peaks.matmul_flops.get(k, 0.0)}
-    if beaten:
-        better = replace(peaks, matmul_flops={**peaks.matmul_flops, **beaten})
+    if beaten or bandwidth > peaks.bandwidth:
+        better = replace(
+            peaks,
+            matmul_flops={**peaks.matmul_flops, **beaten},
+            bandwidth=max(peaks.bandwidth, bandwidth),
+        )
         save_peaks(device, better)
         peaks = replace(better, cached=peaks.cached, source=peaks.source)
     now = replace(peaks, matmul_flops={**peaks.matmul_flops, **rates})
     peaks.speed = _ratio_to(peaks, now)
+    peaks.memory_speed = min(1.0, bandwidth / peaks.bandwidth) if peaks.bandwidth else 1.0
     return peaks
 
 
