@@ -210,7 +210,11 @@ def child_user(name: str, what: str) -> dict[str, Any]:
                 "priced_positions": {
                     t["name"]: t["priced"]["mean_train_positions"] for t in out["tasks"]
                 },
-                "probe": {**est.peaks.conditions(), "speed_now": est.peaks.speed},
+                "probe": {
+                    **est.peaks.conditions(),
+                    "speed_now": est.peaks.speed,  # probe.speed_now: what times are priced at
+                    "memory_speed_now": est.peaks.memory_speed,
+                },
                 "load_avg": os.getloadavg()[0],
                 "process_peak": row["memory"]["process_peak"],
                 "run": row["run"],
@@ -391,7 +395,7 @@ def main_user(json_out: str | None, measured: str | None = None) -> None:
     print("\n| case | measured RSS MiB | estimate MiB | memory error (target 10%) | measured "
           "train s | estimate train s (steps + warm-up) | train error | measured run s (train "
           "+ evals) | estimate run s | run error (target 25%) | load avg (run start, end; "
-          "estimate) | probe |")  # fmt: skip
+          "estimate) | probe (speed now: matmul, memory) |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
     for r in rows:
         probe = r["estimate"].get("probe") or {}
@@ -403,7 +407,8 @@ def main_user(json_out: str | None, measured: str | None = None) -> None:
             f"{r['estimated_train_s']:.1f} | {train_error:+.1%} | "
             f"{r['measured_run_s']:.1f} | {r['estimated_run_s']:.1f} | {r['time_error']:+.1%} "
             f"| {loads} | {probe.get('source', '?')}, {probe.get('measured_at', '?')}, load "
-            f"{probe.get('load_avg_at_probe', '?')} |"
+            f"{probe.get('load_avg_at_probe', '?')} ({probe.get('speed_now', 1):.2f}, "
+            f"{probe.get('memory_speed_now', 1):.2f}) |"
         )
     if json_out:
         Path(json_out).write_text(json.dumps({"user": rows}, indent=2))
