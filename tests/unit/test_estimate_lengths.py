@@ -333,3 +333,14 @@ def test_tasks_without_text_keep_their_fixed_positions() -> None:
     recipe = make_recipe("tasks.0.data=digits", "tasks.0.patch_size=4")
     (p,) = estimate_recipe(recipe, precision="recipe", device=CPU, peaks=FAKE).priced
     assert p.source == "fixed" and p.train == {4: 1.0} and p.worst == 4
+
+
+def test_the_bandwidth_is_a_typical_rate_not_a_burst() -> None:
+    """The time model prices elementwise traffic at the add's typical rate: a median of
+    its timings, which one burst (the 0.1 s call below) does not move; the peaks' best
+    reading would take it."""
+    from bitblend.estimate.probe import _best_rate, _median_rate
+
+    typical = _median_rate(lambda: None, 10.0, CPU, 0.0, clock=_clock([1, 1, 0.1, 1, 2]))
+    assert typical == pytest.approx(10.0)
+    assert _best_rate(lambda: None, 10.0, CPU, 0.0, clock=_clock([1, 1, 0.1])) == 100.0
