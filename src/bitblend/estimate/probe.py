@@ -187,6 +187,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _rates(
+    fn: Callable[[], object],
+    work: float,
+    device: torch.device,
+    budget: float,
+    clock: Callable[[], float],
+    least: int,
+) -> list[float]:
+    """Rates (work units per second) of repeated timings of `fn` after one untimed call: at
+    least `least`, then more while `budget` seconds last, at most 50."""
+    fn()
+    _sync(device)
+    rates: list[float] = []
+    end = time.perf_counter() + budget
+    while len(rates) < least or (time.perf_counter() < end and len(rates) < 50):
+        t0 = clock()
+        fn()
+        _sync(device)
+        rates.append(work / max(clock() - t0, 1e-9))
+    return rates
+
+
 def _best_rate(
     fn: Callable[[], object],
     work: float,
@@ -199,21 +221,7 @@ def _best_rate(
     The best, not the mean: other processes may share the machine, and a peak is what the
     hardware can do when it gets the cores.
     """
-    fn()
-    _sync(device)
-    best = 0.0
-    end = time.perf_counter() + budget
-    reps = 0
-    while reps < 3 or time.perf_counter() < end:
-        t0 = clock()
-        fn()
-        _sync(device)
-        dt = clock() - t0
-        best = max(best, work / max(dt, 1e-9))
-        reps += 1
-        if reps >= 50:
-            break
-    return best
+    return max(_rates(fn, work, device, budget, clock, least=3))
 
 
 def _median_rate(
@@ -227,16 +235,7 @@ def _median_rate(
     the machine gives now, where a best reading would catch a burst."""
     import statistics
 
-    fn()
-    _sync(device)
-    rates: list[float] = []
-    end = time.perf_counter() + budget
-    while len(rates) < 5 or (time.perf_counter() < end and len(rates) < 50):
-        t0 = clock()
-        fn()
-        _sync(device)
-        rates.append(work / max(clock() - t0, 1e-9))
-    return statistics.median(rates)
+    return statistics.median(_rates(fn, work, device, budget, clock, least=5))
 
 
 def _bandwidth(
@@ -539,20 +538,11 @@ def speed_now(device: torch.device, peaks: Peaks, budget: float = SPEED_BUDGET_S
         better = replace(peaks, matmul_flops={**peaks.matmul_flops, **beaten})
         save_peaks(device, better)
         peaks = replace(better, cached=peaks.cached, source=peaks.source)
-    now = replace(peaks, matmul_flops={**peaks.matmul_flops, **rates})
-    peaks.speed = _ratio_to(peaks, now)
+    # the mean of now's rates over the cached ones (1 where a reading beat the cache)
+    ratios = [v / peaks.matmul_flops[k] for k, v in rates.items() if peaks.matmul_flops.get(k)]
+    peaks.speed = min(1.0, sum(ratios) / len(ratios)) if ratios else 1.0
     peaks.memory_speed = min(1.0, bandwidth / peaks.bandwidth) if peaks.bandwidth else 1.0
     return peaks
-
-
-def _ratio_to(best: Peaks, now: Peaks) -> float:
-    """The mean of now's fp32 and bf16 matmul rates over best's, at most 1."""
-    ratios = [
-        now.matmul_flops[k] / best.matmul_flops[k]
-        for k in ("float32", "bfloat16")
-        if best.matmul_flops.get(k) and now.matmul_flops.get(k)
-    ]
-    return min(1.0, sum(ratios) / len(ratios)) if ratios else 1.0
 
 
 def _touch_now(device: torch.device, peaks: Peaks) -> Peaks:
