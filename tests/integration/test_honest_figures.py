@@ -30,14 +30,15 @@ def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _plant(flops: float, **kw: float) -> None:
-    """A cached probe of this machine that claims `flops` FLOP/s in every dtype."""
+    """A cached probe of this machine that claims `flops` FLOP/s in every dtype (and 1 GB/s
+    unless `bandwidth` is given)."""
     # The cache key names the thread count: the tiny recipe's train.threads=2, so plant it
     # under 2 threads whatever this machine's core count (the trainer sets 2 as well).
     torch.set_num_threads(2)
     rates = {"float32": flops, "bfloat16": flops, "float16": flops}
     save_peaks(CPU, Peaks(device="planted", threads=torch.get_num_threads(),
-                          matmul_flops=rates, bandwidth=1e9, rng=1e8,
-                          op_overhead=1e-5, **kw))  # fmt: skip
+                          matmul_flops=rates, rng=1e8, op_overhead=1e-5,
+                          **{"bandwidth": 1e9, **kw}))  # fmt: skip
 
 
 def test_run_that_beats_a_low_cached_probe_reprobes_and_mfu_stays_below_one(
@@ -70,6 +71,16 @@ def test_stale_or_busy_cached_probe_is_measured_again(_private_cache: Path) -> N
     _plant(1e3, load_avg=1e6)
     peaks = get_peaks(CPU, budget=0.2)
     assert peaks.reason == "busy-then" and peaks.flops("float32") > 1e3
+    # Measured again after a busy probe: both are lower bounds, the best of each rate stays
+    # (a re-probe in a slow phase must not lower the peaks or the typical bandwidth).
+    _plant(1e15, load_avg=1e6, bandwidth=1e15)
+    peaks = get_peaks(CPU, budget=0.2)
+    assert peaks.reason == "busy-then" and peaks.source == "reprobed"
+    assert peaks.flops("float32") == 1e15 and peaks.bandwidth == 1e15
+    assert peaks.load_avg < 1e6  # the new probe's conditions: not measured again next time
+    # A stale probe is replaced, not merged: the hardware may have changed in a week.
+    _plant(1e15, measured_at=time.time() - 30 * 24 * 3600)
+    assert get_peaks(CPU, budget=0.2).flops("float32") < 1e15
     # A recent probe taken on a quiet machine is used as it is.
     _plant(1e3)
     peaks = get_peaks(CPU, budget=0.2)

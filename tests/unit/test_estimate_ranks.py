@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from bitblend.estimate import estimate_recipe, recipe_shapes
-from bitblend.estimate.memory import comm_bytes, peak_bytes, per_rank, precision_spec
+from bitblend.estimate.memory import peak_bytes, precision_spec
 from bitblend.estimate.probe import save_peaks
+from bitblend.estimate.ranks import comm_bytes, per_rank
 from tests.conftest import make_recipe
 from tests.unit.test_estimate import FAKE
 

@@ -35,15 +35,14 @@ from bitblend.estimate.memory import (
     RECIPES,
     PeakBytes,
     PrecisionSpec,
-    RankBytes,
     bytes_per_param,
     optimizer_states,
     peak_bytes,
-    per_rank,
     precision_spec,
     what_if_specs,
 )
 from bitblend.estimate.probe import Peaks, confirm_peak, get_peaks
+from bitblend.estimate.ranks import RankBytes, per_rank
 from bitblend.estimate.shapes import (
     ModelShape,
     TaskShape,

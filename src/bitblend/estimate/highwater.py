@@ -28,11 +28,11 @@ from bitblend.estimate.memory import (
     INT64,
     PeakBytes,
     PrecisionSpec,
-    RankBytes,
     attention_backend,
     causal_shift_bytes,
     score_elements,
 )
+from bitblend.estimate.ranks import RankBytes
 from bitblend.estimate.shapes import ModelShape, TaskShape
 
 
