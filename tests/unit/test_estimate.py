@@ -22,13 +22,13 @@ from bitblend.estimate.memory import (
     activation_bytes,
     bytes_per_param,
     peak_bytes,
-    per_rank,
     precision_spec,
     static_bytes,
     temporary_bytes,
     what_if_specs,
 )
 from bitblend.estimate.probe import Peaks, cache_key, get_peaks, measure, save_peaks
+from bitblend.estimate.ranks import per_rank
 from bitblend.estimate.shapes import TaskShape
 from bitblend.precision.recipes import build_precision
 from bitblend.tasks.losses import compute_loss

@@ -24,13 +24,11 @@ from bitblend.estimate.highwater import (
 )
 from bitblend.estimate.memory import (
     CPU_ALLOCATOR_SLACK,
-    RankBytes,
-    gather_bytes,
     peak_bytes,
-    per_rank,
     precision_spec,
 )
 from bitblend.estimate.probe import save_peaks
+from bitblend.estimate.ranks import RankBytes, gather_bytes, per_rank
 from tests.conftest import make_recipe
 from tests.unit.test_estimate import FAKE
 
