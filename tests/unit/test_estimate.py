@@ -378,6 +378,21 @@ def test_rates_at_speed() -> None:
     assert half.speed == half.memory_speed == 1.0
 
 
+def test_a_dtype_without_a_fast_kernel_is_probed_on_a_smaller_linear() -> None:
+    """A CPU without bf16 instructions runs the full probe Linear's bf16 matmuls at ~2.6
+    GFLOP/s (1.2 s a call): a dtype whose full Linear would take over `max_call_s` a call is
+    timed on a 256^3 one; a fast one keeps the full shape."""
+    from bitblend.estimate.probe import SMALL_LINEAR, _linear_work
+
+    gen = torch.Generator().manual_seed(0)
+    full = 6.0 * 1024 * 512 * 1024
+    _, work = _linear_work(CPU, torch.float32, gen, max_call_s=1e9)
+    assert work == full
+    fn, work = _linear_work(CPU, torch.float32, gen, max_call_s=1e-12)
+    assert work == 6.0 * SMALL_LINEAR[0] * SMALL_LINEAR[1] * SMALL_LINEAR[2] < full
+    fn()  # the small work runs
+
+
 def test_a_finished_runs_reprobe_maps_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
