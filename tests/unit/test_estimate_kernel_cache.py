@@ -61,12 +61,13 @@ def test_expected_distinct_rows_over_a_runs_steps() -> None:
 def test_estimated_kernels_per_new_length_match_a_real_models_growth(tmp_path: Path) -> None:
     """The real thing: tiny-bert built by train, forward and backward under bf16 autocast
     at lengths this process has not run; glibc's live bytes grow per new length by what
-    the estimate charges a new training row count (within 35%)."""
+    the estimate charges a new training row count (within 35%). Where oneDNN has no bf16
+    kernels (a CPU without AVX-512 BF16 or AMX: an AVX2 EPYC measured 384 bytes a shape)
+    the estimate charges about nothing, and the real model must keep about nothing too."""
     recipe = make_recipe("precision.recipe=bf16-mixed")
     est = estimate_recipe(recipe, precision="recipe", device=CPU, peaks=FAKE)
     row = est.rows[0]
     cost = row_cost(est.shape, est.tasks, row.spec, "cpu")
-    assert cost.train > 0.5 * 2**20  # a few primitives of ~0.5 MiB each
     trainer = Trainer(recipe, tmp_path / "run", show_progress=False)
     backbone = trainer.model.backbone
     grown = []
@@ -80,7 +81,10 @@ def test_estimated_kernels_per_new_length_match_a_real_models_growth(tmp_path: P
         backbone.zero_grad(set_to_none=True)
         grown.append((malloc_live_bytes() or 0) - before)
     per_length = sorted(grown)[len(grown) // 2]
-    assert 0.65 * cost.train < per_length < 1.35 * cost.train, (per_length, cost)
+    if cost.train < 0.5 * 2**20:  # with kernels: a few primitives of ~0.5 MiB each
+        assert per_length < 0.5 * 2**20, (per_length, cost)
+    else:
+        assert 0.65 * cost.train < per_length < 1.35 * cost.train, (per_length, cost)
 
 
 def test_many_lengths_cost_more_than_one_and_only_bf16_on_cpu(
@@ -90,7 +94,7 @@ def test_many_lengths_cost_more_than_one_and_only_bf16_on_cpu(
     fill max_length; fp32 (MKL) keeps nothing per shape, nor does a GPU's path; the term
     stops at the caches' capacity."""
     if primitive_bytes().linear_train <= 0:
-        pytest.skip("no oneDNN kernel growth measurable here (no glibc)")
+        pytest.skip("no oneDNN kernel growth measurable here (no glibc, or no bf16 kernels)")
     short = str(_short_texts(tmp_path, 6))
     many = make_recipe(
         f"tasks.0.data={short}", "model.max_length=64", "precision.recipe=bf16-mixed",
