@@ -32,8 +32,8 @@ MAX_AGE_S = 7 * 24 * 3600.0  # a week: kernels, clocks and neighbours change
 ROUNDS = 3  # the matmul probes run as this many short rounds, interleaved; the best counts
 BANDWIDTH_ELEMENTS = 8 * 2**20  # fp32: three 32 MiB buffers
 SPEED_BUDGET_S = 0.3  # the check of the rates now that an estimate adds (speed_now)
-MAX_CALL_S = 0.1  # one timed call of the probe's Linear on CPU; a slower dtype gets:
-SMALL_LINEAR = (256, 256, 256)
+MAX_CALL_S = 0.1  # one timed call of the probe's Linear on CPU; a slower dtype gets SMALL
+CPU_LINEAR, SMALL_LINEAR = (1024, 512, 1024), (256, 256, 256)  # t, k, n of the Linear
 
 
 @dataclass
@@ -278,18 +278,30 @@ def _linear_work(
     gen: torch.Generator,
     max_call_s: float = MAX_CALL_S,
 ) -> tuple[Callable[[], object], float]:
-    """A training step's three matmuls of one Linear: forward x @ w.T, input gradient
-    gy @ w and weight gradient gy.T @ x (transposed operands cost some kernels more).
-    On CPU, a smaller Linear where the full one would take over `max_call_s` a call."""
-    t, k, n = (4096, 1024, 4096) if device.type == "cuda" else (1024, 512, 1024)
-    if dtype == torch.float16 and device.type == "cpu":
-        t, k, n = 64, 64, 64  # no fast fp16 kernel on CPU (~0.3 GFLOP/s): keep it short
-    elif device.type == "cpu" and _slow_kernel(dtype, gen, 6.0 * t * k * n, max_call_s):
-        # No fast kernel for this dtype (bf16 on a CPU without AVX-512 BF16 or AMX: 2.6
-        # GFLOP/s on an AVX2 EPYC, 1.2 s a call of the full Linear): its rate hardly
-        # depends on the shape, and the full one made the probe take ~19 s and every
-        # estimate's speed check seconds.
-        t, k, n = SMALL_LINEAR
+    """A training step's three matmuls of one Linear (`_linear_step`). On CPU, a smaller
+    Linear where the full one would take over `max_call_s` a call."""
+    if device.type == "cuda":
+        return _linear_step(device, dtype, gen, 4096, 1024, 4096)
+    if dtype == torch.float16:
+        # no fast fp16 kernel on CPU (~0.3 GFLOP/s): keep it short
+        return _linear_step(device, dtype, gen, 64, 64, 64)
+    # No fast kernel for a dtype (bf16 on a CPU without AVX-512 BF16 or AMX: 2.6 GFLOP/s
+    # on an AVX2 EPYC, 1.2 s a call of the full Linear): its rate hardly depends on the
+    # shape, and the full one made the probe take ~19 s and every estimate's speed check
+    # seconds. One timed call of the small Linear (after an untimed one) decides.
+    small, small_work = _linear_step(device, dtype, gen, *SMALL_LINEAR)
+    (rate,) = _rates(small, small_work, device, 0.0, time.perf_counter, least=1)
+    t, k, n = CPU_LINEAR
+    if 6.0 * t * k * n / rate > max_call_s:
+        return small, small_work
+    return _linear_step(device, dtype, gen, t, k, n)
+
+
+def _linear_step(
+    device: torch.device, dtype: torch.dtype, gen: torch.Generator, t: int, k: int, n: int
+) -> tuple[Callable[[], object], float]:
+    """A (t x k) @ (k x n) Linear's forward x @ w.T, input gradient gy @ w and weight
+    gradient gy.T @ x (transposed operands cost some kernels more), and its FLOPs."""
     x = torch.randn(t, k, device=device, generator=gen).to(dtype)
     w = torch.randn(n, k, device=device, generator=gen).to(dtype)
     gy = torch.randn(t, n, device=device, generator=gen).to(dtype)
@@ -300,26 +312,6 @@ def _linear_work(
         gy.t() @ x
 
     return step, 3 * 2.0 * t * k * n
-
-
-def _slow_kernel(dtype: torch.dtype, gen: torch.Generator, work: float, max_call_s: float) -> bool:
-    """Whether `work` FLOPs of CPU matmuls in `dtype` would take over `max_call_s`, going by
-    one timed call of a small Linear's three matmuls (after an untimed one)."""
-    t, k, n = SMALL_LINEAR
-    x = torch.randn(t, k, generator=gen).to(dtype)
-    w = torch.randn(n, k, generator=gen).to(dtype)
-    gy = torch.randn(t, n, generator=gen).to(dtype)
-
-    def call() -> float:
-        t0 = time.perf_counter()
-        x @ w.t()
-        gy @ w
-        gy.t() @ x
-        return time.perf_counter() - t0
-
-    call()
-    rate = 6.0 * t * k * n / max(call(), 1e-9)
-    return work / rate > max_call_s
 
 
 def _attention_work(
