@@ -16,6 +16,7 @@ import torch
 
 from bitblend.data.sampler import BatchSampler
 from bitblend.estimate import estimate_recipe
+from bitblend.estimate.first_touch import PAGE, first_touch
 from bitblend.estimate.flops import step_time
 from bitblend.estimate.lengths import (
     TaskLengths,
@@ -26,7 +27,7 @@ from bitblend.estimate.lengths import (
     random_batch_lengths,
 )
 from bitblend.estimate.memory import CPU_ALLOCATOR_SLACK, activation_bytes
-from bitblend.estimate.probe import PAGE, first_touch, save_peaks
+from bitblend.estimate.probe import save_peaks
 from bitblend.estimate.runtime import encoded_lengths
 from bitblend.taskspec import load_data
 from tests.conftest import make_recipe

@@ -324,7 +324,7 @@ def _warmup(est: Estimate, row: Row, pool: bool = True) -> float:
     pages just freed, so they are priced at the recycled cost: the users' evaluations
     faulted 150-200k pages each at ~2-3 us (an evaluation without them ran as fast per
     token), not at the 15-30 us a host fault costs."""
-    from bitblend.estimate.probe import PAGE
+    from bitblend.estimate.first_touch import PAGE
 
     peaks = est.peaks
     if est.device != "cpu" or not peaks.page_fault:
