@@ -20,6 +20,7 @@ import torch
 from bitblend.config.schema import Recipe
 from bitblend.device import pick_device
 from bitblend.errors import BitblendError
+from bitblend.estimate.draws import steps_per_task
 from bitblend.estimate.flops import StepFlops, StepTime, step_flops, tokens_flops
 from bitblend.estimate.highwater import HighWater, high_water, rank_process
 from bitblend.estimate.kernel_cache import kernel_cache_bytes
@@ -63,7 +64,9 @@ class Row:
     memory: PeakBytes
     flops: StepFlops
     time: StepTime
-    mean_time: float  # per step, averaged over tasks by their target shares
+    # per step, averaged over tasks by how many of the run's steps each trains (its
+    # mixture replayed, estimate/draws.py; the target shares for a long run)
+    mean_time: float
 
     ranks: list[RankBytes]
     warnings: list[str] = field(default_factory=list)
@@ -230,8 +233,16 @@ def estimate_recipe(
     accum = recipe.train.grad_accum
     steps, evals = run_length(recipe, tasks)
     runtime_bytes, measured, end = _runtime(recipe, dev, runtime, ranks, datas, lengths)
-    priced = _priced(recipe, tasks, shares, measured)
-    micro = [steps * share * accum for share in shares]  # each task's micro-batches
+    # train's Mixture counts the encoded rows (a packed task's rows, not its documents)
+    known = [measured[i] if i < len(measured) else None for i in range(len(tasks))]
+    sizes = [
+        len(m.order) if m and m.order else t.train_examples
+        for m, t in zip(known, tasks, strict=True)
+    ]
+    counts = steps_per_task(recipe, sizes, steps)
+    drawn = [c / steps for c in counts] if counts else shares  # each task's share of steps
+    priced = _priced(recipe, tasks, shares, measured, counts)
+    micro = [steps * share * accum for share in drawn]  # each task's micro-batches
     timing = peaks.at_speed()  # times at the rates the machine gives now (probe.speed_now)
     rows: list[Row] = []
     worst = 0
@@ -251,7 +262,7 @@ def estimate_recipe(
             memory=per_task[worst],
             flops=step_flops(shape, task, accum),
             time=times[worst],
-            mean_time=sum(s * t.total for s, t in zip(shares, times, strict=True)),
+            mean_time=sum(s * t.total for s, t in zip(drawn, times, strict=True)),
             ranks=_per_rank(shape, task, spec, states, dev.type, fused, ranks, accum),
             eval_time=sum(
                 priced_eval_time(shape, t, p, spec, timing, dev.type)
@@ -366,10 +377,12 @@ def _priced(
     tasks: list[TaskShape],
     shares: list[float],
     lengths: list[TaskLengths | None],
+    counts: list[int] | None = None,
 ) -> list[PricedLengths]:
     """Each task's priced lengths under train's batching: homogeneous steps run its
     micro-batches; a mixed step cuts its share of the batch out of the task's sampler's
-    batches (step.py's `take`)."""
+    batches (step.py's `take`). `counts`: each task's steps in the run (estimate/draws.py),
+    which are then priced at the very batches they draw."""
     cfg = recipe.train
     mixed = recipe.mixing.batches == "mixed"
     out = []
@@ -392,6 +405,7 @@ def _priced(
                 stream=i,
                 group_by_length=cfg.group_by_length,
                 text_worst=text_worst,
+                batches=counts[i] if counts else 0,
             )
         )
     return out

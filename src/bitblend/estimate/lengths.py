@@ -16,6 +16,12 @@ So the time model prices each task at the distribution of its padded micro-batch
 computed from the token lengths of its encoded splits (estimate/runtime.py encodes them as
 `train` does): exactly for random batches, by running train's own sampler on the lengths
 for length-grouped ones, and exactly for evaluation.
+
+A run that draws few batches is priced at those batches themselves. The sampler is a pure
+function of (seed, stream, epoch) over the split's lengths in their order, so the estimate
+deals the run's first batches as `train` will (`run_batch_lengths`): a 12-step run of
+short Chinese reviews drew batches of 39 positions on average where the long-run mean is
+64, and priced at the mean its steps cost 1.6x what they did.
 """
 
 from __future__ import annotations
@@ -48,15 +54,23 @@ class TaskLengths:
 
     train: dict[int, int]
     eval: dict[int, int]
+    # every training example's text tokens in the split's order, which train's sampler
+    # permutes: the run's own batches are dealt from it (() where unknown)
+    order: tuple[int, ...] = ()
 
-    def to_json(self) -> dict[str, list[list[int]]]:
-        """Small enough for a child's stdout line: at most max_length pairs per split."""
-        return {k: sorted([L, n] for L, n in h.items()) for k, h in self._splits().items()}
+    def to_json(self) -> dict[str, list[Any]]:
+        """For a child's stdout line: the histograms as [length, examples] pairs and the
+        order as one int per training example."""
+        out: dict[str, list[Any]] = {
+            k: sorted([L, n] for L, n in h.items()) for k, h in self._splits().items()
+        }
+        return out | {"order": list(self.order)}
 
     @classmethod
-    def from_json(cls, data: dict[str, list[list[int]]]) -> TaskLengths:
+    def from_json(cls, data: dict[str, list[Any]]) -> TaskLengths:
         """The inverse of to_json."""
-        return cls(*({int(L): int(n) for L, n in data[k]} for k in ("train", "eval")))
+        train, ev = ({int(L): int(n) for L, n in data[k]} for k in ("train", "eval"))
+        return cls(train, ev, tuple(int(x) for x in data.get("order", ())))
 
     def _splits(self) -> dict[str, dict[int, int]]:
         return {"train": self.train, "eval": self.eval}
@@ -74,6 +88,12 @@ def split_lengths(split: Any, limit: int | None = None) -> dict[int, int]:
         return {}
     n = len(ids) if limit is None else min(limit, len(ids))
     return histogram(len(ids[i]) for i in range(n))
+
+
+def split_order(split: Any) -> tuple[int, ...]:
+    """Text tokens of each example of an EncodedSplit in its order; () without text."""
+    ids = getattr(split, "ids", None)
+    return () if ids is None else tuple(len(x) for x in ids)
 
 
 def padded(length: int, multiple: int) -> int:
@@ -133,6 +153,32 @@ def grouped_batch_lengths(
     return {k: v / total for k, v in sorted(seen.items())}
 
 
+def run_batch_lengths(
+    order: tuple[int, ...],
+    piece: int,
+    global_batch: int,
+    multiple: int,
+    batches: int,
+    seed: int = 0,
+    stream: int = 0,
+    group_by_length: bool = True,
+) -> dict[int, float]:
+    """Distribution of the padded length of the micro-batches a run itself draws: the
+    first `batches` global batches of train's BatchSampler over the split's lengths in
+    their order (seeded as the run seeds it, from the start), each cut into consecutive
+    pieces of `piece` (train/step.py splits a step's indices so)."""
+    lengths = np.asarray(order, dtype=np.int64)
+    sampler = BatchSampler(lengths, global_batch, seed, stream, group_by_length)
+    piece = max(1, min(piece, global_batch))
+    cuts = list(range(piece, global_batch, piece))
+    seen: Counter[int] = Counter()
+    for _ in range(batches):
+        for part in np.split(lengths[sampler.next()], cuts):
+            seen[padded(int(part.max()), multiple)] += 1
+    total = sum(seen.values())
+    return {k: v / total for k, v in sorted(seen.items())}
+
+
 def eval_batches(counts: dict[int, int], batch: int, multiple: int) -> dict[tuple[int, int], int]:
     """Evaluation's batches, exactly: (examples, padded length) -> how many batches, the
     examples sorted longest first and cut into chunks of `batch` (train/evaluate.py)."""
@@ -155,6 +201,9 @@ class PricedLengths:
     # "data": from the encoded splits; "fixed": no text, every row the same positions
     # (patches, features); "worst": lengths unknown (a streamed task), priced at max_length
     source: str
+    # global batches of the run dealt one by one (run_batch_lengths); 0: the sampler's
+    # long-run distribution
+    run_batches: int = 0
 
     @property
     def measured(self) -> bool:
@@ -185,11 +234,14 @@ def priced_lengths(
     stream: int,
     group_by_length: bool,
     text_worst: int,
+    batches: int = 0,
 ) -> PricedLengths:
     """`task`'s priced lengths from its measured token lengths, or the worst case (every
     example `task.seq` positions) when they are unknown or the task has no text.
     `text_worst` is the text part of task.seq (max_length padded, 0 without text); the rest
-    (patches, features, audio) is the same for every example."""
+    (patches, features, audio) is the same for every example. `batches`: the global
+    batches the run draws from this task, when that is few enough (at most
+    SIMULATED_BATCHES micro-batches) to deal them one by one from the lengths' order."""
     full_eval: dict[tuple[int, int], int] = {}
     if task.eval_examples:
         full, rest = divmod(task.eval_examples, eval_batch)
@@ -198,7 +250,13 @@ def priced_lengths(
         fixed = lengths is not None and text_worst == 0
         return PricedLengths({task.seq: 1.0}, full_eval, task.seq, "fixed" if fixed else "worst")
     extra = task.seq - text_worst
-    if group_by_length:
+    pieces = batches * math.ceil(global_batch / max(1, piece))
+    dealt = batches if 0 < pieces <= SIMULATED_BATCHES and len(lengths.order) >= global_batch else 0
+    if dealt:
+        train = run_batch_lengths(
+            lengths.order, piece, global_batch, multiple, batches, seed, stream, group_by_length
+        )
+    elif group_by_length:
         train = grouped_batch_lengths(
             lengths.train, piece, global_batch, multiple, seed, stream, True
         )
@@ -210,6 +268,7 @@ def priced_lengths(
         {(b, L + extra): k for (b, L), k in evals.items()},
         task.seq,
         "data",
+        dealt,
     )
 
 

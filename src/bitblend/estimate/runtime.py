@@ -12,12 +12,14 @@ for train's process, so it runs train's own setup functions by module name; this
 never imports train/ (the layer contract).
 
 Having encoded every split, the child also reports each task's token lengths (histograms,
+and the training split's lengths in order for dealing a run's own batches;
 estimate/lengths.py): the time model prices steps at the lengths the data has, not at
 max_length; and, after its peak, what the end of a run maps outside the heap (its
 baselines' and report's imports and plots, estimate/wholerun.py).
 
     python -m bitblend.estimate.runtime RECIPE.yaml [--ranks N]
-    # prints {"peak_rss": bytes, "lengths": [per task: {"train": [[L, n], ...], "eval": ...}],
+    # prints {"peak_rss": bytes,
+    #         "lengths": [per task: {"train": [[L, n], ...], "eval": ..., "order": [L, ...]}],
     #         "end_of_run": bytes}
 """
 
@@ -37,7 +39,7 @@ from typing import Any
 from bitblend.config.load import dump_recipe
 from bitblend.config.schema import Recipe
 from bitblend.errors import BitblendError
-from bitblend.estimate.lengths import TaskLengths, split_lengths
+from bitblend.estimate.lengths import TaskLengths, split_lengths, split_order
 from bitblend.estimate.wholerun import end_of_run_bytes
 from bitblend.procmem import peak_rss_bytes
 
@@ -113,7 +115,8 @@ def encoded_lengths(recipe: Recipe, datas: list[Any]) -> list[TaskLengths | None
         train = encode_task(task, spec, data.train, data.train_targets, tok, recipe)
         ev = encode_task(task, spec, data.eval, data.eval_targets, tok, recipe)
         streamed = getattr(data, "stream", None) is not None
-        out.append(None if streamed else TaskLengths(split_lengths(train), split_lengths(ev, cap)))
+        lengths = TaskLengths(split_lengths(train), split_lengths(ev, cap), split_order(train))
+        out.append(None if streamed else lengths)
         held.append((train, ev))
     return out
 
