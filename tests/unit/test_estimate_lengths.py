@@ -326,6 +326,9 @@ def test_cli_prints_and_reports_the_priced_lengths(
     assert sum(priced["train_positions"].values()) == pytest.approx(1.0)
     mean = round(priced["mean_train_positions"])
     assert f"mean padded length per step: bbc_news {mean} of 64" in text
+    # a short run (the recipe's steps, one task) is priced at the batches it draws
+    assert priced["run_batches"] > 0
+    assert f"the run's {priced['run_batches']} batches" in text
 
 
 def test_tasks_without_text_keep_their_fixed_positions() -> None:

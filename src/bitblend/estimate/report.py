@@ -161,6 +161,9 @@ def _priced_json(p: PricedLengths | None) -> dict[str, Any] | None:
         "mean_train_positions": p.mean_train,  # expected padded micro-batch length
         "mean_eval_positions": p.mean_eval,
         "worst_positions": p.worst,
+        # global batches of the run priced one by one (its own draws); 0: the sampler's
+        # long-run distribution
+        "run_batches": p.run_batches,
         "train_positions": {str(k): v for k, v in p.train.items()},  # length -> probability
         "eval_batches": [[b, L, k] for (b, L), k in sorted(p.eval.items())],  # examples, L, n
     }
@@ -176,9 +179,12 @@ def priced_line(est: Estimate) -> str | None:
         if p.source == "fixed":
             fixed.append(f"{task.name} {p.worst}")
             continue
+        notes = [f"eval {p.mean_eval:.0f}"] if p.eval else []
+        if p.run_batches:  # a short run: priced at the very batches it draws
+            notes.append(f"the run's {p.run_batches} batches")
         parts.append(
             f"{task.name} {p.mean_train:.0f} of {p.worst}"
-            + (f" (eval {p.mean_eval:.0f})" if p.eval else "")
+            + (f" ({', '.join(notes)})" if notes else "")
         )
     if not parts:
         return None
