@@ -3,10 +3,11 @@
 The run time prices a step at each task's mean step time, weighted by how often the task
 is drawn. Over a long run that is its target share. A short run draws few steps, and the
 mixture's interleaved order keeps every task within one step of its target on every
-prefix, so a 16-step, four-task run trains 6/5/4/1 steps where the shares say 5.2/4.3/
-3.9/2.6 - and one BBC step at 128 positions costs three tweet steps. Task choice is a pure
-function of the recipe (train/trainer.py builds `Mixture` from the names, sizes, seed
-and horizon), so the estimate replays it: exactly the run's counts, not their expectation.
+prefix: the users' 16-step, four-task run trains tweets, Reuters, reviews and BBC 6, 5,
+4 and 1 times where the shares say 5.2, 5.1, 4.3 and 1.4 - and a BBC step at 128
+positions costs three tweet steps. Task choice is a pure function of the recipe
+(train/trainer.py builds `Mixture` from the names, sizes, seed and horizon), so the
+estimate replays it: exactly the run's counts, not their expectation.
 """
 
 from __future__ import annotations
