@@ -23,11 +23,11 @@ REPLAYED_STEPS = 4096
 
 def steps_per_task(recipe: Recipe, sizes: list[int], steps: int) -> list[int] | None:
     """Optimizer steps of each task in a run of `steps` homogeneous steps, as its Mixture
-    deals them; None where the run is longer than REPLAYED_STEPS, its batches are mixed
-    (every step draws from every task), or the mixture reweights itself from evaluation
-    losses (`dynamic`: what it deals depends on the run's losses)."""
+    deals them; None where the run has no step or more than REPLAYED_STEPS, its batches
+    are mixed (every step draws from every task), or the mixture reweights itself from
+    evaluation losses (`dynamic`: what it deals depends on the run's losses)."""
     mix = recipe.mixing
-    if steps > REPLAYED_STEPS or mix.batches == "mixed" or mix.strategy == "dynamic":
+    if not 0 < steps <= REPLAYED_STEPS or mix.batches == "mixed" or mix.strategy == "dynamic":
         return None
     names = [t.name for t in recipe.tasks]
     mixture = Mixture(mix, names, sizes, recipe.train.seed, steps)
