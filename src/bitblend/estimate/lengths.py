@@ -137,24 +137,20 @@ def grouped_batch_lengths(
     (seeded as the run seeds it) deals global batches of `global_batch` examples of these
     lengths, each cut into consecutive pieces of `piece` (the micro-batches; a mixed step's
     share of a task), padded to their longest row, over enough epochs for
-    SIMULATED_BATCHES pieces."""
+    SIMULATED_BATCHES pieces: whole epochs, dealt as run_batch_lengths deals a run's."""
     lengths = _expand(counts)
-    sampler = BatchSampler(lengths, global_batch, seed, stream, group_by_length)
-    piece = max(1, min(piece, global_batch))
-    cuts = list(range(piece, global_batch, piece))
-    seen: Counter[int] = Counter()
-    epoch = 0
-    while sum(seen.values()) < SIMULATED_BATCHES and epoch < MAX_EPOCHS:
-        for batch in sampler.epoch_batches(epoch):
-            for part in np.split(lengths[batch], cuts):
-                seen[padded(int(part.max()), multiple)] += 1
-        epoch += 1
-    total = sum(seen.values())
-    return {k: v / total for k, v in sorted(seen.items())}
+    per_epoch = len(lengths) // global_batch  # BatchSampler drops the incomplete batch
+    pieces = math.ceil(global_batch / max(1, min(piece, global_batch)))
+    # (max: fewer rows than a batch is left to BatchSampler to refuse, as before)
+    epochs = min(MAX_EPOCHS, math.ceil(SIMULATED_BATCHES / (max(1, per_epoch) * pieces)))
+    return run_batch_lengths(
+        lengths, piece, global_batch, multiple, epochs * per_epoch, seed, stream,
+        group_by_length,
+    )  # fmt: skip
 
 
 def run_batch_lengths(
-    order: tuple[int, ...],
+    order: tuple[int, ...] | np.ndarray,
     piece: int,
     global_batch: int,
     multiple: int,

@@ -39,7 +39,7 @@ from typing import Any
 from bitblend.config.load import dump_recipe
 from bitblend.config.schema import Recipe
 from bitblend.errors import BitblendError
-from bitblend.estimate.lengths import TaskLengths, split_lengths, split_order
+from bitblend.estimate.lengths import TaskLengths, histogram, split_lengths, split_order
 from bitblend.estimate.wholerun import end_of_run_bytes
 from bitblend.procmem import peak_rss_bytes
 
@@ -115,7 +115,8 @@ def encoded_lengths(recipe: Recipe, datas: list[Any]) -> list[TaskLengths | None
         train = encode_task(task, spec, data.train, data.train_targets, tok, recipe)
         ev = encode_task(task, spec, data.eval, data.eval_targets, tok, recipe)
         streamed = getattr(data, "stream", None) is not None
-        lengths = TaskLengths(split_lengths(train), split_lengths(ev, cap), split_order(train))
+        order = split_order(train)  # its histogram is the train split's lengths
+        lengths = TaskLengths(histogram(order), split_lengths(ev, cap), order)
         out.append(None if streamed else lengths)
         held.append((train, ev))
     return out
