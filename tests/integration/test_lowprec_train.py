@@ -150,9 +150,11 @@ def test_doctor_flags_an_injected_huge_activation(bad: str) -> None:
     def inject(model: torch.nn.Module) -> None:
         model.get_submodule(bad).register_forward_hook(lambda m, i, out: out * 1e6)
 
-    clean = diagnose(make_recipe(), batches=1, bf16_native=False)
+    # judged for a GPU without bf16 (fast fp16): 16-mixed unless a layer overflows fp16
+    gpu = {"bf16_native": False, "fp16_fast": True}
+    clean = diagnose(make_recipe(), batches=1, **gpu)
     assert clean.keep_fp32 == [] and clean.recommended_recipe == "16-mixed"
-    report = diagnose(make_recipe(), batches=1, model_hook=inject, bf16_native=False)
+    report = diagnose(make_recipe(), batches=1, model_hook=inject, **gpu)
     assert bad in report.keep_fp32
     assert report.recommended_recipe == "32-true"  # fp16 would overflow, bf16 not native
     assert any("exceed fp16's 65504" in f and bad in f for f in report.findings)
@@ -160,11 +162,30 @@ def test_doctor_flags_an_injected_huge_activation(bad: str) -> None:
     assert row["activation"]["amax"] > 65504 and row["activation"]["e4m3_saturated"] > 0.5
 
 
+def test_doctor_never_recommends_fp16_on_a_cpu() -> None:
+    """A CPU has no fast fp16 matmuls (build_precision warns ~400x slower than fp32): one
+    without native bf16 is recommended 32-true, what `auto` picks, even where fp16's range
+    holds every value."""
+    from bitblend.precision.recipes import resolve_auto
+    from bitblend.train.probe import diagnose
+
+    report = diagnose(make_recipe(), batches=1, bf16_native=False, fp16_fast=False)
+    assert report.recommended_recipe == "32-true" == resolve_auto("cpu", False, False)
+    assert not any("exceed fp16's 65504" in f for f in report.findings)  # fp16 would fit
+    assert any("neither native bf16" in f for f in report.findings)
+    native = diagnose(make_recipe(), batches=1, bf16_native=True, fp16_fast=False)
+    assert native.recommended_recipe == "bf16-mixed" == resolve_auto("cpu", True, False)
+
+
 def test_doctor_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_cli(["doctor", "tiny", "--batches", "1", "--json"], capsys)
     assert code == 0
     data = json.loads(out)
-    assert data["recommended_recipe"] in ("bf16-mixed", "16-mixed", "32-true")
+    # on this CPU: what `auto` resolves to (fp16 is never the fast recipe on a CPU)
+    from bitblend.precision.recipes import cpu_bf16_native, resolve_auto
+
+    if not torch.cuda.is_available():
+        assert data["recommended_recipe"] == resolve_auto("cpu", cpu_bf16_native(), False)
     names = {row["name"] for row in data["layers"]}
     assert "backbone.encoder.layer.0.attention.self.query" in names
     assert all(0 <= row["gradient"]["fp16_underflow"] <= 1 for row in data["layers"])

@@ -131,9 +131,17 @@ def attach_stats(model: nn.Module, stats: dict[str, LayerStats]) -> list[Any]:
 
 
 def judge(
-    recipe: Recipe, batches: int, layers: list[LayerStats], bf16_native: bool
+    recipe: Recipe,
+    batches: int,
+    layers: list[LayerStats],
+    bf16_native: bool,
+    fp16_fast: bool = True,
 ) -> DoctorReport:
-    """Findings, a recommended recipe and keep_fp32 list from measured layer numerics."""
+    """Findings, a recommended recipe and keep_fp32 list from measured layer numerics.
+
+    `fp16_fast`: the device has fast fp16 matmuls (CUDA). A CPU has none (FP16_CPU_WARNING:
+    ~400x slower than fp32 here), so a CPU without native bf16 is recommended 32-true, what
+    `auto` picks there, never the 16-mixed its numerics would allow."""
     findings: list[str] = []
     over = [s.name for s in layers if s.act.over_fp16 or s.grad.over_fp16]
     grad_n = sum(s.grad.count for s in layers)
@@ -165,12 +173,19 @@ def judge(
         )
     if bf16_native:
         rec = "bf16-mixed"
+    elif not fp16_fast:
+        rec = "32-true"
     elif not over:
         rec = "16-mixed"
     else:
         rec = "32-true"
     if not findings:
         findings.append("no numerics problem found in these batches")
+    if not bf16_native and not fp16_fast:
+        findings.append(
+            "this device has neither native bf16 (AVX512-BF16 or AMX) nor fast fp16 "
+            "matmuls: 32-true is the fast recipe here (what precision.recipe auto picks)"
+        )
     return DoctorReport(recipe.name, batches, layers, rec, keep, findings)
 
 

@@ -67,11 +67,18 @@ def build_probe(recipe: Recipe) -> Probe:
 
 
 def diagnose(
-    recipe: Recipe, batches: int = 2, *, model_hook: Any = None, bf16_native: bool | None = None
+    recipe: Recipe,
+    batches: int = 2,
+    *,
+    model_hook: Any = None,
+    bf16_native: bool | None = None,
+    fp16_fast: bool | None = None,
 ) -> DoctorReport:
     """Run `batches` fp32 training batches per task (no optimizer step) and judge numerics.
 
     `model_hook(model)` may modify the built model first (tests inject a faulty layer).
+    `bf16_native` / `fp16_fast` default to what the device has (tests judge the same
+    numerics for another device).
     """
     fp32 = replace(recipe.precision, recipe="32-true", state_bits=32, keep_fp32=[])
     probe = build_probe(replace(recipe, precision=fp32))
@@ -85,6 +92,9 @@ def diagnose(
         for h in handles:
             h.remove()
     layers = [s for s in stats.values() if s.act.count]
+    cuda = probe.device.type == "cuda"
     if bf16_native is None:
-        bf16_native = probe.device.type == "cuda" or cpu_bf16_native()
-    return judge(recipe, batches, layers, bf16_native)
+        bf16_native = torch.cuda.is_bf16_supported() if cuda else cpu_bf16_native()
+    if fp16_fast is None:
+        fp16_fast = cuda
+    return judge(recipe, batches, layers, bf16_native, fp16_fast)
