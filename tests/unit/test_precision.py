@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +16,13 @@ from bitblend.models.trunk import HeadSpec, MultiTaskModel
 from bitblend.precision.full import FullPrecision
 from bitblend.precision.half import HalfPrecision
 from bitblend.precision.mixed import MixedPrecision
-from bitblend.precision.recipes import build_precision, cpu_bf16_native, resolve_auto
+from bitblend.precision.recipes import (
+    build_precision,
+    cpu_bf16_native,
+    resolve_auto,
+    slow_bf16_warning,
+)
+from tests.conftest import make_recipe
 
 CPU = torch.device("cpu")
 
@@ -62,6 +70,27 @@ def test_auto_on_this_machine_follows_its_cpu_flags() -> None:
     p = build_precision(PrecisionConfig(recipe="auto"), CPU)
     assert p.name == ("bf16-mixed" if cpu_bf16_native() else "32-true")
     assert p.describe()["requested"] == "auto"
+
+
+@pytest.mark.parametrize("name", ["bf16-true", "bf16-mixed"])
+def test_bf16_by_name_on_a_cpu_without_native_bf16_warns_that_it_is_slow(name: str) -> None:
+    slow = slow_bf16_warning(name, CPU, cpu_bf16=False)
+    assert slow.startswith(f"{name} on a CPU without native bf16") and "auto" in slow
+    assert slow_bf16_warning(name, CPU, cpu_bf16=True) == ""
+    assert slow_bf16_warning(name, torch.device("cuda"), cpu_bf16=False) == ""
+    for fast in ("32-true", "fp8-emulated", "16-mixed"):  # 16-mixed has its own warning
+        assert slow_bf16_warning(fast, CPU, cpu_bf16=False) == ""
+
+
+def test_a_bf16_true_trainer_logs_the_slow_bf16_warning_where_this_cpu_lacks_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from bitblend.train.trainer import Trainer
+
+    with caplog.at_level(logging.WARNING):
+        Trainer(make_recipe("precision.recipe=bf16-true"), tmp_path / "run", show_progress=False)
+    warned = "bf16-true on a CPU without native bf16" in caplog.text
+    assert warned == (not cpu_bf16_native())
 
 
 def test_bf16_mixed_runs_matmuls_in_bf16_and_norms_heads_in_fp32() -> None:

@@ -37,6 +37,13 @@ FP16_CPU_WARNING = (
     "for GPUs without bf16."
 )
 
+BF16_CPU_WARNING = (
+    "{name} on a CPU without native bf16 (no AVX512-BF16 or AMX): its bf16 matmuls run on "
+    "PyTorch's reference kernels, measured 8-50x slower than fp32 on an AVX2 machine "
+    "(`bitblend estimate` prices it on this one). Keep it for its memory; for speed use "
+    "precision.recipe auto (32-true here)."
+)
+
 
 def cpu_bf16_native() -> bool:
     """True when the CPU has native bf16 dot products (AVX512-BF16 or AMX)."""
@@ -50,6 +57,17 @@ def cpu_bf16_native() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def slow_bf16_warning(name: str, device: torch.device, cpu_bf16: bool | None = None) -> str:
+    """BF16_CPU_WARNING for training recipe `name` on `device`, or "" where it runs at speed.
+    `auto` never picks bf16 on such a CPU, so this is a recipe that asked for it by name
+    (the trainer warns; serving a bf16 run has its own `--precision fp32`)."""
+    if name not in ("bf16-true", "bf16-mixed") or device.type != "cpu":
+        return ""
+    if cpu_bf16_native() if cpu_bf16 is None else cpu_bf16:
+        return ""
+    return BF16_CPU_WARNING.format(name=name)
 
 
 def resolve_auto(device_type: str, cpu_bf16: bool, cuda_bf16: bool) -> str:

@@ -25,7 +25,7 @@ from bitblend.models.llama import TOKENIZER_DIR
 from bitblend.optim.build import build_optimizer, build_schedule, param_roles
 from bitblend.optim.lowbit import export_state, import_state
 from bitblend.precision.health import NonFiniteSteps
-from bitblend.precision.recipes import build_precision, with_state_bits
+from bitblend.precision.recipes import build_precision, slow_bf16_warning, with_state_bits
 from bitblend.precision.state_bits import resolve_state_bits
 from bitblend.report.console import metrics_table
 from bitblend.report.progress import ProgressReporter, run_footer
@@ -105,6 +105,9 @@ class Trainer:
             self.console, self.show_progress = Console(quiet=True), False
         self.cpu_heap = tune_cpu_heap() if cfg.cpu_heap and self.device.type == "cpu" else None
         self.precision = build_precision(recipe.precision, self.device, cfg.seed)
+        slow = slow_bf16_warning(self.precision.name, self.device)
+        if slow and self.dist.main:
+            log.warning(slow)
         # Steps skipped in a row for non-finite gradients: a run that cannot recover stops.
         self.nonfinite = NonFiniteSteps(
             self.precision.describe()["recipe"], recipe.precision.stuck_steps
