@@ -294,17 +294,38 @@ def _clock(durations: list[float]) -> Any:
 
 
 def test_first_touch_probe_goes_past_the_recycled_pool() -> None:
-    """Recycled pages (freed lately, still backed) are cheap; the probe goes on until two
-    chunks in a row are dear, and prices those; a machine with nothing dear reads its
-    slowest chunk within the size cap."""
+    """Recycled pages (freed lately, still backed) are cheap; the probe goes on until three
+    chunks in a row are dear and prices the last two: the first is the pool's edge, part
+    recycled (measured: 6-24 us a page beside 26-45 after it); a machine with nothing dear
+    reads its slowest chunk within the size cap."""
     pages = 2**20 // PAGE  # 1 MiB chunks
-    touch = first_touch(2**20, 64 * 2**20, clock=_clock([1, 1, 1, 12, 10, 50]))
-    assert touch.found_cold and touch.cold == pytest.approx(11 / pages)
+    touch = first_touch(2**20, 64 * 2**20, clock=_clock([1, 1, 1, 6, 30, 34, 99]))
+    assert touch.found_cold and touch.cold == pytest.approx(32 / pages)  # not 18 with the edge
     assert touch.warm == pytest.approx(1 / pages)
-    assert touch.pool_bytes == 3 * 2**20  # the chunks before the two dear ones
+    assert touch.pool_bytes == 3 * 2**20  # the chunks before the dear ones
+    # two dear chunks then a cheap one: not past the pool yet, the probe goes on
+    late = first_touch(2**20, 64 * 2**20, clock=_clock([1, 9, 9, 1, 1, 9, 9, 9, 99]))
+    assert late.found_cold and late.cold == pytest.approx(9 / pages)
+    assert late.pool_bytes == 5 * 2**20
     flat = first_touch(2**20, 4 * 2**20, clock=_clock([1, 2, 1, 1, 9]))
     assert not flat.found_cold and flat.cold == pytest.approx(2 / pages)  # 4 chunks only
     assert flat.pool_bytes == 4 * 2**20  # all it touched: a lower bound of the pool
+
+
+def test_first_touch_probe_touches_at_most_a_quarter_of_the_available_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past a 1 GiB pool the default cap is 2 GiB; on a machine with little memory free it
+    is a quarter of MemAvailable, so the probe never presses a small machine."""
+    from bitblend.estimate import first_touch as module
+
+    monkeypatch.setattr(module, "_available_bytes", lambda: 16 * 2**20)
+    flat = first_touch(2**20, clock=_clock([1] * 8))
+    assert not flat.found_cold and flat.pool_bytes == 4 * 2**20  # 16 MiB / 4
+    monkeypatch.setattr(module, "_available_bytes", lambda: None)  # no /proc/meminfo
+    monkeypatch.setattr(module, "FAULT_MAX_BYTES", 6 * 2**20)  # the cap, made small here
+    capped = first_touch(2**20, budget=60, clock=_clock([1] * 8))
+    assert capped.pool_bytes == 6 * 2**20
 
 
 def test_cli_prints_and_reports_the_priced_lengths(

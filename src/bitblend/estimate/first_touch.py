@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -18,10 +19,16 @@ PAGE = 4096
 # of a MiniLM run: 190k faults, ~16 us each over the steady step). The probe fills fresh
 # tensors with torch's threads, as an op's first write does, chunk after chunk (all held,
 # so none reuses another's pages), until it is past the pool.
+#
+# The first dear chunk is often part pool (a chunk of 32 MiB read 6-24 us a page where the
+# chunks after it read 26-45 and the pool's 2), so it is not priced: the probe prices the
+# two dear chunks after it. One evening the pool was 1.15 GiB, and the run's page faults
+# past it cost ~45 us of wall time each: the size cap is past that.
 FAULT_CHUNK_BYTES = 32 * 2**20
-FAULT_MAX_BYTES = 2**30  # stop here: a machine without a dear first touch reads warm
-FAULT_BUDGET_S = 1.5  # or here
+FAULT_MAX_BYTES = 2 * 2**30  # stop here (or at a quarter of the memory available)
+FAULT_BUDGET_S = 3.0  # or here: a machine without a dear first touch then reads warm
 COLD = 3.0  # a chunk this many times the fastest one is past the recycled pool
+PRICED = 2  # dear chunks priced, after the first dear one (the pool's edge)
 
 
 @dataclass(frozen=True)
@@ -37,19 +44,35 @@ class FirstTouch:
     pool_bytes: int = 0
 
 
+def _available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else None."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def first_touch(
     chunk_bytes: int = FAULT_CHUNK_BYTES,
-    max_bytes: int = FAULT_MAX_BYTES,
+    max_bytes: int | None = None,
     budget: float = FAULT_BUDGET_S,
     clock: Callable[[], float] = time.perf_counter,
 ) -> FirstTouch:
-    """Fill fresh `chunk_bytes` tensors (torch's threads, as ops write) until two chunks in a
-    row read `COLD` times the fastest (past the recycled pool: their mean is `cold`), or
-    `max_bytes` / `budget` run out (then the slowest chunk: no pool was passed, on bare
-    metal nothing is dear). Each chunk is its own anonymous mapping, so a tuned heap's
-    free blocks (train/cpu_heap.py, in the same process) are never what it touches."""
+    """Fill fresh `chunk_bytes` tensors (torch's threads, as ops write) until `1 + PRICED`
+    chunks in a row read `COLD` times the fastest (past the recycled pool: `cold` is the
+    mean of the last `PRICED`, the first being the pool's edge), or `max_bytes` (default
+    FAULT_MAX_BYTES, at most a quarter of the memory available) / `budget` run out (then
+    the slowest chunk: no pool was passed, on bare metal nothing is dear). Each chunk is
+    its own anonymous mapping, so a tuned heap's free blocks (train/cpu_heap.py, in the
+    same process) are never what it touches."""
     import mmap
 
+    if max_bytes is None:
+        available = _available_bytes()
+        max_bytes = FAULT_MAX_BYTES if available is None else min(FAULT_MAX_BYTES, available // 4)
     pages = chunk_bytes // PAGE
     regions: list[mmap.mmap] = []
     costs: list[float] = []
@@ -63,9 +86,10 @@ def first_touch(
             costs.append((clock() - t0) / pages)
             del chunk  # the mapping closes only once no tensor views it
             fast = min(costs)
-            if len(costs) >= 2 and min(costs[-2:]) >= COLD * fast:
-                pool = (len(costs) - 2) * chunk_bytes
-                return FirstTouch(sum(costs[-2:]) / 2, fast, True, pool)
+            edge = PRICED + 1
+            if len(costs) >= edge and min(costs[-edge:]) >= COLD * fast:
+                pool = (len(costs) - edge) * chunk_bytes
+                return FirstTouch(sum(costs[-PRICED:]) / PRICED, fast, True, pool)
     finally:
         for region in regions:
             region.close()
