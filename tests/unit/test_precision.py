@@ -87,8 +87,11 @@ def test_a_bf16_true_trainer_logs_the_slow_bf16_warning_where_this_cpu_lacks_it(
 ) -> None:
     from bitblend.train.trainer import Trainer
 
+    recipe = make_recipe("precision.recipe=bf16-true", "train.steps=1", "train.eval_max_examples=8")
     with caplog.at_level(logging.WARNING):
-        Trainer(make_recipe("precision.recipe=bf16-true"), tmp_path / "run", show_progress=False)
+        trainer = Trainer(recipe, tmp_path / "run", show_progress=False)
+        assert "without native bf16" not in caplog.text  # setup: bad input prints errors alone
+        trainer.fit()
     warned = "bf16-true on a CPU without native bf16" in caplog.text
     assert warned == (not cpu_bf16_native())
 

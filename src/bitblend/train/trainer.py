@@ -105,9 +105,6 @@ class Trainer:
             self.console, self.show_progress = Console(quiet=True), False
         self.cpu_heap = tune_cpu_heap() if cfg.cpu_heap and self.device.type == "cpu" else None
         self.precision = build_precision(recipe.precision, self.device, cfg.seed)
-        slow = slow_bf16_warning(self.precision.name, self.device)
-        if slow and self.dist.main:
-            log.warning(slow)
         # Steps skipped in a row for non-finite gradients: a run that cannot recover stops.
         self.nonfinite = NonFiniteSteps(
             self.precision.describe()["recipe"], recipe.precision.stuck_steps
@@ -469,6 +466,10 @@ class Trainer:
             f"(asked {desc['requested']}), {len(self.tasks)} task(s), {cfg.steps} steps on "
             f"{self.device}; torch.compile {self.compile_reason}"
         )
+        # here, not at setup: a recipe refused on bad input prints its one-line error alone
+        slow = slow_bf16_warning(self.precision.name, self.device)
+        if slow and main:
+            log.warning(slow)
         wall0 = time.perf_counter()
         evals: dict[str, dict[str, float]] = {}
         self.model.train()
