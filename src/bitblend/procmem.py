@@ -22,17 +22,31 @@ from pathlib import Path
 from typing import Any
 
 
+def _proc_kib(path: str, key: str) -> int | None:
+    """Bytes of field `key` of a /proc file that counts in kB ("VmHWM:   123456 kB"), or
+    None where there is no such file or field."""
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def peak_rss_bytes() -> int:
     """Peak RSS of this process since its program started: /proc/self/status VmHWM, or
     ru_maxrss where there is no /proc (macOS reports it in bytes, Linux in KiB)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # "VmHWM:   123456 kB"
-    except (OSError, ValueError, IndexError):
-        pass
+    hwm = _proc_kib("/proc/self/status", "VmHWM")
+    if hwm is not None:
+        return hwm
     peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def mem_available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else None."""
+    return _proc_kib("/proc/meminfo", "MemAvailable")
 
 
 def user_malloc_settings() -> bool:

@@ -319,10 +319,10 @@ def test_first_touch_probe_touches_at_most_a_quarter_of_the_available_memory(
     is a quarter of MemAvailable, so the probe never presses a small machine."""
     from bitblend.estimate import first_touch as module
 
-    monkeypatch.setattr(module, "_available_bytes", lambda: 16 * 2**20)
+    monkeypatch.setattr(module, "mem_available_bytes", lambda: 16 * 2**20)
     flat = first_touch(2**20, clock=_clock([1] * 8))
     assert not flat.found_cold and flat.pool_bytes == 4 * 2**20  # 16 MiB / 4
-    monkeypatch.setattr(module, "_available_bytes", lambda: None)  # no /proc/meminfo
+    monkeypatch.setattr(module, "mem_available_bytes", lambda: None)  # no /proc/meminfo
     monkeypatch.setattr(module, "FAULT_MAX_BYTES", 6 * 2**20)  # the cap, made small here
     capped = first_touch(2**20, budget=60, clock=_clock([1] * 8))
     assert capped.pool_bytes == 6 * 2**20

@@ -133,13 +133,10 @@ class Estimate:
 
 def resolve_precision(recipe: Recipe, device: torch.device) -> str:
     """The concrete recipe `precision.recipe` stands for on `device` (`auto` resolved)."""
-    from bitblend.precision.recipes import cpu_bf16_native, resolve_auto
+    from bitblend.precision.recipes import auto_recipe
 
     name: str = recipe.precision.recipe
-    if name != "auto":
-        return name
-    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return resolve_auto(device.type, cpu_bf16_native(), cuda_bf16)
+    return auto_recipe(device) if name == "auto" else name
 
 
 def process_resident_bytes() -> int:
@@ -155,13 +152,10 @@ def available_memory(device: torch.device) -> int:
     """Bytes a run may use: GPU memory, or MemAvailable + this process's own RSS on CPU."""
     if device.type == "cuda":
         return int(torch.cuda.get_device_properties(device).total_memory)
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024 + process_resident_bytes()
-    except (OSError, ValueError):
-        pass
-    return 0
+    from bitblend.procmem import mem_available_bytes
+
+    available = mem_available_bytes()
+    return 0 if available is None else available + process_resident_bytes()
 
 
 def precision_specs(recipe: Recipe, choice: str, device: torch.device) -> list[PrecisionSpec]:

@@ -6,9 +6,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
+
+from bitblend.procmem import mem_available_bytes
 
 PAGE = 4096
 # A run grows by hundreds of MiB past its setup. In a VM whose host backs guest memory
@@ -29,6 +30,7 @@ FAULT_MAX_BYTES = 2 * 2**30  # stop here (or at a quarter of the memory availabl
 FAULT_BUDGET_S = 3.0  # or here: a machine without a dear first touch then reads warm
 COLD = 3.0  # a chunk this many times the fastest one is past the recycled pool
 PRICED = 2  # dear chunks priced, after the first dear one (the pool's edge)
+EDGE = PRICED + 1  # dear chunks in a row: past the pool
 
 
 @dataclass(frozen=True)
@@ -44,17 +46,6 @@ class FirstTouch:
     pool_bytes: int = 0
 
 
-def _available_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux), else None."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def first_touch(
     chunk_bytes: int = FAULT_CHUNK_BYTES,
     max_bytes: int | None = None,
@@ -62,7 +53,7 @@ def first_touch(
     clock: Callable[[], float] = time.perf_counter,
 ) -> FirstTouch:
     """Fill fresh `chunk_bytes` tensors (torch's threads, as ops write) until `1 + PRICED`
-    chunks in a row read `COLD` times the fastest (past the recycled pool: `cold` is the
+    chunks in a row (`EDGE`) read `COLD` times the fastest (past the recycled pool: `cold` is the
     mean of the last `PRICED`, the first being the pool's edge), or `max_bytes` (default
     FAULT_MAX_BYTES, at most a quarter of the memory available) / `budget` run out (then
     the slowest chunk: no pool was passed, on bare metal nothing is dear). Each chunk is
@@ -71,7 +62,7 @@ def first_touch(
     import mmap
 
     if max_bytes is None:
-        available = _available_bytes()
+        available = mem_available_bytes()
         max_bytes = FAULT_MAX_BYTES if available is None else min(FAULT_MAX_BYTES, available // 4)
     pages = chunk_bytes // PAGE
     regions: list[mmap.mmap] = []
@@ -86,9 +77,8 @@ def first_touch(
             costs.append((clock() - t0) / pages)
             del chunk  # the mapping closes only once no tensor views it
             fast = min(costs)
-            edge = PRICED + 1
-            if len(costs) >= edge and min(costs[-edge:]) >= COLD * fast:
-                pool = (len(costs) - edge) * chunk_bytes
+            if len(costs) >= EDGE and min(costs[-EDGE:]) >= COLD * fast:
+                pool = (len(costs) - EDGE) * chunk_bytes
                 return FirstTouch(sum(costs[-PRICED:]) / PRICED, fast, True, pool)
     finally:
         for region in regions:

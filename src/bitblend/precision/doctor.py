@@ -173,9 +173,7 @@ def judge(
         )
     if bf16_native:
         rec = "bf16-mixed"
-    elif not fp16_fast:
-        rec = "32-true"
-    elif not over:
+    elif fp16_fast and not over:
         rec = "16-mixed"
     else:
         rec = "32-true"

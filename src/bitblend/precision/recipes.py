@@ -70,6 +70,20 @@ def slow_bf16_warning(name: str, device: torch.device, cpu_bf16: bool | None = N
     return BF16_CPU_WARNING.format(name=name)
 
 
+def bf16_native(device: torch.device) -> bool:
+    """Whether `device` computes bf16 natively: the CPU's flags, or CUDA's own answer."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    return cpu_bf16_native()
+
+
+def auto_recipe(device: torch.device) -> str:
+    """The recipe `auto` stands for on `device` (resolve_auto on what it has)."""
+    native = bf16_native(device)
+    cuda = device.type == "cuda"
+    return resolve_auto(device.type, native and not cuda, native and cuda)
+
+
 def resolve_auto(device_type: str, cpu_bf16: bool, cuda_bf16: bool) -> str:
     """The recipe `auto` stands for: bf16-mixed where bf16 is native, else 32-true, never fp16."""
     if device_type == "cuda":
@@ -101,8 +115,7 @@ def build_precision(cfg: PrecisionConfig, device: torch.device, seed: int = 0) -
     `seed` seeds stochastic rounding."""
     name: str = cfg.recipe
     if name == "auto":
-        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        name = resolve_auto(device.type, cpu_bf16_native(), cuda_bf16)
+        name = auto_recipe(device)
     _check_combination(cfg, name)
     if name == "32-true":
         return FullPrecision(device, cfg, cfg.recipe)

@@ -18,7 +18,8 @@ from bitblend.device import pick_device
 from bitblend.models.trunk import MultiTaskModel
 from bitblend.precision.base import Precision
 from bitblend.precision.doctor import DoctorReport, LayerStats, attach_stats, judge
-from bitblend.precision.recipes import build_precision, cpu_bf16_native
+from bitblend.precision.recipes import bf16_native as device_bf16_native
+from bitblend.precision.recipes import build_precision
 from bitblend.tasks.balancing import Balancer
 from bitblend.taskspec import load_data
 from bitblend.train import step as step_fn
@@ -92,9 +93,8 @@ def diagnose(
         for h in handles:
             h.remove()
     layers = [s for s in stats.values() if s.act.count]
-    cuda = probe.device.type == "cuda"
     if bf16_native is None:
-        bf16_native = torch.cuda.is_bf16_supported() if cuda else cpu_bf16_native()
+        bf16_native = device_bf16_native(probe.device)
     if fp16_fast is None:
-        fp16_fast = cuda
+        fp16_fast = probe.device.type == "cuda"
     return judge(recipe, batches, layers, bf16_native, fp16_fast)
